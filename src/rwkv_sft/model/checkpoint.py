@@ -1,0 +1,147 @@
+"""Checkpoint IO: BlinkDL `.pth` and `.safetensors` <-> RWKV7, dimensions inferred from shapes.
+
+`.pth` files are untrusted data: read with `torch.load(weights_only=True)`, memory-mapped.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..utils import atomic_write
+from .config import RWKV7Config
+
+_OLDER_RWKV_KEYS = {  # a key that only older architectures have -> what the file is
+    "att.time_mix_k": "RWKV-4", "att.time_first": "RWKV-4/5/6", "att.time_maa_x": "RWKV-6",
+    "att.time_decay": "RWKV-4/5/6", "ffn.receptance.weight": "RWKV-4/5/6",
+}
+_OPTIONAL_IN_LAYER0 = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """The raw tensors of a `.pth` or `.safetensors` file, with one-line errors for bad files."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected a .pth or .safetensors checkpoint")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: not a PyTorch checkpoint (not a zip archive; truncated download or wrong file?)")
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: refused to load: the file holds objects other than tensors, which could run "
+                        f"code ({_first_line(e, 'Weights only load failed')})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt? {_first_line(e)})") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]  # Lightning-style wrapper
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{path}: not a model checkpoint (expected a mapping of tensor names to tensors)")
+    return sd
+
+
+def _first_line(e: Exception, default: str = "") -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else default or type(e).__name__
+
+
+def infer_config(sd: dict[str, torch.Tensor], source="checkpoint") -> RWKV7Config:
+    """RWKV7Config from tensor shapes alone; clear errors for other RWKV versions and missing keys."""
+    for key in sd:
+        for marker, version in _OLDER_RWKV_KEYS.items():
+            if key.endswith(marker):
+                raise UserError(f"{source}: this is an {version} checkpoint (has '{key}'); "
+                                f"rwkv-sft loads RWKV-7 (x070) models only")
+    for key in ("emb.weight", "blocks.0.att.r_k", "blocks.0.att.w1", "blocks.0.ffn.key.weight"):
+        if key not in sd:
+            raise UserError(f"{source}: not an RWKV-7 checkpoint: missing '{key}'")
+    V, C = sd["emb.weight"].shape
+    if sd["blocks.0.att.r_k"].dim() != 2:
+        raise UserError(f"{source}: 'blocks.0.att.r_k' has shape {tuple(sd['blocks.0.att.r_k'].shape)}, expected [H, N]")
+    H, N = sd["blocks.0.att.r_k"].shape
+    n_layer = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    v_layer = 1 if n_layer > 1 else 0  # layer 0 may omit v1/v2
+    de = "blocks.0.ffn.s_emb.weight" in sd
+    try:
+        return RWKV7Config(
+            n_layer=n_layer, n_embd=C, vocab_size=V, head_size=N,
+            dim_w=sd["blocks.0.att.w1"].shape[1], dim_a=sd["blocks.0.att.a1"].shape[1],
+            dim_v=sd[f"blocks.{v_layer}.att.v1"].shape[1] if f"blocks.{v_layer}.att.v1" in sd else None,
+            dim_g=sd["blocks.0.att.g1"].shape[1], dim_ffn=sd["blocks.0.ffn.key.weight"].shape[0],
+            deep_embed=de, deep_embed_dim=sd["blocks.0.ffn.s1"].shape[-1] if de else 32,
+        )
+    except KeyError as e:
+        raise UserError(f"{source}: missing key {e}") from None
+    except ValueError as e:
+        raise UserError(f"{source}: inconsistent shapes: {e}") from None
+
+
+def state_dict_to_model(sd: dict[str, torch.Tensor], source="checkpoint", dtype=None, device=None):
+    from .rwkv7 import RWKV7
+    config = infer_config(sd, source)
+    dtype = dtype or sd["emb.weight"].dtype
+    if not dtype.is_floating_point:
+        raise UserError(f"{source}: emb.weight has dtype {dtype}, expected a floating-point type")
+    with torch.device("meta"):
+        model = RWKV7(config, init_weights=False)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise UserError(f"{source}: missing key '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = [k for k in sd if k not in expected and k not in _OPTIONAL_IN_LAYER0]
+    if unexpected:
+        raise UserError(f"{source}: unexpected key '{unexpected[0]}' for an RWKV-7 model of {config.n_layer} layers"
+                        + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    tensors = {}
+    for key, ref in expected.items():
+        t = sd[key]
+        if t.shape != ref.shape:
+            if t.numel() != ref.numel() or ref.dim() == 2 and t.dim() == 2:
+                raise UserError(f"{source}: '{key}' has shape {list(t.shape)}, expected {list(ref.shape)}")
+            t = t.reshape(ref.shape)  # e.g. a [C] vector stored for a [1,1,C] one
+        tensors[key] = t.to(dtype=dtype)
+    model = model.to_empty(device=device or "cpu")
+    model.load_state_dict(tensors, strict=True)
+    return model
+
+
+def load_model(path, dtype=None, device=None):
+    return state_dict_to_model(read_state_dict(path), source=str(path), dtype=dtype, device=device)
+
+
+def export_state_dict(model, dtype=None) -> dict[str, torch.Tensor]:
+    """BlinkDL key names and shapes, contiguous CPU tensors that share no storage."""
+    return {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_model(model, path, dtype=None) -> None:
+    path = Path(path)
+    sd = export_state_dict(model, dtype)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        metadata = {k: str(v) for k, v in model.config.to_dict().items()}
+        with atomic_write(path) as tmp:
+            save_file(sd, str(tmp), metadata=metadata)
+    else:
+        with atomic_write(path) as tmp:
+            torch.save(sd, tmp)
+
+
+__all__ = ["read_state_dict", "infer_config", "load_model", "save_model", "export_state_dict"]

@@ -1,0 +1,236 @@
+"""The RWKV-7 ("x070") model: one class for training and inference.
+
+Math as in BlinkDL/RWKV-LM RWKV-v7 and the `rwkv` package's RWKV_x070; parameter names and
+shapes are BlinkDL's `.pth` layout, so `state_dict()` is a loadable checkpoint.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..ops import wkv7
+from .config import RWKV7Config
+
+
+@dataclass
+class RWKV7State:
+    """Recurrent state of every layer, batched. Feed it back to continue a sequence."""
+    att_shift: torch.Tensor  # [L, B, C] last time-mix input (token shift)
+    wkv: torch.Tensor        # [L, B, H, N, N] fp32, value x key
+    ffn_shift: torch.Tensor  # [L, B, C] last channel-mix input
+
+    @property
+    def batch_size(self) -> int:
+        return self.wkv.shape[1]
+
+    def detach(self) -> "RWKV7State":
+        return RWKV7State(self.att_shift.detach(), self.wkv.detach(), self.ffn_shift.detach())
+
+    def select(self, index) -> "RWKV7State":
+        """The rows `index` of the batch (an int, slice or index tensor)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return RWKV7State(self.att_shift[:, index], self.wkv[:, index], self.ffn_shift[:, index])
+
+    def repeat(self, n: int) -> "RWKV7State":
+        """Each row repeated n times (to sample several continuations of one prompt)."""
+        return RWKV7State(self.att_shift.repeat_interleave(n, 1), self.wkv.repeat_interleave(n, 1),
+                          self.ffn_shift.repeat_interleave(n, 1))
+
+
+def _token_shift(x, last, resets):
+    """x_{t-1} for every t: `last` before the first token, zeros after a sequence reset."""
+    prev = torch.cat([last.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1)
+    if resets is not None:
+        prev = prev.masked_fill(resets.unsqueeze(-1), 0.0)
+    return prev
+
+
+class TimeMix(nn.Module):
+    def __init__(self, cfg: RWKV7Config, layer_id: int):
+        super().__init__()
+        C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
+        self.layer_id, self.n_head, self.head_size = layer_id, H, N
+        vec = lambda: nn.Parameter(torch.empty(1, 1, C))  # noqa: E731
+        self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = (vec() for _ in range(6))
+        self.w0, self.w1, self.w2 = vec(), nn.Parameter(torch.empty(C, cfg.dim_w)), nn.Parameter(torch.empty(cfg.dim_w, C))
+        self.a0, self.a1, self.a2 = vec(), nn.Parameter(torch.empty(C, cfg.dim_a)), nn.Parameter(torch.empty(cfg.dim_a, C))
+        if layer_id > 0:  # layer 0 defines v_first and never mixes it in
+            self.v0, self.v1, self.v2 = vec(), nn.Parameter(torch.empty(C, cfg.dim_v)), nn.Parameter(torch.empty(cfg.dim_v, C))
+        self.g1, self.g2 = nn.Parameter(torch.empty(C, cfg.dim_g)), nn.Parameter(torch.empty(cfg.dim_g, C))
+        self.k_k, self.k_a = vec(), vec()
+        self.r_k = nn.Parameter(torch.empty(H, N))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+
+    def forward(self, x, last_x, wkv_state, v_first, resets, backend):
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        xx = _token_shift(x, last_x, resets) - x
+        xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+
+        r = self.receptance(xr)
+        w = -F.softplus(-(self.w0 + torch.tanh(xw @ self.w1) @ self.w2)) - 0.5  # log(-log(decay))
+        k = self.key(xk)
+        v = self.value(xv)
+        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
+        k = k * (1 + (a - 1) * self.k_a)
+        if self.layer_id == 0:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+
+        heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
+        y, wkv_state = wkv7(heads(r), heads(w), heads(k), heads(v), -kk, kk * heads(a),
+                            state=wkv_state, backend=backend, resets=resets)
+        y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+        bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)
+        y = y + bonus.reshape(B, T, C)
+        return self.output(y * g), x[:, -1], wkv_state, v_first
+
+
+class ChannelMix(nn.Module):
+    def __init__(self, cfg: RWKV7Config):
+        super().__init__()
+        C, F_ = cfg.n_embd, cfg.dim_ffn
+        self.x_k = nn.Parameter(torch.empty(1, 1, C))
+        self.key = nn.Linear(C, F_, bias=False)
+        self.value = nn.Linear(F_, C, bias=False)
+        self.deep_embed = cfg.deep_embed
+        if cfg.deep_embed:  # DeepEmbed: a per-token [D,D] matrix modulates the hidden activations
+            D = cfg.deep_embed_dim
+            self.s_emb = nn.Embedding(cfg.vocab_size, D * D)
+            self.s_emb_x = nn.Linear(C, D * D, bias=False)
+            self.s1 = nn.Parameter(torch.empty(C, D))
+            self.s2 = nn.Parameter(torch.empty(D, F_))
+            self.s0 = nn.Parameter(torch.empty(1, 1, F_))
+
+    def forward(self, x, last_x, resets, tokens, x_emb):
+        xx = _token_shift(x, last_x, resets) - x
+        k = torch.relu(self.key(x + xx * self.x_k)) ** 2
+        if self.deep_embed:
+            B, T, _ = x.shape
+            D = self.s1.shape[1]
+            s = (self.s_emb(tokens) + self.s_emb_x(x_emb)).view(B, T, D, D)
+            ss = ((x @ self.s1).unsqueeze(-2) @ s).squeeze(-2)
+            k = k * (ss @ self.s2 + self.s0)
+        return self.value(k), x[:, -1]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: RWKV7Config, layer_id: int):
+        super().__init__()
+        C = cfg.n_embd
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(C)
+        self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
+        self.att = TimeMix(cfg, layer_id)
+        self.ffn = ChannelMix(cfg)
+
+    def forward(self, x, v_first, att_shift, wkv_state, ffn_shift, resets, tokens, x_emb, backend):
+        dx, att_shift, wkv_state, v_first = self.att(self.ln1(x), att_shift, wkv_state, v_first, resets, backend)
+        x = x + dx
+        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift, resets, tokens, x_emb)
+        return x + dx, v_first, att_shift, wkv_state, ffn_shift
+
+
+class RWKV7(nn.Module):
+    """RWKV-7 language model.
+
+    `model(tokens)` -> (logits [B,T,V], state); `forward_hidden` stops before the head.
+    `wkv_backend` picks the WKV-7 operator ("auto", "chunked", "reference", "cuda", "fla").
+    `activation_checkpointing` recomputes each block in the backward pass to save memory.
+    """
+
+    def __init__(self, config: RWKV7Config, *, init_weights: bool = True):
+        super().__init__()
+        self.config = config
+        C, V = config.n_embd, config.vocab_size
+        self.emb = nn.Embedding(V, C)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_out = nn.LayerNorm(C)
+        self.head = nn.Linear(C, V, bias=False)
+        self.wkv_backend = "auto"
+        self.activation_checkpointing = False
+        if init_weights:
+            from .init import init_rwkv7
+            init_rwkv7(self)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path, dtype=None, device=None) -> "RWKV7":
+        """Load a BlinkDL `.pth` or a `.safetensors` file; every dimension comes from the shapes."""
+        from .checkpoint import load_model
+        return load_model(path, dtype=dtype, device=device)
+
+    def save(self, path, dtype=None) -> None:
+        """Write `.pth` (BlinkDL layout) or `.safetensors` (by extension), atomically."""
+        from .checkpoint import save_model
+        save_model(self, path, dtype=dtype)
+
+    # -- state -----------------------------------------------------------------------------------
+    def zero_state(self, batch_size: int = 1, device=None, dtype=None) -> RWKV7State:
+        cfg = self.config
+        device = device or self.emb.weight.device
+        dtype = dtype or self.emb.weight.dtype
+        L, C, H, N = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_size
+        return RWKV7State(
+            att_shift=torch.zeros(L, batch_size, C, device=device, dtype=dtype),
+            wkv=torch.zeros(L, batch_size, H, N, N, device=device, dtype=torch.float32),
+            ffn_shift=torch.zeros(L, batch_size, C, device=device, dtype=dtype),
+        )
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward_hidden(self, tokens: torch.Tensor, state: RWKV7State | None = None, resets=None):
+        """tokens [B,T] -> (hidden after ln_out [B,T,C], new state).
+
+        resets: optional bool [B,T], True where a packed example starts: the recurrent state
+        (token shift and WKV) restarts from zero there, so examples do not see each other.
+        """
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must be a non-empty [B,T] tensor, got shape {tuple(tokens.shape)}")
+        B = tokens.shape[0]
+        if state is None:
+            state = self.zero_state(B, device=tokens.device)
+        x = self.blocks[0].ln0(self.emb(tokens))
+        x_emb = x
+        v_first = x  # replaced by layer 0's v
+        att_shifts, wkvs, ffn_shifts = [], [], []
+        for i, block in enumerate(self.blocks):
+            args = (x, v_first, state.att_shift[i], state.wkv[i], state.ffn_shift[i], resets, tokens, x_emb,
+                    self.wkv_backend)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                out = checkpoint(block, *args, use_reentrant=False)
+            else:
+                out = block(*args)
+            x, v_first, att_shift, wkv_state, ffn_shift = out
+            att_shifts.append(att_shift)
+            wkvs.append(wkv_state)
+            ffn_shifts.append(ffn_shift)
+        new_state = RWKV7State(torch.stack(att_shifts), torch.stack(wkvs), torch.stack(ffn_shifts))
+        return self.ln_out(x), new_state
+
+    def forward(self, tokens: torch.Tensor, state: RWKV7State | None = None, full_output: bool = True,
+                resets=None):
+        """tokens [B,T] -> (logits [B,T,V], state); with full_output=False only the last
+        position's logits [B,V] (the head is applied to that one row)."""
+        hidden, state = self.forward_hidden(tokens, state, resets=resets)
+        if not full_output:
+            hidden = hidden[:, -1]
+        return self.head(hidden), state
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+__all__ = ["RWKV7", "RWKV7Config", "RWKV7State"]

@@ -1,0 +1,33 @@
+"""The per-token WKV-7 recurrence: slow, obviously correct, the twin every fast backend is tested against."""
+from __future__ import annotations
+
+import torch
+
+
+def wkv7_reference(r, w, k, v, a, b, state=None, resets=None):
+    """r, w, k, v, a, b: [B,T,H,N]; decay = exp(-exp(w)); state [B,H,N,N] (value x key), fp32.
+
+    resets: optional bool [B,T]; where True the state is zeroed before that token (packed rows).
+    Returns y [B,T,H,N] in r's dtype and the final state [B,H,N,N]. Differentiable everywhere.
+    The arithmetic runs in fp32, or in fp64 when the inputs are fp64 (for checking other backends).
+    """
+    B, T, H, N = r.shape
+    out_dtype = r.dtype
+    compute = torch.float64 if r.dtype == torch.float64 else torch.float32
+    if state is None:
+        state = torch.zeros(B, H, N, N, dtype=compute, device=r.device)
+    S = state.to(compute)
+    r, w, k, v, a, b = (x.to(compute) for x in (r, w, k, v, a, b))
+    decay = torch.exp(-torch.exp(w))
+    ys = []
+    for t in range(T):
+        if resets is not None:
+            S = S * (~resets[:, t]).to(compute).view(B, 1, 1, 1)
+        # S_t = S_{t-1} diag(d_t) + (S_{t-1} a_t) b_t^T + v_t k_t^T ;  y_t = S_t r_t
+        sa = torch.einsum("bhij,bhj->bhi", S, a[:, t])
+        S = (S * decay[:, t, :, None, :]
+             + sa[..., :, None] * b[:, t, :, None, :]
+             + v[:, t, :, :, None] * k[:, t, :, None, :])
+        ys.append(torch.einsum("bhij,bhj->bhi", S, r[:, t]))
+    y = torch.stack(ys, dim=1)
+    return y.to(out_dtype), S
