@@ -1,0 +1,124 @@
+"""Chunked WKV-7 in pure PyTorch: the default backend on CPU, also usable on GPU.
+
+Same contract as `wkv7_reference`. The sequence is cut into chunks of C tokens; inside a chunk
+the recurrence is solved in closed form with C x C attention-like matrices (DESIGN.md §5.6),
+vectorised over batch, heads and chunks. Between chunks only a linear map remains,
+P_{n+1} = M_n P_n + c_n, which a short Python loop over chunks applies.
+
+Orientation: internally P = S^T (key x value), so the rows of every matrix below index tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+CHUNK_SIZE = 32
+
+
+def _prepare(r, w, k, v, a, b, resets, C):
+    """[B,T,H,N] inputs -> [B,H,NC,C,N] in the compute dtype, padded so T divides into chunks.
+
+    Padding uses log-decay 0 (d = 1) and zero k, v, a, b: the state passes through unchanged.
+    Returns the chunked tensors (log-decay instead of w) and the segment ids of resets or None.
+    """
+    B, T, H, N = r.shape
+    compute = torch.float64 if r.dtype == torch.float64 else torch.float32
+    pad = (-T) % C
+    NC = (T + pad) // C
+
+    def chunk(x):
+        x = x.to(compute).transpose(1, 2)  # [B,H,T,N]
+        if pad:
+            x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+        return x.reshape(B, H, NC, C, N)
+
+    logd = -torch.exp(w.to(compute))  # log of the decay, >= -0.6065 for the model's w <= -0.5
+    r, logd, k, v, a, b = (chunk(x) for x in (r, logd, k, v, a, b))
+    seg = None
+    if resets is not None:
+        rs = torch.nn.functional.pad(resets.to(torch.int32), (0, pad)).view(B, 1, NC, C)
+        seg = rs.cumsum(-1)  # segment id inside the chunk: 0 until the first reset
+    return r, logd, k, v, a, b, seg
+
+
+def _intra(r, logd, k, v, a, b, seg):
+    """Everything inside each chunk that does not depend on the incoming state P0 [K,V].
+
+    Per chunk (all batched): Y = R P0 + Yc and P_end = M P0 + c, with R [C,K], Yc [C,V],
+    M [K,K], c [K,V]. A reset inside a chunk masks every interaction across it and cuts the
+    rows after it off from P0.
+    """
+    C = r.shape[-2]
+    G = logd.cumsum(-2)  # chunk-local inclusive log-decay sums (fp32: a global sum would overflow)
+    Gx = G - logd  # exclusive sums: a'_i meets P_{i-1}
+    Gend = G[..., -1:, :]
+    mid = G[..., C // 2:C // 2 + 1, :]  # centre the factorised exponents to keep them small
+    rq, aq = r * torch.exp(G - mid), a * torch.exp(Gx - mid)
+    einv = torch.exp(mid - G)
+    kq, bq = k * einv, b * einv
+
+    ones = torch.ones(C, C, dtype=torch.bool, device=r.device)
+    incl, strict = ones.tril(), ones.tril(-1)
+    if seg is not None:
+        same = seg[..., :, None] == seg[..., None, :]  # [B,1,NC,C,C]
+        incl, strict = incl & same, strict & same
+    kb = torch.cat([kq, bq], dim=-2)  # [.., 2C, K]
+    A_r = (rq @ kb.mT) * torch.cat([incl, incl], dim=-1)  # masked after the product: the upper
+    A_a = (aq @ kb.mT) * torch.cat([strict, strict], dim=-1)  # triangle is finite, only > 1
+    A_rk, A_rb = A_r[..., :C], A_r[..., C:]
+    A_ak, A_ab = A_a[..., :C], A_a[..., C:]
+
+    rP, aP = r * torch.exp(G), a * torch.exp(Gx)  # the rows' view of the incoming state
+    if seg is not None:
+        first = (seg == 0).unsqueeze(-1).to(r.dtype)
+        rP, aP = rP * first, aP * first
+    # U (rows a'_i^T P_{i-1}) = W P0 + Uc, from the unit lower triangular system (I - A_ab) U = ...
+    eye = torch.eye(C, dtype=r.dtype, device=r.device)
+    WU = torch.linalg.solve_triangular(eye - A_ab, torch.cat([aP, A_ak @ v], dim=-1),
+                                       upper=False, unitriangular=True)
+    K = r.shape[-1]
+    RY = A_rb @ WU
+    R = rP + RY[..., :K]
+    Yc = A_rk @ v + RY[..., K:]
+
+    dec = torch.exp(Gend - G)  # decay from each token to the chunk end, <= 1
+    kd, bd = k * dec, b * dec
+    decay_all = torch.exp(Gend).mT  # [.., K, 1]
+    if seg is not None:
+        last = seg[..., -1:]
+        keep = (seg == last).unsqueeze(-1).to(r.dtype)
+        kd, bd = kd * keep, bd * keep
+        decay_all = decay_all * (last == 0).unsqueeze(-1).to(r.dtype)
+    MC = bd.mT @ WU
+    M = MC[..., :K] + torch.diag_embed(decay_all.squeeze(-1))
+    c = kd.mT @ v + MC[..., K:]
+    return R, Yc, M, c
+
+
+def _scan(M, c, P):
+    """Apply P_{n+1} = M_n P_n + c_n over chunks; returns the incoming states [B,H,NC,K,V] and the last."""
+    P0s = []
+    for n in range(M.shape[2]):
+        P0s.append(P)
+        P = M[:, :, n] @ P + c[:, :, n]
+    return torch.stack(P0s, dim=2), P
+
+
+def wkv7_chunked(r, w, k, v, a, b, state=None, resets=None, chunk_size=CHUNK_SIZE):
+    """r, w, k, v, a, b: [B,T,H,N]; decay = exp(-exp(w)); state [B,H,N,N] (value x key), fp32.
+
+    resets: optional bool [B,T]; where True the state is zeroed before that token.
+    Returns y [B,T,H,N] in r's dtype and the final state [B,H,N,N] (fp32; fp64 for fp64 inputs).
+    """
+    B, T, H, N = r.shape
+    C = min(chunk_size, T)
+    x = _prepare(r, w, k, v, a, b, resets, C)
+    R, Yc, M, c = _intra(*x)
+    compute = R.dtype
+    if state is None:
+        P = torch.zeros(B, H, N, N, dtype=compute, device=r.device)
+    else:
+        P = state.to(compute).mT
+    P0s, P = _scan(M, c, P)
+    Y = Yc + R @ P0s  # [B,H,NC,C,V]
+    y = Y.reshape(B, H, -1, N)[:, :, :T].transpose(1, 2)
+    return y.to(r.dtype), P.mT.contiguous()
