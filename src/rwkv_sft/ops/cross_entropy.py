@@ -1,0 +1,146 @@
+"""Chunked linear cross-entropy: the loss of (hidden @ weight.T) without the full logits.
+
+A language model's head turns N hidden rows into N x V logits; at V = 65536 that tensor (and
+its log-softmax and gradient) dwarfs everything else in a training step. Here the rows are
+processed `chunk_size` at a time: the forward keeps only each row's fp32 log-sum-exp, and the
+backward recomputes each chunk's logits to form softmax - onehot. Peak extra memory is one chunk
+of logits plus the fp32 weight-gradient accumulator: O(chunk * V + V * C) instead of O(N * V).
+
+Precision: matmuls run in the input dtype (bf16 stays bf16), log-sum-exp and softmax in fp32
+(fp64 for fp64 inputs), the weight gradient is accumulated across chunks in fp32 (or fp64), and
+the loss comes back in fp32 (or fp64).
+
+Autocast: under torch.autocast for the inputs' device, hidden and weight are cast explicitly to
+the autocast dtype (fp64 is left alone, as autocast does) and the op then runs with autocast
+off, so the matmuls are in the autocast dtype and the reductions in fp32 as above. Gradients
+reach fp32 parameters in fp32 through the cast.
+
+No ignore_index: gather the rows that carry loss first (one boolean mask for hidden and targets).
+With N = 0 rows the loss is 0 for "sum" and also 0 (not NaN, unlike F.cross_entropy) for "mean",
+and the gradients are zero.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+# Target size of one chunk of fp32 logits. On 2 CPU threads (V=65536, C=768) forward+backward
+# time is flat from ~16 MiB to ~128 MiB per chunk (benchmarks/bench_memory.py --sweep-chunk);
+# 32 MiB (128 rows at V=65536) keeps the memory small without paying per-chunk overhead.
+CHUNK_BYTES = 32 * 2**20
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    return max(1, CHUNK_BYTES // (4 * max(1, vocab_size)))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16, fp64 for fp64: where the softmax and sums are computed."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _no_autocast(device_type: str):
+    """The op chooses its own precisions; autocast must not re-cast its matmuls."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Rows -> per-row loss [N] (acc dtype). Backward adds l2wrap * max_logit at each row's argmax."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, l2wrap):
+        n, acc = hidden.shape[0], _acc_dtype(hidden.dtype)
+        loss = torch.empty(n, dtype=acc, device=hidden.device)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
+        want_l2 = l2wrap != 0.0
+        maxv = torch.empty(n if want_l2 else 0, dtype=acc, device=hidden.device)
+        argmax = torch.empty(n if want_l2 else 0, dtype=torch.long, device=hidden.device)
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            logits = (hidden[s:e] @ weight.T).to(acc)                  # [c, V], the only big tensor
+            lse[s:e] = torch.logsumexp(logits, dim=-1)
+            loss[s:e] = lse[s:e] - logits.gather(1, targets[s:e, None]).squeeze(1)
+            if want_l2:
+                torch.max(logits, dim=-1, out=(maxv[s:e], argmax[s:e]))
+        ctx.save_for_backward(hidden, weight, targets, lse, maxv, argmax)
+        ctx.chunk_size, ctx.l2wrap = chunk_size, l2wrap
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        with _no_autocast(grad_loss.device.type):
+            return LinearCrossEntropy._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
+        hidden, weight, targets, lse, maxv, argmax = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n, acc = hidden.shape[0], lse.dtype
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_loss = grad_loss.to(acc)
+        for s in range(0, n, ctx.chunk_size):
+            e = min(s + ctx.chunk_size, n)
+            rows = torch.arange(e - s, device=hidden.device)
+            # d loss_i / d logits_i = softmax_i - onehot(target_i), scaled by the upstream gradient
+            d = (hidden[s:e] @ weight.T).to(acc).sub_(lse[s:e, None]).exp_()
+            d[rows, targets[s:e]] -= 1.0
+            d.mul_(grad_loss[s:e, None])
+            if ctx.l2wrap != 0.0:  # upstream L2Wrap: independent of grad_output and reduction
+                d[rows, argmax[s:e]] += ctx.l2wrap * maxv[s:e]
+            d = d.to(hidden.dtype)
+            if need_h:
+                grad_h[s:e] = d @ weight
+            if need_w and d.dtype == acc:
+                grad_w.addmm_(d.T, hidden[s:e])
+            elif need_w:  # bf16/fp16: matmul in the input dtype, sum over chunks in fp32
+                grad_w += (d.T @ hidden[s:e]).to(acc)
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         reduction: str = "mean", chunk_size: int | None = None,
+                         l2wrap: float = 0.0) -> torch.Tensor:
+    """F.cross_entropy(hidden @ weight.T, targets, reduction=...) holding one chunk of logits.
+
+    hidden [N,C] (only the rows that carry loss), weight [V,C], targets [N] of valid ids in
+    [0, V). reduction: "mean" | "sum" | "none". chunk_size: rows per chunk (default: ~32 MiB of
+    fp32 logits). l2wrap: RWKV's L2Wrap factor (the trainer passes 1e-4 / loss rows in the
+    global batch); the loss value is unchanged, the backward adds l2wrap * max_logit at each
+    row's argmax logit. Returns a 0-d loss (or [N] for "none") in fp32 (fp64 for fp64 inputs).
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected hidden [N,C] and weight [V,C], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets must have shape [{hidden.shape[0]}], got {tuple(targets.shape)}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be integer ids, got {targets.dtype}")
+    vocab = weight.shape[0]
+    targets = targets.long()
+    if targets.numel() and bool(((targets < 0) | (targets >= vocab)).any()):
+        raise ValueError(f"targets must lie in [0, {vocab}); got min {int(targets.min())}, max {int(targets.max())}")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(vocab)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    device_type = hidden.device.type
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if autocast and dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(device_type)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    with _no_autocast(device_type):
+        loss = LinearCrossEntropy.apply(hidden, weight, targets, int(chunk_size), float(l2wrap))
+
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    return total / max(1, loss.shape[0]) if reduction == "mean" else total
