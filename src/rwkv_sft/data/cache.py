@@ -1,0 +1,222 @@
+"""Tokenize a data file once into an on-disk cache of numpy arrays, memory-mapped on reuse.
+
+A cache entry holds one file's examples BEFORE truncation (so max_len and anchor_fraction can
+change without re-tokenizing): ids (uint16 when the vocabulary fits), one loss flag per token,
+index [n, 3] = (start, context length, stop) and each example's line. The key hashes the file's
+bytes, the tokenizer's identity and the settings that change tokens (format, field names, end
+marker). Invalid rows are counted in the entry (with the first error's message), so the same
+entry serves runs with and without skip_invalid.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import UserError
+from .formats import END, Invalid, check_file, read_records, render
+
+CACHE_VERSION = 1
+CHUNK = 2048  # records rendered and tokenized together
+_PROBE = "Hello, World! 你好 123 \n\n\t ünïcödé 🙂 User: Assistant:"
+
+
+def default_cache_dir() -> str:
+    if os.environ.get("RWKV_SFT_CACHE"):
+        return os.environ["RWKV_SFT_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "rwkv_sft", "data")
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """A tokenizer's own `identity` if it has one, else its class, size and the ids of a probe text."""
+    if getattr(tokenizer, "identity", None):
+        return str(tokenizer.identity)
+    probe = hashlib.blake2b(str(list(tokenizer.encode(_PROBE))).encode(), digest_size=8).hexdigest()
+    cls = type(tokenizer)
+    return f"{cls.__module__}.{cls.__qualname__}:{getattr(tokenizer, 'vocab_size', '?')}:{probe}"
+
+
+def end_marker_ids(tokenizer, marker: str) -> list[int]:
+    if marker == "eos":
+        return [getattr(tokenizer, "eos_id", 0)]
+    ids = list(tokenizer.encode(marker))
+    if not ids:
+        raise UserError(f"end marker {marker!r} encodes to no tokens")
+    return ids
+
+
+@dataclass
+class Shard:
+    """One file's tokenized examples (before truncation)."""
+    path: str
+    ids: np.ndarray     # [total tokens] uint16 / int32
+    flags: np.ndarray   # [total tokens] bool: carries loss
+    index: np.ndarray   # [n, 3] int64: start, context length, stop
+    lines: np.ndarray   # [n] int64
+    meta: dict          # skipped {reason: n}, first_error ("line: problem"), empty_context, cached
+
+
+# -- tokenizing ---------------------------------------------------------------------------------
+
+def _encode_all(tokenizer, texts):
+    batch = getattr(tokenizer, "encode_batch", None)
+    return batch(texts) if batch else [tokenizer.encode(t) for t in texts]
+
+
+def tokenize_bytes(path, data, tokenizer, *, fmt="auto", context_field=None, completion_field=None,
+                   end_marker="eos", skip_invalid=False, progress=None) -> Shard:
+    """Parse, render and tokenize one file's bytes. Raises UserError("path:line: problem") on the
+    first invalid row unless skip_invalid, which counts them by reason instead."""
+    end_ids = end_marker_ids(tokenizer, end_marker)
+    end_is_separator = end_ids == list(tokenizer.encode("\n\n"))
+    eos = getattr(tokenizer, "eos_id", 0)
+    ids, flags, index, lines = [], [], [], []
+    skipped, first_error, empty_context = {}, None, 0
+    total_lines, done_lines = data.count(b"\n") + 1, 0
+
+    def invalid(line, e):
+        nonlocal first_error
+        if not skip_invalid:
+            raise UserError(f"{path}:{line}: {e}")
+        skipped[e.reason] = skipped.get(e.reason, 0) + 1
+        first_error = first_error or f"{line}: {e}"  # without the path: entries are keyed by content
+
+    def flush(chunk):
+        nonlocal empty_context, done_lines
+        texts = [t for _, r in chunk for t, _ in r.context + r.completion if t is not END]
+        encoded = iter(_encode_all(tokenizer, texts))
+        for line, r in chunk:
+            parts = []
+            for segments in (r.context, r.completion):
+                seg_ids, seg_flags = [], []
+                for text, loss in segments:
+                    t = end_ids if text is END else next(encoded)
+                    seg_ids += t
+                    seg_flags += [loss] * len(t)
+                parts.append((seg_ids, seg_flags))
+            (c_ids, c_flags), (p_ids, p_flags) = parts
+            if r.first_token_is_context:  # plain text: the first token predicts, it is not predicted
+                c_ids, c_flags, p_ids, p_flags = p_ids[:1], [False], p_ids[1:], p_flags[1:]
+            if not c_ids:  # an empty context becomes one token 0
+                c_ids, c_flags = [eos], [False]
+                empty_context += 1
+            start = len(ids)
+            ids.extend(c_ids + p_ids)
+            flags.extend(c_flags + p_flags)
+            index.append((start, len(c_ids), len(ids)))
+            lines.append(line)
+        if chunk and progress is not None:
+            progress(len(data) * (chunk[-1][0] - done_lines) / total_lines)
+            done_lines = chunk[-1][0]
+
+    chunk = []
+    for line, record in read_records(path, data):
+        if isinstance(record, Invalid):
+            invalid(line, record)
+            continue
+        try:
+            chunk.append((line, render(record, fmt, context_field, completion_field, end_is_separator)))
+        except Invalid as e:
+            invalid(line, e)
+        if len(chunk) >= CHUNK:
+            flush(chunk)
+            chunk = []
+    flush(chunk)
+    if not index and not skipped:
+        invalid(1, Invalid("empty file", "no examples in the file"))
+    if progress is not None:
+        progress(len(data) * (total_lines - done_lines) / total_lines)
+    dtype = np.uint16 if getattr(tokenizer, "vocab_size", 1 << 16) <= (1 << 16) else np.int32
+    return Shard(path, np.asarray(ids, dtype=dtype), np.asarray(flags, dtype=bool),
+                 np.asarray(index, dtype=np.int64).reshape(-1, 3), np.asarray(lines, dtype=np.int64),
+                 {"skipped": skipped, "first_error": first_error, "empty_context": empty_context})
+
+
+# -- the cache ----------------------------------------------------------------------------------
+
+def cache_key(data: bytes, tokenizer_id: str, settings: dict) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(data)
+    h.update(json.dumps([CACHE_VERSION, tokenizer_id, settings], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _file_lock(path):
+    """Serialise builders of one entry across processes (other ranks wait, then read)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): concurrent builders still end in one atomic rename
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _load_array(path):
+    try:
+        return np.load(path, mmap_mode="r")
+    except ValueError:  # an empty array cannot be memory-mapped
+        return np.load(path)
+
+
+def _read_entry(entry, path) -> Shard:
+    arrays = {name: _load_array(os.path.join(entry, f"{name}.npy")) for name in ("ids", "flags", "index", "lines")}
+    with open(os.path.join(entry, "meta.json")) as f:
+        meta = json.load(f)
+    return Shard(path, meta=meta, **arrays)
+
+
+def _write_entry(entry, shard: Shard) -> None:
+    """Write into a temporary directory, then rename it into place: readers never see half an entry."""
+    parent = os.path.dirname(entry)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        for name in ("ids", "flags", "index", "lines"):
+            np.save(os.path.join(tmp, f"{name}.npy"), getattr(shard, name))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({**shard.meta, "source": shard.path}, f)
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            if not os.path.isdir(entry):  # anything but "another process got there first"
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_or_tokenize(path, tokenizer, cache_dir, *, tokenizer_id=None, progress=None, skip_invalid=False,
+                     **settings) -> Shard:
+    """The cached Shard of `path`, building it first if needed. Re-raises a cached entry's first
+    error unless skip_invalid."""
+    check_file(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    key = cache_key(data, tokenizer_id or tokenizer_identity(tokenizer), settings)
+    entry = os.path.join(cache_dir, key)
+    os.makedirs(cache_dir, exist_ok=True)
+    with _file_lock(entry + ".lock"):
+        if os.path.isdir(entry):
+            shard = _read_entry(entry, path)
+            shard.meta["cached"] = True
+            if progress is not None:
+                progress(len(data))
+        else:
+            # Without skip_invalid the first bad row raises here and nothing is written.
+            shard = tokenize_bytes(path, data, tokenizer, skip_invalid=skip_invalid, progress=progress, **settings)
+            _write_entry(entry, shard)
+            shard.meta["cached"] = False
+    if not skip_invalid and shard.meta.get("first_error"):
+        raise UserError(f"{path}:{shard.meta['first_error']}")
+    return shard

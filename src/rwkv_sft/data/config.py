@@ -1,0 +1,65 @@
+"""DataConfig and the "path", "path:weight", "path*count" file specifications."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+
+FORMATS = ("auto", "completion", "chat", "text")
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str]
+    eval_files: list[str] = field(default_factory=list)
+    eval_fraction: float = 0.0      # held-out fraction of train (deterministic by seed)
+    format: str = "auto"            # auto | completion | chat | text
+    context_field: str | None = None      # default: context / prompt / input
+    completion_field: str | None = None   # default: completion / response / output
+    max_len: int = 1024             # tokens per example after truncation (incl. end marker)
+    end_marker: str = "eos"         # "eos" -> token 0; any other string -> its tokens
+    anchor_fraction: float = 0.25
+    skip_invalid: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.train_files, str):
+            self.train_files = [self.train_files]
+        if isinstance(self.eval_files, str):
+            self.eval_files = [self.eval_files]
+        if self.format not in FORMATS:
+            raise UserError(f"unknown data format {self.format!r}; choose from {', '.join(FORMATS)}")
+        if self.max_len < 2:
+            raise UserError(f"max_len must be at least 2 (one context and one completion token), got {self.max_len}")
+        if not 0.0 <= self.anchor_fraction < 1.0:
+            raise UserError(f"anchor_fraction must be in [0, 1), got {self.anchor_fraction}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise UserError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_fraction and self.eval_files:
+            raise UserError("give either eval_files or eval_fraction, not both")
+        if not self.end_marker:
+            raise UserError("end_marker must not be empty")
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    path: str
+    weight: float = 1.0   # examples of this file per epoch, per example (fractions sampled per epoch)
+
+
+_SPEC = re.compile(r"^(?P<path>.+?)(?::(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)|\*(?P<count>[0-9]+))$")
+
+
+def parse_file_spec(spec: str) -> FileSpec:
+    """"data.jsonl" -> weight 1; "data.jsonl:0.5" -> weight 0.5; "data.jsonl*3" -> 3 copies per epoch.
+
+    A path that itself ends in ":<number>" can be given as "path:1".
+    """
+    m = _SPEC.match(spec)
+    if not m:
+        return FileSpec(spec)
+    weight = float(m["weight"]) if m["weight"] is not None else float(m["count"])
+    if weight <= 0:
+        raise UserError(f"{spec}: the weight or count of a file must be positive")
+    return FileSpec(m["path"], weight)

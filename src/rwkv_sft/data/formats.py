@@ -1,0 +1,255 @@
+"""Reading example files (JSON Lines, JSON arrays, CSV, Parquet) and rendering records as text.
+
+A record is rendered into (context segments, completion segments), each a list of
+(text, carries_loss); END stands for the end marker. Context and completion are concatenated
+exactly as given: put any separator (a space, "\\n", "Answer:") at the end of the context.
+Each segment is tokenized on its own, so a loss boundary is always a token boundary, and a
+prompt tokenized alone at inference time matches what the model saw in training.
+
+Chat ({"messages": [{"role", "content"}, ...]}) uses RWKV's chat format:
+    System: ...\\n\\nUser: ...\\n\\nAssistant: ...<END>
+Loss is on " " + content + END of EVERY assistant turn ("Assistant:" itself carries none). When
+the end marker is not "\\n\\n", a "\\n\\n" (no loss) separates the END from the next turn. Turns
+after the last assistant turn teach nothing and are left out. The last assistant reply is the
+"completion" for truncation; everything before it is the "context" (earlier replies keep their loss).
+Plain text ({"text": ...}) is text + END with loss on every token after the first.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+END = None  # placeholder for the end marker's tokens in a segment list
+
+CONTEXT_FIELDS = ("context", "prompt", "input")
+COMPLETION_FIELDS = ("completion", "response", "output")
+ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+class Invalid(Exception):
+    """A bad record or file: `reason` is the category counted with skip_invalid."""
+
+    def __init__(self, reason: str, detail: str | None = None):
+        super().__init__(detail or reason)
+        self.reason = reason
+
+
+@dataclass
+class Rendered:
+    context: list      # [(text, loss)]
+    completion: list   # [(text | END, loss)]
+    first_token_is_context: bool = False  # plain text: the first token is the context
+
+
+# -- containers ---------------------------------------------------------------------------------
+
+def check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory, expected a data file")
+
+
+def container_of(path: str, data: bytes) -> str:
+    lower = path.lower()
+    if lower.endswith(".parquet"):
+        return "parquet"
+    if lower.endswith(".csv"):
+        return "csv"
+    if lower.endswith(".tsv"):
+        return "tsv"
+    return "json-array" if data.lstrip()[:1] == b"[" else "jsonl"
+
+
+def read_records(path: str, data: bytes):
+    """Yield (line number, record dict or Invalid) for every example of a file's bytes."""
+    kind = container_of(path, data)
+    if kind == "parquet":
+        yield from _parquet_records(path)
+        return
+    if not data.strip():
+        yield 1, Invalid("empty file")
+        return
+    if kind == "jsonl":
+        yield from _jsonl_records(data)
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        yield data.count(b"\n", 0, e.start) + 1, Invalid("invalid UTF-8", f"invalid UTF-8 ({e.reason})")
+        return
+    if kind == "json-array":
+        yield from _json_array_records(text)
+    else:
+        yield from _csv_records(text, "\t" if kind == "tsv" else ",")
+
+
+def _jsonl_records(data: bytes):
+    try:
+        lines = data.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        lines = data.split(b"\n")  # decode line by line to find the bad ones
+    loads = json.loads
+    for n, line in enumerate(lines, 1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield n, Invalid("invalid UTF-8", f"invalid UTF-8 ({e.reason})")
+                continue
+        if not line.strip():
+            continue  # blank lines separate nothing; they are not examples
+        try:
+            yield n, loads(line)
+        except json.JSONDecodeError as e:
+            yield n, Invalid("invalid JSON", f"invalid JSON ({e.msg} at column {e.colno})")
+
+
+def _json_array_records(text: str):
+    """Walk the array item by item so that every example knows its line."""
+    decoder = json.JSONDecoder()
+    i, n = text.index("[") + 1, len(text)
+    line = 1 + text.count("\n", 0, i)
+
+    def skip_ws(i):
+        while i < n and text[i] in " \t\r\n":
+            i += 1
+        return i
+
+    def bad(at, msg):
+        return 1 + text.count("\n", 0, at), Invalid("invalid JSON", f"invalid JSON ({msg})")
+
+    i = skip_ws(i)
+    if i < n and text[i] == "]":
+        yield line, Invalid("empty file", "empty JSON array")
+        return
+    last = 0
+    while True:
+        line += text.count("\n", last, i)
+        last = i
+        try:
+            item, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            yield bad(e.pos, e.msg)
+            return
+        yield line, item
+        i = skip_ws(i)
+        if i < n and text[i] == ",":
+            i = skip_ws(i + 1)
+        elif i < n and text[i] == "]":
+            if text[i + 1:].strip():
+                yield bad(i + 1, "extra data after the array")
+            return
+        else:
+            yield bad(i, "expected ',' or ']'")
+            return
+
+
+def _csv_records(text: str, delimiter: str):
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        for row in reader:
+            yield reader.line_num, {k: v for k, v in row.items() if k is not None and v is not None}
+    except csv.Error as e:
+        yield reader.line_num, Invalid("invalid CSV", f"invalid CSV ({e})")
+
+
+def _parquet_records(path: str):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise UserError(f"{path}: cannot read Parquet ({e})") from None
+    if table.num_rows == 0:
+        yield 1, Invalid("empty file")
+    for n, row in enumerate(table.to_pylist(), 1):  # "line" = row number
+        yield n, row
+
+
+# -- records -> segments ------------------------------------------------------------------------
+
+def _string(record, name):
+    if name not in record:
+        raise Invalid("missing field", f"missing field {name!r}")
+    value = record[name]
+    if not isinstance(value, str):
+        raise Invalid("non-string field", f"field {name!r} is {type(value).__name__}, expected a string")
+    return value
+
+
+def _pick(record, configured, defaults):
+    if configured:
+        return configured
+    return next((f for f in defaults if f in record), defaults[0])
+
+
+def record_format(record, fmt: str, context_field=None, completion_field=None) -> str:
+    if fmt != "auto":
+        return fmt
+    if any(f in record for f in (context_field, completion_field, *CONTEXT_FIELDS, *COMPLETION_FIELDS) if f):
+        return "completion"
+    if "messages" in record:
+        return "chat"
+    if "text" in record:
+        return "text"
+    raise Invalid("missing field", "no known fields (expected context/completion, prompt/response, "
+                  "input/output, messages or text)")
+
+
+def render(record, fmt: str = "auto", context_field=None, completion_field=None,
+           end_is_separator: bool = False) -> Rendered:
+    """One record -> Rendered, or raise Invalid."""
+    if not isinstance(record, dict):
+        raise Invalid("not an object", f"expected a JSON object, got {type(record).__name__}")
+    fmt = record_format(record, fmt, context_field, completion_field)
+    if fmt == "completion":
+        context = _string(record, _pick(record, context_field, CONTEXT_FIELDS))
+        completion = _string(record, _pick(record, completion_field, COMPLETION_FIELDS))
+        if not completion:
+            raise Invalid("empty completion")
+        return Rendered([(context, False)], [(completion, True), (END, True)])
+    if fmt == "text":
+        text = _string(record, "text")
+        if not text:
+            raise Invalid("empty text")
+        return Rendered([], [(text, True), (END, True)], first_token_is_context=True)
+    return _render_chat(record, end_is_separator)
+
+
+def _render_chat(record, end_is_separator: bool) -> Rendered:
+    messages = record.get("messages")
+    if not isinstance(messages, list):
+        raise Invalid("missing field" if messages is None else "bad messages",
+                      "missing field 'messages'" if messages is None else "'messages' must be a list")
+    turns = []
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise Invalid("bad messages", f"message {k} must be an object with string 'role' and 'content'")
+        role = m["role"].lower()
+        if role not in ROLES:
+            raise Invalid("bad messages", f"message {k} has unknown role {m['role']!r} (expected system, user, assistant)")
+        turns.append((role, m["content"]))
+    last = max((k for k, (role, _) in enumerate(turns) if role == "assistant"), default=None)
+    if last is None:
+        raise Invalid("no assistant turn", "chat has no assistant turn")
+    segments, split = [], 0
+    for k, (role, content) in enumerate(turns[:last + 1]):
+        if role != "assistant":
+            segments.append((f"{ROLES[role]}: {content}\n\n", False))
+            continue
+        if not content:
+            raise Invalid("empty completion", f"assistant message {k} is empty")
+        if k == last:
+            split = len(segments) + 1
+        segments += [("Assistant:", False), (" " + content, True), (END, True)]
+        if k != last and not end_is_separator:
+            segments.append(("\n\n", False))
+    return Rendered(segments[:split], segments[split:])

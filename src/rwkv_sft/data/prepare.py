@@ -1,0 +1,157 @@
+"""prepare_data: files -> cached tokens -> truncated TokenizedExamples (+ a report of every cut)."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import UserError
+from .cache import default_cache_dir, load_or_tokenize, tokenizer_identity
+from .config import DataConfig, parse_file_spec
+from .examples import TokenizedExamples
+from .formats import check_file
+from .truncate import truncate
+
+
+@dataclass
+class PreparedData:
+    train: TokenizedExamples
+    eval: TokenizedExamples | None
+    report: dict
+
+
+def _progress_bar(total, show):
+    if not show or not sys.stderr.isatty():
+        return None, None
+    from tqdm import tqdm
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", leave=False)
+    return bar, bar.update
+
+
+def _load_shards(specs, config, tokenizer, cache_dir, show_progress):
+    for spec in specs:
+        check_file(spec.path)
+    bar, update = _progress_bar(sum(os.path.getsize(s.path) for s in specs), show_progress)
+    settings = dict(fmt=config.format, context_field=config.context_field,
+                    completion_field=config.completion_field, end_marker=config.end_marker)
+    tok_id = tokenizer_identity(tokenizer)
+    try:
+        return [load_or_tokenize(s.path, tokenizer, cache_dir, tokenizer_id=tok_id, progress=update,
+                                 skip_invalid=config.skip_invalid, **settings) for s in specs]
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _distributed_rank():
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist.get_rank()
+    except ImportError:
+        pass
+    return None
+
+
+def _load_all(specs, config, tokenizer, cache_dir, show_progress):
+    """Rank 0 of a distributed run builds the caches while the others wait, then they read them.
+    Rank 0's error is sent to every rank, so all of them stop with the same message."""
+    rank = _distributed_rank()
+    if rank is None:
+        return _load_shards(specs, config, tokenizer, cache_dir, show_progress)
+    import torch.distributed as dist
+    error, shards = None, None
+    if rank == 0:
+        try:
+            shards = _load_shards(specs, config, tokenizer, cache_dir, show_progress)
+        except UserError as e:
+            error = str(e)
+    message = [error]
+    dist.broadcast_object_list(message, src=0)  # also the barrier
+    if message[0]:
+        raise UserError(message[0])
+    return shards or _load_shards(specs, config, tokenizer, cache_dir, False)
+
+
+def _truncated(shards, weights, config, counts) -> TokenizedExamples:
+    """Apply `truncate` to every example; count each kind of cut."""
+    arrays = {k: [] for k in ("shard", "begin", "end", "lines", "weights")}
+    for k, shard in enumerate(shards):
+        for (start, context_len, stop), line in zip(shard.index.tolist(), shard.lines.tolist()):
+            kept_context, kept_completion = truncate(context_len, stop - start - context_len, config.max_len,
+                                                     config.anchor_fraction)
+            counts["context_trimmed"] += kept_context < context_len
+            counts["completion_cut"] += kept_completion < stop - start - context_len
+            arrays["begin"].append(start + context_len - kept_context)
+            arrays["end"].append(start + context_len + kept_completion)
+        n = len(shard.index)
+        arrays["shard"].append(np.full(n, k))
+        arrays["lines"].append(shard.lines)
+        arrays["weights"].append(np.full(n, weights[k], dtype=np.float64))
+        counts["empty_context"] += shard.meta.get("empty_context", 0)
+    cat = {k: np.asarray(v, dtype=np.int64) if k in ("begin", "end") else np.concatenate(v) if v else np.zeros(0)
+           for k, v in arrays.items()}
+    return TokenizedExamples([(s.ids, s.flags) for s in shards], cat["shard"], cat["begin"], cat["end"],
+                             cat["lines"], cat["weights"], [s.path for s in shards])
+
+
+def _stats(examples: TokenizedExamples | None) -> dict:
+    if examples is None or len(examples) == 0:
+        return {"examples": 0, "tokens": 0, "loss_tokens": 0}
+    lengths = examples.lengths
+    loss = sum(int(np.count_nonzero(examples.shards[s][1][b:e]))
+               for s, b, e in zip(examples.shard.tolist(), examples.begin.tolist(), examples.end.tolist()))
+    pct = np.percentile(lengths, [50, 90, 99]).tolist()
+    return {"examples": len(examples), "tokens": int(lengths.sum()), "loss_tokens": loss,
+            "length": {"min": int(lengths.min()), "p50": pct[0], "p90": pct[1], "p99": pct[2], "max": int(lengths.max())}}
+
+
+def format_report(report: dict) -> str:
+    """One human line: examples, tokens, loss tokens, cuts, skipped rows."""
+    train, ev = report["train"], report["eval"]
+    cuts = report["truncated"]
+    parts = [f"{train['examples']} train examples ({train['tokens']} tokens, {train['loss_tokens']} with loss)"]
+    if ev["examples"]:
+        parts.append(f"{ev['examples']} eval examples")
+    parts.append(f"truncated: {cuts['context_trimmed']} context, {cuts['completion_cut']} completion; "
+                 f"{cuts['empty_context']} empty contexts")
+    if report["skipped"]:
+        parts.append("skipped: " + ", ".join(f"{n} {reason}" for reason, n in sorted(report["skipped"].items())))
+    return "; ".join(parts)
+
+
+def prepare_data(config: DataConfig, tokenizer=None, cache_dir=None, show_progress=True) -> "PreparedData":
+    """Parse -> tokenize (cached, shared by every process) -> truncate. See DESIGN.md section 4."""
+    if tokenizer is None:
+        from ..tokenizer import Tokenizer
+        tokenizer = Tokenizer()
+    if not config.train_files:
+        raise UserError("no training files given")
+    cache_dir = cache_dir or default_cache_dir()
+    train_specs = [parse_file_spec(s) for s in config.train_files]
+    eval_specs = [parse_file_spec(s) for s in config.eval_files]
+    shards = _load_all(train_specs + eval_specs, config, tokenizer, cache_dir, show_progress)
+    counts = {"context_trimmed": 0, "completion_cut": 0, "empty_context": 0}
+    n_train = len(train_specs)
+    train = _truncated(shards[:n_train], [s.weight for s in train_specs], config, counts)
+    evaluation = _truncated(shards[n_train:], [1.0] * len(eval_specs), config, counts) if eval_specs else None
+    if config.eval_fraction:
+        order = np.random.default_rng(config.seed).permutation(len(train))
+        n_eval = min(len(train) - 1, max(1, round(config.eval_fraction * len(train))))
+        evaluation, train = train.subset(np.sort(order[:n_eval])), train.subset(np.sort(order[n_eval:]))
+        evaluation.weights[:] = 1.0
+    if len(train) == 0:
+        raise UserError(f"no valid training examples in {', '.join(s.path for s in train_specs)}")
+    skipped = {}
+    for shard in shards:
+        for reason, n in shard.meta["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    report = {"train": _stats(train), "eval": _stats(evaluation), "truncated": counts, "skipped": skipped,
+              "max_len": config.max_len,
+              "files": [{"path": s.path, "examples": len(s.index), "skipped": s.meta["skipped"],
+                         "cached": s.meta.get("cached", False)} for s in shards]}
+    if show_progress:
+        print(f"data: {format_report(report)}", file=sys.stderr)
+    return PreparedData(train, evaluation, report)
