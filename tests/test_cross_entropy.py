@@ -56,7 +56,7 @@ def rel_err(x, ref):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_bf16_close_to_fp32_reference(reduction):
     # bf16 logits carry ~3 significant digits: stated tolerance 1e-2 absolute on each row's loss
-    # (logits of size ~5), 2e-2 relative (in norm) on the gradients.
+    # (logits up to ~4), 1e-2 relative (in norm) on the gradients (measured: 3e-3 on both).
     h, w, t = make(48, 200, 32, torch.bfloat16, scale=0.2)
     loss, (gh, gw) = loss_and_grads(chunked(16), h, w, t, reduction)
     h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
@@ -64,7 +64,7 @@ def test_bf16_close_to_fp32_reference(reduction):
     assert loss.dtype == torch.float32
     assert gh.dtype == gw.dtype == torch.bfloat16
     torch.testing.assert_close(loss, ref, rtol=0, atol=1e-2)
-    assert rel_err(gh, rh) < 2e-2 and rel_err(gw, rw) < 2e-2
+    assert rel_err(gh, rh) < 1e-2 and rel_err(gw, rw) < 1e-2
 
 
 def test_autocast_cpu_bf16_equals_explicit_bf16_inputs():
