@@ -1,0 +1,145 @@
+"""`rwkv-sft train`: settings from --config FILE (TOML or YAML), then flags, then --set key=value.
+
+Exit codes: 0 when the run finished, or when SIGINT/SIGTERM stopped it after saving a
+checkpoint (continue with --resume auto); 2 for a setting or file a user can fix; 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from ..errors import UserError
+
+S = argparse.SUPPRESS  # flags the user did not give do not override the file
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML or YAML file of settings (flags override it)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", dest="c:data.train_files", action="append", metavar="FILE", default=S,
+                   help="training file (JSONL/JSON); repeat for several; FILE:WEIGHT or FILE*COUNT to weight it")
+    g.add_argument("--eval-data", dest="c:data.eval_files", action="append", metavar="FILE", default=S, help="held-out file")
+    g.add_argument("--eval-fraction", dest="c:data.eval_fraction", type=float, default=S, help="hold out this fraction of the training data")
+    g.add_argument("--format", dest="c:data.format", default=S, choices=["auto", "completion", "chat", "text"])
+    g.add_argument("--max-len", dest="c:data.max_len", type=int, default=S, help="tokens per example after truncation")
+    g.add_argument("--end-marker", dest="c:data.end_marker", default=S, help='"eos" (token 0, default) or a string such as "\\n\\n"')
+    g.add_argument("--skip-invalid", dest="c:data.skip_invalid", action="store_true", default=S, help="skip (and count) bad rows")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", dest="c:model", metavar="CKPT", default=S, help="checkpoint to fine-tune (.pth / .safetensors)")
+    g.add_argument("--n-layer", dest="c:model_config.n_layer", type=int, default=S, help="fresh model: layers")
+    g.add_argument("--n-embd", dest="c:model_config.n_embd", type=int, default=S, help="fresh model: width")
+    g.add_argument("--head-size", dest="c:model_config.head_size", type=int, default=S)
+    g.add_argument("--vocab-size", dest="c:model_config.vocab_size", type=int, default=S)
+    g = p.add_argument_group("training")
+    g.add_argument("--out", dest="c:out_dir", metavar="DIR", default=S, help="output directory (default runs/run)")
+    g.add_argument("--epochs", dest="c:epochs", type=float, default=S)
+    g.add_argument("--max-steps", dest="c:max_steps", type=int, default=S, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--batch-tokens", dest="c:batch_tokens", type=int, default=S, help="tokens per micro-batch per process")
+    g.add_argument("--step-tokens", dest="c:step_tokens", type=int, default=S,
+                   help="completion tokens per optimizer step, all processes (gradient accumulation)")
+    g.add_argument("--packing", dest="c:packing", action=argparse.BooleanOptionalAction, default=S,
+                   help="pack several examples per row (default on)")
+    g.add_argument("--lr", dest="c:lr", type=float, default=S)
+    g.add_argument("--lr-final", dest="c:lr_final", type=float, default=S, help="default lr/10")
+    g.add_argument("--warmup-steps", dest="c:warmup_steps", type=int, default=S)
+    g.add_argument("--schedule", dest="c:schedule", choices=["cosine", "linear", "constant"], default=S)
+    g.add_argument("--weight-decay", dest="c:weight_decay", type=float, default=S)
+    g.add_argument("--grad-clip", dest="c:grad_clip", type=float, default=S)
+    g.add_argument("--no-l2wrap", dest="c:l2wrap", action="store_false", default=S)
+    g.add_argument("--precision", dest="c:precision", choices=["auto", "bf16", "fp32"], default=S)
+    g.add_argument("--activation-checkpointing", dest="c:activation_checkpointing", action="store_true", default=S)
+    g.add_argument("--freeze", dest="c:freeze", action="append", default=S, metavar="PART",
+                   help="emb, head, blocks.N, blocks.A-B or a parameter prefix; repeatable")
+    g.add_argument("--wkv-backend", dest="c:wkv_backend", default=S, choices=["auto", "chunked", "reference", "cuda", "fla"])
+    g.add_argument("--seed", dest="c:seed", type=int, default=S)
+    g.add_argument("--device", dest="c:device", default=S, help="auto | cpu | cuda | cuda:N")
+    g = p.add_argument_group("evaluation, checkpoints, output")
+    g.add_argument("--eval-every", dest="c:eval_every", type=int, default=S, help="steps (0: only at the end)")
+    g.add_argument("--eval-exact-match", dest="c:eval_exact_match", type=int, default=S, help="examples checked for exact match")
+    g.add_argument("--save-every", dest="c:save_every", type=int, default=S, help="steps (0: only at the end)")
+    g.add_argument("--keep-last", dest="c:keep_last", type=int, default=S)
+    g.add_argument("--resume", dest="c:resume", nargs="?", const="auto", default=S, metavar="auto|DIR",
+                   help="continue from the newest checkpoint in --out (or from DIR)")
+    g.add_argument("--no-progress", dest="c:progress", action="store_false", default=S)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="any setting, e.g. --set eval_every=50 --set data.anchor_fraction=0.5")
+
+
+def load_config_file(path) -> dict:
+    """A TOML (.toml), YAML (.yaml/.yml) or JSON (.json) mapping; errors as 'file:line: problem'."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read the config file ({e.strerror if isinstance(e, OSError) else e})") from None
+    if path.suffix == ".toml":
+        import tomllib
+        try:
+            d = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            m = re.search(r"\(at line (\d+), column (\d+)\)", str(e))
+            where = f"{path}:{m[1]}" if m else str(path)
+            raise UserError(f"{where}: invalid TOML: {str(e).split(' (at line')[0]}") from None
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise UserError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    elif path.suffix == ".json":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    else:
+        raise UserError(f"{path}: unknown config format (use .toml, .yaml, .yml or .json)")
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: the config must be a mapping of settings, got {type(d).__name__}")
+    return d
+
+
+def _parse_value(text: str):
+    """--set values: JSON/YAML literals (numbers, true/false, null, [lists]); else the string."""
+    import yaml
+    try:
+        return float(text) if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", text) else yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set(d: dict, key: str, value) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        d = d.setdefault(part, {})
+        if not isinstance(d, dict):
+            raise UserError(f"--set {key}: {part!r} is not a table of settings")
+    d[last] = value
+
+
+def build_config(args):
+    from .config import TrainConfig
+    source = args.config or "command line"
+    d = load_config_file(args.config) if args.config else {}
+    for dest, value in vars(args).items():
+        if dest.startswith("c:"):
+            _set(d, dest[2:], value)
+    for item in args.sets:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"--set {item}: expected KEY=VALUE")
+        _set(d, key.strip(), _parse_value(value.strip()))
+    if d.get("model") and "model_config" in d and not d["model_config"]:
+        d.pop("model_config")
+    return TrainConfig.from_dict(d, source=source).validate()
+
+
+def run(args) -> int:
+    from .loop import train
+    train(build_config(args))
+    return 0

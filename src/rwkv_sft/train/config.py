@@ -1,0 +1,135 @@
+"""TrainConfig: every setting of a training run (from a TOML/YAML file plus CLI overrides)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..data.config import DataConfig
+from ..errors import UserError
+
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig
+    model: str | None = None              # checkpoint to fine-tune (.pth/.safetensors); None -> fresh model
+    model_config: dict | None = None      # RWKV7Config kwargs for a fresh model (vocab_size defaults to 65536)
+    out_dir: str = "runs/run"
+    # schedule of work
+    epochs: float = 1.0
+    max_steps: int | None = None          # optimizer steps; overrides epochs when set
+    batch_tokens: int = 4096              # tokens per micro-batch per process (B*T incl. padding)
+    step_tokens: int | None = None        # loss tokens per optimizer step, all processes together
+                                          # (gradient accumulation); None -> one micro-batch per process
+    packing: bool = True
+    # optimisation (DESIGN.md §5.4)
+    lr: float = 1e-5
+    lr_final: float | None = None         # None -> lr / 10
+    warmup_steps: int = 10
+    schedule: str = "cosine"              # cosine | linear | constant
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-8
+    grad_clip: float = 1.0                # 0 -> no clipping
+    l2wrap: bool = True
+    precision: str = "auto"               # auto | bf16 | fp32 (bf16 autocast, fp32 master weights)
+    activation_checkpointing: bool = False
+    freeze: list[str] = field(default_factory=list)  # "emb", "head", "blocks.3", "blocks.0-5", any name prefix
+    wkv_backend: str = "auto"
+    loss_chunk_size: int | None = None    # rows per chunk of the linear cross-entropy (None -> ~32 MiB of logits)
+    # evaluation, checkpoints, logging
+    eval_every: int = 0                   # steps; 0 -> only at the end
+    eval_exact_match: int = 64            # greedy completions checked for exact match per evaluation
+    save_every: int = 0                   # steps; 0 -> only at the end
+    keep_last: int = 2
+    resume: str | None = None             # "auto" | checkpoint dir | None
+    max_bad_steps: int = 5                # consecutive non-finite steps before the run stops
+    log_every: int = 1
+    seed: int = 0
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    export: list[str] = field(default_factory=lambda: ["pth", "safetensors"])
+    progress: bool = True
+    tensorboard: bool = True              # also log to TensorBoard when it is installed
+    dist_timeout_s: int = 1800            # collectives (and process-group start) give up after this
+
+    def validate(self) -> "TrainConfig":
+        """One-line UserErrors for settings that cannot work."""
+        def need(ok, msg):
+            if not ok:
+                raise UserError(msg)
+        need(self.model is None or self.model_config is None or not self.model_config,
+             "give either model (a checkpoint) or model_config (a fresh model), not both")
+        need(self.model is not None or self.model_config, "no model: give a checkpoint (--model) or a size (--n-layer/--n-embd)")
+        need(self.epochs > 0, f"epochs must be positive, got {self.epochs}")
+        need(self.max_steps is None or self.max_steps > 0, f"max_steps must be positive, got {self.max_steps}")
+        need(self.batch_tokens > 0, f"batch_tokens must be positive, got {self.batch_tokens}")
+        need(self.step_tokens is None or self.step_tokens > 0, f"step_tokens must be positive, got {self.step_tokens}")
+        need(self.lr > 0, f"lr must be positive, got {self.lr}")
+        need(self.lr_final is None or self.lr_final >= 0, f"lr_final must be >= 0, got {self.lr_final}")
+        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        need(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        need(self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two numbers in [0, 1), got {self.betas}")
+        need(self.grad_clip >= 0 and self.weight_decay >= 0 and self.eps > 0, "grad_clip and weight_decay must be >= 0, eps > 0")
+        need(self.keep_last >= 1, f"keep_last must be at least 1, got {self.keep_last}")
+        need(self.max_bad_steps >= 1, f"max_bad_steps must be at least 1, got {self.max_bad_steps}")
+        need(min(self.eval_every, self.save_every) >= 0 and self.log_every >= 1, "eval_every/save_every must be >= 0, log_every >= 1")
+        need(set(self.export) <= {"pth", "safetensors"}, f"export must list pth and/or safetensors, got {self.export}")
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
+        """Build from plain values (a parsed file); unknown keys are errors naming `source`."""
+        d = dict(d)
+        data = d.pop("data", None)
+        if not isinstance(data, dict):
+            raise UserError(f"{source}: no data settings (give --data FILE or a [data] table with train_files)")
+        _check_keys(data, DataConfig, f"{source}: data")
+        _check_keys(d, cls, source)
+        if "train_files" not in data:
+            raise UserError(f"{source}: no training data (give --data FILE or data.train_files)")
+        data = {k: _coerce(v, _field_types(DataConfig)[k], f"{source}: data.{k}") for k, v in data.items()}
+        d = {k: _coerce(v, _field_types(cls)[k], f"{source}: {k}") for k, v in d.items()}
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        try:
+            return cls(data=DataConfig(**data), **d)
+        except TypeError as e:
+            raise UserError(f"{source}: {e}") from None
+
+
+def _check_keys(d: dict, cls, where: str) -> None:
+    import difflib
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in d:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UserError(f"{where}: unknown setting {key!r}{hint}")
+
+
+_TYPES = {"int": int, "float": (int, float), "bool": bool, "str": str, "dict": dict, "None": type(None),
+          "list[str]": list, "tuple[float, float]": (list, tuple)}
+
+
+def _field_types(cls) -> dict[str, str]:
+    return {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in dataclasses.fields(cls)}
+
+
+def _coerce(value, annotation: str, where: str):
+    """Check a file/CLI value against the field's annotation ("float | None", "list[str]", ...)."""
+    allowed = [_TYPES.get(a.strip(), object) for a in annotation.split("|")]
+    if "list[str]" in annotation and isinstance(value, str):
+        return [value]  # a single file name where a list is expected
+    if isinstance(value, bool) and bool not in allowed and object not in allowed:
+        raise UserError(f"{where}: expected {annotation}, got {value!r}")
+    if not any(isinstance(value, t) for t in allowed):
+        raise UserError(f"{where}: expected {annotation}, got {value!r}")
+    return float(value) if "float" in annotation and isinstance(value, int) and not isinstance(value, bool) else value

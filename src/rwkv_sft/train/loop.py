@@ -1,0 +1,399 @@
+"""The training loop: `train(config) -> TrainResult`.
+
+One optimizer step = micro-batches (per process) until the global batch holds `step_tokens` loss
+tokens (or one micro-batch per process). Their loss-token count is summed over processes *before*
+any backward, so every token of the step weighs the same: loss = sum of token losses / count.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..errors import UserError
+from ..model import RWKV7, RWKV7Config
+from ..utils import atomic_write
+from . import checkpoint as ckpt
+from . import distributed
+from .config import TrainConfig
+from .loss import L2WRAP, CompletionLoss
+from .optim import freeze, lr_at, make_optimizer, set_lr
+
+OOM_GRACE_STEPS = 3  # an out-of-memory error in the first steps is a setting to lower, not a bug
+
+
+@dataclass
+class TrainResult:
+    model: RWKV7
+    steps: int                     # optimizer steps done (including skipped non-finite ones)
+    tokens: int                    # positions processed this session (B*T incl. padding, all processes)
+    loss_tokens: int               # completion tokens trained on this session (all processes)
+    time_s: float
+    tokens_per_s: float
+    train_loss: float | None       # mean loss of the last (up to) 10 good steps
+    eval: dict | None              # final evaluate() result
+    bad_steps: int                 # steps skipped because the loss or a gradient was not finite
+    interrupted: bool              # stopped by SIGINT/SIGTERM after saving a checkpoint
+    out_dir: Path
+    checkpoint: Path | None        # newest complete checkpoint
+    exports: dict[str, Path] = field(default_factory=dict)   # "pth"/"safetensors" -> file
+    metrics_path: Path | None = None
+    plot_path: Path | None = None
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM: finish the current step, save, stop. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __call__(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(e).lower()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and bf16_ok else "fp32"
+    if precision == "bf16" and not bf16_ok:
+        raise UserError(f"precision bf16: this GPU ({torch.cuda.get_device_name(device)}) has no bf16; use --precision fp32")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_model(config: TrainConfig) -> RWKV7:
+    if config.model:
+        return RWKV7.load(config.model, dtype=torch.float32)
+    torch.manual_seed(config.seed)
+    try:
+        return RWKV7(RWKV7Config(**{"vocab_size": 65536, **config.model_config}))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"model_config: {e}") from None
+
+
+def accumulate_gradients(loss_module, batches, *, device, global_count: int, world_size: int = 1,
+                         ddp=None, precision: str = "fp32", l2wrap: bool = True) -> float:
+    """Forward/backward every micro-batch; gradients end as d(sum of token losses / global_count).
+
+    DDP averages gradients over processes, hence the factor world_size. Gradients are all-reduced
+    once, on the last micro-batch. Returns this process's sum of token losses.
+    """
+    scale = world_size / max(1, global_count)
+    coef = L2WRAP * world_size / global_count if l2wrap and global_count else 0.0
+    runner = ddp if ddp is not None else loss_module
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for i, batch in enumerate(batches):
+        b = batch.to(device)
+        last = i == len(batches) - 1
+        with contextlib.nullcontext() if (ddp is None or last) else ddp.no_sync():
+            with autocast(device, precision):
+                loss_sum = runner(b.tokens, b.targets, b.loss_mask, b.resets, coef)
+            (loss_sum * scale).backward()
+        total += loss_sum.detach().double()
+    return float(total)
+
+
+def _batch_stream(loader, epochs: float, start_epoch: int, start_batch: int):
+    """(epoch, index, batch) from the saved position on; `epochs` may be fractional or inf."""
+    for epoch in itertools.count(start_epoch):
+        if epoch >= epochs:
+            return
+        n = loader.num_batches(epoch)
+        limit = n if epoch + 1 <= epochs else int(n * (epochs - epoch))
+        start = start_batch if epoch == start_epoch else 0
+        if start >= limit:
+            continue
+        for i, batch in enumerate(loader.epoch_batches(epoch, start=start), start):
+            if i >= limit:
+                break
+            yield epoch, i, batch
+
+
+def _plan_steps(config: TrainConfig, loader, examples) -> int:
+    if config.max_steps:
+        return config.max_steps
+    micro = 0
+    for epoch in range(math.ceil(config.epochs)):
+        n = loader.num_batches(epoch)
+        micro += n if epoch + 1 <= config.epochs else int(n * (config.epochs - epoch))
+    if config.step_tokens is None:
+        return max(1, micro)
+    loss_tokens = sum(int(examples.loss_positions(i)[1:].sum()) for i in range(len(examples)))
+    return max(1, math.ceil(loss_tokens * config.epochs / config.step_tokens))
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """On resume, drop the log lines of steps after the checkpoint (they will be redone)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) > step:
+                continue
+        except (ValueError, AttributeError):
+            pass
+        keep.append(line)
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep))
+
+
+def train(config: TrainConfig, *, model: RWKV7 | None = None, data=None, tokenizer=None) -> TrainResult:
+    """Train as `config` says. `model` / `data` (a PreparedData) / `tokenizer` replace what the
+    config would load. In a multi-process run a failure on any process ends every process: the
+    failing one prints the error and exits (code 2 for a UserError, 1 otherwise)."""
+    config.validate()
+    d = distributed.setup(config.device, config.dist_timeout_s)
+    try:
+        return _train(config, d, model, data, tokenizer)
+    except Exception as e:
+        if d.enabled:
+            distributed.abort(d, e, 2 if isinstance(e, UserError) else 1)
+        raise
+    finally:
+        distributed.teardown(d)
+
+
+def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> TrainResult:
+    from ..data import BatchLoader, prepare_data
+    from .metrics import MetricsLogger, plot_metrics
+
+    device, out = d.device, Path(config.out_dir)
+    precision = resolve_precision(config.precision, device)
+    ckpt_root = out / "checkpoints"
+    resume_from = ckpt.find_resume(config.resume, ckpt_root)
+    state = ckpt.load_checkpoint(resume_from) if resume_from else None
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_partial(ckpt_root)
+        with atomic_write(out / "config.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    if data is None:
+        data = prepare_data(config.data, tokenizer=tokenizer, show_progress=d.is_main and config.progress)
+    if len(data.train) == 0:
+        raise UserError(f"{', '.join(config.data.train_files)}: no training examples")
+
+    model = model if model is not None else build_model(config)
+    model = model.float().to(device)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    model.wkv_backend = config.wkv_backend
+    model.activation_checkpointing = config.activation_checkpointing
+    model.train()
+    frozen = freeze(model, config.freeze)
+    optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_module = CompletionLoss(model, config.loss_chunk_size)
+    ddp = None
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ddp = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    loader = BatchLoader(data.train, batch_tokens=config.batch_tokens, packing=config.packing, seed=config.seed,
+                         rank=d.rank, world_size=d.world_size, shuffle=True)
+    step, epoch, batch_index, history = 0, 0, 0, []
+    total_steps = _plan_steps(config, loader, data.train)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["scheduler"]["step"]
+        total_steps = config.max_steps or state["scheduler"]["total_steps"]
+        epoch, batch_index = state["data"]["epoch"], state["data"]["batch"]
+        history = list(state["metrics"]["history"])
+    lr_final = config.lr / 10 if config.lr_final is None else config.lr_final
+    schedule = dict(lr=config.lr, lr_final=lr_final, warmup=config.warmup_steps, total=total_steps,
+                    schedule=config.schedule)
+    epochs = math.inf if config.max_steps else config.epochs
+    stream = _batch_stream(loader, epochs, epoch, batch_index)
+
+    if d.is_main and state is not None:
+        _trim_metrics(out / "metrics.jsonl", step)
+    metrics = MetricsLogger(out, enabled=d.is_main, tensorboard=config.tensorboard)
+    has_eval = data.eval is not None and len(data.eval) > 0
+    if has_eval and tokenizer is None:
+        from ..tokenizer import Tokenizer
+        tokenizer = Tokenizer()
+
+    def run_eval() -> dict | None:
+        result = None
+        if has_eval and d.is_main:
+            from .evaluate import evaluate
+            model.eval()
+            result = evaluate(model, data.eval, tokenizer, batch_tokens=config.batch_tokens,
+                              exact_match_samples=config.eval_exact_match, device=device, precision=precision)
+            model.train()
+            metrics.log("eval", step, **{k: v for k, v in result.items() if isinstance(v, (int, float))})
+        distributed.barrier(d)
+        return result
+
+    last_saved = resume_from
+
+    def save() -> Path:
+        nonlocal last_saved
+        if d.is_main:
+            payload = {
+                "version": 1, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": {"step": step, "total_steps": total_steps}, "rng": ckpt.rng_state(),
+                "data": {"epoch": epoch, "batch": batch_index}, "config": config.to_dict(),
+                "metrics": {"history": history, "bad_steps": bad_total},
+            }
+            ckpt.save_checkpoint(ckpt_root, step, payload, config.keep_last)
+        distributed.barrier(d)
+        last_saved = ckpt_root / f"step_{step:06d}"
+        return last_saved
+
+    if d.is_main:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"rwkv-sft train: {model.config.n_layer} layers x {model.config.n_embd}, {n_params / 1e6:.1f}M parameters"
+              f"{f' ({frozen / 1e6:.1f}M frozen)' if frozen else ''}; {len(data.train)} examples; {d.world_size} "
+              f"process(es) on {device.type}, {precision}; {total_steps} steps"
+              + (f"; resuming from {resume_from} (step {step})" if resume_from else ""), flush=True)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
+               disable=not (d.is_main and config.progress))
+
+    if state is not None:
+        ckpt.set_rng_state(state["rng"])
+    start_step, bad_total, bad_run = step, (state or {}).get("metrics", {}).get("bad_steps", 0), 0
+    tokens = loss_tokens = 0
+    interrupted, eval_result = False, None
+    t_start = time.perf_counter()
+    with _StopRequest() as stop:
+        while step < total_steps:
+            # 1. the step's micro-batches and their global loss-token count, before any backward
+            batches, local = [], 0
+            for epoch_i, index, batch in stream:
+                batches.append(batch)
+                local += batch.num_loss_tokens
+                epoch, batch_index = epoch_i, index + 1
+                if config.step_tokens is None or distributed.all_sum(d, [local])[0] >= config.step_tokens:
+                    break
+            n_tokens, count = (int(x) for x in distributed.all_sum(d, [sum(b.tokens.numel() for b in batches), local]))
+            if not batches:  # every process runs out of data at the same step
+                break
+            # 2. forward/backward, clip, update unless something was not finite
+            set_lr(optimizer, lr := lr_at(step, **schedule))
+            try:
+                local_loss = accumulate_gradients(loss_module, batches, device=device, global_count=count,
+                                                  world_size=d.world_size, ddp=ddp, precision=precision,
+                                                  l2wrap=config.l2wrap)
+            except (RuntimeError, MemoryError) as e:
+                if not _is_oom(e) or step - start_step >= OOM_GRACE_STEPS:
+                    raise
+                raise UserError(
+                    f"out of memory in training step {step + 1} (batch_tokens={config.batch_tokens}, precision="
+                    f"{precision}, activation_checkpointing={config.activation_checkpointing}): lower batch_tokens "
+                    f"(--batch-tokens), turn on activation_checkpointing (--activation-checkpointing) or use "
+                    f"--precision bf16") from None
+            loss_total, stop_votes = distributed.all_sum(d, [local_loss, float(stop.signum is not None)])
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip or math.inf)) if params else 0.0
+            loss = loss_total / count if count else 0.0
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            if count and finite:
+                optimizer.step()
+                bad_run = 0
+                history.append({"step": step + 1, "loss": loss, "lr": lr})
+            elif count:
+                bad_total, bad_run = bad_total + 1, bad_run + 1
+                if d.is_main:
+                    bar.write(f"step {step + 1}: non-finite loss or gradient (loss {loss}, grad norm {grad_norm}); "
+                              f"step skipped ({bad_run} in a row)")
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens, loss_tokens = tokens + n_tokens, loss_tokens + count
+            elapsed = time.perf_counter() - t_start
+            if bad_run >= config.max_bad_steps:
+                raise UserError(
+                    f"stopped at step {step}: the loss or a gradient was not finite in {bad_run} steps in a row "
+                    f"(lower lr, check the data, or use --precision fp32); last good checkpoint: {last_saved or 'none'}")
+            if step % config.log_every == 0 or step == total_steps:
+                metrics.log("train", step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens,
+                            loss_tokens=count, tokens_per_s=tokens / elapsed, bad_steps=bad_total, epoch=epoch)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:,.0f}", refresh=False)
+            if stop_votes:
+                interrupted = True
+                break
+            if config.eval_every and step % config.eval_every == 0 and step < total_steps:
+                run_eval()
+            if config.save_every and step % config.save_every == 0 and step < total_steps:
+                save()
+    bar.close()
+
+    if last_saved is None or last_saved.name != f"step_{step:06d}":
+        save()
+    exports, plot_path = {}, None
+    if not interrupted:
+        eval_result = run_eval()
+        if d.is_main:
+            for kind in config.export:
+                exports[kind] = out / f"model.{kind}"
+                model.save(exports[kind])
+    metrics.close()
+    metrics_path = out / "metrics.jsonl"
+    if d.is_main and metrics_path.is_file():
+        plot_path = out / "metrics.png"
+        plot_metrics(metrics_path, plot_path)
+    elapsed = time.perf_counter() - t_start
+    recent = [h["loss"] for h in history[-10:]]
+    result = TrainResult(
+        model=model, steps=step, tokens=tokens, loss_tokens=loss_tokens, time_s=elapsed,
+        tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0, train_loss=sum(recent) / len(recent) if recent else None,
+        eval=eval_result, bad_steps=bad_total, interrupted=interrupted, out_dir=out, checkpoint=last_saved,
+        exports=exports, metrics_path=metrics_path if metrics_path.is_file() else None, plot_path=plot_path)
+    if d.is_main:
+        print(summary(result, stop.signum), flush=True)
+    return result
+
+
+def summary(r: TrainResult, signum=None) -> str:
+    """The one-screen report printed at the end of a run."""
+    rows = [("steps", f"{r.steps}" + (f" ({r.bad_steps} skipped: non-finite loss or gradient)" if r.bad_steps else "")),
+            ("tokens", f"{r.tokens:,} ({r.loss_tokens:,} completion tokens) in {r.time_s:.1f} s = {r.tokens_per_s:,.0f} tokens/s"),
+            ("train loss", "n/a" if r.train_loss is None else f"{r.train_loss:.4f} (mean of the last steps)")]
+    if r.eval:
+        e = r.eval
+        rows.append(("eval", f"loss {e.get('loss', float('nan')):.4f}, perplexity {e.get('perplexity', float('nan')):.2f}, "
+                             f"token accuracy {e.get('token_accuracy', float('nan')):.3f}, exact match {e.get('exact_match', float('nan')):.3f}"))
+    rows.append(("checkpoint", str(r.checkpoint)))
+    if r.exports:
+        rows.append(("model", ", ".join(str(p) for p in r.exports.values())))
+    rows.append(("metrics", ", ".join(str(p) for p in (r.metrics_path, r.plot_path) if p) or "n/a"))
+    if r.interrupted:
+        name = signal.Signals(signum).name if signum else "a signal"
+        rows.append(("stopped", f"by {name} after saving; continue with --resume auto "
+                                f"(rwkv-sft train --config {r.out_dir / 'config.yaml'} --resume auto)"))
+    width = max(len(k) for k, _ in rows)
+    title = "training interrupted" if r.interrupted else "training finished"
+    return "\n".join([f"── {title} " + "─" * 40] + [f"{k:<{width}}  {v}" for k, v in rows])

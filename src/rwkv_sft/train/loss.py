@@ -1,0 +1,40 @@
+"""The completion loss: hidden rows gathered at the loss mask before the head, chunked CE.
+
+The loss of an optimizer step is the mean over every completion token of the global batch (all
+micro-batches of all processes): each micro-batch returns its *sum* of token losses and the
+caller scales it by 1 / (global loss-token count), a count known before any backward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..ops import linear_cross_entropy
+
+L2WRAP = 1e-4  # upstream's factor; divided by the number of loss rows of the global batch
+
+
+class CompletionLoss(nn.Module):
+    """Wraps the model so that DDP sees one forward returning the summed token loss."""
+
+    def __init__(self, model, chunk_size: int | None = None):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, tokens, targets, loss_mask, resets=None, l2wrap: float = 0.0):
+        hidden, _ = self.model.forward_hidden(tokens, resets=resets)
+        head = self.model.head.weight
+        if not bool(loss_mask.any()):
+            # Nothing to learn here, but every parameter must still take part in the backward so
+            # that DDP's gradient all-reduce matches the other processes (and does not hang).
+            return 0.0 * (hidden.float().sum() + head.float().sum())
+        return linear_cross_entropy(hidden[loss_mask], head, targets[loss_mask], reduction="sum",
+                                    chunk_size=self.chunk_size, l2wrap=l2wrap)
+
+
+def reference_loss_sum(model, tokens, targets, loss_mask, resets=None):
+    """The obviously-correct twin: full logits and a masked F.cross_entropy (tests compare)."""
+    logits, _ = model(tokens, resets=resets)
+    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    return (losses * loss_mask.flatten()).sum()

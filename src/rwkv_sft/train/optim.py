@@ -1,0 +1,75 @@
+"""AdamW with RWKV's parameter groups, the learning-rate schedule, and frozen parameters."""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from ..errors import UserError
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Upstream groups (DESIGN.md §5.4): att.w0 at 2x lr without decay; decay only on 2-D
+    `.weight` matrices (emb, head, r/k/v/o, ffn key/value); everything else without decay.
+    Each group carries `lr_scale`, applied by `set_lr`."""
+    decay, plain, double = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.endswith("att.w0"):
+            double.append(p)
+        elif p.dim() == 2 and name.endswith(".weight"):
+            decay.append(p)
+        else:
+            plain.append(p)
+    groups = [dict(params=decay, weight_decay=weight_decay, lr_scale=1.0),
+              dict(params=plain, weight_decay=0.0, lr_scale=1.0),
+              dict(params=double, weight_decay=0.0, lr_scale=2.0)]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model, *, lr, weight_decay, betas, eps) -> torch.optim.AdamW:
+    groups = param_groups(model, weight_decay)
+    if not groups:
+        raise UserError("every parameter is frozen: nothing to train (check `freeze`)")
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+
+
+def lr_at(step: int, *, lr: float, lr_final: float, warmup: int, total: int, schedule: str) -> float:
+    """Linear warmup over `warmup` steps, then cosine / linear / constant from lr to lr_final."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return lr + (lr_final - lr) * progress
+    return lr_final + (lr - lr_final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def freeze(model: torch.nn.Module, patterns: list[str]) -> int:
+    """Stop gradients for the parameters that `patterns` name: "emb", "head", "blocks.3",
+    "blocks.0-5" (a range of layers, inclusive), or any parameter-name prefix ("blocks.2.att").
+    Returns the number of frozen parameters (elements)."""
+    frozen = 0
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in patterns:
+        m = re.fullmatch(r"blocks\.(\d+)-(\d+)", pattern)
+        prefixes = [f"blocks.{i}" for i in range(int(m[1]), int(m[2]) + 1)] if m else [pattern]
+        hit = False
+        for name, p in model.named_parameters():
+            if any(name == pre or name.startswith(pre + ".") for pre in prefixes):
+                if p.requires_grad:
+                    frozen += p.numel()
+                p.requires_grad_(False)
+                hit = True
+        if not hit:
+            raise UserError(f"freeze: {pattern!r} names no parameter (examples: emb, head, blocks.0, "
+                            f"blocks.0-3; the model has {names[0]} ... {names[-1]})")
+    return frozen
