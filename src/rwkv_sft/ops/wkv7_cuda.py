@@ -1,0 +1,186 @@
+"""WKV-7 on the GPU with our own CUDA kernel (csrc/wkv7.cu), built on first use.
+
+`cuda_kernel_usable(device)` builds the kernel and checks it against the reference once per
+device; any failure (no nvcc, no ninja, no compiler, a compile error, a wrong result) warns once
+and returns False, so `backend="auto"` falls back to the portable chunked backend.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).parent / "csrc"
+HEAD_SIZES = (64,)  # instantiated in wkv7.cu
+_STALE_LOCK_S = 600  # a build holds torch's lock file for a minute or two; older ones are debris
+
+_modules: dict[tuple[int, int], object] = {}  # (major, minor) -> built extension
+_usable: dict[int, bool] = {}  # device index -> passed build and self-check
+
+
+def build_dir(capability: tuple[int, int]) -> Path:
+    """One build directory per torch version, CUDA version and GPU architecture."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    tag = f"{torch.__version__}-cu{torch.version.cuda}-sm{capability[0]}{capability[1]}"
+    return cache / "rwkv_sft" / "torch_extensions" / tag.replace("+", "_")
+
+
+def missing_tools() -> list[str]:
+    """What the JIT build needs and cannot find."""
+    from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
+    missing = []
+    if CUDA_HOME is None or shutil.which("nvcc", path=str(Path(CUDA_HOME) / "bin")) is None:
+        missing.append("nvcc (install the CUDA toolkit matching torch's CUDA, or set CUDA_HOME)")
+    if not is_ninja_available():
+        missing.append("ninja (pip install ninja)")
+    compiler = "cl" if os.name == "nt" else os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        missing.append(f"a C++ compiler ({compiler}; on Windows run from a Visual Studio developer prompt)")
+    return missing
+
+
+def _remove_stale_lock(directory: Path) -> None:
+    # torch's builder waits forever on a lock file left behind by a killed build
+    lock = directory / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+        warnings.warn(f"removing stale build lock {lock} (older than {_STALE_LOCK_S // 60} minutes)")
+        lock.unlink(missing_ok=True)
+
+
+def build_extension(capability: tuple[int, int], csrc: Path = CSRC, verbose: bool = False):
+    """JIT-build (or load the cached build of) the kernel for one GPU architecture.
+
+    Raises RuntimeError naming what is missing or what failed.
+    """
+    sources = [csrc / "wkv7_op.cpp", csrc / "wkv7.cu"]
+    absent = [str(s) for s in sources if not s.is_file()]
+    if absent:
+        raise RuntimeError(f"WKV-7 CUDA sources not found: {', '.join(absent)}")
+    missing = missing_tools()
+    if missing:
+        raise RuntimeError("cannot build the WKV-7 CUDA kernel, missing: " + "; ".join(missing))
+    from torch.utils.cpp_extension import load
+    directory = build_dir(capability)
+    directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_lock(directory)
+    arch_before = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = f"{capability[0]}.{capability[1]}"  # this GPU only
+    try:
+        return load(name=f"rwkv_sft_wkv7_sm{capability[0]}{capability[1]}",
+                    sources=[str(s) for s in sources], build_directory=str(directory),
+                    extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-Xptxas=-O3"], verbose=verbose)
+    except Exception as e:
+        detail = str(e).strip().splitlines()[-1:] or [type(e).__name__]
+        raise RuntimeError(f"building the WKV-7 CUDA kernel in {directory} failed: {detail[0]} "
+                           "(rerun with verbose=True for the compiler output)") from e
+    finally:
+        if arch_before is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch_before
+
+
+def _extension(device: torch.device):
+    capability = torch.cuda.get_device_capability(device)
+    if capability not in _modules:
+        _modules[capability] = build_extension(capability)
+    return _modules[capability]
+
+
+def example_inputs(B, T, H, N, device="cpu", dtype=torch.float32, seed=0):
+    """Inputs shaped like the model's: decay in RWKV-7's range, a = -kk, b = kk * sigmoid(.)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda: torch.randn(B, T, H, N, generator=g, dtype=torch.float64)  # noqa: E731
+    r, k, v = rand(), rand() * 0.5, rand()
+    w = -torch.nn.functional.softplus(-rand()) - 0.5
+    kk = torch.nn.functional.normalize(rand(), dim=-1)
+    a, b = -kk, kk * torch.sigmoid(rand())
+    return [x.to(device=device, dtype=dtype) for x in (r, w, k, v, a, b)]
+
+
+def _self_check(device: torch.device) -> None:
+    """Forward and backward of the kernel against the reference on a small ragged input."""
+    from .wkv7_reference import wkv7_reference
+    B, T, H, N = 2, 37, 2, 64  # 37: two full chunks and a tail
+    inputs = example_inputs(B, T, H, N, device=device)
+    state = torch.randn(B, H, N, N, generator=torch.Generator().manual_seed(1)).to(device) * 0.1
+    resets = torch.zeros(B, T, dtype=torch.bool, device=device)
+    resets[1, 20] = True
+    results = []
+    for fn in (wkv7_cuda, wkv7_reference):
+        xs = [x.clone().requires_grad_() for x in inputs + [state]]
+        y, s = fn(*xs[:6], state=xs[6], resets=resets)
+        torch.autograd.backward((y, s), (torch.ones_like(y), torch.ones_like(s)))
+        results.append([y, s] + [x.grad for x in xs])
+    names = ["y", "state", "dr", "dw", "dk", "dv", "da", "db", "dstate"]
+    for name, got, want in zip(names, *results):
+        err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+        if not err < 1e-3:
+            raise RuntimeError(f"self-check failed: {name} differs from the reference (relative error {err:.2e})")
+
+
+def cuda_kernel_usable(device) -> bool:
+    """True when the kernel builds for this GPU and matches the reference (checked once per device)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _usable:
+        try:
+            _self_check(torch.device("cuda", index))  # builds on the way
+            _usable[index] = True
+        except Exception as e:
+            warnings.warn(f"WKV-7 CUDA kernel disabled on cuda:{index}, falling back to the chunked "
+                          f"backend: {e}")
+            _usable[index] = False
+    return _usable[index]
+
+
+class _WKV7(torch.autograd.Function):
+    """Inputs already contiguous, of one dtype (fp32 or bf16); state fp32; resets uint8 or empty."""
+
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, state, resets, keep_snapshots):
+        ext = _extension(r.device)
+        stream = torch.cuda.current_stream(r.device).cuda_stream
+        y, state_out, snaps = ext.forward(r, w, k, v, a, b, state, resets, keep_snapshots, stream)
+        ctx.save_for_backward(r, w, k, v, a, b, snaps, resets)
+        return y, state_out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dstate):
+        r, w, k, v, a, b, snaps, resets = ctx.saved_tensors
+        ext = _extension(r.device)
+        stream = torch.cuda.current_stream(r.device).cuda_stream
+        with torch.cuda.device(r.device):
+            grads = ext.backward(r, w, k, v, a, b, dy.to(r.dtype).contiguous(),
+                                 dstate.float().contiguous(), snaps, resets, stream)
+        return *grads, None, None
+
+
+def wkv7_cuda(r, w, k, v, a, b, state=None, resets=None):
+    """WKV-7 with the CUDA kernel; same contract as wkv7_reference (inputs on one GPU)."""
+    B, T, H, N = r.shape
+    if not r.is_cuda:
+        raise ValueError("the cuda WKV-7 backend needs CUDA tensors; use backend='chunked' on CPU")
+    if N not in HEAD_SIZES:
+        raise ValueError(f"the cuda WKV-7 backend supports head size {HEAD_SIZES}, got {N}")
+    if state is None:
+        state = torch.zeros(B, H, N, N, dtype=torch.float32, device=r.device)
+    if T == 0:
+        return r.new_zeros(r.shape), state.float()
+    dtype = torch.bfloat16 if r.dtype == torch.bfloat16 else torch.float32
+    xs = [x.to(dtype).contiguous() for x in (r, w, k, v, a, b)]
+    flags = (torch.empty(0, dtype=torch.uint8, device=r.device) if resets is None
+             else resets.to(device=r.device, dtype=torch.uint8).contiguous())
+    state = state.float().contiguous()
+    # the snapshots for the backward cost memory: keep them only when a gradient can be asked for
+    keep = torch.is_grad_enabled() and any(x.requires_grad for x in xs + [state])
+    with torch.cuda.device(r.device):
+        y, state_out = _WKV7.apply(*xs, state, flags, keep)
+    return y.to(r.dtype), state_out
