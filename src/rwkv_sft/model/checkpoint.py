@@ -117,7 +117,7 @@ def state_dict_to_model(sd: dict[str, torch.Tensor], source="checkpoint", dtype=
                 raise UserError(f"{source}: '{key}' has shape {list(t.shape)}, expected {list(ref.shape)}")
             t = t.reshape(ref.shape)  # e.g. a [C] vector stored for a [1,1,C] one
         tensors[key] = t.to(dtype=dtype)
-    model = model.to_empty(device=device or "cpu")
+    model = model.to(dtype=dtype).to_empty(device=device or "cpu")
     model.load_state_dict(tensors, strict=True)
     return model
 
