@@ -51,11 +51,12 @@ def _remove_stale_lock(directory: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
-def build_extension(capability: tuple[int, int], csrc: Path = CSRC, verbose: bool = False):
+def build_extension(capability: tuple[int, int], csrc: Path | None = None, verbose: bool = False):
     """JIT-build (or load the cached build of) the kernel for one GPU architecture.
 
     Raises RuntimeError naming what is missing or what failed.
     """
+    csrc = csrc or CSRC
     sources = [csrc / "wkv7_op.cpp", csrc / "wkv7.cu"]
     absent = [str(s) for s in sources if not s.is_file()]
     if absent:
@@ -105,6 +106,7 @@ def example_inputs(B, T, H, N, device="cpu", dtype=torch.float32, seed=0):
 def _self_check(device: torch.device) -> None:
     """Forward and backward of the kernel against the reference on a small ragged input."""
     from .wkv7_reference import wkv7_reference
+    _extension(device)  # a build failure says so before anything else
     B, T, H, N = 2, 37, 2, 64  # 37: two full chunks and a tail
     inputs = example_inputs(B, T, H, N, device=device)
     state = torch.randn(B, H, N, N, generator=torch.Generator().manual_seed(1)).to(device) * 0.1

@@ -1,0 +1,289 @@
+"""The CUDA and fla WKV-7 backends.
+
+Without a GPU this file still checks what it can: the kernel source compiles for sm_80 and sm_90
+(nvcc) and its binding against torch's headers (g++); a plain-PyTorch mirror of the kernel's
+backward algorithm matches autograd in float64; the fla convention conversions (state transpose,
+resets -> cu_seqlens) match the reference through a stand-in for chunk_rwkv7; a failing build
+disables the kernel with a clear message. The comparisons on a GPU skip without one.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sysconfig
+
+import pytest
+import torch
+
+from rwkv_sft.ops import wkv7_cuda as cuda_mod
+from rwkv_sft.ops import wkv7_fla as fla_mod
+from rwkv_sft.ops.wkv7_cuda import example_inputs
+from rwkv_sft.ops.wkv7_reference import wkv7_reference
+
+NAMES = ["y", "state", "dr", "dw", "dk", "dv", "da", "db", "dstate"]
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def random_case(B, T, H, N, with_state=True, with_resets=True, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed + 100)
+    inputs = example_inputs(B, T, H, N, device=device, dtype=dtype, seed=seed)
+    state = (torch.randn(B, H, N, N, generator=g) * 0.2).to(device) if with_state else None
+    resets = None
+    if with_resets:
+        resets = torch.rand(B, T, generator=g) < 0.1
+        resets[0, 0] = True  # a reset on the first token discards the initial state
+        resets = resets.to(device)
+    return inputs, state, resets
+
+
+def run_with_grads(fn, inputs, state, resets, seed=1):
+    """y, final state and the gradients of a random linear function of both."""
+    xs = [x.detach().clone().requires_grad_() for x in inputs]
+    state_dtype = torch.float64 if inputs[0].dtype == torch.float64 else torch.float32
+    s0 = None if state is None else state.detach().to(state_dtype).requires_grad_()
+    y, sT = fn(*xs, state=s0, resets=resets)
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(y.shape, generator=g).to(y)
+    dsT = torch.randn(sT.shape, generator=g).to(sT)
+    torch.autograd.backward((y, sT), (dy, dsT))
+    grads = [x.grad for x in xs] + [None if s0 is None else s0.grad]
+    return [y.detach(), sT.detach()] + grads, dy, dsT
+
+
+# ---- a plain-PyTorch mirror of wkv7_backward_kernel (csrc/wkv7.cu), step for step ----
+
+def backward_mirror(r, w, k, v, a, b, state, resets, dy, dstate, chunk=16):
+    """The kernel's backward algorithm: snapshots every `chunk` steps, recomputation of each chunk
+    into a scratch X, and G kept twice (thread n's row, Grow[n, j] = G[n][j], and column,
+    Gcol[n, j] = G[j][n]) with each reduction done the way the kernel does it. Batched over (B,H,n)."""
+    B, T, H, N = r.shape
+    ew = torch.exp(w)
+    d = torch.exp(-ew)
+    keep = torch.ones(B, T, dtype=r.dtype) if resets is None else (~resets).to(r.dtype)
+    row = lambda x: x[:, :, None, :]  # x_t[j] seen by every thread n  # noqa: E731
+    own = lambda x: x[:, :, :, None]  # x_t[n] of thread n  # noqa: E731
+
+    # forward kernel: the raw state before every chunk-th step
+    S, snaps = state.clone(), []
+    for t in range(T):
+        if t % chunk == 0:
+            snaps.append(S.clone())
+        S = S * keep[:, t, None, None, None]
+        sa = (S * row(a[:, t])).sum(-1)
+        S = S * row(d[:, t]) + own(sa) * row(b[:, t]) + own(v[:, t]) * row(k[:, t])
+
+    Grow, Gcol = dstate.clone(), dstate.transpose(-1, -2).clone()
+    grads = [torch.zeros_like(r) for _ in range(6)]  # dr, dw, dk, dv, da, db
+    for c in reversed(range(len(snaps))):
+        t0, t1 = c * chunk, min(T, c * chunk + chunk)
+        X, SA, S = [snaps[c]], [], snaps[c]  # X[s]: raw state before step t0+s
+        for t in range(t0, t1):
+            S = S * keep[:, t, None, None, None]
+            SA.append((S * row(a[:, t])).sum(-1))
+            S = S * row(d[:, t]) + own(SA[-1]) * row(b[:, t]) + own(v[:, t]) * row(k[:, t])
+            X.append(S)
+        for t in reversed(range(t0, t1)):
+            s, kp = t - t0, keep[:, t, None, None]
+            r_t, d_t, k_t, v_t, a_t, b_t, dy_t = (x[:, t] for x in (r, d, k, v, a, b, dy))
+            Grow = Grow + own(dy_t) * row(r_t)
+            dv = (Grow * row(k_t)).sum(-1)
+            dsa = (Grow * row(b_t)).sum(-1)
+            Gcol = Gcol + row(dy_t) * own(r_t)
+            dk = (Gcol * row(v_t)).sum(-1)
+            db = (Gcol * row(SA[s])).sum(-1)
+            St, Pt = X[s + 1].transpose(-1, -2), X[s].transpose(-1, -2)  # thread n: column n
+            dr = (row(dy_t) * St).sum(-1)
+            dd = (Gcol * Pt).sum(-1) * kp
+            da = (row(dsa) * Pt).sum(-1) * kp
+            Grow = (Grow * row(d_t) + own(dsa) * row(a_t)) * kp[..., None]
+            Gcol = (Gcol * own(d_t) + row(dsa) * own(a_t)) * kp[..., None]
+            for grad, value in zip(grads, (dr, -dd * d_t * ew[:, t], dk, dv, da, db)):
+                grad[:, t] = value
+    assert torch.allclose(Grow, Gcol.transpose(-1, -2)), "row and column copies of G diverged"
+    return grads + [Grow]
+
+
+@pytest.mark.parametrize("T,chunk", [(1, 16), (15, 16), (16, 16), (17, 16), (40, 16), (23, 4)])
+@pytest.mark.parametrize("with_state,with_resets", [(True, True), (False, False), (True, False)])
+def test_backward_mirror_matches_autograd(T, chunk, with_state, with_resets):
+    B, H, N = 2, 2, 8
+    inputs, state, resets = random_case(B, T, H, N, with_state, with_resets, seed=T)
+    want, dy, dsT = run_with_grads(wkv7_reference, inputs, state, resets)
+    s0 = state if state is not None else torch.zeros(B, H, N, N, dtype=torch.float64)
+    got = backward_mirror(*inputs, s0, resets, dy, dsT, chunk=chunk)
+    for name, g, w in zip(NAMES[2:], got, want[2:]):
+        if w is None:
+            continue
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=f"{name} T={T}")
+
+
+# ---- the sources compile (here: no GPU needed, only nvcc / g++) ----
+
+def _torch_includes():
+    from torch.utils.cpp_extension import include_paths
+    return [f"-I{p}" for p in include_paths() + [sysconfig.get_paths()["include"]]]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.slow
+def test_kernel_compiles_for_sm80_and_sm90(tmp_path):
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # the flags torch's JIT build adds
+    cmd = ["nvcc", "-c", "-std=c++20", "-O3", *COMMON_NVCC_FLAGS,
+           "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+           str(cuda_mod.CSRC / "wkv7.cu"), "-o", str(tmp_path / "wkv7.o")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    symbols = subprocess.run(["nm", str(tmp_path / "wkv7.o")], capture_output=True, text=True).stdout
+    for name in ["wkv7_forward_f32", "wkv7_forward_bf16", "wkv7_backward_f32", "wkv7_backward_bf16",
+                 "wkv7_chunk_len"]:
+        assert f" T {name}\n" in symbols, name  # the unmangled names the binding declares
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+@pytest.mark.slow
+def test_binding_compiles_against_torch_headers():
+    cmd = ["c++", "-std=c++20", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=wkv7_check",
+           "-DTORCH_API_INCLUDE_EXTENSION_H", *_torch_includes(), str(cuda_mod.CSRC / "wkv7_op.cpp")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+# ---- a failing build disables the kernel, with a message saying why ----
+
+def test_missing_sources_are_named(tmp_path):
+    with pytest.raises(RuntimeError, match="sources not found.*wkv7_op.cpp"):
+        cuda_mod.build_extension((9, 0), csrc=tmp_path)
+
+
+def test_missing_tools_are_named(monkeypatch):
+    import torch.utils.cpp_extension as ext
+    monkeypatch.setattr(ext, "CUDA_HOME", None)
+    monkeypatch.setattr(ext, "is_ninja_available", lambda: False)
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    missing = " ".join(cuda_mod.missing_tools())
+    assert "nvcc" in missing and "ninja" in missing and "no-such-compiler" in missing
+
+
+def test_compile_error_is_reported(tmp_path, monkeypatch):
+    (tmp_path / "wkv7_op.cpp").write_text("this is not C++\n")
+    (tmp_path / "wkv7.cu").write_text("neither is this\n")
+    monkeypatch.setattr(cuda_mod, "missing_tools", lambda: [])
+    monkeypatch.setattr(cuda_mod, "build_dir", lambda cap: tmp_path / "build")
+    with pytest.raises(RuntimeError, match="building the WKV-7 CUDA kernel .* failed"):
+        cuda_mod.build_extension((9, 0), csrc=tmp_path)
+
+
+def test_stale_lock_is_removed(tmp_path):
+    import os
+    lock = tmp_path / "lock"
+    lock.touch()
+    cuda_mod._remove_stale_lock(tmp_path)
+    assert lock.exists()  # fresh: another process may be building
+    os.utime(lock, (0, 0))
+    with pytest.warns(UserWarning, match="stale build lock"):
+        cuda_mod._remove_stale_lock(tmp_path)
+    assert not lock.exists()
+
+
+def test_usable_is_false_when_the_build_fails(tmp_path, monkeypatch):
+    # pretend to have a GPU: the build fails before anything touches a device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(cuda_mod, "CSRC", tmp_path)  # no sources there
+    monkeypatch.setattr(cuda_mod, "_modules", {})
+    monkeypatch.setattr(cuda_mod, "_usable", {})
+    with pytest.warns(UserWarning, match="disabled on cuda:0.*sources not found"):
+        assert cuda_mod.cuda_kernel_usable(torch.device("cuda", 0)) is False
+    assert cuda_mod.cuda_kernel_usable(torch.device("cuda", 0)) is False  # decided once
+    assert cuda_mod.cuda_kernel_usable("cpu") is False
+
+
+# ---- fla: the convention conversions, through a stand-in that follows fla's documented API ----
+
+def fake_chunk_rwkv7(r, w, k, v, a, b, scale=1.0, initial_state=None, output_final_state=False,
+                     cu_seqlens=None):
+    """chunk_rwkv7's semantics from fla's docs and naive code: w is the log-decay, states are
+    [N_seq,H,K,V] (key x value), cu_seqlens splits a B = 1 batch into sequences."""
+    assert scale == 1.0
+    B, T, H, N = r.shape
+    bounds = [0, T] if cu_seqlens is None else cu_seqlens.tolist()
+    if cu_seqlens is not None:
+        assert B == 1
+    rows = range(B) if cu_seqlens is None else range(len(bounds) - 1)
+    ys, states = [], []
+    for i in rows:
+        piece = (slice(None), slice(bounds[i], bounds[i + 1])) if cu_seqlens is not None else (slice(i, i + 1),)
+        xs = [x[piece] for x in (r, w, k, v, a, b)]
+        xs[1] = torch.log(-xs[1])  # back to our w
+        s0 = None if initial_state is None else initial_state[i:i + 1].transpose(-1, -2)
+        y, s = wkv7_reference(*xs, state=s0)
+        ys.append(y)
+        states.append(s.transpose(-1, -2))
+    return torch.cat(ys, dim=1 if cu_seqlens is not None else 0), torch.cat(states)
+
+
+@pytest.mark.parametrize("with_state,with_resets", [(True, True), (False, True), (True, False), (False, False)])
+def test_fla_conversions_match_reference(monkeypatch, with_state, with_resets):
+    monkeypatch.setattr(fla_mod, "_chunk_rwkv7", lambda device: fake_chunk_rwkv7)
+    inputs, state, resets = random_case(3, 21, 2, 4, with_state, with_resets, seed=5)
+    got, _, _ = run_with_grads(fla_mod.wkv7_fla, inputs, state, resets)
+    want, _, _ = run_with_grads(wkv7_reference, inputs, state, resets)
+    for name, g, w in zip(NAMES, got, want):
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_fla_refuses_cpu_tensors():
+    inputs, _, _ = random_case(1, 3, 1, 4, False, False)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        fla_mod.wkv7_fla(*inputs)
+
+
+# ---- on a GPU: both backends against the chunked backend (or the reference) ----
+
+def _twin():
+    try:
+        from rwkv_sft.ops.wkv7_chunked import wkv7_chunked
+        return wkv7_chunked
+    except ImportError:
+        return wkv7_reference
+
+
+def _compare(fn, T, B, with_state, with_resets, dtype):
+    inputs, state, resets = random_case(B, T, 2, 64, with_state, with_resets, dtype=dtype, device="cuda", seed=T)
+    got, _, _ = run_with_grads(fn, inputs, state, resets)
+    want, _, _ = run_with_grads(_twin(), [x.double() for x in inputs], state, resets)
+    tol = 1e-3 if dtype == torch.float32 else 3e-2  # bf16 inputs and outputs, fp32 inside
+    for name, g, w in zip(NAMES, got, want):
+        if w is None:
+            continue
+        assert g.dtype == (torch.float32 if name in ("state", "dstate") else dtype), name
+        err = ((g.double() - w.double()).abs().max() / w.double().abs().max().clamp_min(1e-6)).item()
+        assert err < tol, f"{name}: relative error {err:.2e} (T={T}, B={B}, {dtype})"
+
+
+CASES = [(T, 2, True, True) for T in (1, 2, 15, 16, 17, 63, 64, 65, 300)] + [
+    (65, 3, False, False), (65, 3, True, False), (33, 1, False, True)]
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,B,with_state,with_resets", CASES)
+def test_cuda_kernel_matches(T, B, with_state, with_resets, dtype):
+    _compare(cuda_mod.wkv7_cuda, T, B, with_state, with_resets, dtype)
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_cuda_kernel_passes_its_self_check():
+    assert cuda_mod.cuda_kernel_usable(torch.device("cuda"))
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,B,with_state,with_resets", CASES)
+def test_fla_matches(T, B, with_state, with_resets, dtype):
+    pytest.importorskip("fla")
+    _compare(fla_mod.wkv7_fla, T, B, with_state, with_resets, dtype)
