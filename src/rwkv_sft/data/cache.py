@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UserError
-from .formats import END, Invalid, check_file, read_records, render
+from .formats import END, Invalid, check_file, make_renderer, read_records
 
 CACHE_VERSION = 1
 CHUNK = 2048  # records rendered and tokenized together
@@ -66,7 +67,7 @@ class Shard:
 # -- tokenizing ---------------------------------------------------------------------------------
 
 def _encode_all(tokenizer, texts):
-    batch = getattr(tokenizer, "encode_batch", None)
+    batch = getattr(tokenizer, "encode_batch", None)  # the World tokenizer's runs on all cores
     return batch(texts) if batch else [tokenizer.encode(t) for t in texts]
 
 
@@ -77,8 +78,9 @@ def tokenize_bytes(path, data, tokenizer, *, fmt="auto", context_field=None, com
     end_ids = end_marker_ids(tokenizer, end_marker)
     end_is_separator = end_ids == list(tokenizer.encode("\n\n"))
     eos = getattr(tokenizer, "eos_id", 0)
-    ids, flags, index, lines = [], [], [], []
-    skipped, first_error, empty_context = {}, None, 0
+    dtype = np.uint16 if getattr(tokenizer, "vocab_size", 1 << 16) <= (1 << 16) else np.int32
+    ids, flags, index, lines = [], [], [], []  # per chunk: numpy arrays / lists
+    skipped, first_error, empty_context, total = {}, None, 0, 0
     total_lines, done_lines = data.count(b"\n") + 1, 0
 
     def invalid(line, e):
@@ -89,40 +91,46 @@ def tokenize_bytes(path, data, tokenizer, *, fmt="auto", context_field=None, com
         first_error = first_error or f"{line}: {e}"  # without the path: entries are keyed by content
 
     def flush(chunk):
-        nonlocal empty_context, done_lines
-        texts = [t for _, r in chunk for t, _ in r.context + r.completion if t is not END]
-        encoded = iter(_encode_all(tokenizer, texts))
+        """Tokenize a chunk of rendered records; work per segment in Python, per token in numpy."""
+        nonlocal empty_context, total, done_lines
+        encoded = iter(_encode_all(tokenizer, [t for _, r in chunk for t, _ in r.context + r.completion if t is not END]))
+        pieces, piece_loss, no_loss_at, chunk_start = [], [], [], total
         for line, r in chunk:
-            parts = []
-            for segments in (r.context, r.completion):
-                seg_ids, seg_flags = [], []
-                for text, loss in segments:
-                    t = end_ids if text is END else next(encoded)
-                    seg_ids += t
-                    seg_flags += [loss] * len(t)
-                parts.append((seg_ids, seg_flags))
-            (c_ids, c_flags), (p_ids, p_flags) = parts
+            start, context_len = total, 0
+            for text, loss in r.context:  # a chat's context holds earlier replies and their END
+                pieces.append(end_ids if text is END else next(encoded))
+                piece_loss.append(loss)
+                context_len += len(pieces[-1])
             if r.first_token_is_context:  # plain text: the first token predicts, it is not predicted
-                c_ids, c_flags, p_ids, p_flags = p_ids[:1], [False], p_ids[1:], p_flags[1:]
-            if not c_ids:  # an empty context becomes one token 0
-                c_ids, c_flags = [eos], [False]
+                context_len = 1
+                no_loss_at.append(start)
+            elif context_len == 0:  # an empty context becomes one token 0
+                pieces.append([eos])
+                piece_loss.append(False)
+                context_len = 1
                 empty_context += 1
-            start = len(ids)
-            ids.extend(c_ids + p_ids)
-            flags.extend(c_flags + p_flags)
-            index.append((start, len(c_ids), len(ids)))
+            completion_len = 0
+            for text, loss in r.completion:
+                pieces.append(end_ids if text is END else next(encoded))
+                piece_loss.append(loss)
+                completion_len += len(pieces[-1])
+            total += context_len + completion_len - r.first_token_is_context
+            index.append((start, context_len, total))
             lines.append(line)
+        ids.append(np.fromiter(itertools.chain.from_iterable(pieces), dtype=dtype, count=total - chunk_start))
+        flags.append(np.repeat(np.array(piece_loss, dtype=bool), np.fromiter(map(len, pieces), np.int64, len(pieces))))
+        flags[-1][np.asarray(no_loss_at, dtype=np.int64) - chunk_start] = False
         if chunk and progress is not None:
             progress(len(data) * (chunk[-1][0] - done_lines) / total_lines)
             done_lines = chunk[-1][0]
 
-    chunk = []
+    render, chunk = make_renderer(fmt, context_field, completion_field, end_is_separator), []
     for line, record in read_records(path, data):
         if isinstance(record, Invalid):
             invalid(line, record)
             continue
         try:
-            chunk.append((line, render(record, fmt, context_field, completion_field, end_is_separator)))
+            chunk.append((line, render(record)))
         except Invalid as e:
             invalid(line, e)
         if len(chunk) >= CHUNK:
@@ -133,10 +141,9 @@ def tokenize_bytes(path, data, tokenizer, *, fmt="auto", context_field=None, com
         invalid(1, Invalid("empty file", "no examples in the file"))
     if progress is not None:
         progress(len(data) * (total_lines - done_lines) / total_lines)
-    dtype = np.uint16 if getattr(tokenizer, "vocab_size", 1 << 16) <= (1 << 16) else np.int32
-    return Shard(path, np.asarray(ids, dtype=dtype), np.asarray(flags, dtype=bool),
-                 np.asarray(index, dtype=np.int64).reshape(-1, 3), np.asarray(lines, dtype=np.int64),
-                 {"skipped": skipped, "first_error": first_error, "empty_context": empty_context})
+    return Shard(path, np.concatenate(ids), np.concatenate(flags), np.asarray(index, dtype=np.int64).reshape(-1, 3),
+                 np.asarray(lines, dtype=np.int64), {"skipped": skipped, "first_error": first_error,
+                                                     "empty_context": empty_context})
 
 
 # -- the cache ----------------------------------------------------------------------------------

@@ -45,8 +45,11 @@ class TokenizedExamples:
         return self.shards[self.shard[i]][0][self.begin[i]:self.end[i]].astype(np.int64)
 
     def loss_positions(self, i) -> np.ndarray:
-        """bool per token of example i: True where that token is a loss target."""
-        return np.array(self.shards[self.shard[i]][1][self.begin[i]:self.end[i]], dtype=bool)
+        """bool per token of example i: True where that token is a loss target. The first token is
+        never one (nothing predicts it), even where truncation began a chat inside a reply."""
+        flags = np.array(self.shards[self.shard[i]][1][self.begin[i]:self.end[i]], dtype=bool)
+        flags[:1] = False
+        return flags
 
     def split(self, i) -> tuple[np.ndarray, np.ndarray]:
         """(prompt ids, reference completion ids): the completion is the last run of loss tokens

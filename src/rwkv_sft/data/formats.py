@@ -185,43 +185,47 @@ def _string(record, name):
     return value
 
 
-def _pick(record, configured, defaults):
-    if configured:
-        return configured
-    return next((f for f in defaults if f in record), defaults[0])
+def make_renderer(fmt: str = "auto", context_field=None, completion_field=None, end_is_separator: bool = False):
+    """Return render(record) -> Rendered (or raise Invalid) for these settings."""
+    context_fields = (context_field,) if context_field else CONTEXT_FIELDS
+    completion_fields = (completion_field,) if completion_field else COMPLETION_FIELDS
+    known = frozenset(context_fields + completion_fields)
+
+    def pick(record, names):
+        for name in names:
+            if name in record:
+                return name
+        return names[0]  # missing: _string names it
+
+    def render(record) -> Rendered:
+        if not isinstance(record, dict):
+            raise Invalid("not an object", f"expected a JSON object, got {type(record).__name__}")
+        kind = fmt
+        if kind == "auto":
+            kind = ("completion" if not known.isdisjoint(record) else "chat" if "messages" in record
+                    else "text" if "text" in record else None)
+            if kind is None:
+                raise Invalid("missing field", "no known fields (expected context/completion, prompt/response, "
+                              "input/output, messages or text)")
+        if kind == "completion":
+            context = _string(record, pick(record, context_fields))
+            completion = _string(record, pick(record, completion_fields))
+            if not completion:
+                raise Invalid("empty completion")
+            return Rendered([(context, False)], [(completion, True), (END, True)])
+        if kind == "text":
+            text = _string(record, "text")
+            if not text:
+                raise Invalid("empty text")
+            return Rendered([], [(text, True), (END, True)], first_token_is_context=True)
+        return _render_chat(record, end_is_separator)
+
+    return render
 
 
-def record_format(record, fmt: str, context_field=None, completion_field=None) -> str:
-    if fmt != "auto":
-        return fmt
-    if any(f in record for f in (context_field, completion_field, *CONTEXT_FIELDS, *COMPLETION_FIELDS) if f):
-        return "completion"
-    if "messages" in record:
-        return "chat"
-    if "text" in record:
-        return "text"
-    raise Invalid("missing field", "no known fields (expected context/completion, prompt/response, "
-                  "input/output, messages or text)")
-
-
-def render(record, fmt: str = "auto", context_field=None, completion_field=None,
-           end_is_separator: bool = False) -> Rendered:
+def render(record, fmt="auto", context_field=None, completion_field=None, end_is_separator=False) -> Rendered:
     """One record -> Rendered, or raise Invalid."""
-    if not isinstance(record, dict):
-        raise Invalid("not an object", f"expected a JSON object, got {type(record).__name__}")
-    fmt = record_format(record, fmt, context_field, completion_field)
-    if fmt == "completion":
-        context = _string(record, _pick(record, context_field, CONTEXT_FIELDS))
-        completion = _string(record, _pick(record, completion_field, COMPLETION_FIELDS))
-        if not completion:
-            raise Invalid("empty completion")
-        return Rendered([(context, False)], [(completion, True), (END, True)])
-    if fmt == "text":
-        text = _string(record, "text")
-        if not text:
-            raise Invalid("empty text")
-        return Rendered([], [(text, True), (END, True)], first_token_is_context=True)
-    return _render_chat(record, end_is_separator)
+    return make_renderer(fmt, context_field, completion_field, end_is_separator)(record)
 
 
 def _render_chat(record, end_is_separator: bool) -> Rendered:

@@ -77,32 +77,33 @@ def _load_all(specs, config, tokenizer, cache_dir, show_progress):
 
 def _truncated(shards, weights, config, counts) -> TokenizedExamples:
     """Apply `truncate` to every example; count each kind of cut."""
-    arrays = {k: [] for k in ("shard", "begin", "end", "lines", "weights")}
-    for k, shard in enumerate(shards):
-        for (start, context_len, stop), line in zip(shard.index.tolist(), shard.lines.tolist()):
-            kept_context, kept_completion = truncate(context_len, stop - start - context_len, config.max_len,
-                                                     config.anchor_fraction)
-            counts["context_trimmed"] += kept_context < context_len
-            counts["completion_cut"] += kept_completion < stop - start - context_len
-            arrays["begin"].append(start + context_len - kept_context)
-            arrays["end"].append(start + context_len + kept_completion)
-        n = len(shard.index)
-        arrays["shard"].append(np.full(n, k))
-        arrays["lines"].append(shard.lines)
-        arrays["weights"].append(np.full(n, weights[k], dtype=np.float64))
+    begin, end = [], []
+    for shard in shards:
+        start, context_len, stop = shard.index.T
+        completion_len = stop - start - context_len
+        kept_context, kept_completion = truncate(context_len, completion_len, config.max_len, config.anchor_fraction)
+        counts["context_trimmed"] += int(np.count_nonzero(kept_context < context_len))
+        counts["completion_cut"] += int(np.count_nonzero(kept_completion < completion_len))
         counts["empty_context"] += shard.meta.get("empty_context", 0)
-    cat = {k: np.asarray(v, dtype=np.int64) if k in ("begin", "end") else np.concatenate(v) if v else np.zeros(0)
-           for k, v in arrays.items()}
-    return TokenizedExamples([(s.ids, s.flags) for s in shards], cat["shard"], cat["begin"], cat["end"],
-                             cat["lines"], cat["weights"], [s.path for s in shards])
+        begin.append(start + context_len - kept_context)
+        end.append(start + context_len + kept_completion)
+    sizes = [len(s.index) for s in shards]
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)  # noqa: E731
+    return TokenizedExamples([(s.ids, s.flags) for s in shards], np.repeat(np.arange(len(shards)), sizes),
+                             cat(begin), cat(end), cat([s.lines for s in shards]), np.repeat(weights, sizes),
+                             [s.path for s in shards])
 
 
 def _stats(examples: TokenizedExamples | None) -> dict:
     if examples is None or len(examples) == 0:
         return {"examples": 0, "tokens": 0, "loss_tokens": 0}
     lengths = examples.lengths
-    loss = sum(int(np.count_nonzero(examples.shards[s][1][b:e]))
-               for s, b, e in zip(examples.shard.tolist(), examples.begin.tolist(), examples.end.tolist()))
+    loss = 0
+    for k, (_, flags) in enumerate(examples.shards):  # loss tokens of [begin, end) from a running count
+        running = np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
+        mine = examples.shard == k
+        begin = examples.begin[mine]
+        loss += int((running[examples.end[mine]] - running[begin + 1]).sum())  # the first token is never a target
     pct = np.percentile(lengths, [50, 90, 99]).tolist()
     return {"examples": len(examples), "tokens": int(lengths.sum()), "loss_tokens": loss,
             "length": {"min": int(lengths.min()), "p50": pct[0], "p90": pct[1], "p99": pct[2], "max": int(lengths.max())}}
