@@ -225,12 +225,13 @@ def fake_chunk_rwkv7(r, w, k, v, a, b, scale=1.0, initial_state=None, output_fin
 @pytest.mark.parametrize("with_state,with_resets", [(True, True), (False, True), (True, False), (False, False)])
 def test_fla_conversions_match_reference(monkeypatch, with_state, with_resets):
     monkeypatch.setattr(fla_mod, "_chunk_rwkv7", lambda device: fake_chunk_rwkv7)
-    inputs, state, resets = random_case(3, 21, 2, 4, with_state, with_resets, seed=5)
+    # float32, as fla holds its states; a wrong conversion shows as an O(1) error
+    inputs, state, resets = random_case(3, 21, 2, 4, with_state, with_resets, dtype=torch.float32, seed=5)
     got, _, _ = run_with_grads(fla_mod.wkv7_fla, inputs, state, resets)
     want, _, _ = run_with_grads(wkv7_reference, inputs, state, resets)
     for name, g, w in zip(NAMES, got, want):
         if w is not None:
-            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=name)
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_fla_refuses_cpu_tensors():
