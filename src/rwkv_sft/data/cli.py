@@ -1,0 +1,99 @@
+"""`rwkv-sft inspect-data`: statistics of data files and a rendering of which tokens carry loss."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+from ..errors import UserError
+from .config import DataConfig
+from .prepare import prepare_data
+
+LOSS_OPEN, LOSS_CLOSE = "⟦", "⟧"            # plain output: loss tokens inside the brackets
+ANSI_LOSS, ANSI_RESET = "\x1b[1;32m", "\x1b[0m"  # a terminal: loss tokens in bold green
+EOS_TEXT = "<eos>"
+
+
+def add_arguments(p):
+    p.add_argument("files", nargs="+", metavar="FILE", help='data files ("path", "path:weight" or "path*count")')
+    p.add_argument("--max-len", type=int, default=1024, help="tokens per example after truncation (default 1024)")
+    p.add_argument("--format", default="auto", choices=["auto", "completion", "chat", "text"])
+    p.add_argument("--context-field", default=None, help="default: context / prompt / input")
+    p.add_argument("--completion-field", default=None, help="default: completion / response / output")
+    p.add_argument("--end-marker", default="eos", help='"eos" (token 0) or a string such as "\\n\\n"')
+    p.add_argument("--anchor-fraction", type=float, default=0.25)
+    show = p.add_mutually_exclusive_group()
+    show.add_argument("--show", type=int, default=2, metavar="N", help="render the first N examples (default 2)")
+    show.add_argument("--example", type=int, default=None, metavar="I", help="render example I only")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.add_argument("--skip-invalid", action="store_true", help="skip invalid rows (counted by reason)")
+    p.add_argument("--cache-dir", default=None, help="tokenization cache (default ~/.cache/rwkv_sft/data)")
+
+
+def render_example(examples, i, tokenizer, color: bool) -> str:
+    """The text of example i with its loss tokens marked (one decode per run of equal flags)."""
+    ids, loss = examples.tokens(i), examples.loss_positions(i)
+    eos = getattr(tokenizer, "eos_id", 0)
+    out, k = [], 0
+    while k < len(ids):
+        j = k
+        while j < len(ids) and loss[j] == loss[k]:
+            j += 1
+        run, text = ids[k:j].tolist(), []
+        while run:  # the end-of-text token decodes to nothing: show it
+            cut = run.index(eos) if eos in run else len(run)
+            text.append(tokenizer.decode(run[:cut]) + (EOS_TEXT if cut < len(run) else ""))
+            run = run[cut + 1:]
+        text = "".join(text)
+        if loss[k]:
+            text = f"{ANSI_LOSS}{text}{ANSI_RESET}" if color else f"{LOSS_OPEN}{text}{LOSS_CLOSE}"
+        out.append(text)
+        k = j
+    return "".join(out)
+
+
+def _stats_text(report) -> str:
+    train, cuts = report["train"], report["truncated"]
+    lines = ["files: " + ", ".join(f"{f['path']} ({f['examples']} examples)" for f in report["files"]),
+             f"examples: {train['examples']}"]
+    skipped = report["skipped"]
+    lines.append(f"skipped: {sum(skipped.values())}" + (" (" + ", ".join(f"{n} {r}" for r, n in sorted(skipped.items())) + ")"
+                                                       if skipped else ""))
+    share = train["loss_tokens"] / max(1, train["tokens"])
+    lines.append(f"tokens: {train['tokens']}, with loss: {train['loss_tokens']} ({share:.1%})")
+    L = train.get("length")
+    if L:
+        lines.append(f"length (tokens, after truncation to {report['max_len']}): min {L['min']}, p50 {L['p50']:g}, "
+                     f"p90 {L['p90']:g}, p99 {L['p99']:g}, max {L['max']}")
+    lines.append(f"truncated: {cuts['context_trimmed']} context trimmed, {cuts['completion_cut']} completion cut, "
+                 f"{cuts['empty_context']} empty contexts (became token 0)")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from ..tokenizer import Tokenizer
+    config = DataConfig(list(args.files), format=args.format, context_field=args.context_field,
+                        completion_field=args.completion_field, max_len=args.max_len, end_marker=args.end_marker,
+                        anchor_fraction=args.anchor_fraction, skip_invalid=args.skip_invalid)
+    tokenizer = Tokenizer()
+    data = prepare_data(config, tokenizer, cache_dir=args.cache_dir, show_progress=False)
+    examples = data.train
+    if args.json:
+        print(json.dumps(data.report, indent=2))
+        return 0
+    print(_stats_text(data.report))
+    if args.example is not None:
+        if not 0 <= args.example < len(examples):
+            raise UserError(f"--example {args.example}: there are {len(examples)} examples (0..{len(examples) - 1})")
+        chosen = [args.example]
+    else:
+        chosen = range(min(max(args.show, 0), len(examples)))
+    color = sys.stdout.isatty()
+    for i in chosen:
+        path, line = examples.origin(i)
+        n_loss = int(np.count_nonzero(examples.loss_positions(i)))
+        legend = "loss tokens in green" if color else f"loss tokens inside {LOSS_OPEN}{LOSS_CLOSE}"
+        print(f"\n--- example {i} ({path}:{line}; {examples.length(i)} tokens, {n_loss} with loss; {legend}) ---")
+        print(render_example(examples, i, tokenizer, color))
+    return 0
