@@ -149,7 +149,9 @@ def _plan_steps(config: TrainConfig, loader, examples) -> int:
         micro += n if epoch + 1 <= config.epochs else int(n * (config.epochs - epoch))
     if config.step_tokens is None:
         return max(1, micro)
-    loss_tokens = sum(int(examples.loss_positions(i)[1:].sum()) for i in range(len(examples)))
+    weights = getattr(examples, "weights", None)  # file weights: uses of each example per epoch
+    loss_tokens = sum(int(examples.loss_positions(i)[1:].sum()) * (1.0 if weights is None else float(weights[i]))
+                      for i in range(len(examples)))
     return max(1, math.ceil(loss_tokens * config.epochs / config.step_tokens))
 
 
@@ -340,8 +342,8 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
             if step % config.log_every == 0 or step == total_steps:
                 metrics.log("train", step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens,
                             loss_tokens=count, tokens_per_s=tokens / elapsed, bad_steps=bad_total, epoch=epoch)
-            bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:,.0f}", refresh=False)
+            bar.update(1)
             if stop_votes:
                 interrupted = True
                 break
