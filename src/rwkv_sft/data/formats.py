@@ -153,8 +153,13 @@ def _json_array_records(text: str):
 def _csv_records(text: str, delimiter: str):
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
-        for row in reader:
-            yield reader.line_num, {k: v for k, v in row.items() if k is not None and v is not None}
+        reader.fieldnames  # reads the header
+        while True:
+            line = reader.line_num + 1  # where the row starts (a quoted field may span lines)
+            row = next(reader, None)
+            if row is None:
+                return
+            yield line, {k: v for k, v in row.items() if k is not None and v is not None}
     except csv.Error as e:
         yield reader.line_num, Invalid("invalid CSV", f"invalid CSV ({e})")
 
