@@ -1,0 +1,108 @@
+"""`rwkv-sft generate`: continue a prompt with a model, streaming the text to stdout."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from ..errors import UserError
+
+CHAT_TEMPLATE = "User: {prompt}\n\nAssistant:"
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(s: str) -> str:
+    r"""`\n`, `\t`, `\r` and `\\` typed on a command line -> the characters (a shell cannot easily pass them)."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], s)
+
+
+def add_arguments(p):
+    p.add_argument("--model", required=True, help=".pth (BlinkDL layout) or .safetensors checkpoint")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text ('-' reads stdin; without any prompt option, stdin is read "
+                                      "when it is not a terminal)")
+    src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    p.add_argument("--chat", action="store_true", help=f"wrap the prompt as {CHAT_TEMPLATE!r}")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default 0 = off)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when this text appears (repeatable; \\n, \\t escapes understood; default '\\n\\n')")
+    p.add_argument("--no-stop", action="store_true", help="no stop strings: run to end-of-text or --max-new-tokens")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token (id 0)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+
+
+def read_prompt(args) -> str:
+    """The prompt from --prompt, --prompt-file or stdin; one trailing newline of a file or pipe is dropped."""
+    if args.prompt is not None and args.prompt != "-":
+        return args.prompt
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise UserError(f"{path}: no such file (--prompt-file)")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    elif args.prompt == "-" or not sys.stdin.isatty():
+        data = sys.stdin.buffer.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"stdin: not UTF-8 text (byte {e.start})") from None
+    else:
+        raise UserError("no prompt: give --prompt TEXT, --prompt-file PATH, or pipe the prompt on stdin")
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
+def run(args) -> int:
+    import torch
+
+    from ..model import RWKV7
+    from ..tokenizer import Tokenizer
+    from .generate import generate
+
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise UserError(f"--top-k must be >= 0, got {args.top_k}")
+    stop = [] if args.no_stop else [unescape(s) for s in (args.stop or ["\\n\\n"])]
+    if "" in stop:
+        raise UserError("--stop: empty stop string (use --no-stop to generate without stop strings)")
+    prompt = read_prompt(args)
+    if args.chat:
+        prompt = CHAT_TEMPLATE.format(prompt=prompt)
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"--device {args.device}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: CUDA is not available")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = RWKV7.load(args.model, dtype=dtype, device=device).eval()
+    tokenizer = Tokenizer()
+
+    if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character gets U+FFFD, not a crash
+        sys.stdout.reconfigure(errors="replace")
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+             top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=stop,
+             stop_at_eos=not args.ignore_eos, stream=write)
+    write("\n")
+    return 0
