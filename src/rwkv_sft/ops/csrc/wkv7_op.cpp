@@ -1,6 +1,7 @@
 // Torch binding of the WKV-7 CUDA kernel (wkv7.cu): checks tensors, allocates outputs, launches.
 // No CUDA headers here: the stream comes from Python as an integer, the device is set by the caller.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11 with Tensor casters; lighter than torch/extension.h
 
 extern "C" {
 const char* wkv7_forward_f32(int B, int T, int H, int N, const void* r, const void* w, const void* k,
@@ -22,13 +23,13 @@ const char* wkv7_backward_bf16(int B, int T, int H, int N, const void* r, const 
 int wkv7_chunk_len();
 }
 
-using torch::Tensor;
+using at::Tensor;
 
 // r..b (and dy): same shape [B,T,H,N], same dtype (fp32 or bf16), contiguous, on the GPU.
 static void check_inputs(const std::vector<Tensor>& xs, const Tensor& state, const Tensor& resets) {
     const Tensor& r = xs[0];
     TORCH_CHECK(r.dim() == 4, "wkv7: inputs must be [B,T,H,N]");
-    TORCH_CHECK(r.scalar_type() == torch::kFloat || r.scalar_type() == torch::kBFloat16,
+    TORCH_CHECK(r.scalar_type() == at::kFloat || r.scalar_type() == at::kBFloat16,
                 "wkv7: inputs must be float32 or bfloat16");
     for (const Tensor& x : xs) {
         TORCH_CHECK(x.is_cuda() && x.is_contiguous(), "wkv7: inputs must be contiguous CUDA tensors");
@@ -36,12 +37,12 @@ static void check_inputs(const std::vector<Tensor>& xs, const Tensor& state, con
                     "wkv7: inputs must share shape and dtype");
     }
     const int64_t B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
-    TORCH_CHECK(state.is_cuda() && state.is_contiguous() && state.scalar_type() == torch::kFloat &&
-                    state.sizes() == torch::IntArrayRef({B, H, N, N}),
+    TORCH_CHECK(state.is_cuda() && state.is_contiguous() && state.scalar_type() == at::kFloat &&
+                    state.sizes() == at::IntArrayRef({B, H, N, N}),
                 "wkv7: state must be a contiguous float32 CUDA tensor [B,H,N,N]");
     TORCH_CHECK(resets.numel() == 0 || (resets.is_cuda() && resets.is_contiguous() &&
-                                         resets.scalar_type() == torch::kUInt8 &&
-                                         resets.sizes() == torch::IntArrayRef({B, T})),
+                                         resets.scalar_type() == at::kByte &&
+                                         resets.sizes() == at::IntArrayRef({B, T})),
                 "wkv7: resets must be empty or a contiguous uint8 CUDA tensor [B,T]");
 }
 
@@ -56,10 +57,10 @@ std::vector<Tensor> forward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Te
     const int B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
     const int nchunks = (T + wkv7_chunk_len() - 1) / wkv7_chunk_len();
     auto f32 = state.options();
-    Tensor y = torch::empty_like(r);
-    Tensor state_out = torch::empty({B, H, N, N}, f32);
-    Tensor snaps = torch::empty({save_snapshots ? B * H * nchunks * N * N : 0}, f32);
-    auto launch = r.scalar_type() == torch::kBFloat16 ? wkv7_forward_bf16 : wkv7_forward_f32;
+    Tensor y = at::empty_like(r);
+    Tensor state_out = at::empty({B, H, N, N}, f32);
+    Tensor snaps = at::empty({save_snapshots ? (int64_t)B * H * nchunks * N * N : 0}, f32);
+    auto launch = r.scalar_type() == at::kBFloat16 ? wkv7_forward_bf16 : wkv7_forward_f32;
     const char* err = launch(B, T, H, N, r.data_ptr(), w.data_ptr(), k.data_ptr(), v.data_ptr(),
                              a.data_ptr(), b.data_ptr(), state.data_ptr<float>(), resets_ptr(resets),
                              y.data_ptr(), state_out.data_ptr<float>(),
@@ -77,11 +78,11 @@ std::vector<Tensor> backward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, T
     TORCH_CHECK(snaps.numel() == (int64_t)B * H * ((T + L - 1) / L) * N * N,
                 "wkv7 backward: the forward did not keep state snapshots");
     auto f32 = dstate.options();
-    Tensor scratch = torch::empty({B * H, L + 1, N, N}, f32);
-    Tensor dr = torch::empty_like(r), dw = torch::empty_like(r), dk = torch::empty_like(r),
-           dv = torch::empty_like(r), da = torch::empty_like(r), db = torch::empty_like(r);
-    Tensor dstate0 = torch::empty({B, H, N, N}, f32);
-    auto launch = r.scalar_type() == torch::kBFloat16 ? wkv7_backward_bf16 : wkv7_backward_f32;
+    Tensor scratch = at::empty({B * H, L + 1, N, N}, f32);
+    Tensor dr = at::empty_like(r), dw = at::empty_like(r), dk = at::empty_like(r),
+           dv = at::empty_like(r), da = at::empty_like(r), db = at::empty_like(r);
+    Tensor dstate0 = at::empty({B, H, N, N}, f32);
+    auto launch = r.scalar_type() == at::kBFloat16 ? wkv7_backward_bf16 : wkv7_backward_f32;
     const char* err = launch(B, T, H, N, r.data_ptr(), w.data_ptr(), k.data_ptr(), v.data_ptr(),
                              a.data_ptr(), b.data_ptr(), dy.data_ptr(), dstate.data_ptr<float>(),
                              snaps.data_ptr<float>(), resets_ptr(resets), scratch.data_ptr<float>(),
