@@ -75,9 +75,11 @@ def build_extension(capability: tuple[int, int], csrc: Path | None = None, verbo
                     sources=[str(s) for s in sources], build_directory=str(directory),
                     extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-Xptxas=-O3"], verbose=verbose)
     except Exception as e:
-        detail = str(e).strip().splitlines()[-1:] or [type(e).__name__]
-        raise RuntimeError(f"building the WKV-7 CUDA kernel in {directory} failed: {detail[0]} "
-                           "(rerun with verbose=True for the compiler output)") from e
+        # torch puts ninja's whole output in the message: keep the compiler's error lines
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        detail = " | ".join([ln.strip() for ln in lines if "error" in ln.lower()][:3] or lines[-1:])
+        raise RuntimeError(f"building the WKV-7 CUDA kernel in {directory} failed: {detail} "
+                           "(build_extension(..., verbose=True) shows the full output)") from e
     finally:
         if arch_before is None:
             os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
