@@ -225,12 +225,23 @@ def saved_model(model, tmp_path_factory):
     return path
 
 
-def test_cli_end_to_end(model, tok, saved_model):
+def test_cli_in_process(model, tok, saved_model, capsys):
+    from rwkv_sft.cli import main
+    greedy = dict(max_new_tokens=8, temperature=0)
+    for extra, prompt, stop in ((["--no-stop"], "Hello world", ()),
+                                (["--chat"], "User: Hello world\n\nAssistant:", ("\n\n",)),
+                                (["--stop", "e", "--stop", "\\n"], "Hello world", ("e", "\n"))):
+        expected = generate(model, tok, prompt, stop=stop, **greedy).text
+        assert main(["generate", "--model", str(saved_model), "--prompt", "Hello world", "--max-new-tokens", "8",
+                     "--temperature", "0", *extra]) == 0
+        assert capsys.readouterr().out == expected + "\n"
+    assert main(["generate", "--model", str(saved_model), "--prompt", "x", "--top-p", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--top-p" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_subprocess_prompt_from_stdin(model, tok, saved_model):
     expected = generate(model, tok, "Hello world", max_new_tokens=6, temperature=0, stop=()).text
-    r = run_cli("--model", str(saved_model), "--prompt", "Hello world", "--max-new-tokens", "6",
-                "--temperature", "0", "--no-stop")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == expected + "\n"
     r = run_cli("--model", str(saved_model), "--max-new-tokens", "6", "--temperature", "0", "--no-stop",
                 stdin="Hello world\n")
     assert r.returncode == 0, r.stderr

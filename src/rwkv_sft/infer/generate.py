@@ -120,6 +120,7 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+@torch.inference_mode()
 def prefill(model, ids: Sequence[int] | torch.Tensor, state: RWKV7State | None = None):
     """Run prompts through the model: ids [T] or [B,T] -> (last logits [B,V], state)."""
     tokens = torch.as_tensor(ids, dtype=torch.long, device=_device(model))
