@@ -140,6 +140,12 @@ def test_decode_never_raises_on_random_ids(tok, trie):
         assert tok.decode(ids) == expected.decode("utf-8", errors="replace")
 
 
+def test_pickles(tok):
+    import pickle
+    copy = pickle.loads(pickle.dumps(tok))
+    assert copy.encode("pickled 你好 😀") == tok.encode("pickled 你好 😀")
+
+
 def test_decode_accepts_tensors(tok):
     torch = pytest.importorskip("torch")
     ids = tok.encode("tensor 你好")

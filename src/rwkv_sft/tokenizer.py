@@ -82,8 +82,12 @@ class Tokenizer:
         path = str(vocab_file or vocab_path())
         if not Path(path).is_file():
             raise FileNotFoundError(f"RWKV vocabulary not found: {path}")
+        self.vocab_file = path
         self._rust = pyrwkv_tokenizer.WorldTokenizer(path)
         self._id_to_bytes = load_vocab(path)
+
+    def __reduce__(self):  # the Rust object cannot be pickled: rebuild from the file (DataLoader workers)
+        return (Tokenizer, (self.vocab_file,))
 
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
