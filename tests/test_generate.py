@@ -91,6 +91,8 @@ def test_token_id_prompt_and_state_continuation(model, tok):
     _, state = prefill(model, ids[:3])
     resumed = generate(model, tok, ids[3:], max_new_tokens=8, temperature=0, stop=(), state=state)
     assert resumed.tokens == whole.tokens
+    again = generate(model, tok, ids[3:], max_new_tokens=8, temperature=0, stop=(), state=state)
+    assert again.tokens == whole.tokens  # the caller's state is not modified
 
 
 def test_empty_prompt_starts_from_end_of_text(model, tok):
