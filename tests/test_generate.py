@@ -270,6 +270,12 @@ def test_cli_prompt_sources(tmp_path, monkeypatch):
     assert read_prompt(SimpleNamespace(prompt="as given\n", prompt_file=None)) == "as given\n"
     with pytest.raises(UserError, match="no such file"):
         read_prompt(SimpleNamespace(prompt=None, prompt_file=str(tmp_path / "missing.txt")))
+    class Terminal:
+        def isatty(self):
+            return True
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    with pytest.raises(UserError, match="no prompt"):
+        read_prompt(SimpleNamespace(prompt=None, prompt_file=None))
     f.write_bytes(b"\xff\xfe bad")
     with pytest.raises(UserError, match="not UTF-8"):
         read_prompt(SimpleNamespace(prompt=None, prompt_file=str(f)))
