@@ -85,34 +85,29 @@ def _intra(r, logd, k, v, a, b, seg):
     if seg is not None:
         same = seg[..., :, None] == seg[..., None, :]  # [B,1,NC,C,C]
         incl, strict = incl & same, strict & same
-    kb = torch.cat([kq, bq], dim=-2)  # [.., 2C, K]
-    A_r = (rq @ kb.mT) * torch.cat([incl, incl], dim=-1)  # masked after the product: the upper
-    A_a = (aq @ kb.mT) * torch.cat([strict, strict], dim=-1)  # triangle is finite, only > 1
-    A_rk, A_rb = A_r[..., :C], A_r[..., C:]
-    A_ak, A_ab = A_a[..., :C], A_a[..., C:]
+    A_rk, A_rb = (rq @ kq.mT) * incl, (rq @ bq.mT) * incl  # masked after the product: the upper
+    A_ak, A_ab = (aq @ kq.mT) * strict, (aq @ bq.mT) * strict  # triangle is finite, only > 1
 
     rP, aP = r * torch.exp(G), a * torch.exp(Gx)  # the rows' view of the incoming state
     if seg is not None:
         first = (seg == 0).unsqueeze(-1).to(r.dtype)
         rP, aP = rP * first, aP * first
     # U (rows a'_i^T P_{i-1}) = W P0 + Uc, from the unit lower triangular system (I - A_ab) U = ...
-    WU = _UnitLowerInverse.apply(A_ab) @ torch.cat([aP, A_ak @ v], dim=-1)
-    K = r.shape[-1]
-    RY = A_rb @ WU
-    R = rP + RY[..., :K]
-    Yc = A_rk @ v + RY[..., K:]
+    X = _UnitLowerInverse.apply(A_ab)
+    W, Uc = X @ aP, X @ (A_ak @ v)
+    R = rP + A_rb @ W
+    Yc = A_rk @ v + A_rb @ Uc
 
     dec = torch.exp(Gend - G)  # decay from each token to the chunk end, <= 1
     kd, bd = k * dec, b * dec
-    decay_all = torch.exp(Gend).mT  # [.., K, 1]
+    decay_all = torch.exp(Gend)  # [.., 1, K]
     if seg is not None:
         last = seg[..., -1:]
         keep = (seg == last).unsqueeze(-1).to(r.dtype)
         kd, bd = kd * keep, bd * keep
         decay_all = decay_all * (last == 0).unsqueeze(-1).to(r.dtype)
-    MC = bd.mT @ WU
-    M = MC[..., :K] + torch.diag_embed(decay_all.squeeze(-1))
-    c = kd.mT @ v + MC[..., K:]
+    M = bd.mT @ W + torch.diag_embed(decay_all.squeeze(-2))
+    c = kd.mT @ v + bd.mT @ Uc
     return R, Yc, M, c
 
 
