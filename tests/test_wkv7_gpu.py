@@ -8,6 +8,7 @@ disables the kernel with a clear message. The comparisons on a GPU skip without 
 """
 from __future__ import annotations
 
+import ctypes
 import shutil
 import subprocess
 import sysconfig
@@ -146,6 +147,129 @@ def test_binding_compiles_against_torch_headers():
            "-DTORCH_API_INCLUDE_EXTENSION_H", *_torch_includes(), str(cuda_mod.CSRC / "wkv7_op.cpp")]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# ---- the kernels themselves, run on the CPU: wkv7.cu compiled by g++ through a shim ----
+
+EMULATION_SHIM = r"""
+// Runs the kernels of wkv7.cu on the CPU: one std::thread per CUDA thread, blocks one after
+// another (so __shared__ can be a function-static), __syncthreads as a std::barrier.
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+#include <algorithm>
+using std::min;
+struct dim3_ { int x = 0, y = 0, z = 0; };
+static thread_local dim3_ emu_thread, emu_block;
+static std::barrier<>* emu_barrier;
+#define threadIdx emu_thread
+#define blockIdx emu_block
+#define __syncthreads() emu_barrier->arrive_and_wait()
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+#define __shared__ static
+struct __nv_bfloat16 { uint16_t bits; };
+inline float __bfloat162float(__nv_bfloat16 x) { uint32_t u = uint32_t(x.bits) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline __nv_bfloat16 __float2bfloat16(float f) {  // round to nearest even, like the device
+    uint32_t u; std::memcpy(&u, &f, 4); u += 0x7fff + ((u >> 16) & 1); return {uint16_t(u >> 16)};
+}
+#define WKV7_HOST_EMULATION
+#include "wkv7.cu"
+
+template <class K> static void run_blocks(int blocks, K kernel) {
+    for (int b = 0; b < blocks; b++) {
+        std::barrier<> barrier(64);
+        emu_barrier = &barrier;
+        std::vector<std::thread> threads;
+        for (int t = 0; t < 64; t++)
+            threads.emplace_back([&, t] { emu_block.x = b; emu_thread.x = t; kernel(); });
+        for (auto& th : threads) th.join();
+    }
+}
+
+template <typename F> static void fwd(int B, int T, int H, const void* r, const void* w, const void* k, const void* v,
+    const void* a, const void* b, const float* s0, const uint8_t* resets, void* y, float* sT, float* snaps) {
+    run_blocks(B * H, [&] { wkv7_forward_kernel<F, 64>(T, H, (const F*)r, (const F*)w, (const F*)k, (const F*)v,
+        (const F*)a, (const F*)b, s0, resets, (F*)y, sT, snaps); });
+}
+template <typename F> static void bwd(int B, int T, int H, const void* r, const void* w, const void* k, const void* v,
+    const void* a, const void* b, const void* dy, const float* dsT, const float* snaps, const uint8_t* resets,
+    float* scratch, void* dr, void* dw, void* dk, void* dv, void* da, void* db, float* ds0) {
+    run_blocks(B * H, [&] { wkv7_backward_kernel<F, 64>(T, H, (const F*)r, (const F*)w, (const F*)k, (const F*)v,
+        (const F*)a, (const F*)b, (const F*)dy, dsT, snaps, resets, scratch, (F*)dr, (F*)dw, (F*)dk, (F*)dv,
+        (F*)da, (F*)db, ds0); });
+}
+extern "C" {
+void emu_forward_f32(int B, int T, int H, const void* r, const void* w, const void* k, const void* v, const void* a,
+    const void* b, const float* s0, const uint8_t* resets, void* y, float* sT, float* snaps) {
+    fwd<float>(B, T, H, r, w, k, v, a, b, s0, resets, y, sT, snaps); }
+void emu_forward_bf16(int B, int T, int H, const void* r, const void* w, const void* k, const void* v, const void* a,
+    const void* b, const float* s0, const uint8_t* resets, void* y, float* sT, float* snaps) {
+    fwd<__nv_bfloat16>(B, T, H, r, w, k, v, a, b, s0, resets, y, sT, snaps); }
+void emu_backward_f32(int B, int T, int H, const void* r, const void* w, const void* k, const void* v, const void* a,
+    const void* b, const void* dy, const float* dsT, const float* snaps, const uint8_t* resets, float* scratch,
+    void* dr, void* dw, void* dk, void* dv, void* da, void* db, float* ds0) {
+    bwd<float>(B, T, H, r, w, k, v, a, b, dy, dsT, snaps, resets, scratch, dr, dw, dk, dv, da, db, ds0); }
+void emu_backward_bf16(int B, int T, int H, const void* r, const void* w, const void* k, const void* v, const void* a,
+    const void* b, const void* dy, const float* dsT, const float* snaps, const uint8_t* resets, float* scratch,
+    void* dr, void* dw, void* dk, void* dv, void* da, void* db, float* ds0) {
+    bwd<__nv_bfloat16>(B, T, H, r, w, k, v, a, b, dy, dsT, snaps, resets, scratch, dr, dw, dk, dv, da, db, ds0); }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def emulated_kernels(tmp_path_factory):
+    if shutil.which("c++") is None:
+        pytest.skip("no C++ compiler")
+    directory = tmp_path_factory.mktemp("wkv7_emulation")
+    (directory / "emu.cpp").write_text(EMULATION_SHIM)
+    cmd = ["c++", "-std=c++20", "-O2", "-pthread", "-shared", "-fPIC", f"-I{cuda_mod.CSRC}",
+           str(directory / "emu.cpp"), "-o", str(directory / "emu.so")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return ctypes.CDLL(str(directory / "emu.so"))
+
+
+def run_emulated(lib, inputs, state, resets, dy, dsT, dtype):
+    """The forward kernel, then the backward kernel from its snapshots, as the binding calls them."""
+    B, T, H, N = inputs[0].shape
+    L = 16  # CHUNK in wkv7.cu
+    xs = [x.to(dtype).contiguous() for x in inputs]
+    dy, dsT = dy.to(dtype).contiguous(), dsT.float().contiguous()  # held: ctypes keeps no reference
+    s0 = (state if state is not None else torch.zeros(B, H, N, N)).float().contiguous()
+    flags = None if resets is None else resets.to(torch.uint8).contiguous()
+    y, sT = torch.empty_like(xs[0]), torch.empty(B, H, N, N)
+    snaps = torch.empty(B * H * -(-T // L) * N * N)
+    scratch = torch.empty(B * H * (L + 1) * N * N)
+    grads, ds0 = [torch.empty_like(xs[0]) for _ in range(6)], torch.empty(B, H, N, N)
+    ptr = lambda t: ctypes.c_void_p(None if t is None else t.data_ptr())  # noqa: E731
+    suffix = "f32" if dtype == torch.float32 else "bf16"
+    getattr(lib, f"emu_forward_{suffix}")(B, T, H, *map(ptr, xs), ptr(s0), ptr(flags), ptr(y),
+                                          ptr(sT), ptr(snaps))
+    getattr(lib, f"emu_backward_{suffix}")(B, T, H, *map(ptr, xs), ptr(dy), ptr(dsT),
+                                           ptr(snaps), ptr(flags), ptr(scratch), *map(ptr, grads), ptr(ds0))
+    return [y, sT] + grads + [ds0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,B,with_state,with_resets",
+                         [(1, 1, True, True), (16, 1, False, False), (37, 2, True, True)])
+def test_kernel_code_on_cpu_matches_reference(emulated_kernels, T, B, with_state, with_resets, dtype):
+    inputs, state, resets = random_case(B, T, 1, 64, with_state, with_resets, dtype=dtype, seed=T)
+    want, dy, dsT = run_with_grads(wkv7_reference, [x.double() for x in inputs], state, resets)
+    got = run_emulated(emulated_kernels, inputs, state, resets, dy, dsT, dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the kernel's outputs are rounded
+    for name, g, w in zip(NAMES, got, want):
+        if w is None:
+            continue
+        err = ((g.double() - w).abs().max() / w.abs().max().clamp_min(1e-6)).item()
+        assert err < tol, f"{name}: relative error {err:.2e}"
 
 
 # ---- a failing build disables the kernel, with a message saying why ----

@@ -10,8 +10,10 @@
 //   y_t = S_t r_t
 // Layout: every input is [B,T,H,N] contiguous, the state [B,H,N,N] fp32 row-major (value x key).
 // One block per (batch, head), one thread per state row; all arithmetic in fp32.
+#ifndef WKV7_HOST_EMULATION  // the tests also run these kernels on the CPU through a small shim
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
+#endif
 #include <stdint.h>
 
 // Steps between state snapshots kept by the forward for the backward.
@@ -220,6 +222,7 @@ __global__ void __launch_bounds__(N) wkv7_backward_kernel(
     for (int j = 0; j < N; j++) ds0[(size_t)bh * N * N + n * N + j] = Grow[j];
 }
 
+#ifndef WKV7_HOST_EMULATION
 // ---- launchers: return nullptr on success, else a CUDA error string ----
 
 static const char* last_error() {
@@ -272,3 +275,4 @@ WKV7_LAUNCHERS(f32, float)
 WKV7_LAUNCHERS(bf16, __nv_bfloat16)
 
 extern "C" int wkv7_chunk_len() { return CHUNK; }
+#endif  // WKV7_HOST_EMULATION
