@@ -190,3 +190,14 @@ def test_stream_decoder_holds_back_partial_characters(tok):
     assert s.push(byte_ids[2]) == "€"
     assert s.push(byte_ids[0]) == ""
     assert s.flush() == "\ufffd"
+
+
+def test_runtime_needs_no_rwkv_package(tok):
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['rwkv'] = None\n"  # any import of the rwkv package now fails
+            "from rwkv_sft.tokenizer import Tokenizer\n"
+            "t = Tokenizer(); print(t.encode('hello world'), t.decode(t.encode('hello world')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"{tok.encode('hello world')} hello world"
