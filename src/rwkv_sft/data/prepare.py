@@ -153,6 +153,6 @@ def prepare_data(config: DataConfig, tokenizer=None, cache_dir=None, show_progre
               "max_len": config.max_len,
               "files": [{"path": s.path, "examples": len(s.index), "skipped": s.meta["skipped"],
                          "cached": s.meta.get("cached", False)} for s in shards]}
-    if show_progress:
+    if show_progress and (_distributed_rank() or 0) == 0:  # one summary per run, not per rank
         print(f"data: {format_report(report)}", file=sys.stderr)
     return PreparedData(train, evaluation, report)
