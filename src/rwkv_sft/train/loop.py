@@ -318,7 +318,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
                     f"{precision}, activation_checkpointing={config.activation_checkpointing}): lower batch_tokens "
                     f"(--batch-tokens), turn on activation_checkpointing (--activation-checkpointing) or use "
                     f"--precision bf16") from None
-            loss_total, stop_votes = distributed.all_sum(d, [local_loss, float(stop.signum is not None)])
+            loss_total = distributed.all_sum(d, [local_loss])[0]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip or math.inf)) if params else 0.0
             loss = loss_total / count if count else 0.0
             finite = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -344,7 +344,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
                             loss_tokens=count, tokens_per_s=tokens / elapsed, bad_steps=bad_total, epoch=epoch)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:,.0f}", refresh=False)
             bar.update(1)
-            if stop_votes:
+            if distributed.all_sum(d, [float(stop.signum is not None)])[0]:  # any process signalled
                 interrupted = True
                 break
             if config.eval_every and step % config.eval_every == 0 and step < total_steps:
