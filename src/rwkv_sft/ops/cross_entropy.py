@@ -12,8 +12,8 @@ the loss comes back in fp32 (or fp64).
 
 Autocast: under torch.autocast for the inputs' device, hidden and weight are cast explicitly to
 the autocast dtype (fp64 is left alone, as autocast does) and the op then runs with autocast
-off, so the matmuls are in the autocast dtype and the reductions in fp32 as above. Gradients
-reach fp32 parameters in fp32 through the cast.
+off, so the matmuls are in the autocast dtype and the reductions in fp32 as above. fp32
+parameters get fp32 gradients, the weight's straight from the fp32 accumulator.
 
 No ignore_index: gather the rows that carry loss first (one boolean mask for hidden and targets).
 With N = 0 rows the loss is 0 for "sum" and also 0 (not NaN, unlike F.cross_entropy) for "mean",
@@ -25,10 +25,11 @@ import contextlib
 
 import torch
 
-# Target size of one chunk of fp32 logits. On 2 CPU threads (V=65536, C=768) forward+backward
-# time is flat from ~16 MiB to ~128 MiB per chunk (benchmarks/bench_memory.py --sweep-chunk);
-# 32 MiB (128 rows at V=65536) keeps the memory small without paying per-chunk overhead.
-CHUNK_BYTES = 32 * 2**20
+# Target size of one chunk of fp32 logits. Measured on 2 CPU threads, V=65536, C=768, 512 rows
+# (benchmarks/bench_memory.py --sweep-chunk): forward+backward took 38/28/22/18/15/13 s at
+# 4/8/16/32/64/128 MiB per chunk; 64 MiB (256 rows at V=65536) takes most of the gain while the
+# chunk stays a third of the fp32 weight gradient that the step holds anyway.
+CHUNK_BYTES = 64 * 2**20
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -48,25 +49,30 @@ def _no_autocast(device_type: str):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Rows -> per-row loss [N] (acc dtype). Backward adds l2wrap * max_logit at each row's argmax."""
+    """Rows -> per-row loss [N] (acc dtype). Backward adds l2wrap * max_logit at each row's argmax.
+
+    The matmuls run in `dtype`; hidden and weight are cast to it here rather than by the caller
+    so that their gradients come back in their own dtypes straight from the fp32 accumulators.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, l2wrap):
-        n, acc = hidden.shape[0], _acc_dtype(hidden.dtype)
-        loss = torch.empty(n, dtype=acc, device=hidden.device)
-        lse = torch.empty(n, dtype=acc, device=hidden.device)
+    def forward(ctx, hidden, weight, targets, chunk_size, l2wrap, dtype):
+        n, acc, dev = hidden.shape[0], _acc_dtype(dtype), hidden.device
+        h, w = hidden.to(dtype), weight.to(dtype)
+        loss, lse = torch.empty(n, dtype=acc, device=dev), torch.empty(n, dtype=acc, device=dev)
         want_l2 = l2wrap != 0.0
-        maxv = torch.empty(n if want_l2 else 0, dtype=acc, device=hidden.device)
-        argmax = torch.empty(n if want_l2 else 0, dtype=torch.long, device=hidden.device)
+        maxv = torch.empty(n if want_l2 else 0, dtype=acc, device=dev)
+        argmax = torch.empty(n if want_l2 else 0, dtype=torch.long, device=dev)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            logits = (hidden[s:e] @ weight.T).to(acc)                  # [c, V], the only big tensor
+            logits = (h[s:e] @ w.T).to(acc)                           # [c, V], the only big tensor
             lse[s:e] = torch.logsumexp(logits, dim=-1)
             loss[s:e] = lse[s:e] - logits.gather(1, targets[s:e, None]).squeeze(1)
             if want_l2:
                 torch.max(logits, dim=-1, out=(maxv[s:e], argmax[s:e]))
+            del logits  # free it before the next chunk's matmul allocates its own
         ctx.save_for_backward(hidden, weight, targets, lse, maxv, argmax)
-        ctx.chunk_size, ctx.l2wrap = chunk_size, l2wrap
+        ctx.chunk_size, ctx.l2wrap, ctx.dtype = chunk_size, l2wrap, dtype
         return loss
 
     @staticmethod
@@ -79,6 +85,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         hidden, weight, targets, lse, maxv, argmax = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, acc = hidden.shape[0], lse.dtype
+        h, w = hidden.to(ctx.dtype), weight.to(ctx.dtype)
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_loss = grad_loss.to(acc)
@@ -86,21 +93,22 @@ class LinearCrossEntropy(torch.autograd.Function):
             e = min(s + ctx.chunk_size, n)
             rows = torch.arange(e - s, device=hidden.device)
             # d loss_i / d logits_i = softmax_i - onehot(target_i), scaled by the upstream gradient
-            d = (hidden[s:e] @ weight.T).to(acc).sub_(lse[s:e, None]).exp_()
+            d = (h[s:e] @ w.T).to(acc).sub_(lse[s:e, None]).exp_()
             d[rows, targets[s:e]] -= 1.0
             d.mul_(grad_loss[s:e, None])
             if ctx.l2wrap != 0.0:  # upstream L2Wrap: independent of grad_output and reduction
                 d[rows, argmax[s:e]] += ctx.l2wrap * maxv[s:e]
-            d = d.to(hidden.dtype)
+            d = d.to(ctx.dtype)
             if need_h:
-                grad_h[s:e] = d @ weight
+                grad_h[s:e] = d @ w
             if need_w and d.dtype == acc:
-                grad_w.addmm_(d.T, hidden[s:e])
+                grad_w.addmm_(d.T, h[s:e])
             elif need_w:  # bf16/fp16: matmul in the input dtype, sum over chunks in fp32
-                grad_w += (d.T @ hidden[s:e]).to(acc)
+                grad_w += (d.T @ h[s:e]).to(acc)
+            del d
         if need_w:
             grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -136,9 +144,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
     if autocast and dtype != torch.float64:
         dtype = torch.get_autocast_dtype(device_type)
-    hidden, weight = hidden.to(dtype), weight.to(dtype)
     with _no_autocast(device_type):
-        loss = LinearCrossEntropy.apply(hidden, weight, targets, int(chunk_size), float(l2wrap))
+        loss = LinearCrossEntropy.apply(hidden, weight, targets, int(chunk_size), float(l2wrap), dtype)
 
     if reduction == "none":
         return loss
