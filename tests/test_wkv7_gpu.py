@@ -257,6 +257,7 @@ def run_emulated(lib, inputs, state, resets, dy, dsT, dtype):
     return [y, sT] + grads + [ds0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T,B,with_state,with_resets",
                          [(1, 1, True, True), (16, 1, False, False), (37, 2, True, True)])
@@ -291,6 +292,7 @@ def test_missing_tools_are_named(monkeypatch):
 def test_compile_error_is_reported(tmp_path, monkeypatch):
     (tmp_path / "wkv7_op.cpp").write_text("this is not C++\n")
     (tmp_path / "wkv7.cu").write_text("neither is this\n")
+    (tmp_path / "wkv7.h").write_text("\n")
     monkeypatch.setattr(cuda_mod, "missing_tools", lambda: [])
     monkeypatch.setattr(cuda_mod, "build_dir", lambda cap: tmp_path / "build")
     with pytest.raises(RuntimeError, match="building the WKV-7 CUDA kernel .* failed"):

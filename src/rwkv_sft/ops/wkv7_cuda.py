@@ -57,7 +57,7 @@ def build_extension(capability: tuple[int, int], csrc: Path | None = None, verbo
     Raises RuntimeError naming what is missing or what failed.
     """
     csrc = csrc or CSRC
-    sources = [csrc / "wkv7_op.cpp", csrc / "wkv7.cu"]
+    sources = [csrc / "wkv7_op.cpp", csrc / "wkv7.cu", csrc / "wkv7.h"]
     absent = [str(s) for s in sources if not s.is_file()]
     if absent:
         raise RuntimeError(f"WKV-7 CUDA sources not found: {', '.join(absent)}")
@@ -72,7 +72,7 @@ def build_extension(capability: tuple[int, int], csrc: Path | None = None, verbo
     os.environ["TORCH_CUDA_ARCH_LIST"] = f"{capability[0]}.{capability[1]}"  # this GPU only
     try:
         return load(name=f"rwkv_sft_wkv7_sm{capability[0]}{capability[1]}",
-                    sources=[str(s) for s in sources], build_directory=str(directory),
+                    sources=[str(s) for s in sources[:2]], build_directory=str(directory),
                     extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-Xptxas=-O3"], verbose=verbose)
     except Exception as e:
         # torch puts ninja's whole output in the message: keep the compiler's error lines

@@ -14,7 +14,7 @@
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #endif
-#include <stdint.h>
+#include "wkv7.h"
 
 // Steps between state snapshots kept by the forward for the backward.
 constexpr int CHUNK = 16;

@@ -3,25 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/utils/pybind.h>  // pybind11 with Tensor casters; lighter than torch/extension.h
 
-extern "C" {
-const char* wkv7_forward_f32(int B, int T, int H, int N, const void* r, const void* w, const void* k,
-                             const void* v, const void* a, const void* b, const float* s0,
-                             const uint8_t* resets, void* y, float* sT, float* snaps, void* stream);
-const char* wkv7_forward_bf16(int B, int T, int H, int N, const void* r, const void* w, const void* k,
-                              const void* v, const void* a, const void* b, const float* s0,
-                              const uint8_t* resets, void* y, float* sT, float* snaps, void* stream);
-const char* wkv7_backward_f32(int B, int T, int H, int N, const void* r, const void* w, const void* k,
-                              const void* v, const void* a, const void* b, const void* dy,
-                              const float* dsT, const float* snaps, const uint8_t* resets,
-                              float* scratch, void* dr, void* dw, void* dk, void* dv, void* da,
-                              void* db, float* ds0, void* stream);
-const char* wkv7_backward_bf16(int B, int T, int H, int N, const void* r, const void* w, const void* k,
-                               const void* v, const void* a, const void* b, const void* dy,
-                               const float* dsT, const float* snaps, const uint8_t* resets,
-                               float* scratch, void* dr, void* dw, void* dk, void* dv, void* da,
-                               void* db, float* ds0, void* stream);
-int wkv7_chunk_len();
-}
+#include "wkv7.h"
 
 using at::Tensor;
 
