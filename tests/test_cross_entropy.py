@@ -220,3 +220,17 @@ def test_rejects_bad_arguments(bad):
     args.update(bad)
     with pytest.raises(ValueError):
         linear_cross_entropy(**args)
+
+
+def test_mixed_dtypes_compute_in_the_wider_one():
+    h, w, t = make(10, 30, 4, torch.float32)
+    hb = h.detach().bfloat16().requires_grad_()
+    loss = linear_cross_entropy(hb, w, t, chunk_size=4)
+    gh, gw = torch.autograd.grad(loss, (hb, w))
+    h32 = hb.detach().float().requires_grad_()
+    ref = full_logits(h32, w, t, "mean")
+    rh, rw = torch.autograd.grad(ref, (h32, w))
+    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(gw, rw, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(gh, rh.bfloat16(), rtol=2**-7, atol=1e-6)  # up to one bf16 rounding

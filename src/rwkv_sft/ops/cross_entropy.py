@@ -117,7 +117,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """F.cross_entropy(hidden @ weight.T, targets, reduction=...) holding one chunk of logits.
 
     hidden [N,C] (only the rows that carry loss), weight [V,C], targets [N] of valid ids in
-    [0, V). reduction: "mean" | "sum" | "none". chunk_size: rows per chunk (default: ~32 MiB of
+    [0, V). reduction: "mean" | "sum" | "none". chunk_size: rows per chunk (default: ~64 MiB of
     fp32 logits). l2wrap: RWKV's L2Wrap factor (the trainer passes 1e-4 / loss rows in the
     global batch); the loss value is unchanged, the backward adds l2wrap * max_logit at each
     row's argmax logit. Returns a 0-d loss (or [N] for "none") in fp32 (fp64 for fp64 inputs).
@@ -132,6 +132,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"targets must be integer ids, got {targets.dtype}")
     vocab = weight.shape[0]
     targets = targets.long()
+    # one reduction and one host sync: cheap next to the matmuls, and a bad id would otherwise
+    # surface as an opaque gather/index error (or a device assert on CUDA)
     if targets.numel() and bool(((targets < 0) | (targets >= vocab)).any()):
         raise ValueError(f"targets must lie in [0, {vocab}); got min {int(targets.min())}, max {int(targets.max())}")
     if chunk_size is None:
@@ -140,7 +142,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
     device_type = hidden.device.type
-    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)  # mixed inputs: the wider one
     autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
     if autocast and dtype != torch.float64:
         dtype = torch.get_autocast_dtype(device_type)
