@@ -324,6 +324,20 @@ def test_usable_is_false_when_the_build_fails(tmp_path, monkeypatch):
     assert cuda_mod.cuda_kernel_usable("cpu") is False
 
 
+def test_self_check_accepts_a_correct_kernel_and_rejects_a_wrong_one(monkeypatch):
+    monkeypatch.setattr(cuda_mod, "_extension", lambda device: None)
+    monkeypatch.setattr(cuda_mod, "wkv7_cuda", wkv7_reference)  # a correct "kernel", on the CPU
+    with torch.no_grad():  # as when generation code is the first to ask
+        cuda_mod._self_check(torch.device("cpu"))
+
+    def wrong(*args, **kwargs):
+        y, s = wkv7_reference(*args, **kwargs)
+        return y, s * 1.01
+    monkeypatch.setattr(cuda_mod, "wkv7_cuda", wrong)
+    with pytest.raises(RuntimeError, match="self-check failed: state"):
+        cuda_mod._self_check(torch.device("cpu"))
+
+
 # ---- fla: the convention conversions, through a stand-in that follows fla's documented API ----
 
 def fake_chunk_rwkv7(r, w, k, v, a, b, scale=1.0, initial_state=None, output_final_state=False,

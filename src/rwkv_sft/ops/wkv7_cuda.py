@@ -105,20 +105,24 @@ def example_inputs(B, T, H, N, device="cpu", dtype=torch.float32, seed=0):
     return [x.to(device=device, dtype=dtype) for x in (r, w, k, v, a, b)]
 
 
+@torch.inference_mode(False)
+@torch.enable_grad()  # the first call may come from generation code under no_grad
 def _self_check(device: torch.device) -> None:
     """Forward and backward of the kernel against the reference on a small ragged input."""
     from .wkv7_reference import wkv7_reference
     _extension(device)  # a build failure says so before anything else
     B, T, H, N = 2, 37, 2, 64  # 37: two full chunks and a tail
     inputs = example_inputs(B, T, H, N, device=device)
-    state = torch.randn(B, H, N, N, generator=torch.Generator().manual_seed(1)).to(device) * 0.1
+    g = torch.Generator().manual_seed(1)
+    state, dstate = (torch.randn(B, H, N, N, generator=g).to(device) for _ in range(2))
+    dy = torch.randn(B, T, H, N, generator=g).to(device)
     resets = torch.zeros(B, T, dtype=torch.bool, device=device)
     resets[1, 20] = True
     results = []
     for fn in (wkv7_cuda, wkv7_reference):
-        xs = [x.clone().requires_grad_() for x in inputs + [state]]
+        xs = [x.clone().requires_grad_() for x in inputs + [state * 0.1]]
         y, s = fn(*xs[:6], state=xs[6], resets=resets)
-        torch.autograd.backward((y, s), (torch.ones_like(y), torch.ones_like(s)))
+        torch.autograd.backward((y, s), (dy, dstate))
         results.append([y, s] + [x.grad for x in xs])
     names = ["y", "state", "dr", "dw", "dk", "dv", "da", "db", "dstate"]
     for name, got, want in zip(names, *results):
