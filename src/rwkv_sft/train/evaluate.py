@@ -1,0 +1,139 @@
+"""Evaluation on held-out examples: completion loss, perplexity, token accuracy, exact match."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data import BatchLoader, TokenizedExamples
+
+HEAD_ROWS = 1 << 24  # logits elements per head chunk (64 MiB fp32): 256 rows at V = 65536
+GENERATE_ROWS = 64   # prompts decoded together
+
+
+def _unit_weights(examples):
+    """The same examples, each once (file weights decide sampling in training, not evaluation)."""
+    w = getattr(examples, "weights", None)
+    if w is None or np.all(w == 1):
+        return examples
+    return TokenizedExamples(examples.shards, examples.shard, examples.begin, examples.end, examples.lines,
+                             paths=examples.paths)
+
+
+def _autocast(device, precision):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def exact_match_indices(n: int, samples: int, seed: int = 0) -> list[int]:
+    """The deterministic sample of examples checked for exact match (sorted; all when samples >= n)."""
+    if samples >= n:
+        return list(range(n))
+    return sorted(np.random.default_rng(seed).permutation(n)[:samples].tolist())
+
+
+def greedy_tokens(model, prompts, stop_tokens, limits, device, precision="fp32") -> list[list[int]]:
+    """Greedy continuation of each prompt (token ids), up to and including its stop token, or
+    `limits[i]` tokens. Prompts of equal length are prefilled together as one batch."""
+    out = [None] * len(prompts)
+    by_length = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    groups = [g[k:k + GENERATE_ROWS] for g in by_length.values() for k in range(0, len(g), GENERATE_ROWS)]
+    for group in groups:
+        tokens = torch.tensor(np.stack([prompts[i] for i in group]), dtype=torch.long, device=device)
+        stop = torch.tensor([stop_tokens[i] for i in group], device=device)
+        limit = max(limits[i] for i in group)
+        generated = []
+        done = torch.zeros(len(group), dtype=torch.bool, device=device)
+        with _autocast(device, precision):
+            logits, state = model(tokens, full_output=False)
+            for t in range(limit):
+                nxt = logits.float().argmax(dim=-1)
+                generated.append(nxt)
+                done |= nxt == stop
+                if bool(done.all()) or t + 1 == limit:
+                    break
+                logits, state = model(nxt.unsqueeze(1), state=state, full_output=False)
+        generated = torch.stack(generated, dim=1).tolist()
+        for row, i in enumerate(group):
+            seq = generated[row][:limits[i]]
+            if stop_tokens[i] in seq:
+                seq = seq[:seq.index(stop_tokens[i]) + 1]
+            out[i] = seq
+    return out
+
+
+@torch.inference_mode()
+def evaluate(model, examples: TokenizedExamples, tokenizer, *, batch_tokens: int = 4096,
+             exact_match_samples: int = 64, max_new_tokens: int | None = None, device=None,
+             precision: str = "fp32", seed: int = 0) -> dict:
+    """Metrics of `model` on `examples` (every example once), computed in this process.
+
+    In a distributed run call it on rank 0 only (the trainer does): it is not sharded.
+
+    - loss: mean cross-entropy over all loss tokens (completion tokens incl. the end marker),
+      each predicted from everything before it; perplexity = exp(loss).
+    - token_accuracy: fraction of loss tokens where the argmax of the logits is the target.
+    - exact_match: over a deterministic sample of `exact_match_samples` examples (seeded by
+      `seed`; all when there are fewer), with prompt, reference = examples.split(i): the model
+      continues the prompt greedily until it emits the reference's last token (the end marker:
+      token 0 or 261 "\\n\\n") or has produced `max_new_tokens` tokens (default: twice the
+      reference's length + 8). The example matches when that last token was produced and the
+      decoded text of the generated tokens equals the decoded text of the reference (so a
+      different tokenization of the same text still matches; stopping early or late does not).
+    - samples: for the exact-match sample, dicts {"prompt", "reference", "generated", "match"}
+      (decoded text, end marker excluded) to show to people.
+
+    Hidden rows are gathered at the loss mask before the head, so no logits exist for context
+    positions. The model is put in eval mode and restored to its previous mode afterwards.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        examples = _unit_weights(examples)
+        head = model.head.weight
+        chunk = max(1, HEAD_ROWS // head.shape[0])
+        loss_sum, correct, count = 0.0, 0, 0
+        if len(examples):
+            loader = BatchLoader(examples, batch_tokens=batch_tokens, packing=False, shuffle=False)
+            for batch in loader.epoch_batches(0):
+                b = batch.to(device)
+                with _autocast(device, precision):
+                    hidden, _ = model.forward_hidden(b.tokens, resets=b.resets)
+                rows, targets = hidden[b.loss_mask].float(), b.targets[b.loss_mask]
+                for k in range(0, rows.shape[0], chunk):
+                    logits = rows[k:k + chunk] @ head.float().T
+                    loss_sum += float(F.cross_entropy(logits, targets[k:k + chunk], reduction="sum"))
+                    correct += int((logits.argmax(dim=-1) == targets[k:k + chunk]).sum())
+                count += rows.shape[0]
+        loss = loss_sum / count if count else float("nan")
+        result = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)) if count else float("nan"),
+                  "token_accuracy": correct / count if count else float("nan"),
+                  "loss_tokens": count, "examples": len(examples)}
+
+        indices = [i for i in exact_match_indices(len(examples), exact_match_samples, seed)
+                   if len(examples.split(i)[1])]
+        if indices:
+            pairs = [examples.split(i) for i in indices]
+            limits = [max_new_tokens or 2 * len(ref) + 8 for _, ref in pairs]
+            generated = greedy_tokens(model, [p for p, _ in pairs], [int(ref[-1]) for _, ref in pairs],
+                                      limits, device, precision)
+            samples = []
+            for (prompt, ref), gen in zip(pairs, generated):
+                stopped = bool(gen) and gen[-1] == int(ref[-1])
+                match = stopped and tokenizer.decode(gen) == tokenizer.decode(ref.tolist())
+                body = gen[:-1] if stopped else gen  # shown without the end marker
+                samples.append({"prompt": tokenizer.decode(prompt.tolist()), "reference": tokenizer.decode(ref[:-1].tolist()),
+                                "generated": tokenizer.decode(body), "match": match})
+            result["exact_match"] = sum(s["match"] for s in samples) / len(samples)
+            result["exact_match_n"] = len(samples)
+            result["samples"] = samples
+        result["time_s"] = time.perf_counter() - start
+        return result
+    finally:
+        model.train(was_training)

@@ -1,0 +1,119 @@
+"""Metrics: one JSON object per line in out_dir/metrics.jsonl (mirrored to TensorBoard), and a plot.
+
+The JSON Lines file is the record a run keeps; TensorBoard is a convenience that needs the
+optional `tensorboard` package. `plot_metrics` draws the loss curves from the JSON Lines alone.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+
+class MetricsLogger:
+    """`log(kind, step, **values)` appends {"kind", "step", "time", **values} to metrics.jsonl.
+
+    Disabled loggers (processes other than rank 0) accept every call and write nothing.
+    Numeric values also go to TensorBoard as "<kind>/<name>" when `torch.utils.tensorboard` imports.
+    """
+
+    def __init__(self, out_dir, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self._file = self._writer = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # torch raises ImportError when the tensorboard package is missing
+                print("rwkv-sft: TensorBoard logging off (pip install tensorboard to enable); "
+                      f"metrics go to {self.path}", flush=True)
+            else:
+                self._writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+
+    def log(self, kind: str, step: int, **values) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": int(step), "time": time.time(), **values}
+        # allow_nan: a non-finite loss is worth recording (Python's json writes NaN / Infinity)
+        self._file.write(json.dumps(record, default=float) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._writer.add_scalar(f"{kind}/{name}", value, int(step))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a metrics.jsonl file; a torn last line (a killed run) is ignored."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def _series(records, kind, key):
+    points = [(r["step"], r[key]) for r in records
+              if r.get("kind") == kind and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def plot_metrics(metrics_jsonl, png_path) -> Path:
+    """PNG of the train loss (and eval loss) vs step; eval exact match / token accuracy on the
+    right-hand axis when the log has them."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed (servers, CI)
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_jsonl)
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for kind, key, style in (("train", "loss", "-"), ("eval", "loss", "o-")):
+        steps, values = _series(records, kind, key)
+        if steps:
+            ax.plot(steps, values, style, label=f"{kind} loss", markersize=4)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("completion loss (nats / token)")
+    if any(v > 0 for r in records for v in [r.get("loss")] if isinstance(v, (int, float)) and math.isfinite(v)):
+        ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    acc = [(k, _series(records, "eval", k)) for k in ("exact_match", "token_accuracy")]
+    acc = [(k, s) for k, s in acc if s[0]]
+    if acc:
+        ax2 = ax.twinx()
+        for (key, (steps, values)), color in zip(acc, ("tab:green", "tab:red")):
+            ax2.plot(steps, values, "s--", color=color, label=f"eval {key.replace('_', ' ')}", markersize=4)
+        ax2.set_ylim(-0.02, 1.02)
+        ax2.set_ylabel("accuracy")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    if handles:
+        ax.legend(handles, labels, loc="center right")
+    ax.set_title(f"{Path(metrics_jsonl).parent.name}: training metrics")
+    fig.tight_layout()
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path
