@@ -2,9 +2,11 @@
 
 Without a GPU this file still checks what it can: the kernel source compiles for sm_80 and sm_90
 (nvcc) and its binding against torch's headers (g++); a plain-PyTorch mirror of the kernel's
-backward algorithm matches autograd in float64; the fla convention conversions (state transpose,
-resets -> cu_seqlens) match the reference through a stand-in for chunk_rwkv7; a failing build
-disables the kernel with a clear message. The comparisons on a GPU skip without one.
+backward algorithm matches autograd in float64; the kernels' own code, compiled by g++ through a
+shim (a std::thread per CUDA thread, a barrier per __syncthreads), matches the reference; the fla
+convention conversions (state transpose, resets -> cu_seqlens) match the reference through a
+stand-in for chunk_rwkv7; a failing build or a failing self-check disables the kernel with a clear
+message. The comparisons on a GPU skip without one.
 """
 from __future__ import annotations
 
