@@ -23,10 +23,13 @@ def _load_backend(name):
     return getattr(importlib.import_module(module), function)
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> the CUDA kernel on a GPU when it built and passed its self-check, else 'chunked'."""
+def resolve_backend(backend: str, device: torch.device, seq_len: int | None = None) -> str:
+    """'auto' -> the CUDA kernel on a GPU when it built and passed its self-check, else 'chunked';
+    a single step on the CPU (token-by-token decoding) is cheapest as the plain recurrence."""
     if backend != "auto":
         return backend
+    if seq_len == 1 and device.type == "cpu":
+        return "reference"
     if device.type == "cuda":
         try:
             from .wkv7_cuda import cuda_kernel_usable
@@ -47,7 +50,7 @@ def wkv7(r, w, k, v, a, b, state=None, backend="auto", resets=None):
     resets: optional bool [B,T], True where a new sequence starts (the state is zeroed before
     that token). Returns (y [B,T,H,N] in r's dtype, final state [B,H,N,N] fp32).
     """
-    name = resolve_backend(backend, r.device)
+    name = resolve_backend(backend, r.device, r.shape[1])
     return _load_backend(name)(r, w, k, v, a, b, state=state, resets=resets)
 
 
