@@ -32,8 +32,18 @@ def _sigterm_on_optimizer_step(n):
     return original, step
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Bit-identical needs the same reduction order in every run: one thread, so that a BLAS
+    that adapts its thread count to the machine's load (MKL_DYNAMIC) cannot change it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
+def straight_run(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("straight")
     return train(tiny_config(out, **SETTINGS), data=tiny_data())
 
@@ -73,7 +83,7 @@ def step(self, *a, **k):
         os.kill(os.getpid(), signal.SIGTERM)
     return original(self, *a, **k)
 torch.optim.AdamW.step = step
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 r = train(tiny_config({out!r}, **{settings!r}), data=tiny_data())
 print("STOPPED_AT", r.steps, r.interrupted)
 '''

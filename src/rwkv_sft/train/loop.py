@@ -77,6 +77,20 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(e).lower()
 
 
+@contextlib.contextmanager
+def _oom_advice(early: bool, step: int, config: TrainConfig, precision: str):
+    """Out of memory in the first steps: say which setting to lower instead of a traceback."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        if not early or not _is_oom(e):
+            raise
+        raise UserError(
+            f"out of memory in training step {step + 1} (batch_tokens={config.batch_tokens}, precision={precision}, "
+            f"activation_checkpointing={config.activation_checkpointing}): lower batch_tokens (--batch-tokens), turn "
+            f"on activation_checkpointing (--activation-checkpointing) or use --precision bf16") from None
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
     if precision == "auto":
@@ -306,24 +320,17 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
                 break
             # 2. forward/backward, clip, update unless something was not finite
             set_lr(optimizer, lr := lr_at(step, **schedule))
-            try:
+            with _oom_advice(step - start_step < OOM_GRACE_STEPS, step, config, precision):
                 local_loss = accumulate_gradients(loss_module, batches, device=device, global_count=count,
                                                   world_size=d.world_size, ddp=ddp, precision=precision,
                                                   l2wrap=config.l2wrap)
-            except (RuntimeError, MemoryError) as e:
-                if not _is_oom(e) or step - start_step >= OOM_GRACE_STEPS:
-                    raise
-                raise UserError(
-                    f"out of memory in training step {step + 1} (batch_tokens={config.batch_tokens}, precision="
-                    f"{precision}, activation_checkpointing={config.activation_checkpointing}): lower batch_tokens "
-                    f"(--batch-tokens), turn on activation_checkpointing (--activation-checkpointing) or use "
-                    f"--precision bf16") from None
-            loss_total = distributed.all_sum(d, [local_loss])[0]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip or math.inf)) if params else 0.0
-            loss = loss_total / count if count else 0.0
-            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+                loss_total = distributed.all_sum(d, [local_loss])[0]
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip or math.inf)) if params else 0.0
+                loss = loss_total / count if count else 0.0
+                finite = math.isfinite(loss) and math.isfinite(grad_norm)
+                if count and finite:
+                    optimizer.step()
             if count and finite:
-                optimizer.step()
                 bad_run = 0
                 history.append({"step": step + 1, "loss": loss, "lr": lr})
             elif count:
@@ -385,9 +392,9 @@ def summary(r: TrainResult, signum=None) -> str:
             ("tokens", f"{r.tokens:,} ({r.loss_tokens:,} completion tokens) in {r.time_s:.1f} s = {r.tokens_per_s:,.0f} tokens/s"),
             ("train loss", "n/a" if r.train_loss is None else f"{r.train_loss:.4f} (mean of the last steps)")]
     if r.eval:
-        e = r.eval
-        rows.append(("eval", f"loss {e.get('loss', float('nan')):.4f}, perplexity {e.get('perplexity', float('nan')):.2f}, "
-                             f"token accuracy {e.get('token_accuracy', float('nan')):.3f}, exact match {e.get('exact_match', float('nan')):.3f}"))
+        num = lambda key, fmt: "n/a" if r.eval.get(key) is None else format(r.eval[key], fmt)  # noqa: E731
+        rows.append(("eval", f"loss {num('loss', '.4f')}, perplexity {num('perplexity', '.2f')}, token accuracy "
+                             f"{num('token_accuracy', '.3f')}, exact match {num('exact_match', '.3f')}"))
     rows.append(("checkpoint", str(r.checkpoint)))
     if r.exports:
         rows.append(("model", ", ".join(str(p) for p in r.exports.values())))
