@@ -152,3 +152,23 @@ def test_torn_last_line_is_ignored(tmp_path):
     path.write_text(json.dumps({"kind": "train", "step": 1, "time": 0.0, "loss": 2.0}) + "\n{\"kind\": \"tr")
     assert [r["loss"] for r in read_metrics(path)] == [2.0]
     _png_size(plot_metrics(path, tmp_path / "p.png"))
+
+
+def test_eval_command_json(tmp_path, tokenizer, capsys):
+    from rwkv_sft.cli import main
+    from rwkv_sft.data import DataConfig, prepare_data
+
+    data = tmp_path / "d.jsonl"
+    rows = [{"context": f"Q{i}: {'ab' * i}?", "completion": f" {i * 7} ok"} for i in range(1, 7)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    torch.manual_seed(1)
+    model = RWKV7(RWKV7Config(n_layer=1, n_embd=64))  # World vocabulary: the tokenizer's ids fit
+    model.save(tmp_path / "m.pth")
+    assert main(["eval", "--model", str(tmp_path / "m.pth"), "--data", str(data), "--exact-match", "3",
+                 "--device", "cpu", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    prepared = prepare_data(DataConfig(train_files=[str(data)]), tokenizer=tokenizer, show_progress=False)
+    want = evaluate(RWKV7.load(tmp_path / "m.pth"), prepared.train, tokenizer, exact_match_samples=3)
+    assert got["examples"] == 6 and got["exact_match_n"] == 3
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert got["token_accuracy"] == pytest.approx(want["token_accuracy"])

@@ -30,7 +30,7 @@ def demo_config(out_dir, steps: int = STEPS, seed: int = 0, progress: bool = Tru
         max_steps=steps, batch_tokens=512, packing=False,  # ~32 examples of 16 positions per step
         lr=3e-3, lr_final=3e-4, warmup_steps=min(20, steps // 5), schedule="cosine",
         eval_every=max(1, steps // 3), eval_exact_match=200, wkv_backend="chunked",
-        export=["pth"], seed=seed, device="cpu", progress=progress)
+        export=["pth"], tensorboard=False, seed=seed, device="cpu", progress=progress)
 
 
 def add_arguments(p) -> None:
@@ -49,14 +49,22 @@ def _show(title: str, ev: dict) -> None:
 
 
 def run(args) -> int:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # the process (e.g. a test session) keeps its setting
+
+
+def _run(args) -> int:
     from ..data import prepare_data
     from ..model import RWKV7, RWKV7Config
     from ..tokenizer import Tokenizer
     from ..train import train
     from ..train.evaluate import evaluate
 
-    start = time.perf_counter()
-    torch.set_num_threads(args.threads)
+    start, cpu_start = time.perf_counter(), time.process_time()
     steps = args.steps or (QUICK_STEPS if args.quick else STEPS)
     out = Path(args.out)
     config = demo_config(out, steps, args.seed)
@@ -73,6 +81,9 @@ def run(args) -> int:
     before = evaluate(model, data.eval, tokenizer, batch_tokens=config.batch_tokens,
                       exact_match_samples=config.eval_exact_match)
     _show("before training", before)
+    from ..train.metrics import MetricsLogger
+    with MetricsLogger(out, enabled=True, tensorboard=False) as log:  # step 0 of the plot
+        log.log("eval", 0, **{k: v for k, v in before.items() if isinstance(v, (int, float))})
 
     result = train(config, model=model, data=data, tokenizer=tokenizer)
     after = result.eval
@@ -82,7 +93,8 @@ def run(args) -> int:
     for s in after["samples"][:args.samples]:
         prompt = s["prompt"].replace("\n", " ")
         print(f"{prompt:<30}{s['reference']!r:<22}{s['generated']!r:<22}{'ok' if s['match'] else 'WRONG'}")
-    print(f"\ntotal time {time.perf_counter() - start:.0f} s (training {result.time_s:.0f} s, {result.steps} steps); "
+    print(f"\ntotal time {time.perf_counter() - start:.0f} s (training {result.time_s:.0f} s, {result.steps} steps; "
+          f"CPU time {time.process_time() - cpu_start:.0f} s); "
           f"loss plot: {result.plot_path}; model: {result.exports.get('pth')}")
     print(f"try it: rwkv-sft generate --model {result.exports.get('pth')} --temperature 0 --prompt $'Date: 1999-12-31\\nIn words:'")
     return 0
