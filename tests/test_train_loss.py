@@ -97,3 +97,24 @@ def test_all_masked_batch_gives_zero_loss_and_zero_grads():
     assert loss == 0.0
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.count_nonzero(p.grad) == 0, name
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model, batch = _model(), random_batch(seed=5)
+    lm = CompletionLoss(model, chunk_size=4)
+    accumulate_gradients(lm, [batch], device="cpu", global_count=batch.num_loss_tokens)
+    plain = _grads(model)
+    model.zero_grad()
+    model.activation_checkpointing = True
+    accumulate_gradients(lm, [batch], device="cpu", global_count=batch.num_loss_tokens)
+    _assert_grads_close(plain, _grads(model))
+
+
+def test_bf16_autocast_keeps_fp32_master_weights_and_tracks_fp32_loss():
+    model, batch = _model(), random_batch(seed=6)
+    lm = CompletionLoss(model, chunk_size=4)
+    fp32 = accumulate_gradients(lm, [batch], device="cpu", global_count=batch.num_loss_tokens)
+    model.zero_grad()
+    bf16 = accumulate_gradients(lm, [batch], device="cpu", global_count=batch.num_loss_tokens, precision="bf16")
+    assert abs(bf16 - fp32) < 0.02 * abs(fp32)
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
