@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", dest="c:progress", action="store_false", default=S)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="any setting, e.g. --set eval_every=50 --set data.anchor_fraction=0.5")
+    for action in p._actions:  # show "--lr LR", not the internal destination name
+        if action.dest.startswith("c:") and action.metavar is None and action.nargs != 0 and not action.choices:
+            action.metavar = action.option_strings[-1].lstrip("-").upper().replace("-", "_")
 
 
 def load_config_file(path) -> dict:
