@@ -17,7 +17,7 @@ TRAIN_FILE = DATA_DIR / "dates_train.jsonl"
 HELDOUT_FILE = DATA_DIR / "dates_heldout.jsonl"
 
 MODEL = dict(n_layer=2, n_embd=128, head_size=64, vocab_size=65536)  # World vocabulary
-STEPS, QUICK_STEPS = 300, 60
+STEPS, QUICK_STEPS = 200, 60
 
 
 def demo_config(out_dir, steps: int = STEPS, seed: int = 0, progress: bool = True):
@@ -29,7 +29,7 @@ def demo_config(out_dir, steps: int = STEPS, seed: int = 0, progress: bool = Tru
         data=data, model_config=dict(MODEL), out_dir=str(out_dir),
         max_steps=steps, batch_tokens=512, packing=False,  # ~32 examples of 16 positions per step
         lr=3e-3, lr_final=3e-4, warmup_steps=min(20, steps // 5), schedule="cosine",
-        eval_every=max(1, steps // 3), eval_exact_match=200, wkv_backend="chunked",
+        eval_every=max(1, steps // 4), eval_exact_match=200, wkv_backend="chunked",
         export=["pth"], tensorboard=False, seed=seed, device="cpu", progress=progress)
 
 

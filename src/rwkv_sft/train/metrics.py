@@ -85,6 +85,7 @@ def plot_metrics(metrics_jsonl, png_path) -> Path:
     import matplotlib
     matplotlib.use("Agg")  # no display needed (servers, CI)
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
 
     records = read_metrics(metrics_jsonl)
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
@@ -96,6 +97,9 @@ def plot_metrics(metrics_jsonl, png_path) -> Path:
     ax.set_ylabel("completion loss (nats / token)")
     if any(v > 0 for r in records for v in [r.get("loss")] if isinstance(v, (int, float)) and math.isfinite(v)):
         ax.set_yscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 2, 4, 10 rather than 2x10^0
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
     ax.grid(True, alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     acc = [(k, _series(records, "eval", k)) for k in ("exact_match", "token_accuracy")]
