@@ -23,6 +23,7 @@ def _write_data(path, n, seed):
     return path
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
     train_file, eval_file = _write_data(tmp_path / "train.jsonl", 24, 0), _write_data(tmp_path / "eval.jsonl", 4, 1)
     out = tmp_path / "run"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import random_model
@@ -69,6 +70,7 @@ def _close(a, b, tol=2e-6):
     assert err <= tol * (1 + b.abs().max().item()), err
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
     result_file = tmp_path / "rank0.pt"
     mp.spawn(_worker, args=(_free_port(), str(tmp_path / "ddp"), str(result_file)), nprocs=2, join=True)
