@@ -20,7 +20,10 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rwkv-sft", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="rwkv-sft",
+        description="Fine-tune RWKV-7 models on context -> completion data; generate, evaluate, export.",
+        epilog="Multi-process: torchrun --nproc-per-node N -m rwkv_sft train ...")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         try:
