@@ -98,8 +98,10 @@ def plot_metrics(metrics_jsonl, png_path) -> Path:
     if any(v > 0 for r in records for v in [r.get("loss")] if isinstance(v, (int, float)) and math.isfinite(v)):
         ax.set_yscale("log")
         plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 2, 4, 10 rather than 2x10^0
+        lo, hi = ax.get_ylim()
         ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        # label the 2, 3, ... ticks only when there is no decade tick to read the scale from
+        ax.yaxis.set_minor_formatter(plain if hi / lo < 10 else matplotlib.ticker.NullFormatter())
     ax.grid(True, alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     acc = [(k, _series(records, "eval", k)) for k in ("exact_match", "token_accuracy")]
