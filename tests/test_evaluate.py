@@ -17,6 +17,15 @@ from rwkv_sft.train.metrics import MetricsLogger, plot_metrics, read_metrics
 V = 512
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes gain nothing from threads, and a busy machine makes OpenMP's waits very slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return Tokenizer()
