@@ -44,28 +44,19 @@ def _prepare(r, w, k, v, a, b, resets, C):
     return r, logd, k, v, a, b, seg
 
 
-class _UnitLowerInverse(torch.autograd.Function):
+def _unit_lower_inverse(A):
     """(I - A)^{-1} for strictly lower triangular A [..., C, C].
 
     Doubling product (I + A)(I + A^2)(I + A^4)... (A is nilpotent): a few large batched matmuls,
     far faster on CPU than a batched `solve_triangular` of many small systems.
     """
-
-    @staticmethod
-    def forward(ctx, A):
-        X, P = A + torch.eye(A.shape[-1], dtype=A.dtype, device=A.device), A
-        n = 2
-        while n < A.shape[-1]:
-            P = P @ P
-            X = X + X @ P
-            n *= 2
-        ctx.save_for_backward(X)
-        return X
-
-    @staticmethod
-    def backward(ctx, dX):
-        X, = ctx.saved_tensors
-        return (X.mT @ dX @ X.mT).tril(-1)  # dX = X dA X
+    X, P = A + torch.eye(A.shape[-1], dtype=A.dtype, device=A.device), A
+    n = 2
+    while n < A.shape[-1]:
+        P = P @ P
+        X = X + X @ P
+        n *= 2
+    return X
 
 
 def _intra(r, logd, k, v, a, b, seg):
@@ -73,105 +64,152 @@ def _intra(r, logd, k, v, a, b, seg):
 
     Per chunk (all batched): Y = R P0 + Yc and P_end = M P0 + c, with R [C,K], Yc [C,V],
     M [K,K], c [K,V]. A reset inside a chunk masks every interaction across it and cuts the
-    rows after it off from P0.
+    rows after it off from P0. Returns a dict with those four and the intermediates the
+    hand-written backward needs.
     """
     C = r.shape[-2]
     G = logd.cumsum(-2)  # chunk-local inclusive log-decay sums (fp32: a global sum would overflow)
-    Gx = G - logd  # exclusive sums: a'_i meets P_{i-1}
-    Gend = G[..., -1:, :]
-    mid = G[..., C // 2:C // 2 + 1, :]  # centre the factorised exponents to keep them small
-    rq, aq = r * torch.exp(G - mid), a * torch.exp(Gx - mid)
-    einv = torch.exp(mid - G)
-    kq, bq = k * einv, b * einv
+    mid = G[..., C // 2:C // 2 + 1, :].clone()  # centre the factorised exponents to keep them small
+    eG = torch.exp(G - mid)
+    eGx = eG * torch.exp(-logd)  # exclusive sums Gx = G - logd: a'_i meets P_{i-1}
+    einv = torch.reciprocal(eG)
+    rq, aq, kq, bq = r * eG, a * eGx, k * einv, b * einv
+    # e^G = e^{G-mid} e^mid and e^{Gend-G} = e^{mid-G} e^{Gend-mid}: [.., 1, K] rows, no new exp
+    to_P0 = torch.exp(mid)  # the rows' view of the incoming state
+    to_end = torch.exp(G[..., -1:, :] - mid)  # decay from each token to the chunk end
+    decay_all = torch.exp(G[..., -1:, :])  # [.., 1, K]
 
     ones = torch.ones(C, C, dtype=torch.bool, device=r.device)
     incl, strict = ones.tril(), ones.tril(-1)
     if seg is not None:
         same = seg[..., :, None] == seg[..., None, :]  # [B,1,NC,C,C]
         incl, strict = incl & same, strict & same
-    A_rk, A_rb = (rq @ kq.mT) * incl, (rq @ bq.mT) * incl  # masked after the product: the upper
-    A_ak, A_ab = (aq @ kq.mT) * strict, (aq @ bq.mT) * strict  # triangle is finite, only > 1
-
-    rP, aP = r * torch.exp(G), a * torch.exp(Gx)  # the rows' view of the incoming state
-    if seg is not None:
-        first = (seg == 0).unsqueeze(-1).to(r.dtype)
-        rP, aP = rP * first, aP * first
-    # U (rows a'_i^T P_{i-1}) = W P0 + Uc, from the unit lower triangular system (I - A_ab) U = ...
-    X = _UnitLowerInverse.apply(A_ab)
-    W, Uc = X @ aP, X @ (A_ak @ v)
-    R = rP + A_rb @ W
-    Yc = A_rk @ v + A_rb @ Uc
-
-    dec = torch.exp(Gend - G)  # decay from each token to the chunk end, <= 1
-    kd, bd = k * dec, b * dec
-    decay_all = torch.exp(Gend)  # [.., 1, K]
-    if seg is not None:
         last = seg[..., -1:]
-        keep = (seg == last).unsqueeze(-1).to(r.dtype)
-        kd, bd = kd * keep, bd * keep
+        to_P0 = to_P0 * (seg == 0).unsqueeze(-1).to(r.dtype)
+        to_end = to_end * (seg == last).unsqueeze(-1).to(r.dtype)
         decay_all = decay_all * (last == 0).unsqueeze(-1).to(r.dtype)
-    M = bd.mT @ W + torch.diag_embed(decay_all.squeeze(-2))
-    c = kd.mT @ v + bd.mT @ Uc
-    return R, Yc, M, c
+    incl, strict = incl.to(r.dtype), strict.to(r.dtype)
+    A_rk, A_rb = (rq @ kq.mT).mul_(incl), (rq @ bq.mT).mul_(incl)  # masked after the product: the
+    A_ak, A_ab = (aq @ kq.mT).mul_(strict), (aq @ bq.mT).mul_(strict)  # upper triangle is finite
+
+    rP, aP = rq * to_P0, aq * to_P0
+    # U (rows a'_i^T P_{i-1}) = W P0 + Uc, from the unit lower triangular system (I - A_ab) U = ...
+    X = _unit_lower_inverse(A_ab)
+    W, Uc = X @ aP, X @ (A_ak @ v)
+    R = (A_rb @ W).add_(rP)
+    Yc = (A_rk @ v).add_(A_rb @ Uc)
+
+    kd, bd = kq * to_end, bq * to_end
+    M = bd.mT @ W
+    M.diagonal(dim1=-2, dim2=-1).add_(decay_all.squeeze(-2))
+    c = (kd.mT @ v).add_(bd.mT @ Uc)
+    return dict(R=R, Yc=Yc, M=M, c=c, logd=logd, v=v, eG=eG, eGx=eGx, einv=einv, rq=rq, aq=aq,
+                kq=kq, bq=bq, to_P0=to_P0, to_end=to_end, decay_all=decay_all, incl=incl,
+                strict=strict, A_rk=A_rk, A_rb=A_rb, A_ak=A_ak, X=X, W=W, Uc=Uc, rP=rP, aP=aP,
+                kd=kd, bd=bd)
 
 
 def _scan(M, c, P):
     """Apply P_{n+1} = M_n P_n + c_n over chunks; returns the incoming states [B,H,NC,K,V] and the last."""
-    P0s = []
+    P0s = torch.empty_like(c)
     for n in range(M.shape[2]):
-        P0s.append(P)
+        P0s[:, :, n] = P
         P = M[:, :, n] @ P + c[:, :, n]
-    return torch.stack(P0s, dim=2), P
+    return P0s, P
+
+
+def _intra_backward(s, P0s, dY, dPend):
+    """Gradients of the chunk inputs (r, logd, k, v, a, b) given dY and dP_end per chunk.
+
+    With U = W P0 + Uc the a-rows' reads of the state, per chunk: S = aP P0 + A_ak v, U = X S,
+    Y = rP P0 + A_rb U + A_rk v, P_end = D P0 + bd^T U + kd^T v, D = diag(decay_all).
+    Since X = (I - A_ab)^{-1}: dS = X^T dU and dA_ab = dS U^T. Every product r_i k_j e^{G_i - G_j}
+    depends on G only through differences, so the centring `mid` gets no gradient.
+    """
+    U = (s["W"] @ P0s).add_(s["Uc"])
+    dU = (s["A_rb"].mT @ dY).add_(s["bd"] @ dPend)
+    dS = s["X"].mT @ dU
+    incl, strict = s["incl"], s["strict"]
+    dA_rb, dA_rk = (dY @ U.mT).mul_(incl), (dY @ s["v"].mT).mul_(incl)
+    dA_ak, dA_ab = (dS @ s["v"].mT).mul_(strict), (dS @ U.mT).mul_(strict)
+    dv = (s["A_rk"].mT @ dY).add_(s["A_ak"].mT @ dS).add_(s["kd"] @ dPend)
+    drP, daP = dY @ P0s.mT, dS @ P0s.mT
+    dkd, dbd = s["v"] @ dPend.mT, U @ dPend.mT
+    ddecay = (dPend * P0s).sum(-1).unsqueeze(-2)  # the diagonal of dPend P0^T
+    rq, aq, kq, bq = s["rq"], s["aq"], s["kq"], s["bq"]
+    drq = (dA_rk @ kq).add_(dA_rb @ bq)
+    daq = (dA_ak @ kq).add_(dA_ab @ bq)
+    dkq = (dA_rk.mT @ rq).add_(dA_ak.mT @ aq)
+    dbq = (dA_rb.mT @ rq).add_(dA_ab.mT @ aq)
+    # the log-decay sums: rq, rP grow with e^G; aq, aP with e^Gx; kq, bq, kd, bd shrink with e^-G
+    dG = drq * rq
+    dG.addcmul_(drP, s["rP"]).sub_(dkq * kq).sub_(dbq * bq)
+    dend = dkd * s["kd"]
+    dend.addcmul_(dbd, s["bd"])
+    dG.sub_(dend)
+    dGx = (daq * aq).addcmul_(daP, s["aP"])
+    dG.add_(dGx)
+    dG[..., -1:, :] += dend.sum(-2, keepdim=True).addcmul_(ddecay, s["decay_all"])
+    dlogd = dG.flip(-2).cumsum(-2).flip(-2).sub_(dGx)  # G = cumsum(logd), Gx = G - logd
+    to_P0, to_end = s["to_P0"], s["to_end"]
+    dr = drP.mul_(to_P0).add_(drq).mul_(s["eG"])
+    da = daP.mul_(to_P0).add_(daq).mul_(s["eGx"])
+    dk = dkd.mul_(to_end).add_(dkq).mul_(s["einv"])
+    db = dbd.mul_(to_end).add_(dbq).mul_(s["einv"])
+    return dr, dlogd, dk, dv, da, db
 
 
 class _WKV7Chunked(torch.autograd.Function):
-    """Saves only the inputs and the state entering each chunk; the backward recomputes the
-    intra-chunk quantities, runs the chunk-to-chunk recurrence backwards by hand and lets
-    autograd differentiate the (vectorised, loop-free) intra-chunk part."""
+    """Keeps the intra-chunk intermediates and the state entering each chunk; the backward runs
+    the chunk-to-chunk recurrence backwards and then the intra-chunk part, both by hand."""
 
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, state, resets, C):
+    def forward(ctx, r, w, k, v, a, b, state, resets, C, keep):
         B, T, H, N = r.shape
-        R, Yc, M, c = _intra(*_prepare(r, w, k, v, a, b, resets, C))
+        s = _intra(*_prepare(r, w, k, v, a, b, resets, C))
         if state is None:
-            P = torch.zeros(B, H, N, N, dtype=R.dtype, device=r.device)
+            P = torch.zeros(B, H, N, N, dtype=s["R"].dtype, device=r.device)
         else:
-            P = state.to(R.dtype).mT
-        P0s, P = _scan(M, c, P)
-        Y = Yc + R @ P0s  # [B,H,NC,C,V]
-        ctx.save_for_backward(r, w, k, v, a, b, resets, P0s)
-        ctx.C, ctx.state_dtype = C, None if state is None else state.dtype
+            P = state.to(s["R"].dtype).mT
+        P0s, P = _scan(s["M"], s["c"], P)
+        Y = (s["R"] @ P0s).add_(s["Yc"])  # [B,H,NC,C,V]
+        if keep:
+            ctx.names = list(s)
+            ctx.save_for_backward(P0s, *s.values())
+            ctx.dims, ctx.dtypes = (B, T, H, N), [x.dtype for x in (r, w, k, v, a, b)]
+            ctx.state_dtype = None if state is None else state.dtype
         y = Y.reshape(B, H, -1, N)[:, :, :T].transpose(1, 2)
         return y.to(r.dtype), P.mT.contiguous()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dstate):
-        r, w, k, v, a, b, resets, P0s = ctx.saved_tensors
-        B, T, H, N = r.shape
-        needs = ctx.needs_input_grad[:6]
-        leaves = [x.detach().requires_grad_(n) for x, n in zip((r, w, k, v, a, b), needs)]
-        with torch.enable_grad():
-            R, Yc, M, c = _intra(*_prepare(*leaves, resets, ctx.C))
+        P0s, *saved = ctx.saved_tensors
+        s = dict(zip(ctx.names, saved))
+        B, T, H, N = ctx.dims
+        R, M = s["R"], s["M"]
         NC, C = R.shape[2], R.shape[3]
-        dY = torch.nn.functional.pad(dy.to(R.dtype).transpose(1, 2), (0, 0, 0, NC * C - T))
+        dY = dy.to(R.dtype).transpose(1, 2)
+        if NC * C != T:
+            dY = torch.nn.functional.pad(dY, (0, 0, 0, NC * C - T))
         dY = dY.reshape(B, H, NC, C, N)
         # the recurrence backwards: dP_n = R_n^T dY_n + M_n^T dP_{n+1}, from dP_end = dstate^T
         dP = dstate.to(R.dtype).mT
-        direct = R.mT @ dY
-        dPend = [None] * NC
+        dPend = R.mT @ dY  # the direct terms, overwritten chunk by chunk from the last
         for n in reversed(range(NC)):
-            dPend[n] = dP
-            dP = direct[:, :, n] + M[:, :, n].mT @ dP
-        dPend = torch.stack(dPend, dim=2)
-        grads = [None] * 6
-        wanted = [x for x, n in zip(leaves, needs) if n]
-        if wanted:
-            got = iter(torch.autograd.grad((R, Yc, M, c), wanted,
-                                           (dY @ P0s.mT, dY, dPend @ P0s.mT, dPend)))
-            grads = [next(got) if n else None for n in needs]
+            direct = dPend[:, :, n].clone()
+            dPend[:, :, n] = dP
+            dP = direct + M[:, :, n].mT @ dP
+        dr, dlogd, dk, dv, da, db = _intra_backward(s, P0s, dY, dPend)
+        dw = dlogd.mul_(s["logd"])  # logd = -exp(w)
+
+        def unchunk(x, dtype):
+            return x.reshape(B, H, NC * C, N)[:, :, :T].transpose(1, 2).to(dtype)
+
+        grads = [unchunk(g, dt) if need else None
+                 for g, dt, need in zip((dr, dw, dk, dv, da, db), ctx.dtypes, ctx.needs_input_grad)]
         dstate0 = dP.mT.to(ctx.state_dtype) if ctx.needs_input_grad[6] else None
-        return (*grads, dstate0, None, None)
+        return (*grads, dstate0, None, None, None)
 
 
 def wkv7_chunked(r, w, k, v, a, b, state=None, resets=None, chunk_size=CHUNK_SIZE):
@@ -179,6 +217,9 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, resets=None, chunk_size=CHUNK_SIZ
 
     resets: optional bool [B,T]; where True the state is zeroed before that token.
     Returns y [B,T,H,N] in r's dtype and the final state [B,H,N,N] (fp32; fp64 for fp64 inputs).
-    Memory: the backward keeps one [N,N] state per chunk, not per token.
+    Memory: the backward keeps the intra-chunk intermediates (a few dozen [B,H,T,N]-sized
+    tensors) and one [N,N] state per chunk, not per token; nothing under no_grad.
     """
-    return _WKV7Chunked.apply(r, w, k, v, a, b, state, resets, min(chunk_size, r.shape[1]))
+    keep = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (r, w, k, v, a, b, state))
+    return _WKV7Chunked.apply(r, w, k, v, a, b, state, resets, min(chunk_size, r.shape[1]), keep)
