@@ -33,7 +33,9 @@ def _prepare(r, w, k, v, a, b, resets, C):
         x = x.to(compute).transpose(1, 2)  # [B,H,T,N]
         if pad:
             x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-        return x.reshape(B, H, NC, C, N)
+        # contiguous: elementwise results inherit their inputs' strides, and every batched
+        # matmul on a [B,T,H,N]-strided operand would copy it first
+        return x.reshape(B, H, NC, C, N).contiguous()
 
     logd = -torch.exp(w.to(compute))  # log of the decay, >= -0.6065 for the model's w <= -0.5
     r, logd, k, v, a, b = (chunk(x) for x in (r, logd, k, v, a, b))
@@ -192,7 +194,7 @@ class _WKV7Chunked(torch.autograd.Function):
         dY = dy.to(R.dtype).transpose(1, 2)
         if NC * C != T:
             dY = torch.nn.functional.pad(dY, (0, 0, 0, NC * C - T))
-        dY = dY.reshape(B, H, NC, C, N)
+        dY = dY.reshape(B, H, NC, C, N).contiguous()
         # the recurrence backwards: dP_n = R_n^T dY_n + M_n^T dP_{n+1}, from dP_end = dstate^T
         dP = dstate.to(R.dtype).mT
         dPend = R.mT @ dY  # the direct terms, overwritten chunk by chunk from the last
