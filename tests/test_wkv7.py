@@ -173,3 +173,11 @@ def test_model_chunked_matches_reference():
     assert g_ref.keys() == g_ch.keys()
     for name in g_ref:
         torch.testing.assert_close(g_ch[name], g_ref[name], rtol=1e-7, atol=1e-9, msg=name)
+
+
+def test_row_groups_do_not_change_results(monkeypatch):
+    import rwkv_sft.ops.wkv7_chunked as chunked
+    B, T, H, N = 3, 45, 2, 8
+    x, s, resets = make_inputs(B, T, H, N, seed=10), make_state(B, H, N), random_resets(B, T, seed=11)
+    monkeypatch.setattr(chunked, "GROUP_CHUNKS", 12)  # NC = 3: groups of 4 rows and 2 of the 6
+    close(run(wkv7_chunked, x, s, resets, chunk_size=16), run(wkv7_reference, x, s, resets), 1e-10, "row groups")

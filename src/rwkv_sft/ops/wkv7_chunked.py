@@ -16,13 +16,15 @@ from __future__ import annotations
 import torch
 
 CHUNK_SIZE = 32
+GROUP_CHUNKS = 256  # chunks per group of rows, see `_groups`
 
 
 def _prepare(r, w, k, v, a, b, resets, C):
-    """[B,T,H,N] inputs -> [B,H,NC,C,N] in the compute dtype, padded so T divides into chunks.
+    """[B,T,H,N] inputs -> [B*H,NC,C,N] in the compute dtype, padded so T divides into chunks.
 
     Padding uses log-decay 0 (d = 1) and zero k, v, a, b: the state passes through unchanged.
-    Returns the chunked tensors (log-decay instead of w) and the segment ids of resets or None.
+    Returns the chunked tensors (log-decay instead of w) and the segment ids of resets
+    [B*H,NC,C] or None.
     """
     B, T, H, N = r.shape
     compute = torch.float64 if r.dtype == torch.float64 else torch.float32
@@ -35,15 +37,23 @@ def _prepare(r, w, k, v, a, b, resets, C):
             x = torch.nn.functional.pad(x, (0, 0, 0, pad))
         # contiguous: elementwise results inherit their inputs' strides, and every batched
         # matmul on a [B,T,H,N]-strided operand would copy it first
-        return x.reshape(B, H, NC, C, N).contiguous()
+        return x.reshape(B * H, NC, C, N).contiguous()
 
     logd = -torch.exp(w.to(compute))  # log of the decay, >= -0.6065 for the model's w <= -0.5
     r, logd, k, v, a, b = (chunk(x) for x in (r, logd, k, v, a, b))
     seg = None
     if resets is not None:
         rs = torch.nn.functional.pad(resets.to(torch.int32), (0, pad)).view(B, 1, NC, C)
-        seg = rs.cumsum(-1)  # segment id inside the chunk: 0 until the first reset
-    return r, logd, k, v, a, b, seg
+        seg = rs.cumsum(-1).expand(B, H, NC, C).reshape(B * H, NC, C)  # 0 until the first reset
+    return [r, logd, k, v, a, b], seg
+
+
+def _groups(rows, NC):
+    """Slices of (batch, head) rows processed together: big enough that each op has real work,
+    small enough that the dozens of temporaries stay in cache and are recycled by the allocator
+    (fresh memory costs a page fault per 4 KiB, which dominated the time when done all at once)."""
+    step = max(1, GROUP_CHUNKS // NC)
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
 
 
 def _unit_lower_inverse(A):
@@ -111,13 +121,13 @@ def _intra(r, logd, k, v, a, b, seg):
                 kd=kd, bd=bd)
 
 
-def _scan(M, c, P):
-    """Apply P_{n+1} = M_n P_n + c_n over chunks; returns the incoming states [B,H,NC,K,V] and the last."""
-    P0s = torch.empty_like(c)
-    for n in range(M.shape[2]):
-        P0s[:, :, n] = P
-        P = M[:, :, n] @ P + c[:, :, n]
-    return P0s, P
+def _scan(M, c, P, P0s):
+    """Apply P_{n+1} = M_n P_n + c_n over chunks [rows,NC,..]; writes the incoming states into P0s
+    [rows,NC,K,V] and returns the last."""
+    for n in range(M.shape[1]):
+        P0s[:, n] = P
+        P = torch.baddbmm(c[:, n], M[:, n], P)
+    return P
 
 
 def _intra_backward(s, P0s, dY, dPend):
@@ -162,55 +172,72 @@ def _intra_backward(s, P0s, dY, dPend):
 
 
 class _WKV7Chunked(torch.autograd.Function):
-    """Keeps the intra-chunk intermediates and the state entering each chunk; the backward runs
-    the chunk-to-chunk recurrence backwards and then the intra-chunk part, both by hand."""
+    """Works through groups of (batch, head) rows; keeps each group's intra-chunk intermediates
+    and the state entering each chunk. The backward runs the chunk-to-chunk recurrence backwards
+    and then the intra-chunk part, both by hand, group by group."""
 
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, state, resets, C, keep):
         B, T, H, N = r.shape
-        s = _intra(*_prepare(r, w, k, v, a, b, resets, C))
+        xs, seg = _prepare(r, w, k, v, a, b, resets, C)
+        rows, NC = xs[0].shape[:2]
         if state is None:
-            P = torch.zeros(B, H, N, N, dtype=s["R"].dtype, device=r.device)
+            P = torch.zeros(rows, N, N, dtype=xs[0].dtype, device=r.device)
         else:
-            P = state.to(s["R"].dtype).mT
-        P0s, P = _scan(s["M"], s["c"], P)
-        Y = (s["R"] @ P0s).add_(s["Yc"])  # [B,H,NC,C,V]
+            P = state.to(xs[0].dtype).mT.reshape(rows, N, N)
+        Y = torch.empty_like(xs[0])
+        P0s = xs[0].new_empty(rows, NC, N, N)
+        Pend = torch.empty_like(P)
+        saved = []
+        for g in _groups(rows, NC):
+            s = _intra(*(x[g] for x in xs), None if seg is None else seg[g])
+            Pend[g] = _scan(s["M"], s["c"], P[g], P0s[g])
+            torch.matmul(s["R"], P0s[g], out=Y[g]).add_(s["Yc"])
+            if keep:
+                saved += s.values()
         if keep:
             ctx.names = list(s)
-            ctx.save_for_backward(P0s, *s.values())
+            ctx.save_for_backward(P0s, *saved)
             ctx.dims, ctx.dtypes = (B, T, H, N), [x.dtype for x in (r, w, k, v, a, b)]
             ctx.state_dtype = None if state is None else state.dtype
-        y = Y.reshape(B, H, -1, N)[:, :, :T].transpose(1, 2)
-        return y.to(r.dtype), P.mT.contiguous()
+        y = Y.view(B, H, -1, N)[:, :, :T].transpose(1, 2)
+        return y.to(r.dtype), Pend.view(B, H, N, N).mT.contiguous()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dstate):
         P0s, *saved = ctx.saved_tensors
-        s = dict(zip(ctx.names, saved))
         B, T, H, N = ctx.dims
-        R, M = s["R"], s["M"]
-        NC, C = R.shape[2], R.shape[3]
-        dY = dy.to(R.dtype).transpose(1, 2)
+        rows, NC = P0s.shape[:2]
+        C = saved[0].shape[2]
+        dY = dy.to(P0s.dtype).transpose(1, 2)
         if NC * C != T:
             dY = torch.nn.functional.pad(dY, (0, 0, 0, NC * C - T))
-        dY = dY.reshape(B, H, NC, C, N).contiguous()
-        # the recurrence backwards: dP_n = R_n^T dY_n + M_n^T dP_{n+1}, from dP_end = dstate^T
-        dP = dstate.to(R.dtype).mT
-        dPend = R.mT @ dY  # the direct terms, overwritten chunk by chunk from the last
-        for n in reversed(range(NC)):
-            direct = dPend[:, :, n].clone()
-            dPend[:, :, n] = dP
-            dP = direct + M[:, :, n].mT @ dP
-        dr, dlogd, dk, dv, da, db = _intra_backward(s, P0s, dY, dPend)
-        dw = dlogd.mul_(s["logd"])  # logd = -exp(w)
+        dY = dY.reshape(rows, NC, C, N).contiguous()
+        dPs = dstate.to(P0s.dtype).mT.reshape(rows, N, N)
+        grads = [P0s.new_empty(rows, NC, C, N) for _ in range(6)]
+        dstate0 = torch.empty_like(dPs)
+        for i, g in enumerate(_groups(rows, NC)):
+            s = dict(zip(ctx.names, saved[i * len(ctx.names):(i + 1) * len(ctx.names)]))
+            R, M = s["R"], s["M"]
+            # the recurrence backwards: dP_n = R_n^T dY_n + M_n^T dP_{n+1}, from dP_end = dstate^T
+            dP = dPs[g]
+            dPend = R.mT @ dY[g]  # the direct terms, overwritten chunk by chunk from the last
+            for n in reversed(range(NC)):
+                direct = dPend[:, n].clone()
+                dPend[:, n] = dP
+                dP = torch.baddbmm(direct, M[:, n].mT, dP)
+            dstate0[g] = dP
+            for out, got in zip(grads, _intra_backward(s, P0s[g], dY[g], dPend)):
+                out[g] = got
+            grads[1][g].mul_(s["logd"])  # dw = dlogd * logd, as logd = -exp(w)
 
         def unchunk(x, dtype):
-            return x.reshape(B, H, NC * C, N)[:, :, :T].transpose(1, 2).to(dtype)
+            return x.view(B, H, NC * C, N)[:, :, :T].transpose(1, 2).to(dtype)
 
         grads = [unchunk(g, dt) if need else None
-                 for g, dt, need in zip((dr, dw, dk, dv, da, db), ctx.dtypes, ctx.needs_input_grad)]
-        dstate0 = dP.mT.to(ctx.state_dtype) if ctx.needs_input_grad[6] else None
+                 for g, dt, need in zip(grads, ctx.dtypes, ctx.needs_input_grad)]
+        dstate0 = dstate0.view(B, H, N, N).mT.to(ctx.state_dtype) if ctx.needs_input_grad[6] else None
         return (*grads, dstate0, None, None, None)
 
 
@@ -220,7 +247,8 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, resets=None, chunk_size=CHUNK_SIZ
     resets: optional bool [B,T]; where True the state is zeroed before that token.
     Returns y [B,T,H,N] in r's dtype and the final state [B,H,N,N] (fp32; fp64 for fp64 inputs).
     Memory: the backward keeps the intra-chunk intermediates (a few dozen [B,H,T,N]-sized
-    tensors) and one [N,N] state per chunk, not per token; nothing under no_grad.
+    tensors) and one [N,N] state per chunk, not per token; under no_grad only one group of
+    rows is in flight.
     """
     keep = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (r, w, k, v, a, b, state))
