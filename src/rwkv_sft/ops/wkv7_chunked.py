@@ -24,7 +24,7 @@ def _prepare(r, w, k, v, a, b, resets, C):
 
     Padding uses log-decay 0 (d = 1) and zero k, v, a, b: the state passes through unchanged.
     Returns the chunked tensors (log-decay instead of w) and the segment ids of resets
-    [B*H,NC,C] or None.
+    [B*H,NC,C] or None. Called on one group of rows at a time (B = 1, a slice of heads).
     """
     B, T, H, N = r.shape
     compute = torch.float64 if r.dtype == torch.float64 else torch.float32
@@ -48,12 +48,18 @@ def _prepare(r, w, k, v, a, b, resets, C):
     return [r, logd, k, v, a, b], seg
 
 
-def _groups(rows, NC):
-    """Slices of (batch, head) rows processed together: big enough that each op has real work,
+def _groups(B, H, NC):
+    """(batch index, slice of heads) processed together: big enough that each op has real work,
     small enough that the dozens of temporaries stay in cache and are recycled by the allocator
-    (fresh memory costs a page fault per 4 KiB, which dominated the time when done all at once)."""
-    step = max(1, GROUP_CHUNKS // NC)
-    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+    (fresh memory costs a page fault per 4 KiB, which dominated the time when done all at once)
+    and that under no_grad only one group is in memory."""
+    step = max(1, min(H, GROUP_CHUNKS // NC))
+    return [(i, slice(h, min(h + step, H))) for i in range(B) for h in range(0, H, step)]
+
+
+def _unchunk(x, T, out):
+    """Chunked [h,NC,C,N] -> out [T,h,N] (a strided view of a [B,T,H,N] tensor), dropping padding."""
+    out.copy_(x.view(x.shape[0], -1, x.shape[-1])[:, :T].transpose(0, 1))
 
 
 def _ones(x):
@@ -178,72 +184,85 @@ def _intra_backward(s, P0s, dY, dPend, out):
     torch.mul(dbd.mul_(to_end).add_(dbq), s["einv"], out=out[5])
 
 
+# What the backward keeps of `_intra`: no products it does not use, and nothing one cheap
+# elementwise op re-derives (fresh memory for saved tensors costs page faults; recomputing a
+# group's tensors in cache is cheaper)
+_SAVED = ("R", "M", "logd", "v", "eG", "rq", "aq", "kq", "bq", "to_P0", "to_end", "decay_all",
+          "incl", "strict", "A_rk", "A_rb", "A_ak", "X", "W", "Uc")
+
+
+def _unsave(tensors):
+    s = dict(zip(("P0s",) + _SAVED, tensors))
+    s["einv"] = torch.reciprocal(s["eG"])
+    s["eGx"] = torch.neg(s["logd"]).exp_().mul_(s["eG"])  # as in `_intra`
+    s["rP"], s["aP"] = s["rq"] * s["to_P0"], s["aq"] * s["to_P0"]
+    s["kd"], s["bd"] = s["kq"] * s["to_end"], s["bq"] * s["to_end"]
+    return s
+
+
 class _WKV7Chunked(torch.autograd.Function):
     """Works through groups of (batch, head) rows; keeps each group's intra-chunk intermediates
-    and the state entering each chunk. The backward runs the chunk-to-chunk recurrence backwards
+    and the states entering its chunks. The backward runs the chunk-to-chunk recurrence backwards
     and then the intra-chunk part, both by hand, group by group."""
 
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, state, resets, C, keep):
         B, T, H, N = r.shape
-        xs, seg = _prepare(r, w, k, v, a, b, resets, C)
-        rows, NC = xs[0].shape[:2]
-        if state is None:
-            P = torch.zeros(rows, N, N, dtype=xs[0].dtype, device=r.device)
-        else:
-            P = state.to(xs[0].dtype).mT.reshape(rows, N, N)
-        Y = torch.empty_like(xs[0])
-        P0s = xs[0].new_empty(rows, NC, N, N)
-        Pend = torch.empty_like(P)
+        NC = -(-T // C)
+        y = torch.empty_like(r)
+        Pend = r.new_empty(B, H, N, N, dtype=torch.float64 if r.dtype == torch.float64 else torch.float32)
         saved = []
-        for g in _groups(rows, NC):
-            s = _intra(*(x[g] for x in xs), None if seg is None else seg[g])
-            Pend[g] = _scan(s["M"], s["c"], P[g], P0s[g])
-            torch.matmul(s["R"], P0s[g], out=Y[g]).add_(s["Yc"])
+        for i, hs in _groups(B, H, NC):
+            xs, seg = _prepare(*(x[i:i + 1, :, hs] for x in (r, w, k, v, a, b)),
+                               None if resets is None else resets[i:i + 1], C)
+            s = _intra(*xs, seg)
+            if state is None:
+                P = xs[0].new_zeros(xs[0].shape[0], N, N)
+            else:
+                P = state[i, hs].to(xs[0].dtype).mT
+            P0s = xs[0].new_empty(xs[0].shape[0], NC, N, N)
+            Pend[i, hs] = _scan(s["M"], s["c"], P, P0s).mT
+            _unchunk(torch.matmul(s["R"], P0s).add_(s["Yc"]), T, y[i, :, hs])
             if keep:
-                saved += s.values()
+                saved += [P0s] + [s[name] for name in _SAVED]
         if keep:
-            ctx.names = list(s)
-            ctx.save_for_backward(P0s, *saved)
-            ctx.dims, ctx.dtypes = (B, T, H, N), [x.dtype for x in (r, w, k, v, a, b)]
+            ctx.save_for_backward(*saved)
+            ctx.dims, ctx.C = (B, T, H, N), C
+            ctx.dtypes = [x.dtype for x in (r, w, k, v, a, b)]
             ctx.state_dtype = None if state is None else state.dtype
-        y = Y.view(B, H, -1, N)[:, :, :T].transpose(1, 2)
-        return y.to(r.dtype), Pend.view(B, H, N, N).mT.contiguous()
+        return y, Pend
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dstate):
-        P0s, *saved = ctx.saved_tensors
         B, T, H, N = ctx.dims
-        rows, NC = P0s.shape[:2]
-        C = saved[0].shape[2]
-        dY = dy.to(P0s.dtype).transpose(1, 2)
-        if NC * C != T:
-            dY = torch.nn.functional.pad(dY, (0, 0, 0, NC * C - T))
-        dY = dY.reshape(rows, NC, C, N).contiguous()
-        dPs = dstate.to(P0s.dtype).mT.reshape(rows, N, N)
-        grads = [P0s.new_empty(rows, NC, C, N) for _ in range(6)]
-        dstate0 = torch.empty_like(dPs)
-        for i, g in enumerate(_groups(rows, NC)):
-            s = dict(zip(ctx.names, saved[i * len(ctx.names):(i + 1) * len(ctx.names)]))
-            R, M = s["R"], s["M"]
+        C, NC, n_saved = ctx.C, -(-ctx.dims[1] // ctx.C), 1 + len(_SAVED)
+        saved = ctx.saved_tensors
+        grads = [dy.new_empty(B, T, H, N, dtype=dt) for dt in ctx.dtypes]
+        dstate0 = torch.empty_like(dstate)
+        for j, (i, hs) in enumerate(_groups(B, H, NC)):
+            s = _unsave(saved[j * n_saved:(j + 1) * n_saved])
+            R, M, P0s = s["R"], s["M"], s["P0s"]
+            dY = dy[i:i + 1, :, hs].to(R.dtype).transpose(1, 2)
+            if NC * C != T:
+                dY = torch.nn.functional.pad(dY, (0, 0, 0, NC * C - T))
+            dY = dY.reshape(-1, NC, C, N).contiguous()
             # the recurrence backwards: dP_n = R_n^T dY_n + M_n^T dP_{n+1}, from dP_end = dstate^T
-            dP = dPs[g]
-            dPend = R.mT @ dY[g]  # the direct terms, overwritten chunk by chunk from the last
+            dP = dstate[i, hs].to(R.dtype).mT
+            dPend = R.mT @ dY  # the direct terms, overwritten chunk by chunk from the last
             for n in reversed(range(NC)):
                 direct = dPend[:, n].clone()
                 dPend[:, n] = dP
                 dP = torch.baddbmm(direct, M[:, n].mT, dP)
-            dstate0[g] = dP
-            _intra_backward(s, P0s[g], dY[g], dPend, [x[g] for x in grads])
-            grads[1][g].mul_(s["logd"])  # dw = dlogd * logd, as logd = -exp(w)
-
-        def unchunk(x, dtype):
-            return x.view(B, H, NC * C, N)[:, :, :T].transpose(1, 2).to(dtype)
-
-        grads = [unchunk(g, dt) if need else None
-                 for g, dt, need in zip(grads, ctx.dtypes, ctx.needs_input_grad)]
-        dstate0 = dstate0.view(B, H, N, N).mT.to(ctx.state_dtype) if ctx.needs_input_grad[6] else None
+            dstate0[i, hs] = dP.mT
+            got = [torch.empty_like(dY) for _ in range(6)]
+            _intra_backward(s, P0s, dY, dPend, got)
+            got[1].mul_(s["logd"])  # dw = dlogd * logd, as logd = -exp(w)
+            for g, out, need in zip(got, grads, ctx.needs_input_grad):
+                if need:
+                    _unchunk(g, T, out[i, :, hs])
+        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad)]
+        dstate0 = dstate0.to(ctx.state_dtype) if ctx.needs_input_grad[6] else None
         return (*grads, dstate0, None, None, None)
 
 
@@ -254,7 +273,7 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, resets=None, chunk_size=CHUNK_SIZ
     Returns y [B,T,H,N] in r's dtype and the final state [B,H,N,N] (fp32; fp64 for fp64 inputs).
     Memory: the backward keeps the intra-chunk intermediates (a few dozen [B,H,T,N]-sized
     tensors) and one [N,N] state per chunk, not per token; under no_grad only one group of
-    rows is in flight.
+    (batch, head) rows is in memory at a time.
     """
     keep = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (r, w, k, v, a, b, state))
