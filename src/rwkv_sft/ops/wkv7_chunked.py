@@ -2,8 +2,9 @@
 
 Same contract as `wkv7_reference`. The sequence is cut into chunks of C tokens; inside a chunk
 the recurrence is solved in closed form with C x C attention-like matrices (DESIGN.md §5.6),
-vectorised over batch, heads and chunks. Between chunks only a linear map remains,
-P_{n+1} = M_n P_n + c_n, which a short Python loop over chunks applies.
+vectorised over the chunks of a group of (batch, head) rows (see `_groups`). Between chunks only
+a linear map remains, P_{n+1} = M_n P_n + c_n, which a short Python loop over chunks applies.
+The backward is written by hand (`_intra_backward`), not left to autograd.
 
 Orientation: internally P = S^T (key x value), so the rows of every matrix below index tokens.
 
@@ -106,7 +107,7 @@ def _intra(r, logd, k, v, a, b, seg):
     ones = torch.ones(C, C, dtype=torch.bool, device=r.device)
     incl, strict = ones.tril(), ones.tril(-1)
     if seg is not None:
-        same = seg[..., :, None] == seg[..., None, :]  # [B,1,NC,C,C]
+        same = seg[..., :, None] == seg[..., None, :]  # [rows,NC,C,C]
         incl, strict = incl & same, strict & same
         last = seg[..., -1:]
         to_P0 = to_P0 * (seg == 0).unsqueeze(-1).to(r.dtype)
