@@ -250,11 +250,10 @@ class _WKV7Chunked(torch.autograd.Function):
             dY = dY.reshape(-1, NC, C, N).contiguous()
             # the recurrence backwards: dP_n = R_n^T dY_n + M_n^T dP_{n+1}, from dP_end = dstate^T
             dP = dstate[i, hs].to(R.dtype).mT
-            dPend = R.mT @ dY  # the direct terms, overwritten chunk by chunk from the last
+            direct, dPend = R.mT @ dY, torch.empty_like(P0s)
             for n in reversed(range(NC)):
-                direct = dPend[:, n].clone()
                 dPend[:, n] = dP
-                dP = torch.baddbmm(direct, M[:, n].mT, dP)
+                dP = torch.baddbmm(direct[:, n], M[:, n].mT, dP)
             dstate0[i, hs] = dP.mT
             got = [torch.empty_like(dY) for _ in range(6)]
             _intra_backward(s, P0s, dY, dPend, got)
