@@ -30,3 +30,24 @@ def atomic_write(path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed large blocks for reuse instead of returning them to the OS.
+
+    A CPU training step allocates and frees the same large buffers (gradients of the embedding
+    and head, chunks of logits) every step; by default each is a fresh mmap, so every step pays
+    page faults on tens of MB. Returns False where this is not glibc (nothing changes).
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    one_gib = 1 << 30
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, one_gib // 2) and libc.mallopt(M_TRIM_THRESHOLD, one_gib))

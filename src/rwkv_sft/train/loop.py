@@ -21,7 +21,7 @@ import yaml
 
 from ..errors import UserError
 from ..model import RWKV7, RWKV7Config
-from ..utils import atomic_write
+from ..utils import atomic_write, keep_freed_memory
 from . import checkpoint as ckpt
 from . import distributed
 from .config import TrainConfig
@@ -206,6 +206,8 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     from .metrics import MetricsLogger, plot_metrics
 
     device, out = d.device, Path(config.out_dir)
+    if device.type == "cpu":
+        keep_freed_memory()
     precision = resolve_precision(config.precision, device)
     ckpt_root = out / "checkpoints"
     resume_from = ckpt.find_resume(config.resume, ckpt_root)

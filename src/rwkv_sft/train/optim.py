@@ -33,7 +33,8 @@ def make_optimizer(model, *, lr, weight_decay, betas, eps) -> torch.optim.AdamW:
     groups = param_groups(model, weight_decay)
     if not groups:
         raise UserError("every parameter is frozen: nothing to train (check `freeze`)")
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    # fused: one pass over each tensor per step instead of a dozen (CPU and CUDA, fp32/bf16 weights)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)
 
 
 def lr_at(step: int, *, lr: float, lr_final: float, warmup: int, total: int, schedule: str) -> float:
