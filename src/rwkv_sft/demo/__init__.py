@@ -37,9 +37,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps instead of {STEPS} (a smoke test)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --quick)")
-    # One thread by default: at this model size a second one gains little, and when the other core
-    # is busy (a shared machine) OpenMP's waiting made the run 2x slower in our measurements.
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for PyTorch (default: 1)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's, one per core)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=5, help="held-out completions to show (default: 5)")
 
@@ -52,6 +50,7 @@ def _show(title: str, ev: dict) -> None:
 
 def run(args) -> int:
     threads = torch.get_num_threads()
+    args.threads = args.threads or threads
     torch.set_num_threads(args.threads)
     try:
         return _run(args)

@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -299,6 +300,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
               + (f"; resuming from {resume_from} (step {step})" if resume_from else ""), flush=True)
     from tqdm.auto import tqdm
     bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 30,  # a log file gets a line every 30 s
                disable=not (d.is_main and config.progress))
 
     if state is not None:
