@@ -181,3 +181,18 @@ def test_row_groups_do_not_change_results(monkeypatch):
     x, s, resets = make_inputs(B, T, H, N, seed=10), make_state(B, H, N), random_resets(B, T, seed=11)
     monkeypatch.setattr(chunked, "GROUP_CHUNKS", 6)  # NC = 3: heads 0-1 and 2 of each batch row
     close(run(wkv7_chunked, x, s, resets, chunk_size=16), run(wkv7_reference, x, s, resets), 1e-10, "row groups")
+
+
+def test_auto_backend_choice(monkeypatch):
+    """auto: the kernel only where it exists (GPU, head size 64, self-check passed); the plain
+    recurrence for single CPU steps; chunked otherwise."""
+    import rwkv_sft.ops.wkv7_cuda as cuda_module
+    monkeypatch.setattr(cuda_module, "cuda_kernel_usable", lambda device: True)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_backend("auto", gpu, 100, 64) == "cuda"
+    assert resolve_backend("auto", gpu, 100, 32) == "chunked"
+    assert resolve_backend("auto", cpu, 100, 64) == "chunked"
+    assert resolve_backend("auto", cpu, 1, 64) == "reference"
+    monkeypatch.setattr(cuda_module, "cuda_kernel_usable", lambda device: False)
+    assert resolve_backend("auto", gpu, 100, 64) == "chunked"
+    assert resolve_backend("reference", gpu, 100, 64) == "reference"

@@ -23,7 +23,8 @@ def _load_backend(name):
     return getattr(importlib.import_module(module), function)
 
 
-def resolve_backend(backend: str, device: torch.device, seq_len: int | None = None) -> str:
+def resolve_backend(backend: str, device: torch.device, seq_len: int | None = None,
+                    head_size: int | None = None) -> str:
     """'auto' -> the CUDA kernel on a GPU when it built and passed its self-check, else 'chunked';
     a single step on the CPU (token-by-token decoding) is cheapest as the plain recurrence."""
     if backend != "auto":
@@ -32,8 +33,8 @@ def resolve_backend(backend: str, device: torch.device, seq_len: int | None = No
         return "reference"
     if device.type == "cuda":
         try:
-            from .wkv7_cuda import cuda_kernel_usable
-            if cuda_kernel_usable(device):
+            from .wkv7_cuda import HEAD_SIZES, cuda_kernel_usable
+            if head_size in (None, *HEAD_SIZES) and cuda_kernel_usable(device):
                 return "cuda"
         except ImportError:
             pass
@@ -50,7 +51,7 @@ def wkv7(r, w, k, v, a, b, state=None, backend="auto", resets=None):
     resets: optional bool [B,T], True where a new sequence starts (the state is zeroed before
     that token). Returns (y [B,T,H,N] in r's dtype, final state [B,H,N,N] fp32).
     """
-    name = resolve_backend(backend, r.device, r.shape[1])
+    name = resolve_backend(backend, r.device, r.shape[1], r.shape[-1])
     return _load_backend(name)(r, w, k, v, a, b, state=state, resets=resets)
 
 
