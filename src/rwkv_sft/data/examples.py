@@ -70,6 +70,10 @@ class TokenizedExamples:
         return TokenizedExamples(self.shards, self.shard[idx], self.begin[idx], self.end[idx], self.lines[idx],
                                  self.weights[idx], self.paths)
 
+    def unweighted(self) -> "TokenizedExamples":
+        """The same examples, each used once per epoch (evaluation ignores file weights)."""
+        return TokenizedExamples(self.shards, self.shard, self.begin, self.end, self.lines, paths=self.paths)
+
     def epoch_indices(self, epoch: int, seed: int = 0) -> np.ndarray:
         """The examples of one epoch, each repeated by its weight: floor(w) copies plus one more
         with probability frac(w), drawn deterministically from (seed, epoch). Unshuffled."""

@@ -2,8 +2,8 @@
 
 `generate` samples one continuation (greedy with temperature 0; top-k, then top-p, then a
 seeded draw otherwise), stopping at a stop string, the end-of-text token or a length limit.
-`generate_iter` is the same as a generator of text pieces. `greedy_complete` decodes many
-prompts greedily as a batch (for exact-match evaluation).
+`generate_iter` is the same as a generator of text pieces. `greedy_batch` / `greedy_complete`
+decode many prompts greedily as a batch (exact-match evaluation).
 """
 from __future__ import annotations
 
@@ -212,26 +212,22 @@ def _cat_states(states: list[RWKV7State]) -> RWKV7State:
 
 
 @torch.inference_mode()
-def greedy_complete(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256,
-                    stop: Sequence[str] = ("\n\n",), stop_at_eos: bool = True) -> list[str]:
-    """Greedy continuations of many prompts, decoded together as one batch.
+def greedy_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 accept: Callable[[int, int], bool]) -> None:
+    """Greedy decoding of many token-id prompts as one batch.
 
-    Prompts of equal length share a prefill forward; then every unfinished row advances by one
-    recurrent step per token, and finished rows leave the batch. Same results as `generate`
-    with temperature 0 on each prompt.
+    Each new token t of prompt p is handed to `accept(p, t)`, which returns False once prompt p
+    is finished. Prompts of equal length share a prefill forward; then every unfinished row
+    advances by one recurrent step per token, and finished rows leave the batch.
     """
-    _check_sampling(max_new_tokens, 0.0, 1.0, 0, stop)
-    all_ids = [_prompt_ids(tokenizer, p, None) for p in _encode_all(tokenizer, prompts)]
-    conts = [_Continuation(tokenizer, stop) for _ in all_ids]
-    if not all_ids or max_new_tokens == 0:
-        return ["" for _ in all_ids]
-
+    if not prompts or max_new_tokens == 0:
+        return
     by_length: dict[int, list[int]] = {}
-    for i, ids in enumerate(all_ids):
+    for i, ids in enumerate(prompts):
         by_length.setdefault(len(ids), []).append(i)
     rows, logits, states = [], [], []
     for group in by_length.values():
-        lg, st = prefill(model, [all_ids[i] for i in group])
+        lg, st = prefill(model, [list(prompts[i]) for i in group])
         rows += group
         logits.append(lg)
         states.append(st)
@@ -240,16 +236,27 @@ def greedy_complete(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
 
     for step in range(max_new_tokens):
         tokens = logits.float().argmax(dim=-1)
-        keep = []
-        for row, (p, t) in enumerate(zip(active.tolist(), tokens.tolist())):
-            if not ((t == tokenizer.eos_id and stop_at_eos) or conts[p].add(t)):
-                keep.append(row)
+        keep = [row for row, (p, t) in enumerate(zip(active.tolist(), tokens.tolist())) if accept(p, t)]
         if not keep or step + 1 == max_new_tokens:
             break
         if len(keep) < len(active):
             keep = torch.tensor(keep, device=logits.device)
             active, tokens, state = active[keep], tokens[keep], state.select(keep)
         logits, state = model(tokens.unsqueeze(1), state=state, full_output=False)
+
+
+def greedy_complete(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256,
+                    stop: Sequence[str] = ("\n\n",), stop_at_eos: bool = True) -> list[str]:
+    """Greedy continuations of many prompts, decoded together as one batch (`greedy_batch`).
+    Same results as `generate` with temperature 0 on each prompt."""
+    _check_sampling(max_new_tokens, 0.0, 1.0, 0, stop)
+    all_ids = [_prompt_ids(tokenizer, p, None) for p in _encode_all(tokenizer, prompts)]
+    conts = [_Continuation(tokenizer, stop) for _ in all_ids]
+
+    def accept(p: int, t: int) -> bool:
+        return not ((t == tokenizer.eos_id and stop_at_eos) or conts[p].add(t))
+
+    greedy_batch(model, all_ids, max_new_tokens, accept)
     for c in conts:
         c.finish()
     return [c.text for c in conts]
@@ -263,4 +270,4 @@ def _encode_all(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     return [tokenizer.encode(p) for p in prompts]
 
 
-__all__ = ["Generation", "generate", "generate_iter", "greedy_complete", "sample_next", "filter_logits", "prefill"]
+__all__ = ["Generation", "generate", "generate_iter", "greedy_batch", "greedy_complete", "sample_next", "filter_logits", "prefill"]

@@ -9,18 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from ..data import BatchLoader, TokenizedExamples
+from ..infer.generate import greedy_batch
 
 HEAD_ROWS = 1 << 24  # logits elements per head chunk (64 MiB fp32): 256 rows at V = 65536
-GENERATE_ROWS = 64   # prompts decoded together
-
-
-def _unit_weights(examples):
-    """The same examples, each once (file weights decide sampling in training, not evaluation)."""
-    w = getattr(examples, "weights", None)
-    if w is None or np.all(w == 1):
-        return examples
-    return TokenizedExamples(examples.shards, examples.shard, examples.begin, examples.end, examples.lines,
-                             paths=examples.paths)
 
 
 def _autocast(device, precision):
@@ -36,33 +27,15 @@ def exact_match_indices(n: int, samples: int, seed: int = 0) -> list[int]:
 
 def greedy_tokens(model, prompts, stop_tokens, limits, device, precision="fp32") -> list[list[int]]:
     """Greedy continuation of each prompt (token ids), up to and including its stop token, or
-    `limits[i]` tokens. Prompts of equal length are prefilled together as one batch."""
-    out = [None] * len(prompts)
-    by_length = {}
-    for i, p in enumerate(prompts):
-        by_length.setdefault(len(p), []).append(i)
-    groups = [g[k:k + GENERATE_ROWS] for g in by_length.values() for k in range(0, len(g), GENERATE_ROWS)]
-    for group in groups:
-        tokens = torch.tensor(np.stack([prompts[i] for i in group]), dtype=torch.long, device=device)
-        stop = torch.tensor([stop_tokens[i] for i in group], device=device)
-        limit = max(limits[i] for i in group)
-        generated = []
-        done = torch.zeros(len(group), dtype=torch.bool, device=device)
-        with _autocast(device, precision):
-            logits, state = model(tokens, full_output=False)
-            for t in range(limit):
-                nxt = logits.float().argmax(dim=-1)
-                generated.append(nxt)
-                done |= nxt == stop
-                if bool(done.all()) or t + 1 == limit:
-                    break
-                logits, state = model(nxt.unsqueeze(1), state=state, full_output=False)
-        generated = torch.stack(generated, dim=1).tolist()
-        for row, i in enumerate(group):
-            seq = generated[row][:limits[i]]
-            if stop_tokens[i] in seq:
-                seq = seq[:seq.index(stop_tokens[i]) + 1]
-            out[i] = seq
+    `limits[i]` tokens."""
+    out = [[] for _ in prompts]
+
+    def accept(i: int, token: int) -> bool:
+        out[i].append(token)
+        return token != stop_tokens[i] and len(out[i]) < limits[i]
+
+    with _autocast(device, precision):
+        greedy_batch(model, [list(map(int, p)) for p in prompts], max(limits, default=0), accept)
     return out
 
 
@@ -95,8 +68,8 @@ def evaluate(model, examples: TokenizedExamples, tokenizer, *, batch_tokens: int
     model.eval()
     start = time.perf_counter()
     try:
-        examples = _unit_weights(examples)
-        head = model.head.weight
+        examples = examples.unweighted()  # file weights decide sampling in training, not evaluation
+        head = model.head.weight.float()
         chunk = max(1, HEAD_ROWS // head.shape[0])
         loss_sum, correct, count = 0.0, 0, 0
         if len(examples):
@@ -107,7 +80,7 @@ def evaluate(model, examples: TokenizedExamples, tokenizer, *, batch_tokens: int
                     hidden, _ = model.forward_hidden(b.tokens, resets=b.resets)
                 rows, targets = hidden[b.loss_mask].float(), b.targets[b.loss_mask]
                 for k in range(0, rows.shape[0], chunk):
-                    logits = rows[k:k + chunk] @ head.float().T
+                    logits = rows[k:k + chunk] @ head.T
                     loss_sum += float(F.cross_entropy(logits, targets[k:k + chunk], reduction="sum"))
                     correct += int((logits.argmax(dim=-1) == targets[k:k + chunk]).sum())
                 count += rows.shape[0]
