@@ -6,6 +6,10 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
+from .errors import UserError
+
 
 @contextlib.contextmanager
 def atomic_write(path):
@@ -51,3 +55,20 @@ def keep_freed_memory() -> bool:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     one_gib = 1 << 30
     return bool(libc.mallopt(M_MMAP_THRESHOLD, one_gib // 2) and libc.mallopt(M_TRIM_THRESHOLD, one_gib))
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> this process's GPU when CUDA is available, else the CPU; one-line errors for a
+    name torch does not know or a GPU that is not there."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name!r}: CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..utils import resolve_device
 
 CHAT_TEMPLATE = "User: {prompt}\n\nAssistant:"
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
@@ -81,15 +82,7 @@ def run(args) -> int:
     if args.chat:
         prompt = CHAT_TEMPLATE.format(prompt=prompt)
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError as e:
-        raise UserError(f"--device {args.device}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available")
+    device = resolve_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = RWKV7.load(args.model, dtype=dtype, device=device).eval()
     tokenizer = Tokenizer()

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..utils import resolve_device
+
 
 @dataclass
 class Dist:
@@ -33,22 +35,13 @@ class Dist:
         return self.world_size > 1
 
 
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
-
-
 def setup(device: str, timeout_s: float) -> Dist:
     """Join the process group when launched by torchrun (or one already started); else one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world <= 1 and not dist.is_initialized():
-        return Dist(device=pick_device(device))
-    dev = pick_device(device, local_rank)
+        return Dist(device=resolve_device(device))
+    dev = resolve_device(device, local_rank)
     owns = False
     if not dist.is_initialized():
         if dev.type == "cuda":

@@ -31,17 +31,12 @@ def run(args) -> int:
     from ..model import RWKV7
     from ..tokenizer import Tokenizer
     from .evaluate import evaluate
+    from ..utils import resolve_device
     from .loop import resolve_precision
 
     if args.exact_match < 0 or args.batch_tokens < 1:
         raise UserError("--exact-match must be >= 0 and --batch-tokens >= 1")
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise UserError(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N") from None
+    device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     tokenizer = Tokenizer()
     data = prepare_data(DataConfig(train_files=args.data, format=args.format, max_len=args.max_len,

@@ -10,12 +10,9 @@ import torch.nn.functional as F
 
 from ..data import BatchLoader, TokenizedExamples
 from ..infer.generate import greedy_batch
+from .loop import autocast
 
 HEAD_ROWS = 1 << 24  # logits elements per head chunk (64 MiB fp32): 256 rows at V = 65536
-
-
-def _autocast(device, precision):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def exact_match_indices(n: int, samples: int, seed: int = 0) -> list[int]:
@@ -34,7 +31,7 @@ def greedy_tokens(model, prompts, stop_tokens, limits, device, precision="fp32")
         out[i].append(token)
         return token != stop_tokens[i] and len(out[i]) < limits[i]
 
-    with _autocast(device, precision):
+    with autocast(device, precision):
         greedy_batch(model, [list(map(int, p)) for p in prompts], max(limits, default=0), accept)
     return out
 
@@ -76,7 +73,7 @@ def evaluate(model, examples: TokenizedExamples, tokenizer, *, batch_tokens: int
             loader = BatchLoader(examples, batch_tokens=batch_tokens, packing=False, shuffle=False)
             for batch in loader.epoch_batches(0):
                 b = batch.to(device)
-                with _autocast(device, precision):
+                with autocast(device, precision):
                     hidden, _ = model.forward_hidden(b.tokens, resets=b.resets)
                 rows, targets = hidden[b.loss_mask].float(), b.targets[b.loss_mask]
                 for k in range(0, rows.shape[0], chunk):

@@ -267,11 +267,9 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     def run_eval() -> dict | None:
         result = None
         if has_eval and d.is_main:
-            from .evaluate import evaluate
-            model.eval()
+            from .evaluate import evaluate  # switches the model to eval mode and back
             result = evaluate(model, data.eval, tokenizer, batch_tokens=config.batch_tokens,
                               exact_match_samples=config.eval_exact_match, device=device, precision=precision)
-            model.train()
             metrics.log("eval", step, **{k: v for k, v in result.items() if isinstance(v, (int, float))})
         distributed.barrier(d)
         return result
