@@ -70,6 +70,16 @@ class TokenizedExamples:
         return TokenizedExamples(self.shards, self.shard[idx], self.begin[idx], self.end[idx], self.lines[idx],
                                  self.weights[idx], self.paths)
 
+    @property
+    def loss_counts(self) -> np.ndarray:
+        """Loss tokens of each example (targets only: the first token is never predicted)."""
+        counts = np.zeros(len(self), dtype=np.int64)
+        for k, (_, flags) in enumerate(self.shards):  # from a running count over each shard
+            running = np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
+            mine = self.shard == k
+            counts[mine] = running[self.end[mine]] - running[self.begin[mine] + 1]
+        return counts
+
     def unweighted(self) -> "TokenizedExamples":
         """The same examples, each used once per epoch (evaluation ignores file weights)."""
         return TokenizedExamples(self.shards, self.shard, self.begin, self.end, self.lines, paths=self.paths)

@@ -98,12 +98,7 @@ def _stats(examples: TokenizedExamples | None) -> dict:
     if examples is None or len(examples) == 0:
         return {"examples": 0, "tokens": 0, "loss_tokens": 0}
     lengths = examples.lengths
-    loss = 0
-    for k, (_, flags) in enumerate(examples.shards):  # loss tokens of [begin, end) from a running count
-        running = np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
-        mine = examples.shard == k
-        begin = examples.begin[mine]
-        loss += int((running[examples.end[mine]] - running[begin + 1]).sum())  # the first token is never a target
+    loss = int(examples.loss_counts.sum())
     pct = np.percentile(lengths, [50, 90, 99]).tolist()
     return {"examples": len(examples), "tokens": int(lengths.sum()), "loss_tokens": loss,
             "length": {"min": int(lengths.min()), "p50": pct[0], "p90": pct[1], "p99": pct[2], "max": int(lengths.max())}}

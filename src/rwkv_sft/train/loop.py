@@ -164,9 +164,7 @@ def _plan_steps(config: TrainConfig, loader, examples) -> int:
         micro += n if epoch + 1 <= config.epochs else int(n * (config.epochs - epoch))
     if config.step_tokens is None:
         return max(1, micro)
-    weights = getattr(examples, "weights", None)  # file weights: uses of each example per epoch
-    loss_tokens = sum(int(examples.loss_positions(i)[1:].sum()) * (1.0 if weights is None else float(weights[i]))
-                      for i in range(len(examples)))
+    loss_tokens = float((examples.loss_counts * examples.weights).sum())  # weights: uses per epoch
     return max(1, math.ceil(loss_tokens * config.epochs / config.step_tokens))
 
 
