@@ -10,9 +10,8 @@ import torch.nn.functional as F
 
 from ..data import BatchLoader, TokenizedExamples
 from ..infer.generate import greedy_batch
+from ..ops.cross_entropy import default_chunk_size
 from .loop import autocast
-
-HEAD_ROWS = 1 << 24  # logits elements per head chunk (64 MiB fp32): 256 rows at V = 65536
 
 
 def exact_match_indices(n: int, samples: int, seed: int = 0) -> list[int]:
@@ -67,7 +66,7 @@ def evaluate(model, examples: TokenizedExamples, tokenizer, *, batch_tokens: int
     try:
         examples = examples.unweighted()  # file weights decide sampling in training, not evaluation
         head = model.head.weight.float()
-        chunk = max(1, HEAD_ROWS // head.shape[0])
+        chunk = default_chunk_size(head.shape[0])  # rows of logits per chunk, as in the training loss
         loss_sum, correct, count = 0.0, 0, 0
         if len(examples):
             loader = BatchLoader(examples, batch_tokens=batch_tokens, packing=False, shuffle=False)
