@@ -13,6 +13,15 @@ from rwkv_sft import RWKV7, RWKV7Config
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes gain nothing from threads, and OpenMP's waits stall when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_model(seed=0, scale=0.1, **config) -> RWKV7:
     """A fresh model with every parameter perturbed, so no path is silently zero."""
     torch.manual_seed(seed)

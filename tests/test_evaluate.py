@@ -17,13 +17,7 @@ from rwkv_sft.train.metrics import MetricsLogger, plot_metrics, read_metrics
 V = 512
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes gain nothing from threads, and a busy machine makes OpenMP's waits very slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes
 
 
 @pytest.fixture(scope="module")

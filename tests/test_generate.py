@@ -12,13 +12,7 @@ from rwkv_sft.infer.generate import filter_logits, generate, generate_iter, gree
 PROMPTS = ["Hello world", "The quick brown fox", "你好，世界", "x", "def f(a, b):\n    return", "Hi"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Shapes here are tiny: extra threads only add synchronisation (and stall on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes
 
 
 @pytest.fixture(scope="module")
