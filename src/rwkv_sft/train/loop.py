@@ -112,7 +112,7 @@ def build_model(config: TrainConfig) -> RWKV7:
         return RWKV7.load(config.model, dtype=torch.float32)
     torch.manual_seed(config.seed)
     try:
-        return RWKV7(RWKV7Config(**{"vocab_size": 65536, **config.model_config}))
+        return RWKV7(RWKV7Config(**config.model_config))  # vocab_size defaults to the World 65536
     except (TypeError, ValueError) as e:
         raise UserError(f"model_config: {e}") from None
 
