@@ -175,11 +175,11 @@ def test_model_chunked_matches_reference():
         torch.testing.assert_close(g_ch[name], g_ref[name], rtol=1e-7, atol=1e-9, msg=name)
 
 
-def test_row_groups_do_not_change_results(monkeypatch):
+def test_chunk_groups_do_not_change_results(monkeypatch):
     import rwkv_sft.ops.wkv7_chunked as chunked
     B, T, H, N = 3, 45, 3, 8
     x, s, resets = make_inputs(B, T, H, N, seed=10), make_state(B, H, N), random_resets(B, T, seed=11)
-    monkeypatch.setattr(chunked, "GROUP_CHUNKS", 6)  # NC = 3: heads 0-1 and 2 of each batch row
+    monkeypatch.setattr(chunked, "GROUP_CHUNKS", 6)  # 9 rows: one chunk per group, 3 groups
     close(run(wkv7_chunked, x, s, resets, chunk_size=16), run(wkv7_reference, x, s, resets), 1e-10, "row groups")
 
 

@@ -2,11 +2,14 @@
 
 Same contract as `wkv7_reference`. The sequence is cut into chunks of C tokens; inside a chunk
 the recurrence is solved in closed form with C x C attention-like matrices (DESIGN.md §5.6),
-vectorised over the chunks of a group of (batch, head) rows (see `_groups`). Between chunks only
-a linear map remains, P_{n+1} = M_n P_n + c_n, which a short Python loop over chunks applies.
-The backward is written by hand (`_intra_backward`), not left to autograd.
+batched over every (batch, head) row and a range of chunks at a time (see `_chunk_groups`).
+Between chunks only a linear map remains, P_{n+1} = M_n P_n + c_n, which a short Python loop
+over chunks applies to all rows at once. The backward is written by hand, not left to autograd.
 
-Orientation: internally P = S^T (key x value), so the rows of every matrix below index tokens.
+Layout: chunk-major, [chunk, row = batch * heads, token in chunk, channel]. Internally P = S^T
+(key x value), so the rows of every matrix below index tokens. The r/a and k/b operands are
+stacked ([.., 2, C, N]) so that the four interaction matrices come from one product of 2C x 2C,
+and their gradients likewise.
 
 Range: the intra-chunk products are factorised as e^{G_i - mid} e^{mid - G_j}; they stay finite in
 fp32 while chunk_size * exp(w) is below ~80 (w <= 0.9 at the default 32). The model's w is
@@ -17,55 +20,56 @@ from __future__ import annotations
 import torch
 
 CHUNK_SIZE = 32
-GROUP_CHUNKS = 256  # chunks per group of rows, see `_groups`
+GROUP_CHUNKS = 256  # (row, chunk) pairs per group of intra-chunk work, see `_chunk_groups`
 
 
-def _prepare(r, w, k, v, a, b, resets, C):
-    """[B,T,H,N] inputs -> [B*H,NC,C,N] in the compute dtype, padded so T divides into chunks.
-
-    Padding uses log-decay 0 (d = 1) and zero k, v, a, b: the state passes through unchanged.
-    Returns the chunked tensors (log-decay instead of w) and the segment ids of resets
-    [B*H,NC,C] or None. Called on one group of rows at a time (B = 1, a slice of heads).
-    """
-    B, T, H, N = r.shape
-    compute = torch.float64 if r.dtype == torch.float64 else torch.float32
-    pad = (-T) % C
-    NC = (T + pad) // C
-
-    def chunk(x):
-        x = x.to(compute).transpose(1, 2)  # [B,H,T,N]
-        if pad:
-            x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-        # contiguous: elementwise results inherit their inputs' strides, and every batched
-        # matmul on a [B,T,H,N]-strided operand would copy it first
-        return x.reshape(B * H, NC, C, N).contiguous()
-
-    logd = -torch.exp(w.to(compute))  # log of the decay, >= -0.6065 for the model's w <= -0.5
-    r, logd, k, v, a, b = (chunk(x) for x in (r, logd, k, v, a, b))
-    seg = None
-    if resets is not None:
-        rs = torch.nn.functional.pad(resets.to(torch.int32), (0, pad)).view(B, 1, NC, C)
-        seg = rs.cumsum(-1).expand(B, H, NC, C).reshape(B * H, NC, C)  # 0 until the first reset
-    return [r, logd, k, v, a, b], seg
+def _chunk_groups(NC, rows):
+    """Ranges [n0, n1) of chunks, each taken over all rows: big enough that each op has real
+    work, small enough that a group's dozens of temporaries are recycled by the allocator
+    rather than freshly page-faulted (which dominated the time when done all at once)."""
+    per = max(1, GROUP_CHUNKS // rows)
+    per = -(-NC // -(-NC // per))  # the same number of groups, evenly sized
+    return [(n0, min(n0 + per, NC)) for n0 in range(0, NC, per)]
 
 
-def _groups(B, H, NC):
-    """(batch index, slice of heads) processed together: big enough that each op has real work,
-    small enough that the dozens of temporaries stay in cache and are recycled by the allocator
-    (fresh memory costs a page fault per 4 KiB, which dominated the time when done all at once)
-    and that under no_grad only one group is in memory."""
-    step = max(1, min(H, GROUP_CHUNKS // NC))
-    return [(i, slice(h, min(h + step, H))) for i in range(B) for h in range(0, H, step)]
+def _to_chunks(x, n0, n1, C, out, fill=0.0):
+    """Chunks n0..n1-1 of x [B,T,H,N] -> out [n1-n0, B*H, C, N] (any strides along the first two
+    dims, converting dtype); positions past T are set to `fill`."""
+    B, T, H, N = x.shape
+    dst = out.unflatten(1, (B, H))  # [n,B,H,C,N]
+    full = min(n1 - n0, (T - n0 * C) // C)  # chunks entirely inside the sequence
+    if full:
+        dst[:full].copy_(x[:, n0 * C:(n0 + full) * C].unflatten(1, (full, C)).permute(1, 0, 3, 2, 4))
+    if full < n1 - n0:  # the ragged last chunk
+        tail = x[:, (n0 + full) * C:].permute(0, 2, 1, 3)  # [B,H,tail,N]
+        dst[full].fill_(fill)
+        dst[full, :, :, :tail.shape[2]].copy_(tail)
 
 
-def _unchunk(x, T, out):
-    """Chunked [h,NC,C,N] -> out [T,h,N] (a strided view of a [B,T,H,N] tensor), dropping padding."""
-    out.copy_(x.view(x.shape[0], -1, x.shape[-1])[:, :T].transpose(0, 1))
+def _from_chunks(xc, n0, C, out):
+    """The inverse of `_to_chunks`: chunks [n, B*H, C, N] starting at chunk n0 -> out [B,T,H,N]."""
+    B, T, H, N = out.shape
+    src = xc.unflatten(1, (B, H))
+    n = xc.shape[0]
+    full = min(n, (T - n0 * C) // C)
+    if full:
+        out[:, n0 * C:(n0 + full) * C].unflatten(1, (full, C)).permute(1, 0, 3, 2, 4).copy_(src[:full])
+    if full < n:
+        tail = out[:, (n0 + full) * C:].permute(0, 2, 1, 3)
+        tail.copy_(src[full, :, :, :tail.shape[2]])
 
 
-def _ones(x):
-    """[C,C] ones for the chunks of x [..., C, N]."""
-    return torch.ones(x.shape[-2], x.shape[-2], dtype=x.dtype, device=x.device)
+def _segments(resets, n0, n1, C, H):
+    """Segment ids [g = (n1-n0)*B*H, C] inside each chunk: 0 until the chunk's first reset."""
+    B, T = resets.shape
+    rs = resets[:, n0 * C:n1 * C].to(torch.int32)
+    rs = torch.nn.functional.pad(rs, (0, (n1 - n0) * C - rs.shape[1]))
+    seg = rs.view(B, n1 - n0, C).cumsum(-1).transpose(0, 1)  # [n,B,C]
+    return seg.unsqueeze(2).expand(-1, -1, H, -1).reshape(-1, C)
+
+
+def _ones(C, like):
+    return torch.ones(C, C, dtype=like.dtype, device=like.device)
 
 
 def _unit_lower_inverse(A):
@@ -83,187 +87,168 @@ def _unit_lower_inverse(A):
     return X
 
 
-def _intra(r, logd, k, v, a, b, seg):
+def _intra(RA, logd, KB, v, seg, R, Yc, M, c):
     """Everything inside each chunk that does not depend on the incoming state P0 [K,V].
 
-    Per chunk (all batched): Y = R P0 + Yc and P_end = M P0 + c, with R [C,K], Yc [C,V],
-    M [K,K], c [K,V]. A reset inside a chunk masks every interaction across it and cuts the
-    rows after it off from P0. Returns a dict with those four and the intermediates the
-    hand-written backward needs.
-    """
-    C = r.shape[-2]
-    G = _ones(logd).tril() @ logd  # chunk-local inclusive log-decay sums (cumsum; a global sum
-    # would overflow fp32); as a matmul, faster than cumsum along this axis
-    mid = G[..., C // 2:C // 2 + 1, :].clone()  # centre the factorised exponents to keep them small
-    eG = torch.exp(G - mid)
-    eGx = eG * torch.exp(-logd)  # exclusive sums Gx = G - logd: a'_i meets P_{i-1}
-    einv = torch.reciprocal(eG)
-    rq, aq, kq, bq = r * eG, a * eGx, k * einv, b * einv
-    # e^G = e^{G-mid} e^mid and e^{Gend-G} = e^{mid-G} e^{Gend-mid}: [.., 1, K] rows, no new exp
-    to_P0 = torch.exp(mid)  # the rows' view of the incoming state
-    to_end = torch.exp(G[..., -1:, :] - mid)  # decay from each token to the chunk end
-    decay_all = torch.exp(G[..., -1:, :])  # [.., 1, K]
+    RA = [r; a] and KB = [k; b] are [g,2,C,N] (overwritten), logd and v [g,C,N]. Writes, per chunk,
+    R [C,K], Yc [C,V], M [K,K], c [K,V] with Y = R P0 + Yc and P_end = M P0 + c. A reset inside a
+    chunk masks every interaction across it and cuts the rows after it off from P0. Returns what
+    the backward keeps (see `_intra_backward`).
 
-    ones = torch.ones(C, C, dtype=torch.bool, device=r.device)
+    With Q = [rq; aq] and K = [kq; bq] the decay-scaled operands, A = Q K^T (masked) holds
+    A_rk, A_rb / A_ak, A_ab. The a-rows' reads of the state, U = a'^T P, solve the unit lower
+    triangular system (I - A_ab) U = aP P0 + A_ak v, so with X = (I - A_ab)^{-1}:
+    U = W P0 + Bx v (W = X aP, Bx = X A_ak), Y = rP P0 + A_rk v + A_rb U and
+    P_end = D P0 + kd^T v + bd^T U, D = diag(total decay).
+    """
+    g, _, C, N = RA.shape
+    G = _ones(C, logd).tril() @ logd  # chunk-local inclusive log-decay sums (cumsum; a global sum
+    # would overflow fp32); as a matmul, faster than cumsum along this axis
+    mid = G[:, C // 2:C // 2 + 1].clone()  # centre the factorised exponents to keep them small
+    E = torch.empty_like(RA)  # [e^{G-mid}; e^{Gx-mid}], Gx = G - logd: a'_i meets P_{i-1}
+    torch.sub(G, mid, out=E[:, 0])
+    torch.sub(E[:, 0], logd, out=E[:, 1])
+    E.exp_()
+    Q = RA.mul_(E)
+    K = KB.mul_(torch.reciprocal(E[:, 0]).unsqueeze(1))
+    # e^G = e^{G-mid} e^mid and e^{Gend-G} = e^{mid-G} e^{Gend-mid}: [g,1,K] rows, no new exp
+    to_P0 = torch.exp(mid)  # the rows' view of the incoming state
+    to_end = torch.exp(G[:, -1:] - mid)  # decay from each token to the chunk end
+    decay_all = torch.exp(G[:, -1:])
+
+    ones = torch.ones(C, C, dtype=torch.bool, device=RA.device)
     incl, strict = ones.tril(), ones.tril(-1)
     if seg is not None:
-        same = seg[..., :, None] == seg[..., None, :]  # [rows,NC,C,C]
+        same = seg[:, :, None] == seg[:, None, :]  # [g,C,C]
         incl, strict = incl & same, strict & same
-        last = seg[..., -1:]
-        to_P0 = to_P0 * (seg == 0).unsqueeze(-1).to(r.dtype)
-        to_end = to_end * (seg == last).unsqueeze(-1).to(r.dtype)
-        decay_all = decay_all * (last == 0).unsqueeze(-1).to(r.dtype)
-    incl, strict = incl.to(r.dtype), strict.to(r.dtype)
-    A_rk, A_rb = (rq @ kq.mT).mul_(incl), (rq @ bq.mT).mul_(incl)  # masked after the product: the
-    A_ak, A_ab = (aq @ kq.mT).mul_(strict), (aq @ bq.mT).mul_(strict)  # upper triangle is finite
+        last = seg[:, -1:]
+        to_P0 = to_P0 * (seg == 0).unsqueeze(-1).to(RA.dtype)
+        to_end = to_end * (seg == last).unsqueeze(-1).to(RA.dtype)
+        decay_all = decay_all * (last == 0).unsqueeze(-1).to(RA.dtype)
+    # rows r then a, columns k then b; masked after the product (the upper triangle is finite)
+    mask = torch.cat([torch.cat([incl, incl], -1), torch.cat([strict, strict], -1)], -2).to(RA.dtype)
+    A = torch.bmm(Q.view(g, 2 * C, N), K.view(g, 2 * C, N).mT).mul_(mask)
+    A_rk, A_rb, A_ak, A_ab = A[:, :C, :C], A[:, :C, C:], A[:, C:, :C], A[:, C:, C:]
 
-    rP, aP = rq * to_P0, aq * to_P0
-    # U (rows a'_i^T P_{i-1}) = W P0 + Uc, from the unit lower triangular system (I - A_ab) U = ...
+    QP = Q * to_P0.unsqueeze(1)  # [rP; aP]
     X = _unit_lower_inverse(A_ab)
-    W, Uc = X @ aP, X @ (A_ak @ v)
-    R = (A_rb @ W).add_(rP)
-    Yc = (A_rk @ v).add_(A_rb @ Uc)
-
-    kd, bd = kq * to_end, bq * to_end
-    M = bd.mT @ W
+    W, Bx = X @ QP[:, 1], X @ A_ak
+    torch.baddbmm(QP[:, 0], A_rb, W, out=R)
+    torch.bmm(torch.baddbmm(A_rk, A_rb, Bx), v, out=Yc)
+    KD = K * to_end.unsqueeze(1)  # [kd; bd]
+    torch.bmm(torch.baddbmm(KD[:, 0], Bx.mT, KD[:, 1]).mT, v, out=c)  # c = (kd + Bx^T bd)^T v
+    torch.bmm(KD[:, 1].mT, W, out=M)
     M.diagonal(dim1=-2, dim2=-1).add_(decay_all.squeeze(-2))
-    c = (kd.mT @ v).add_(bd.mT @ Uc)
-    return dict(R=R, Yc=Yc, M=M, c=c, logd=logd, v=v, eG=eG, eGx=eGx, einv=einv, rq=rq, aq=aq,
-                kq=kq, bq=bq, to_P0=to_P0, to_end=to_end, decay_all=decay_all, incl=incl,
-                strict=strict, A_rk=A_rk, A_rb=A_rb, A_ak=A_ak, X=X, W=W, Uc=Uc, rP=rP, aP=aP,
-                kd=kd, bd=bd)
+    return [Q, K, A, X, W, Bx, v, E, logd, to_P0, to_end, decay_all, mask]
 
 
-def _scan(M, c, P, P0s):
-    """Apply P_{n+1} = M_n P_n + c_n over chunks [rows,NC,..]; writes the incoming states into P0s
-    [rows,NC,K,V] and returns the last."""
-    for n in range(M.shape[1]):
-        P0s[:, n] = P
-        P = torch.baddbmm(c[:, n], M[:, n], P)
-    return P
+def _intra_backward(saved, P0, dPend, dYS):
+    """Gradients of the chunk inputs [r; a], logd, [k; b], v, given P0, dP_end [g,K,V] and
+    dYS [g,2,C,N] whose first half holds dY (the second is used for dS).
 
-
-def _intra_backward(s, P0s, dY, dPend, out):
-    """Writes the gradients of the chunk inputs (r, logd, k, v, a, b) into `out`, given dY and
-    dP_end per chunk.
-
-    With U = W P0 + Uc the a-rows' reads of the state, per chunk: S = aP P0 + A_ak v, U = X S,
-    Y = rP P0 + A_rb U + A_rk v, P_end = D P0 + bd^T U + kd^T v, D = diag(decay_all).
-    Since X = (I - A_ab)^{-1}: dS = X^T dU and dA_ab = dS U^T. Every product r_i k_j e^{G_i - G_j}
-    depends on G only through differences, so the centring `mid` gets no gradient.
+    S = aP P0 + A_ak v and U = X S as in `_intra`; since X = (I - A_ab)^{-1}: dS = X^T dU and
+    dA_ab = dS U^T, so [dY; dS] [v; U]^T is the gradient of all of A at once. Every product
+    r_i k_j e^{G_i - G_j} depends on G only through differences, so `mid` gets no gradient.
     """
-    U = (s["W"] @ P0s).add_(s["Uc"])
-    dU = (s["A_rb"].mT @ dY).add_(s["bd"] @ dPend)
-    dS = s["X"].mT @ dU
-    incl, strict = s["incl"], s["strict"]
-    dA_rb, dA_rk = (dY @ U.mT).mul_(incl), (dY @ s["v"].mT).mul_(incl)
-    dA_ak, dA_ab = (dS @ s["v"].mT).mul_(strict), (dS @ U.mT).mul_(strict)
-    torch.matmul(s["kd"], dPend, out=out[3]).add_(s["A_rk"].mT @ dY).add_(s["A_ak"].mT @ dS)
-    drP, daP = dY @ P0s.mT, dS @ P0s.mT
-    dkd, dbd = s["v"] @ dPend.mT, U @ dPend.mT
-    ddecay = (dPend * P0s).sum(-1).unsqueeze(-2)  # the diagonal of dPend P0^T
-    rq, aq, kq, bq = s["rq"], s["aq"], s["kq"], s["bq"]
-    drq = (dA_rk @ kq).add_(dA_rb @ bq)
-    daq = (dA_ak @ kq).add_(dA_ab @ bq)
-    dkq = (dA_rk.mT @ rq).add_(dA_ak.mT @ aq)
-    dbq = (dA_rb.mT @ rq).add_(dA_ab.mT @ aq)
-    # the log-decay sums: rq, rP grow with e^G; aq, aP with e^Gx; kq, bq, kd, bd shrink with e^-G
-    dG = drq * rq
-    dG.addcmul_(drP, s["rP"]).sub_(dkq * kq).sub_(dbq * bq)
-    dend = dkd * s["kd"]
-    dend.addcmul_(dbd, s["bd"])
-    dG.sub_(dend)
-    dGx = (daq * aq).addcmul_(daP, s["aP"])
-    dG.add_(dGx)
-    dG[..., -1:, :] += dend.sum(-2, keepdim=True).addcmul_(ddecay, s["decay_all"])
+    Q, K, A, X, W, Bx, v, E, logd, to_P0, to_end, decay_all, mask = saved
+    g, _, C, N = Q.shape
+    dY, dYS2 = dYS[:, 0], dYS.view(g, 2 * C, N)
+    # (bmm into a strided slice falls back to a slow path: products go to fresh memory and are copied)
+    VU = torch.empty_like(Q)
+    VU[:, 0] = v
+    VU[:, 1] = torch.baddbmm(Bx @ v, W, P0)  # U
+    KD = K * to_end.unsqueeze(1)
+    dU = torch.baddbmm(KD[:, 1] @ dPend, A[:, :C, C:].mT, dY)
+    dYS[:, 1] = X.mT @ dU  # dS
+    VU2 = VU.view(g, 2 * C, N)
+    dA = torch.bmm(dYS2, VU2.mT).mul_(mask)
+    dv = torch.baddbmm(KD[:, 0] @ dPend, A[:, :, :C].mT, dYS2)
+    dQP = torch.bmm(dYS2, P0.mT).view(g, 2, C, N)  # [drP; daP]
+    dKD = torch.bmm(VU2, dPend.mT).view(g, 2, C, N)  # [dkd; dbd]
+    ddecay = (dPend * P0).sum(-1)  # the diagonal of dPend P0^T
+    dQ = torch.bmm(dA, K.view(g, 2 * C, N)).view(g, 2, C, N)
+    dK = torch.bmm(dA.mT, Q.view(g, 2 * C, N)).view(g, 2, C, N)
+    # the log-decay sums: Q, QP grow with e^G (r) and e^Gx (a); K, KD shrink with e^-G
+    grow = (dQ * Q).addcmul_(dQP, Q * to_P0.unsqueeze(1))
+    dend = dKD * KD
+    dG = grow.sum(1).sub_((dK * K).add_(dend).sum(1))
+    dG[:, -1] += dend.sum((1, 2)).addcmul_(ddecay, decay_all.squeeze(1))
     # G = cumsum(logd), Gx = G - logd; the reverse cumsum as a matmul (faster than cumsum here)
-    torch.matmul(_ones(dG).triu(), dG, out=out[1]).sub_(dGx)
-    to_P0, to_end = s["to_P0"], s["to_end"]
-    torch.mul(drP.mul_(to_P0).add_(drq), s["eG"], out=out[0])
-    torch.mul(daP.mul_(to_P0).add_(daq), s["eGx"], out=out[4])
-    torch.mul(dkd.mul_(to_end).add_(dkq), s["einv"], out=out[2])
-    torch.mul(dbd.mul_(to_end).add_(dbq), s["einv"], out=out[5])
-
-
-# What the backward keeps of `_intra`: no products it does not use, and nothing one cheap
-# elementwise op re-derives (fresh memory for saved tensors costs page faults; recomputing a
-# group's tensors in cache is cheaper)
-_SAVED = ("R", "M", "logd", "v", "eG", "rq", "aq", "kq", "bq", "to_P0", "to_end", "decay_all",
-          "incl", "strict", "A_rk", "A_rb", "A_ak", "X", "W", "Uc")
-
-
-def _unsave(tensors):
-    s = dict(zip(("P0s",) + _SAVED, tensors))
-    s["einv"] = torch.reciprocal(s["eG"])
-    s["eGx"] = torch.neg(s["logd"]).exp_().mul_(s["eG"])  # as in `_intra`
-    s["rP"], s["aP"] = s["rq"] * s["to_P0"], s["aq"] * s["to_P0"]
-    s["kd"], s["bd"] = s["kq"] * s["to_end"], s["bq"] * s["to_end"]
-    return s
+    dlogd = (_ones(C, dG).triu() @ dG).sub_(grow[:, 1])
+    dRA = dQP.mul_(to_P0.unsqueeze(1)).add_(dQ).mul_(E)
+    dKB = dKD.mul_(to_end.unsqueeze(1)).add_(dK).mul_(torch.reciprocal(E[:, 0]).unsqueeze(1))
+    return dRA, dlogd.mul_(logd), dKB, dv  # dw = dlogd * logd, as logd = -exp(w)
 
 
 class _WKV7Chunked(torch.autograd.Function):
-    """Works through groups of (batch, head) rows; keeps each group's intra-chunk intermediates
-    and the states entering its chunks. The backward runs the chunk-to-chunk recurrence backwards
-    and then the intra-chunk part, both by hand, group by group."""
+    """Forward: the intra-chunk work group by group, then the chunk-to-chunk recurrence for all
+    rows at once. Backward: that recurrence backwards for all rows, then the intra-chunk
+    gradients group by group. Keeps each group's intermediates and the states entering chunks."""
 
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, state, resets, C, keep):
         B, T, H, N = r.shape
-        NC = -(-T // C)
-        y = torch.empty_like(r)
-        Pend = r.new_empty(B, H, N, N, dtype=torch.float64 if r.dtype == torch.float64 else torch.float32)
+        rows, NC = B * H, -(-T // C)
+        dt = torch.float64 if r.dtype == torch.float64 else torch.float32
+        new = lambda *shape: r.new_empty(*shape, dtype=dt)  # noqa: E731
+        R, Yc, M, c = new(NC, rows, C, N), new(NC, rows, C, N), new(NC, rows, N, N), new(NC, rows, N, N)
         saved = []
-        for i, hs in _groups(B, H, NC):
-            xs, seg = _prepare(*(x[i:i + 1, :, hs] for x in (r, w, k, v, a, b)),
-                               None if resets is None else resets[i:i + 1], C)
-            s = _intra(*xs, seg)
-            if state is None:
-                P = xs[0].new_zeros(xs[0].shape[0], N, N)
-            else:
-                P = state[i, hs].to(xs[0].dtype).mT
-            P0s = xs[0].new_empty(xs[0].shape[0], NC, N, N)
-            Pend[i, hs] = _scan(s["M"], s["c"], P, P0s).mT
-            _unchunk(torch.matmul(s["R"], P0s).add_(s["Yc"]), T, y[i, :, hs])
-            if keep:
-                saved += [P0s] + [s[name] for name in _SAVED]
+        for n0, n1 in _chunk_groups(NC, rows):
+            n, g = n1 - n0, (n1 - n0) * rows
+            RA, KB, V, logd = new(n, rows, 2, C, N), new(n, rows, 2, C, N), new(n, rows, C, N), new(n, rows, C, N)
+            for x, out in ((r, RA[:, :, 0]), (a, RA[:, :, 1]), (k, KB[:, :, 0]), (b, KB[:, :, 1]), (v, V)):
+                _to_chunks(x, n0, n1, C, out)
+            _to_chunks(w, n0, n1, C, logd, fill=-float("inf"))  # padding: decay 1, zero k, v, a, b
+            logd.exp_().neg_()  # log of the decay, >= -0.6065 for the model's w <= -0.5
+            seg = None if resets is None else _segments(resets, n0, n1, C, H)
+            saved += _intra(RA.view(g, 2, C, N), logd.view(g, C, N), KB.view(g, 2, C, N), V.view(g, C, N),
+                            seg, R[n0:n1].view(g, C, N), Yc[n0:n1].view(g, C, N), M[n0:n1].view(g, N, N),
+                            c[n0:n1].view(g, N, N))
+            if not keep:
+                saved = []
+        P0s = new(NC + 1, rows, N, N)  # the state entering each chunk, and the final one
+        if state is None:
+            P0s[0].zero_()
+        else:
+            P0s[0].copy_(state.reshape(rows, N, N).mT)
+        for n in range(NC):
+            Yc[n].baddbmm_(R[n], P0s[n])
+            torch.baddbmm(c[n], M[n], P0s[n], out=P0s[n + 1])
+        y = torch.empty_like(r)
+        _from_chunks(Yc, 0, C, y)
         if keep:
-            ctx.save_for_backward(*saved)
+            ctx.save_for_backward(R, M, P0s, *saved)
             ctx.dims, ctx.C = (B, T, H, N), C
-            ctx.dtypes = [x.dtype for x in (r, w, k, v, a, b)]
             ctx.state_dtype = None if state is None else state.dtype
-        return y, Pend
+        return y, P0s[NC].mT.reshape(B, H, N, N).clone(memory_format=torch.contiguous_format)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dstate):
         B, T, H, N = ctx.dims
-        C, NC, n_saved = ctx.C, -(-ctx.dims[1] // ctx.C), 1 + len(_SAVED)
-        saved = ctx.saved_tensors
-        grads = [dy.new_empty(B, T, H, N, dtype=dt) for dt in ctx.dtypes]
-        dstate0 = torch.empty_like(dstate)
-        for j, (i, hs) in enumerate(_groups(B, H, NC)):
-            s = _unsave(saved[j * n_saved:(j + 1) * n_saved])
-            R, M, P0s = s["R"], s["M"], s["P0s"]
-            dY = dy[i:i + 1, :, hs].to(R.dtype).transpose(1, 2)
-            if NC * C != T:
-                dY = torch.nn.functional.pad(dY, (0, 0, 0, NC * C - T))
-            dY = dY.reshape(-1, NC, C, N).contiguous()
-            # the recurrence backwards: dP_n = R_n^T dY_n + M_n^T dP_{n+1}, from dP_end = dstate^T
-            dP = dstate[i, hs].to(R.dtype).mT
-            direct, dPend = R.mT @ dY, torch.empty_like(P0s)
-            for n in reversed(range(NC)):
-                dPend[:, n] = dP
-                dP = torch.baddbmm(direct[:, n], M[:, n].mT, dP)
-            dstate0[i, hs] = dP.mT
-            got = [torch.empty_like(dY) for _ in range(6)]
-            _intra_backward(s, P0s, dY, dPend, got)
-            got[1].mul_(s["logd"])  # dw = dlogd * logd, as logd = -exp(w)
-            for g, out, need in zip(got, grads, ctx.needs_input_grad):
-                if need:
-                    _unchunk(g, T, out[i, :, hs])
-        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad)]
-        dstate0 = dstate0.to(ctx.state_dtype) if ctx.needs_input_grad[6] else None
-        return (*grads, dstate0, None, None, None)
+        C = ctx.C
+        rows, NC = B * H, -(-T // C)
+        R, M, P0s, *saved = ctx.saved_tensors
+        dYS = R.new_empty(NC, rows, 2, C, N)  # [dY; dS] per chunk
+        _to_chunks(dy, 0, NC, C, dYS[:, :, 0])
+        # the recurrence backwards: dP_n = R_n^T dY_n + M_n^T dP_{n+1}, from dP_NC = dstate^T
+        dPs = R.new_empty(NC + 1, rows, N, N)
+        dPs[NC].copy_(dstate.reshape(rows, N, N).mT)
+        for n in reversed(range(NC)):
+            torch.baddbmm(R[n].mT @ dYS[n, :, 0], M[n].mT, dPs[n + 1], out=dPs[n])
+        need = ctx.needs_input_grad
+        r_, w_, k_, v_, a_, b_ = (dy.new_empty(B, T, H, N) if need[i] else None for i in range(6))
+        per_group = len(saved) // len(_chunk_groups(NC, rows))
+        for j, (n0, n1) in enumerate(_chunk_groups(NC, rows)):
+            g = (n1 - n0) * rows
+            s = saved[j * per_group:(j + 1) * per_group]
+            dRA, dw, dKB, dv = _intra_backward(s, P0s[n0:n1].view(g, N, N), dPs[n0 + 1:n1 + 1].view(g, N, N),
+                                               dYS[n0:n1].view(g, 2, C, N))
+            for out, gc in ((r_, dRA[:, 0]), (a_, dRA[:, 1]), (k_, dKB[:, 0]), (b_, dKB[:, 1]), (v_, dv), (w_, dw)):
+                if out is not None:
+                    _from_chunks(gc.unflatten(0, (n1 - n0, rows)), n0, C, out)
+        dstate0 = dPs[0].mT.reshape(B, H, N, N).to(ctx.state_dtype) if need[6] else None
+        return r_, w_, k_, v_, a_, b_, dstate0, None, None, None
 
 
 def wkv7_chunked(r, w, k, v, a, b, state=None, resets=None, chunk_size=CHUNK_SIZE):
@@ -271,9 +256,8 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, resets=None, chunk_size=CHUNK_SIZ
 
     resets: optional bool [B,T]; where True the state is zeroed before that token.
     Returns y [B,T,H,N] in r's dtype and the final state [B,H,N,N] (fp32; fp64 for fp64 inputs).
-    Memory: the backward keeps the intra-chunk intermediates (a few dozen [B,H,T,N]-sized
-    tensors) and one [N,N] state per chunk, not per token; under no_grad only one group of
-    (batch, head) rows is in memory at a time.
+    Memory: the backward keeps about 17 fp32 tensors of the inputs' size (the intra-chunk
+    intermediates and one [N,N] state per chunk, not per token); under no_grad about 6.
     """
     keep = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (r, w, k, v, a, b, state))
