@@ -27,9 +27,9 @@ def _chunk_groups(NC, rows):
     """Ranges [n0, n1) of chunks, each taken over all rows: big enough that each op has real
     work, small enough that a group's dozens of temporaries are recycled by the allocator
     rather than freshly page-faulted (which dominated the time when done all at once)."""
-    per = max(1, GROUP_CHUNKS // rows)
-    per = -(-NC // -(-NC // per))  # the same number of groups, evenly sized
-    return [(n0, min(n0 + per, NC)) for n0 in range(0, NC, per)]
+    n_groups = min(NC, max(1, round(NC * rows / GROUP_CHUNKS)))
+    bounds = [round(i * NC / n_groups) for i in range(n_groups + 1)]  # evenly sized
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def _to_chunks(x, n0, n1, C, out, fill=0.0):
@@ -87,19 +87,19 @@ def _unit_lower_inverse(A):
     return X
 
 
-def _intra(RA, logd, KB, v, seg, R, Yc, M, c):
+def _intra(RA, logd, KB, v, seg, out):
     """Everything inside each chunk that does not depend on the incoming state P0 [K,V].
 
-    RA = [r; a] and KB = [k; b] are [g,2,C,N] (overwritten), logd and v [g,C,N]. Writes, per chunk,
-    R [C,K], Yc [C,V], M [K,K], c [K,V] with Y = R P0 + Yc and P_end = M P0 + c. A reset inside a
-    chunk masks every interaction across it and cuts the rows after it off from P0. Returns what
-    the backward keeps (see `_intra_backward`).
-
-    With Q = [rq; aq] and K = [kq; bq] the decay-scaled operands, A = Q K^T (masked) holds
+    RA = [r; a] and KB = [k; b] are [g,2,C,N] (overwritten), logd and v [g,C,N]. With
+    Q = [rq; aq] and K = [kq; bq] the decay-scaled operands, A = Q K^T (masked) holds
     A_rk, A_rb / A_ak, A_ab. The a-rows' reads of the state, U = a'^T P, solve the unit lower
     triangular system (I - A_ab) U = aP P0 + A_ak v, so with X = (I - A_ab)^{-1}:
     U = W P0 + Bx v (W = X aP, Bx = X A_ak), Y = rP P0 + A_rk v + A_rb U and
-    P_end = D P0 + kd^T v + bd^T U, D = diag(total decay).
+    P_end = D P0 + kd^T v + bd^T U, D = diag(total decay). Writes what the chunk-to-chunk pass
+    needs into `out` (rP, A_rb, W, bd, D as a column, Yc = (A_rk + A_rb Bx) v and
+    c = (kd + Bx^T bd)^T v); returns what the backward keeps (see `_intra_backward`).
+    A reset inside a chunk masks every interaction across it and cuts the rows after it off
+    from P0.
     """
     g, _, C, N = RA.shape
     G = _ones(C, logd).tril() @ logd  # chunk-local inclusive log-decay sums (cumsum; a global sum
@@ -129,61 +129,73 @@ def _intra(RA, logd, KB, v, seg, R, Yc, M, c):
     mask = torch.cat([torch.cat([incl, incl], -1), torch.cat([strict, strict], -1)], -2).to(RA.dtype)
     A = torch.bmm(Q.view(g, 2 * C, N), K.view(g, 2 * C, N).mT).mul_(mask)
     A_rk, A_rb, A_ak, A_ab = A[:, :C, :C], A[:, :C, C:], A[:, C:, :C], A[:, C:, C:]
+    out["A_rb"].copy_(A_rb)
+    out["D"].copy_(decay_all.mT)
 
-    QP = Q * to_P0.unsqueeze(1)  # [rP; aP]
+    torch.mul(Q[:, 0], to_P0, out=out["rP"])
     X = _unit_lower_inverse(A_ab)
-    W, Bx = X @ QP[:, 1], X @ A_ak
-    torch.baddbmm(QP[:, 0], A_rb, W, out=R)
-    torch.bmm(torch.baddbmm(A_rk, A_rb, Bx), v, out=Yc)
-    KD = K * to_end.unsqueeze(1)  # [kd; bd]
-    torch.bmm(torch.baddbmm(KD[:, 0], Bx.mT, KD[:, 1]).mT, v, out=c)  # c = (kd + Bx^T bd)^T v
-    torch.bmm(KD[:, 1].mT, W, out=M)
-    M.diagonal(dim1=-2, dim2=-1).add_(decay_all.squeeze(-2))
-    return [Q, K, A, X, W, Bx, v, E, logd, to_P0, to_end, decay_all, mask]
+    W, Bx = torch.bmm(X, Q[:, 1] * to_P0, out=out["W"]), X @ A_ak
+    torch.bmm(torch.baddbmm(A_rk, A_rb, Bx), v, out=out["Yc"])
+    kd, bd = K[:, 0] * to_end, torch.mul(K[:, 1], to_end, out=out["bd"])
+    torch.bmm(torch.baddbmm(kd, Bx.mT, bd).mT, v, out=out["c"])
+    return [Q, K, A, X, Bx, v, E, logd, to_P0, to_end, decay_all, mask]
 
 
-def _intra_backward(saved, P0, dPend, dYS):
-    """Gradients of the chunk inputs [r; a], logd, [k; b], v, given P0, dP_end [g,K,V] and
-    dYS [g,2,C,N] whose first half holds dY (the second is used for dS).
+def _intra_backward(saved, W, WP, P0, dPend, dU, dYS):
+    """Gradients of the chunk inputs [r; a], logd, [k; b], v, given W, WP = W P0, P0, dP_end
+    [g,K,V], dU (from the chunk-to-chunk pass) and dYS [g,2,C,N] whose first half holds dY
+    (the second is used for dS).
 
     S = aP P0 + A_ak v and U = X S as in `_intra`; since X = (I - A_ab)^{-1}: dS = X^T dU and
     dA_ab = dS U^T, so [dY; dS] [v; U]^T is the gradient of all of A at once. Every product
     r_i k_j e^{G_i - G_j} depends on G only through differences, so `mid` gets no gradient.
     """
-    Q, K, A, X, W, Bx, v, E, logd, to_P0, to_end, decay_all, mask = saved
+    Q, K, A, X, Bx, v, E, logd, to_P0, to_end, decay_all, mask = saved
     g, _, C, N = Q.shape
-    dY, dYS2 = dYS[:, 0], dYS.view(g, 2 * C, N)
+    dYS2 = dYS.view(g, 2 * C, N)
     # (bmm into a strided slice falls back to a slow path: products go to fresh memory and are copied)
     VU = torch.empty_like(Q)
     VU[:, 0] = v
-    VU[:, 1] = torch.baddbmm(Bx @ v, W, P0)  # U
-    KD = K * to_end.unsqueeze(1)
-    dU = torch.baddbmm(KD[:, 1] @ dPend, A[:, :C, C:].mT, dY)
+    VU[:, 1] = torch.baddbmm(WP, Bx, v)  # U
     dYS[:, 1] = X.mT @ dU  # dS
     VU2 = VU.view(g, 2 * C, N)
     dA = torch.bmm(dYS2, VU2.mT).mul_(mask)
-    dv = torch.baddbmm(KD[:, 0] @ dPend, A[:, :, :C].mT, dYS2)
+    dv = torch.baddbmm((K[:, 0] * to_end) @ dPend, A[:, :, :C].mT, dYS2)
     dQP = torch.bmm(dYS2, P0.mT).view(g, 2, C, N)  # [drP; daP]
     dKD = torch.bmm(VU2, dPend.mT).view(g, 2, C, N)  # [dkd; dbd]
     ddecay = (dPend * P0).sum(-1)  # the diagonal of dPend P0^T
     dQ = torch.bmm(dA, K.view(g, 2 * C, N)).view(g, 2, C, N)
     dK = torch.bmm(dA.mT, Q.view(g, 2 * C, N)).view(g, 2, C, N)
-    # the log-decay sums: Q, QP grow with e^G (r) and e^Gx (a); K, KD shrink with e^-G
-    grow = (dQ * Q).addcmul_(dQP, Q * to_P0.unsqueeze(1))
-    dend = dKD * KD
-    dG = grow.sum(1).sub_((dK * K).add_(dend).sum(1))
-    dG[:, -1] += dend.sum((1, 2)).addcmul_(ddecay, decay_all.squeeze(1))
+    # the log-decay sums: Q = [rq; aq] and QP = Q * to_P0 grow with e^G (r) and e^Gx (a), so their
+    # share is (dQ + dQP * to_P0) * Q; K and KD = K * to_end shrink with e^-G, and KD grows with
+    # the chunk's total (its last row)
+    dQ = dQP.mul_(to_P0.unsqueeze(1)).add_(dQ)
+    grow = dQ * Q
+    dKD.mul_(to_end.unsqueeze(1))
+    dend = (dKD * K).sum((1, 2))
+    dK = dKD.add_(dK)
+    dG = grow.sum(1).sub_((dK * K).sum(1))
+    dG[:, -1] += dend.addcmul_(ddecay, decay_all.squeeze(1))
     # G = cumsum(logd), Gx = G - logd; the reverse cumsum as a matmul (faster than cumsum here)
     dlogd = (_ones(C, dG).triu() @ dG).sub_(grow[:, 1])
-    dRA = dQP.mul_(to_P0.unsqueeze(1)).add_(dQ).mul_(E)
-    dKB = dKD.mul_(to_end.unsqueeze(1)).add_(dK).mul_(torch.reciprocal(E[:, 0]).unsqueeze(1))
+    dRA = dQ.mul_(E)
+    dKB = dK.mul_(torch.reciprocal(E[:, 0]).unsqueeze(1))
     return dRA, dlogd.mul_(logd), dKB, dv  # dw = dlogd * logd, as logd = -exp(w)
+
+
+# what the chunk-to-chunk pass reads of each chunk, [NC, rows, ...] with these trailing shapes
+_SCAN_SHAPES = dict(rP="CN", A_rb="CC", W="CN", bd="CN", D="N1", Yc="CN", c="NN")
 
 
 class _WKV7Chunked(torch.autograd.Function):
     """Forward: the intra-chunk work group by group, then the chunk-to-chunk recurrence for all
     rows at once. Backward: that recurrence backwards for all rows, then the intra-chunk
-    gradients group by group. Keeps each group's intermediates and the states entering chunks."""
+    gradients group by group. Keeps each group's intermediates and the states entering chunks.
+
+    Per chunk n, with WP_n = W_n P_n: y_n = rP_n P_n + A_rb,n WP_n + Yc_n and
+    P_{n+1} = D_n P_n + bd_n^T WP_n + c_n. Backwards: dU_n = A_rb,n^T dY_n + bd_n dP_{n+1} and
+    dP_n = rP_n^T dY_n + D_n dP_{n+1} + W_n^T dU_n.
+    """
 
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, state, resets, C, keep):
@@ -191,33 +203,37 @@ class _WKV7Chunked(torch.autograd.Function):
         rows, NC = B * H, -(-T // C)
         dt = torch.float64 if r.dtype == torch.float64 else torch.float32
         new = lambda *shape: r.new_empty(*shape, dtype=dt)  # noqa: E731
-        R, Yc, M, c = new(NC, rows, C, N), new(NC, rows, C, N), new(NC, rows, N, N), new(NC, rows, N, N)
+        dims = dict(C=C, N=N, **{"1": 1})
+        scan = {name: new(NC, rows, *(dims[d] for d in shape)) for name, shape in _SCAN_SHAPES.items()}
         saved = []
         for n0, n1 in _chunk_groups(NC, rows):
             n, g = n1 - n0, (n1 - n0) * rows
             RA, KB, V, logd = new(n, rows, 2, C, N), new(n, rows, 2, C, N), new(n, rows, C, N), new(n, rows, C, N)
-            for x, out in ((r, RA[:, :, 0]), (a, RA[:, :, 1]), (k, KB[:, :, 0]), (b, KB[:, :, 1]), (v, V)):
-                _to_chunks(x, n0, n1, C, out)
+            for x, dst in ((r, RA[:, :, 0]), (a, RA[:, :, 1]), (k, KB[:, :, 0]), (b, KB[:, :, 1]), (v, V)):
+                _to_chunks(x, n0, n1, C, dst)
             _to_chunks(w, n0, n1, C, logd, fill=-float("inf"))  # padding: decay 1, zero k, v, a, b
             logd.exp_().neg_()  # log of the decay, >= -0.6065 for the model's w <= -0.5
             seg = None if resets is None else _segments(resets, n0, n1, C, H)
-            saved += _intra(RA.view(g, 2, C, N), logd.view(g, C, N), KB.view(g, 2, C, N), V.view(g, C, N),
-                            seg, R[n0:n1].view(g, C, N), Yc[n0:n1].view(g, C, N), M[n0:n1].view(g, N, N),
-                            c[n0:n1].view(g, N, N))
+            out = {name: x[n0:n1].flatten(0, 1) for name, x in scan.items()}
+            saved += _intra(RA.view(g, 2, C, N), logd.view(g, C, N), KB.view(g, 2, C, N), V.view(g, C, N), seg, out)
             if not keep:
                 saved = []
+        rP, A_rb, W, bd, D, Yc, c = (scan[name] for name in _SCAN_SHAPES)
         P0s = new(NC + 1, rows, N, N)  # the state entering each chunk, and the final one
         if state is None:
             P0s[0].zero_()
         else:
             P0s[0].copy_(state.reshape(rows, N, N).mT)
+        WP = new(NC, rows, C, N)
         for n in range(NC):
-            Yc[n].baddbmm_(R[n], P0s[n])
-            torch.baddbmm(c[n], M[n], P0s[n], out=P0s[n + 1])
+            P = P0s[n]
+            torch.bmm(W[n], P, out=WP[n])
+            Yc[n].baddbmm_(rP[n], P).baddbmm_(A_rb[n], WP[n])
+            torch.addcmul(c[n], D[n], P, out=P0s[n + 1]).baddbmm_(bd[n].mT, WP[n])
         y = torch.empty_like(r)
         _from_chunks(Yc, 0, C, y)
         if keep:
-            ctx.save_for_backward(R, M, P0s, *saved)
+            ctx.save_for_backward(rP, A_rb, W, bd, D, WP, P0s, *saved)
             ctx.dims, ctx.C = (B, T, H, N), C
             ctx.state_dtype = None if state is None else state.dtype
         return y, P0s[NC].mT.reshape(B, H, N, N).clone(memory_format=torch.contiguous_format)
@@ -228,22 +244,26 @@ class _WKV7Chunked(torch.autograd.Function):
         B, T, H, N = ctx.dims
         C = ctx.C
         rows, NC = B * H, -(-T // C)
-        R, M, P0s, *saved = ctx.saved_tensors
-        dYS = R.new_empty(NC, rows, 2, C, N)  # [dY; dS] per chunk
+        rP, A_rb, W, bd, D, WP, P0s, *saved = ctx.saved_tensors
+        dYS = rP.new_empty(NC, rows, 2, C, N)  # [dY; dS] per chunk
         _to_chunks(dy, 0, NC, C, dYS[:, :, 0])
-        # the recurrence backwards: dP_n = R_n^T dY_n + M_n^T dP_{n+1}, from dP_NC = dstate^T
-        dPs = R.new_empty(NC + 1, rows, N, N)
+        dY = dYS[:, :, 0].flatten(0, 1)
+        # the parts of the recurrence backwards that do not depend on dP, for all chunks at once
+        dU = torch.bmm(A_rb.flatten(0, 1).mT, dY).view(NC, rows, C, N)
+        dPs = rP.new_empty(NC + 1, rows, N, N)  # dP_n: the gradient of the state entering chunk n
+        torch.bmm(rP.flatten(0, 1).mT, dY, out=dPs[:NC].flatten(0, 1))
         dPs[NC].copy_(dstate.reshape(rows, N, N).mT)
         for n in reversed(range(NC)):
-            torch.baddbmm(R[n].mT @ dYS[n, :, 0], M[n].mT, dPs[n + 1], out=dPs[n])
+            dU[n].baddbmm_(bd[n], dPs[n + 1])
+            dPs[n].addcmul_(D[n], dPs[n + 1]).baddbmm_(W[n].mT, dU[n])
         need = ctx.needs_input_grad
         r_, w_, k_, v_, a_, b_ = (dy.new_empty(B, T, H, N) if need[i] else None for i in range(6))
-        per_group = len(saved) // len(_chunk_groups(NC, rows))
-        for j, (n0, n1) in enumerate(_chunk_groups(NC, rows)):
-            g = (n1 - n0) * rows
-            s = saved[j * per_group:(j + 1) * per_group]
-            dRA, dw, dKB, dv = _intra_backward(s, P0s[n0:n1].view(g, N, N), dPs[n0 + 1:n1 + 1].view(g, N, N),
-                                               dYS[n0:n1].view(g, 2, C, N))
+        groups = _chunk_groups(NC, rows)
+        per_group = len(saved) // len(groups)
+        for j, (n0, n1) in enumerate(groups):
+            flat = lambda x: x[n0:n1].flatten(0, 1)  # noqa: E731
+            dRA, dw, dKB, dv = _intra_backward(saved[j * per_group:(j + 1) * per_group], flat(W), flat(WP),
+                                               flat(P0s), dPs[n0 + 1:n1 + 1].flatten(0, 1), flat(dU), flat(dYS))
             for out, gc in ((r_, dRA[:, 0]), (a_, dRA[:, 1]), (k_, dKB[:, 0]), (b_, dKB[:, 1]), (v_, dv), (w_, dw)):
                 if out is not None:
                     _from_chunks(gc.unflatten(0, (n1 - n0, rows)), n0, C, out)
@@ -257,7 +277,7 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, resets=None, chunk_size=CHUNK_SIZ
     resets: optional bool [B,T]; where True the state is zeroed before that token.
     Returns y [B,T,H,N] in r's dtype and the final state [B,H,N,N] (fp32; fp64 for fp64 inputs).
     Memory: the backward keeps about 17 fp32 tensors of the inputs' size (the intra-chunk
-    intermediates and one [N,N] state per chunk, not per token); under no_grad about 6.
+    intermediates and one [N,N] state per chunk, not per token); under no_grad about 8.
     """
     keep = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (r, w, k, v, a, b, state))
