@@ -196,3 +196,13 @@ def test_auto_backend_choice(monkeypatch):
     monkeypatch.setattr(cuda_module, "cuda_kernel_usable", lambda device: False)
     assert resolve_backend("auto", gpu, 100, 64) == "chunked"
     assert resolve_backend("reference", gpu, 100, 64) == "reference"
+
+
+@pytest.mark.parametrize("C", [1, 2, 5, 16, 31, 32, 64])
+def test_unit_lower_inverse(C):
+    """The doubling product (and its by-halves form from C = 32) against a triangular solve."""
+    from rwkv_sft.ops.wkv7_chunked import _unit_lower_inverse
+    A = (0.3 * torch.randn(3, C, C, generator=torch.Generator().manual_seed(C), dtype=torch.float64)).tril(-1)
+    eye = torch.eye(C, dtype=torch.float64).expand(3, C, C)
+    want = torch.linalg.solve_triangular(eye - A, eye, upper=False, unitriangular=True)
+    torch.testing.assert_close(_unit_lower_inverse(A), want, rtol=1e-10, atol=1e-10)
