@@ -105,8 +105,8 @@ def _intra(RA, logd, KB, v, seg, out):
     triangular system (I - A_ab) U = aP P0 + A_ak v, so with X = (I - A_ab)^{-1}:
     U = W P0 + Bx v (W = X aP, Bx = X A_ak), Y = rP P0 + A_rk v + A_rb U and
     P_end = D P0 + kd^T v + bd^T U, D = diag(total decay). Writes what the chunk-to-chunk pass
-    needs into `out` (rP, A_rb, W, bd, D as a column, Yc = (A_rk + A_rb Bx) v and
-    c = (kd + Bx^T bd)^T v); returns what the backward keeps (see `_intra_backward`).
+    needs into `out` (rP, A_rb, W, bd, D as a column, U's part Bx v, Yc = A_rk v, c = kd^T v);
+    returns what the backward keeps (see `_intra_backward`).
     A reset inside a chunk masks every interaction across it and cuts the rows after it off
     from P0.
     """
@@ -143,29 +143,30 @@ def _intra(RA, logd, KB, v, seg, out):
 
     torch.mul(Q[:, 0], to_P0, out=out["rP"])
     X = _unit_lower_inverse(A_ab)
-    W, Bx = torch.bmm(X, Q[:, 1] * to_P0, out=out["W"]), X @ A_ak
-    torch.bmm(torch.baddbmm(A_rk, A_rb, Bx), v, out=out["Yc"])
-    kd, bd = K[:, 0] * to_end, torch.mul(K[:, 1], to_end, out=out["bd"])
-    torch.bmm(torch.baddbmm(kd, Bx.mT, bd).mT, v, out=out["c"])
-    return [Q, K, A, X, Bx, v, E, logd, to_P0, to_end, decay_all, mask]
+    torch.bmm(X, Q[:, 1] * to_P0, out=out["W"])
+    torch.bmm(X @ A_ak, v, out=out["U"])
+    torch.bmm(A_rk, v, out=out["Yc"])
+    torch.mul(K[:, 1], to_end, out=out["bd"])
+    torch.bmm((K[:, 0] * to_end).mT, v, out=out["c"])
+    return [Q, K, A, X, v, E, logd, to_P0, to_end, decay_all, mask]
 
 
-def _intra_backward(saved, W, WP, P0, dPend, dU, dYS):
-    """Gradients of the chunk inputs [r; a], logd, [k; b], v, given W, WP = W P0, P0, dP_end
-    [g,K,V], dU (from the chunk-to-chunk pass) and dYS [g,2,C,N] whose first half holds dY
-    (the second is used for dS).
+def _intra_backward(saved, U, P0, dPend, dU, dYS):
+    """Gradients of the chunk inputs [r; a], logd, [k; b], v, given U, P0, dP_end [g,K,V], dU
+    (from the chunk-to-chunk pass) and dYS [g,2,C,N] whose first half holds dY (the second is
+    used for dS).
 
     S = aP P0 + A_ak v and U = X S as in `_intra`; since X = (I - A_ab)^{-1}: dS = X^T dU and
     dA_ab = dS U^T, so [dY; dS] [v; U]^T is the gradient of all of A at once. Every product
     r_i k_j e^{G_i - G_j} depends on G only through differences, so `mid` gets no gradient.
     """
-    Q, K, A, X, Bx, v, E, logd, to_P0, to_end, decay_all, mask = saved
+    Q, K, A, X, v, E, logd, to_P0, to_end, decay_all, mask = saved
     g, _, C, N = Q.shape
     dYS2 = dYS.view(g, 2 * C, N)
     # (bmm into a strided slice falls back to a slow path: products go to fresh memory and are copied)
     VU = torch.empty_like(Q)
     VU[:, 0] = v
-    VU[:, 1] = torch.baddbmm(WP, Bx, v)  # U
+    VU[:, 1] = U
     dYS[:, 1] = X.mT @ dU  # dS
     VU2 = VU.view(g, 2 * C, N)
     dA = torch.bmm(dYS2, VU2.mT).mul_(mask)
@@ -193,7 +194,7 @@ def _intra_backward(saved, W, WP, P0, dPend, dU, dYS):
 
 
 # what the chunk-to-chunk pass reads of each chunk, [NC, rows, ...] with these trailing shapes
-_SCAN_SHAPES = dict(rP="CN", A_rb="CC", W="CN", bd="CN", D="N1", Yc="CN", c="NN")
+_SCAN_SHAPES = dict(rP="CN", A_rb="CC", W="CN", bd="CN", D="N1", U="CN", Yc="CN", c="NN")
 
 
 class _WKV7Chunked(torch.autograd.Function):
@@ -201,8 +202,8 @@ class _WKV7Chunked(torch.autograd.Function):
     rows at once. Backward: that recurrence backwards for all rows, then the intra-chunk
     gradients group by group. Keeps each group's intermediates and the states entering chunks.
 
-    Per chunk n, with WP_n = W_n P_n: y_n = rP_n P_n + A_rb,n WP_n + Yc_n and
-    P_{n+1} = D_n P_n + bd_n^T WP_n + c_n. Backwards: dU_n = A_rb,n^T dY_n + bd_n dP_{n+1} and
+    Per chunk n (see `_intra`): U_n = W_n P_n + (Bx v)_n, y_n = rP_n P_n + A_rb,n U_n + Yc_n and
+    P_{n+1} = D_n P_n + bd_n^T U_n + c_n. Backwards: dU_n = A_rb,n^T dY_n + bd_n dP_{n+1} and
     dP_n = rP_n^T dY_n + D_n dP_{n+1} + W_n^T dU_n.
     """
 
@@ -227,22 +228,21 @@ class _WKV7Chunked(torch.autograd.Function):
             saved += _intra(RA.view(g, 2, C, N), logd.view(g, C, N), KB.view(g, 2, C, N), V.view(g, C, N), seg, out)
             if not keep:
                 saved = []
-        rP, A_rb, W, bd, D, Yc, c = (scan[name] for name in _SCAN_SHAPES)
+        rP, A_rb, W, bd, D, U, Yc, c = (scan[name] for name in _SCAN_SHAPES)
         P0s = new(NC + 1, rows, N, N)  # the state entering each chunk, and the final one
         if state is None:
             P0s[0].zero_()
         else:
             P0s[0].copy_(state.reshape(rows, N, N).mT)
-        WP = new(NC, rows, C, N)
         for n in range(NC):
             P = P0s[n]
-            torch.bmm(W[n], P, out=WP[n])
-            Yc[n].baddbmm_(rP[n], P).baddbmm_(A_rb[n], WP[n])
-            torch.addcmul(c[n], D[n], P, out=P0s[n + 1]).baddbmm_(bd[n].mT, WP[n])
+            U[n].baddbmm_(W[n], P)
+            Yc[n].baddbmm_(rP[n], P).baddbmm_(A_rb[n], U[n])
+            torch.addcmul(c[n], D[n], P, out=P0s[n + 1]).baddbmm_(bd[n].mT, U[n])
         y = torch.empty_like(r)
         _from_chunks(Yc, 0, C, y)
         if keep:
-            ctx.save_for_backward(rP, A_rb, W, bd, D, WP, P0s, *saved)
+            ctx.save_for_backward(rP, A_rb, W, bd, D, U, P0s, *saved)
             ctx.dims, ctx.C = (B, T, H, N), C
             ctx.state_dtype = None if state is None else state.dtype
         return y, P0s[NC].mT.reshape(B, H, N, N).clone(memory_format=torch.contiguous_format)
@@ -253,7 +253,7 @@ class _WKV7Chunked(torch.autograd.Function):
         B, T, H, N = ctx.dims
         C = ctx.C
         rows, NC = B * H, -(-T // C)
-        rP, A_rb, W, bd, D, WP, P0s, *saved = ctx.saved_tensors
+        rP, A_rb, W, bd, D, U, P0s, *saved = ctx.saved_tensors
         dYS = rP.new_empty(NC, rows, 2, C, N)  # [dY; dS] per chunk
         _to_chunks(dy, 0, NC, C, dYS[:, :, 0])
         dY = dYS[:, :, 0].flatten(0, 1)
@@ -271,8 +271,8 @@ class _WKV7Chunked(torch.autograd.Function):
         per_group = len(saved) // len(groups)
         for j, (n0, n1) in enumerate(groups):
             flat = lambda x: x[n0:n1].flatten(0, 1)  # noqa: E731
-            dRA, dw, dKB, dv = _intra_backward(saved[j * per_group:(j + 1) * per_group], flat(W), flat(WP),
-                                               flat(P0s), dPs[n0 + 1:n1 + 1].flatten(0, 1), flat(dU), flat(dYS))
+            dRA, dw, dKB, dv = _intra_backward(saved[j * per_group:(j + 1) * per_group], flat(U), flat(P0s),
+                                               dPs[n0 + 1:n1 + 1].flatten(0, 1), flat(dU), flat(dYS))
             for out, gc in ((r_, dRA[:, 0]), (a_, dRA[:, 1]), (k_, dKB[:, 0]), (b_, dKB[:, 1]), (v_, dv), (w_, dw)):
                 if out is not None:
                     _from_chunks(gc.unflatten(0, (n1 - n0, rows)), n0, C, out)
