@@ -14,7 +14,9 @@ backward): above --ref-max-T it is not run; its time and memory are estimated by
 largest measured T linearly (both are linear in T) and marked "~" in the table.
 
 Method. Each (backend, T, dtype, pass) runs in its own subprocess, so one case's allocator
-state cannot hide another's peak. Time: the best of --repeats runs after one warm-up run.
+state cannot hide another's peak. Time: the best of the timed runs after one warm-up run: at
+least --repeats of them and at least --min-seconds of them in all (fast cases run more often, so
+their best is as little exposed to a noisy machine as the reference's).
 Peak memory on CPU: the growth of the process's ru_maxrss (the kernel's high-water mark of
 resident memory, which sees every allocator peak, however short) from just after the inputs
 are created to the end of the first run; the inputs themselves are not counted. On a GPU:
@@ -50,7 +52,7 @@ def maxrss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def run_case(backend, B, T, H, N, dtype, device, backward, repeats):
+def run_case(backend, B, T, H, N, dtype, device, backward, repeats, min_seconds):
     """One measurement in this process: (best seconds, peak bytes of the first run)."""
     from rwkv_sft.ops import _load_backend
     fn = _load_backend(backend)
@@ -79,7 +81,8 @@ def run_case(backend, B, T, H, N, dtype, device, backward, repeats):
     else:
         base = maxrss_bytes()
     times = []
-    for _ in range(repeats + 1):  # the first run is the warm-up and the memory measurement
+    # the first run is the warm-up and the memory measurement
+    while len(times) < repeats + 1 or sum(times[1:]) < min_seconds:
         t0 = time.perf_counter()
         once()
         times.append(time.perf_counter() - t0)
@@ -108,7 +111,7 @@ def measure(args, backend, T, dtype, backward):
     device = "cuda" if backend in GPU_BACKENDS else args.device
     cmd = [sys.executable, __file__, "--_case", json.dumps(
         dict(backend=backend, B=args.B, T=T, H=args.H, N=args.N, dtype=dtype, device=device,
-             backward=backward, repeats=args.repeats, threads=args.threads))]
+             backward=backward, repeats=args.repeats, min_seconds=args.min_seconds, threads=args.threads))]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         return None, f"{backend} T={T} {dtype}: failed: {proc.stderr.strip().splitlines()[-1:]}"
@@ -127,6 +130,8 @@ def main():
     p.add_argument("--device", default="cpu", help="device for reference and chunked (cuda/fla always use cuda)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every case")
     p.add_argument("--repeats", type=int, default=None, help="timed runs after the warm-up (default 3, --quick 1)")
+    p.add_argument("--min-seconds", type=float, default=None,
+                   help="keep timing until the timed runs add up to this (default 3, --quick 0)")
     p.add_argument("--ref-max-T", type=int, default=None,
                    help="longest T at which the reference runs; longer ones are estimated (default 1024, --quick 256)")
     p.add_argument("--quick", action="store_true", help="T in 256 1024, one repeat, reference measured at 256 only")
@@ -141,9 +146,11 @@ def main():
 
     Ts = args.T or ([256, 1024] if args.quick else [256, 1024, 4096])
     args.repeats = args.repeats or (1 if args.quick else 3)
+    if args.min_seconds is None:
+        args.min_seconds = 0.0 if args.quick else 3.0
     ref_max_T = args.ref_max_T or (256 if args.quick else 1024)
     backends, notes = available_backends(args.backends)
-    print(f"WKV-7  B={args.B} H={args.H} N={args.N}  threads={args.threads}  repeats={args.repeats}  "
+    print(f"WKV-7  B={args.B} H={args.H} N={args.N}  threads={args.threads}  repeats>={args.repeats}  min {args.min_seconds:g} s  "
           f"torch {torch.__version__}")
     for n in notes:
         print("  " + n)

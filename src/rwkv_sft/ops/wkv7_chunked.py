@@ -3,8 +3,9 @@
 Same contract as `wkv7_reference`. The sequence is cut into chunks of C tokens; inside a chunk
 the recurrence is solved in closed form with C x C attention-like matrices (DESIGN.md §5.6),
 batched over every (batch, head) row and a range of chunks at a time (see `_chunk_groups`).
-Between chunks only a linear map remains, P_{n+1} = M_n P_n + c_n, which a short Python loop
-over chunks applies to all rows at once. The backward is written by hand, not left to autograd.
+Between chunks only a linear map of the state remains (see `_WKV7Chunked`), which a short
+Python loop over chunks applies to all rows at once. The backward is written by hand, not left
+to autograd.
 
 Layout: chunk-major, [chunk, row = batch * heads, token in chunk, channel]. Internally P = S^T
 (key x value), so the rows of every matrix below index tokens. The r/a and k/b operands are
@@ -286,7 +287,7 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, resets=None, chunk_size=CHUNK_SIZ
     resets: optional bool [B,T]; where True the state is zeroed before that token.
     Returns y [B,T,H,N] in r's dtype and the final state [B,H,N,N] (fp32; fp64 for fp64 inputs).
     Memory: the backward keeps about 17 fp32 tensors of the inputs' size (the intra-chunk
-    intermediates and one [N,N] state per chunk, not per token); under no_grad about 8.
+    intermediates and one [N,N] state per chunk, not per token); under no_grad about 10.
     """
     keep = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (r, w, k, v, a, b, state))
