@@ -97,10 +97,11 @@ def _unit_lower_inverse(A):
     return X
 
 
-def _intra(RA, logd, KB, v, seg, out):
+def _intra(RA, ew, KB, v, seg, out):
     """Everything inside each chunk that does not depend on the incoming state P0 [K,V].
 
-    RA = [r; a] and KB = [k; b] are [g,2,C,N] (overwritten), logd and v [g,C,N]. With
+    RA = [r; a] and KB = [k; b] are [g,2,C,N] (overwritten), ew = exp(w) = -log(decay) and v
+    [g,C,N]. With
     Q = [rq; aq] and K = [kq; bq] the decay-scaled operands, A = Q K^T (masked) holds
     A_rk, A_rb / A_ak, A_ab. The a-rows' reads of the state, U = a'^T P, solve the unit lower
     triangular system (I - A_ab) U = aP P0 + A_ak v, so with X = (I - A_ab)^{-1}:
@@ -112,15 +113,16 @@ def _intra(RA, logd, KB, v, seg, out):
     from P0.
     """
     g, _, C, N = RA.shape
-    G = _ones(C, logd).tril() @ logd  # chunk-local inclusive log-decay sums (cumsum; a global sum
-    # would overflow fp32); as a matmul, faster than cumsum along this axis
+    G = _ones(C, ew).tril().neg_() @ ew  # chunk-local inclusive log-decay sums (cumsum; a global
+    # sum would overflow fp32); as a matmul, faster than cumsum along this axis
     mid = G[:, C // 2:C // 2 + 1].clone()  # centre the factorised exponents to keep them small
-    E = torch.empty_like(RA)  # [e^{G-mid}; e^{Gx-mid}], Gx = G - logd: a'_i meets P_{i-1}
+    E = torch.empty_like(RA)  # [e^{G-mid}; e^{Gx-mid}], Gx = G + ew: a'_i meets P_{i-1}
     torch.sub(G, mid, out=E[:, 0])
-    torch.sub(E[:, 0], logd, out=E[:, 1])
+    torch.add(E[:, 0], ew, out=E[:, 1])
     E.exp_()
     Q = RA.mul_(E)
-    K = KB.mul_(torch.reciprocal(E[:, 0]).unsqueeze(1))
+    einv = torch.reciprocal(E[:, 0])
+    K = KB.mul_(einv.unsqueeze(1))
     # e^G = e^{G-mid} e^mid and e^{Gend-G} = e^{mid-G} e^{Gend-mid}: [g,1,K] rows, no new exp
     to_P0 = torch.exp(mid)  # the rows' view of the incoming state
     to_end = torch.exp(G[:, -1:] - mid)  # decay from each token to the chunk end
@@ -148,12 +150,13 @@ def _intra(RA, logd, KB, v, seg, out):
     torch.bmm(X @ A_ak, v, out=out["U"])
     torch.bmm(A_rk, v, out=out["Yc"])
     torch.mul(K[:, 1], to_end, out=out["bd"])
-    torch.bmm((K[:, 0] * to_end).mT, v, out=out["c"])
-    return [Q, K, A, X, v, E, logd, to_P0, to_end, decay_all, mask]
+    kd = K[:, 0] * to_end
+    torch.bmm(kd.mT, v, out=out["c"])
+    return [Q, K, A, X, v, E, einv, kd, ew, to_P0, to_end, decay_all, mask]
 
 
 def _intra_backward(saved, U, P0, dPend, dU, dYS):
-    """Gradients of the chunk inputs [r; a], logd, [k; b], v, given U, P0, dP_end [g,K,V], dU
+    """Gradients of the chunk inputs [r; a], w, [k; b], v, given U, P0, dP_end [g,K,V], dU
     (from the chunk-to-chunk pass) and dYS [g,2,C,N] whose first half holds dY (the second is
     used for dS).
 
@@ -161,7 +164,7 @@ def _intra_backward(saved, U, P0, dPend, dU, dYS):
     dA_ab = dS U^T, so [dY; dS] [v; U]^T is the gradient of all of A at once. Every product
     r_i k_j e^{G_i - G_j} depends on G only through differences, so `mid` gets no gradient.
     """
-    Q, K, A, X, v, E, logd, to_P0, to_end, decay_all, mask = saved
+    Q, K, A, X, v, E, einv, kd, ew, to_P0, to_end, decay_all, mask = saved
     g, _, C, N = Q.shape
     dYS2 = dYS.view(g, 2 * C, N)
     # (bmm into a strided slice falls back to a slow path: products go to fresh memory and are copied)
@@ -171,7 +174,7 @@ def _intra_backward(saved, U, P0, dPend, dU, dYS):
     dYS[:, 1] = X.mT @ dU  # dS
     VU2 = VU.view(g, 2 * C, N)
     dA = torch.bmm(dYS2, VU2.mT).mul_(mask)
-    dv = torch.baddbmm((K[:, 0] * to_end) @ dPend, A[:, :, :C].mT, dYS2)
+    dv = torch.baddbmm(kd @ dPend, A[:, :, :C].mT, dYS2)
     dQP = torch.bmm(dYS2, P0.mT).view(g, 2, C, N)  # [drP; daP]
     dKD = torch.bmm(VU2, dPend.mT).view(g, 2, C, N)  # [dkd; dbd]
     ddecay = (dPend * P0).sum(-1)  # the diagonal of dPend P0^T
@@ -187,11 +190,13 @@ def _intra_backward(saved, U, P0, dPend, dU, dYS):
     dK = dKD.add_(dK)
     dG = grow.sum(1).sub_((dK * K).sum(1))
     dG[:, -1] += dend.addcmul_(ddecay, decay_all.squeeze(1))
-    # G = cumsum(logd), Gx = G - logd; the reverse cumsum as a matmul (faster than cumsum here)
-    dlogd = (_ones(C, dG).triu() @ dG).sub_(grow[:, 1])
+    # G = -cumsum(ew), Gx = G + ew; the reverse cumsum as a matmul (faster than cumsum here); and
+    # dw = dew * ew
+    dw = _ones(C, dG).triu() @ dG
+    torch.sub(grow[:, 1], dw, out=dw).mul_(ew)
     dRA = dQ.mul_(E)
-    dKB = dK.mul_(torch.reciprocal(E[:, 0]).unsqueeze(1))
-    return dRA, dlogd.mul_(logd), dKB, dv  # dw = dlogd * logd, as logd = -exp(w)
+    dKB = dK.mul_(einv.unsqueeze(1))
+    return dRA, dw, dKB, dv
 
 
 # what the chunk-to-chunk pass reads of each chunk, [NC, rows, ...] with these trailing shapes
@@ -219,14 +224,14 @@ class _WKV7Chunked(torch.autograd.Function):
         saved = []
         for n0, n1 in _chunk_groups(NC, rows):
             n, g = n1 - n0, (n1 - n0) * rows
-            RA, KB, V, logd = new(n, rows, 2, C, N), new(n, rows, 2, C, N), new(n, rows, C, N), new(n, rows, C, N)
+            RA, KB, V, ew = new(n, rows, 2, C, N), new(n, rows, 2, C, N), new(n, rows, C, N), new(n, rows, C, N)
             for x, dst in ((r, RA[:, :, 0]), (a, RA[:, :, 1]), (k, KB[:, :, 0]), (b, KB[:, :, 1]), (v, V)):
                 _to_chunks(x, n0, n1, C, dst)
-            _to_chunks(w, n0, n1, C, logd, fill=-float("inf"))  # padding: decay 1, zero k, v, a, b
-            logd.exp_().neg_()  # log of the decay, >= -0.6065 for the model's w <= -0.5
+            _to_chunks(w, n0, n1, C, ew, fill=-float("inf"))  # padding: decay 1, zero k, v, a, b
+            ew.exp_()  # -log of the decay, <= 0.6065 for the model's w <= -0.5
             seg = None if resets is None else _segments(resets, n0, n1, C, H)
             out = {name: x[n0:n1].flatten(0, 1) for name, x in scan.items()}
-            saved += _intra(RA.view(g, 2, C, N), logd.view(g, C, N), KB.view(g, 2, C, N), V.view(g, C, N), seg, out)
+            saved += _intra(RA.view(g, 2, C, N), ew.view(g, C, N), KB.view(g, 2, C, N), V.view(g, C, N), seg, out)
             if not keep:
                 saved = []
         rP, A_rb, W, bd, D, U, Yc, c = (scan[name] for name in _SCAN_SHAPES)
@@ -286,7 +291,7 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, resets=None, chunk_size=CHUNK_SIZ
 
     resets: optional bool [B,T]; where True the state is zeroed before that token.
     Returns y [B,T,H,N] in r's dtype and the final state [B,H,N,N] (fp32; fp64 for fp64 inputs).
-    Memory: the backward keeps about 17 fp32 tensors of the inputs' size (the intra-chunk
+    Memory: the backward keeps about 19 fp32 tensors of the inputs' size (the intra-chunk
     intermediates and one [N,N] state per chunk, not per token); under no_grad about 10.
     """
     keep = torch.is_grad_enabled() and any(
