@@ -183,7 +183,7 @@ def _intra_backward(saved, U, P0, dPend, dU, dYS):
     # the log-decay sums: Q = [rq; aq] and QP = Q * to_P0 grow with e^G (r) and e^Gx (a), so their
     # share is (dQ + dQP * to_P0) * Q; K and KD = K * to_end shrink with e^-G, and KD grows with
     # the chunk's total (its last row)
-    dQ = dQP.mul_(to_P0.unsqueeze(1)).add_(dQ)
+    dQ = torch.addcmul(dQ, dQP, to_P0.unsqueeze(1))
     grow = dQ * Q
     dKD.mul_(to_end.unsqueeze(1))
     dend = (dKD * K).sum((1, 2))
