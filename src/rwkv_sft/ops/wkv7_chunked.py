@@ -33,31 +33,46 @@ def _chunk_groups(NC, rows):
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _to_chunks(x, n0, n1, C, out, fill=0.0):
+def _to_chunks(x, n0, n1, C, out, scale=None):
     """Chunks n0..n1-1 of x [B,T,H,N] -> out [n1-n0, B*H, C, N] (any strides along the first two
-    dims, converting dtype); positions past T are set to `fill`."""
+    dims, converting dtype), times `scale` (shaped like out) if given; zero past T. The scaling
+    rides along with the change of layout: one pass over memory instead of two."""
     B, T, H, N = x.shape
     dst = out.unflatten(1, (B, H))  # [n,B,H,C,N]
+    sc = None if scale is None else scale.unflatten(1, (B, H))
     full = min(n1 - n0, (T - n0 * C) // C)  # chunks entirely inside the sequence
     if full:
-        dst[:full].copy_(x[:, n0 * C:(n0 + full) * C].unflatten(1, (full, C)).permute(1, 0, 3, 2, 4))
+        _put(x[:, n0 * C:(n0 + full) * C].unflatten(1, (full, C)).permute(1, 0, 3, 2, 4), dst[:full],
+             None if sc is None else sc[:full])
     if full < n1 - n0:  # the ragged last chunk
         tail = x[:, (n0 + full) * C:].permute(0, 2, 1, 3)  # [B,H,tail,N]
-        dst[full].fill_(fill)
-        dst[full, :, :, :tail.shape[2]].copy_(tail)
+        t = tail.shape[2]
+        dst[full].zero_()
+        _put(tail, dst[full, :, :, :t], None if sc is None else sc[full, :, :, :t])
 
 
-def _from_chunks(xc, n0, C, out):
-    """The inverse of `_to_chunks`: chunks [n, B*H, C, N] starting at chunk n0 -> out [B,T,H,N]."""
+def _from_chunks(xc, n0, C, out, scale=None):
+    """The inverse of `_to_chunks`: chunks [n, B*H, C, N] starting at chunk n0 (times `scale`,
+    shaped like xc, if given) -> out [B,T,H,N]."""
     B, T, H, N = out.shape
     src = xc.unflatten(1, (B, H))
+    sc = None if scale is None else scale.unflatten(1, (B, H))
     n = xc.shape[0]
     full = min(n, (T - n0 * C) // C)
     if full:
-        out[:, n0 * C:(n0 + full) * C].unflatten(1, (full, C)).permute(1, 0, 3, 2, 4).copy_(src[:full])
+        _put(src[:full], out[:, n0 * C:(n0 + full) * C].unflatten(1, (full, C)).permute(1, 0, 3, 2, 4),
+             None if sc is None else sc[:full])
     if full < n:
         tail = out[:, (n0 + full) * C:].permute(0, 2, 1, 3)
-        tail.copy_(src[full, :, :, :tail.shape[2]])
+        t = tail.shape[2]
+        _put(src[full, :, :, :t], tail, None if sc is None else sc[full, :, :, :t])
+
+
+def _put(src, dst, scale):
+    if scale is None:
+        dst.copy_(src)
+    else:
+        torch.mul(src, scale, out=dst)
 
 
 def _segments(resets, n0, n1, C, H):
@@ -97,11 +112,11 @@ def _unit_lower_inverse(A):
     return X
 
 
-def _intra(RA, ew, KB, v, seg, out):
+def _intra(inputs, ew, seg, load, out):
     """Everything inside each chunk that does not depend on the incoming state P0 [K,V].
 
-    RA = [r; a] and KB = [k; b] are [g,2,C,N] (overwritten), ew = exp(w) = -log(decay) and v
-    [g,C,N]. With
+    inputs: r, k, v, a, b as given ([B,T,H,N]); `load(x, dst, scale)` puts this group's chunks of
+    x (times scale) into dst [g,C,N]. ew = exp(w) = -log(decay), chunked [g,C,N]. With
     Q = [rq; aq] and K = [kq; bq] the decay-scaled operands, A = Q K^T (masked) holds
     A_rk, A_rb / A_ak, A_ab. The a-rows' reads of the state, U = a'^T P, solve the unit lower
     triangular system (I - A_ab) U = aP P0 + A_ak v, so with X = (I - A_ab)^{-1}:
@@ -112,33 +127,37 @@ def _intra(RA, ew, KB, v, seg, out):
     A reset inside a chunk masks every interaction across it and cuts the rows after it off
     from P0.
     """
-    g, _, C, N = RA.shape
+    r, k, v, a, b = inputs
+    g, C, N = ew.shape
     G = _ones(C, ew).tril().neg_() @ ew  # chunk-local inclusive log-decay sums (cumsum; a global
     # sum would overflow fp32); as a matmul, faster than cumsum along this axis
     mid = G[:, C // 2:C // 2 + 1].clone()  # centre the factorised exponents to keep them small
-    E = torch.empty_like(RA)  # [e^{G-mid}; e^{Gx-mid}], Gx = G + ew: a'_i meets P_{i-1}
+    E = ew.new_empty(g, 2, C, N)  # [e^{G-mid}; e^{Gx-mid}], Gx = G + ew: a'_i meets P_{i-1}
     torch.sub(G, mid, out=E[:, 0])
     torch.add(E[:, 0], ew, out=E[:, 1])
     E.exp_()
-    Q = RA.mul_(E)
     einv = torch.reciprocal(E[:, 0])
-    K = KB.mul_(einv.unsqueeze(1))
+    Q, K, v_ = torch.empty_like(E), torch.empty_like(E), torch.empty_like(ew)
+    for x, dst, scale in ((r, Q[:, 0], E[:, 0]), (a, Q[:, 1], E[:, 1]), (k, K[:, 0], einv),
+                          (b, K[:, 1], einv), (v, v_, None)):
+        load(x, dst, scale)
+    v = v_
     # e^G = e^{G-mid} e^mid and e^{Gend-G} = e^{mid-G} e^{Gend-mid}: [g,1,K] rows, no new exp
     to_P0 = torch.exp(mid)  # the rows' view of the incoming state
     to_end = torch.exp(G[:, -1:] - mid)  # decay from each token to the chunk end
     decay_all = torch.exp(G[:, -1:])
 
-    ones = torch.ones(C, C, dtype=torch.bool, device=RA.device)
+    ones = torch.ones(C, C, dtype=torch.bool, device=ew.device)
     incl, strict = ones.tril(), ones.tril(-1)
     if seg is not None:
         same = seg[:, :, None] == seg[:, None, :]  # [g,C,C]
         incl, strict = incl & same, strict & same
         last = seg[:, -1:]
-        to_P0 = to_P0 * (seg == 0).unsqueeze(-1).to(RA.dtype)
-        to_end = to_end * (seg == last).unsqueeze(-1).to(RA.dtype)
-        decay_all = decay_all * (last == 0).unsqueeze(-1).to(RA.dtype)
+        to_P0 = to_P0 * (seg == 0).unsqueeze(-1).to(ew.dtype)
+        to_end = to_end * (seg == last).unsqueeze(-1).to(ew.dtype)
+        decay_all = decay_all * (last == 0).unsqueeze(-1).to(ew.dtype)
     # rows r then a, columns k then b; masked after the product (the upper triangle is finite)
-    mask = torch.cat([torch.cat([incl, incl], -1), torch.cat([strict, strict], -1)], -2).to(RA.dtype)
+    mask = torch.cat([torch.cat([incl, incl], -1), torch.cat([strict, strict], -1)], -2).to(ew.dtype)
     A = torch.bmm(Q.view(g, 2 * C, N), K.view(g, 2 * C, N).mT).mul_(mask)
     A_rk, A_rb, A_ak, A_ab = A[:, :C, :C], A[:, :C, C:], A[:, C:, :C], A[:, C:, C:]
     out["A_rb"].copy_(A_rb)
@@ -155,10 +174,10 @@ def _intra(RA, ew, KB, v, seg, out):
     return [Q, K, A, X, v, E, einv, kd, ew, to_P0, to_end, decay_all, mask]
 
 
-def _intra_backward(saved, U, P0, dPend, dU, dYS):
-    """Gradients of the chunk inputs [r; a], w, [k; b], v, given U, P0, dP_end [g,K,V], dU
-    (from the chunk-to-chunk pass) and dYS [g,2,C,N] whose first half holds dY (the second is
-    used for dS).
+def _intra_backward(saved, U, P0, dPend, dU, dYS, store):
+    """The gradients of r, w, k, v, a, b for one group, given U, P0, dP_end [g,K,V], dU (from
+    the chunk-to-chunk pass) and dYS [g,2,C,N] whose first half holds dY (the second is used
+    for dS). `store(i, grad, scale)` writes input i's gradient (grad times scale) for the group.
 
     S = aP P0 + A_ak v and U = X S as in `_intra`; since X = (I - A_ab)^{-1}: dS = X^T dU and
     dA_ab = dS U^T, so [dY; dS] [v; U]^T is the gradient of all of A at once. Every product
@@ -192,11 +211,11 @@ def _intra_backward(saved, U, P0, dPend, dU, dYS):
     dG[:, -1] += dend.addcmul_(ddecay, decay_all.squeeze(1))
     # G = -cumsum(ew), Gx = G + ew; the reverse cumsum as a matmul (faster than cumsum here); and
     # dw = dew * ew
-    dw = _ones(C, dG).triu() @ dG
-    torch.sub(grow[:, 1], dw, out=dw).mul_(ew)
-    dRA = dQ.mul_(E)
-    dKB = dK.mul_(einv.unsqueeze(1))
-    return dRA, dw, dKB, dv
+    dew = _ones(C, dG).triu() @ dG
+    torch.sub(grow[:, 1], dew, out=dew)
+    for i, grad, scale in ((0, dQ[:, 0], E[:, 0]), (4, dQ[:, 1], E[:, 1]), (2, dK[:, 0], einv),
+                           (5, dK[:, 1], einv), (1, dew, ew), (3, dv, None)):
+        store(i, grad, scale)
 
 
 # what the chunk-to-chunk pass reads of each chunk, [NC, rows, ...] with these trailing shapes
@@ -224,14 +243,17 @@ class _WKV7Chunked(torch.autograd.Function):
         saved = []
         for n0, n1 in _chunk_groups(NC, rows):
             n, g = n1 - n0, (n1 - n0) * rows
-            RA, KB, V, ew = new(n, rows, 2, C, N), new(n, rows, 2, C, N), new(n, rows, C, N), new(n, rows, C, N)
-            for x, dst in ((r, RA[:, :, 0]), (a, RA[:, :, 1]), (k, KB[:, :, 0]), (b, KB[:, :, 1]), (v, V)):
-                _to_chunks(x, n0, n1, C, dst)
-            _to_chunks(w, n0, n1, C, ew, fill=-float("inf"))  # padding: decay 1, zero k, v, a, b
+            ew = new(n, rows, C, N)
+            _to_chunks(w, n0, n1, C, ew)
             ew.exp_()  # -log of the decay, <= 0.6065 for the model's w <= -0.5
+            ew[-1, :, T - (n1 - 1) * C:] = 0  # padding past T: decay 1 (and zero r, k, v, a, b)
+
+            def load(x, dst, scale, n0=n0, n1=n1):
+                _to_chunks(x, n0, n1, C, dst.unflatten(0, (n1 - n0, rows)),
+                           None if scale is None else scale.unflatten(0, (n1 - n0, rows)))
             seg = None if resets is None else _segments(resets, n0, n1, C, H)
             out = {name: x[n0:n1].flatten(0, 1) for name, x in scan.items()}
-            saved += _intra(RA.view(g, 2, C, N), ew.view(g, C, N), KB.view(g, 2, C, N), V.view(g, C, N), seg, out)
+            saved += _intra((r, k, v, a, b), ew.view(g, C, N), seg, load, out)
             if not keep:
                 saved = []
         rP, A_rb, W, bd, D, U, Yc, c = (scan[name] for name in _SCAN_SHAPES)
@@ -272,18 +294,20 @@ class _WKV7Chunked(torch.autograd.Function):
             dU[n].baddbmm_(bd[n], dPs[n + 1])
             dPs[n].addcmul_(D[n], dPs[n + 1]).baddbmm_(W[n].mT, dU[n])
         need = ctx.needs_input_grad
-        r_, w_, k_, v_, a_, b_ = (dy.new_empty(B, T, H, N) if need[i] else None for i in range(6))
+        grads = [dy.new_empty(B, T, H, N) if need[i] else None for i in range(6)]
         groups = _chunk_groups(NC, rows)
         per_group = len(saved) // len(groups)
         for j, (n0, n1) in enumerate(groups):
             flat = lambda x: x[n0:n1].flatten(0, 1)  # noqa: E731
-            dRA, dw, dKB, dv = _intra_backward(saved[j * per_group:(j + 1) * per_group], flat(U), flat(P0s),
-                                               dPs[n0 + 1:n1 + 1].flatten(0, 1), flat(dU), flat(dYS))
-            for out, gc in ((r_, dRA[:, 0]), (a_, dRA[:, 1]), (k_, dKB[:, 0]), (b_, dKB[:, 1]), (v_, dv), (w_, dw)):
-                if out is not None:
-                    _from_chunks(gc.unflatten(0, (n1 - n0, rows)), n0, C, out)
+
+            def store(i, grad, scale, n0=n0, n1=n1):
+                if grads[i] is not None:
+                    _from_chunks(grad.unflatten(0, (n1 - n0, rows)), n0, C, grads[i],
+                                 None if scale is None else scale.unflatten(0, (n1 - n0, rows)))
+            _intra_backward(saved[j * per_group:(j + 1) * per_group], flat(U), flat(P0s),
+                            dPs[n0 + 1:n1 + 1].flatten(0, 1), flat(dU), flat(dYS), store)
         dstate0 = dPs[0].mT.reshape(B, H, N, N).to(ctx.state_dtype) if need[6] else None
-        return r_, w_, k_, v_, a_, b_, dstate0, None, None, None
+        return (*grads, dstate0, None, None, None)
 
 
 def wkv7_chunked(r, w, k, v, a, b, state=None, resets=None, chunk_size=CHUNK_SIZE):
