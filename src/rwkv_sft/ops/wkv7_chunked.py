@@ -127,7 +127,7 @@ def _intra(inputs, ew, seg, load, out):
     A reset inside a chunk masks every interaction across it and cuts the rows after it off
     from P0.
     """
-    r, k, v, a, b = inputs
+    r, k, v_in, a, b = inputs
     g, C, N = ew.shape
     G = _ones(C, ew).tril().neg_() @ ew  # chunk-local inclusive log-decay sums (cumsum; a global
     # sum would overflow fp32); as a matmul, faster than cumsum along this axis
@@ -137,11 +137,10 @@ def _intra(inputs, ew, seg, load, out):
     torch.add(E[:, 0], ew, out=E[:, 1])
     E.exp_()
     einv = torch.reciprocal(E[:, 0])
-    Q, K, v_ = torch.empty_like(E), torch.empty_like(E), torch.empty_like(ew)
+    Q, K, v = torch.empty_like(E), torch.empty_like(E), torch.empty_like(ew)
     for x, dst, scale in ((r, Q[:, 0], E[:, 0]), (a, Q[:, 1], E[:, 1]), (k, K[:, 0], einv),
-                          (b, K[:, 1], einv), (v, v_, None)):
+                          (b, K[:, 1], einv), (v_in, v, None)):
         load(x, dst, scale)
-    v = v_
     # e^G = e^{G-mid} e^mid and e^{Gend-G} = e^{mid-G} e^{Gend-mid}: [g,1,K] rows, no new exp
     to_P0 = torch.exp(mid)  # the rows' view of the incoming state
     to_end = torch.exp(G[:, -1:] - mid)  # decay from each token to the chunk end
