@@ -51,7 +51,7 @@ def main():
     tmp = tempfile.mkdtemp()
     model.save(f"{tmp}/m.pth")
     theirs = RWKV(f"{tmp}/m", "cpu fp32")
-    ours = RWKV7.load(f"{tmp}/m.pth", dtype=torch.float32).eval()
+    ours = RWKV7.load(f"{tmp}/m.pth", dtype=torch.float32).eval().decoding_layout()  # as `rwkv-sft generate`
 
     prompt = torch.randint(0, args.vocab, (1, args.prompt))
     ids = prompt[0].tolist()

@@ -131,6 +131,27 @@ def test_pth_with_layer0_v_and_bf16_loads(tmp_path):
     assert (bf16_logits - expected).abs().max() < 0.1 * expected.abs().max()
 
 
+def test_decoding_layout_changes_no_result(tmp_path):
+    """Transposed storage of the projections: same state_dict, same logits and state step by step,
+    and a saved file identical in content."""
+    model = random_model(seed=7, n_layer=2, n_embd=64, vocab_size=100, deep_embed=True)
+    twin = random_model(seed=7, n_layer=2, n_embd=64, vocab_size=100, deep_embed=True).decoding_layout()
+    assert not twin.head.weight.is_contiguous() and twin.head.weight.t().is_contiguous()
+    for (k, a), (k2, b) in zip(model.state_dict().items(), twin.state_dict().items()):
+        assert k == k2 and a.shape == b.shape and torch.equal(a, b)
+    tokens = torch.randint(0, 100, (2, 6))
+    with torch.no_grad():
+        state = twin_state = None
+        for t in range(6):
+            logits, state = model(tokens[:, t:t + 1], state)
+            twin_logits, twin_state = twin(tokens[:, t:t + 1], twin_state)
+            torch.testing.assert_close(twin_logits, logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(twin_state.wkv, state.wkv, atol=1e-5, rtol=0)
+    twin.save(tmp_path / "m.safetensors")
+    loaded = RWKV7.load(tmp_path / "m.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
 def test_safetensors_round_trip(tmp_path):
     model = random_model(seed=6, n_layer=2, n_embd=64, vocab_size=100, deep_embed=True)
     model.save(tmp_path / "m.safetensors")

@@ -84,7 +84,7 @@ def run(args) -> int:
 
     device = resolve_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = RWKV7.load(args.model, dtype=dtype, device=device).eval()
+    model = RWKV7.load(args.model, dtype=dtype, device=device).eval().decoding_layout()
     tokenizer = Tokenizer()
 
     if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character gets U+FFFD, not a crash

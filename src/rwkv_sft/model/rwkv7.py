@@ -178,6 +178,20 @@ class RWKV7(nn.Module):
         from .checkpoint import save_model
         save_model(self, path, dtype=dtype)
 
+    def decoding_layout(self) -> "RWKV7":
+        """Keep every projection matrix transposed in memory (same values, shapes and state_dict).
+
+        A single-token step multiplies a vector by each weight; on CPU, MKL streams a weight
+        stored this way ~1.4x faster (the head at V=65536, C=768: 8.8 vs 12.6 ms), as the `rwkv`
+        package's loader arranges too. For processes that only run the model: training it
+        afterwards works but transposes every weight gradient each step.
+        """
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    module.weight.data = module.weight.data.t().contiguous().t()
+        return self
+
     # -- state -----------------------------------------------------------------------------------
     def zero_state(self, batch_size: int = 1, device=None, dtype=None) -> RWKV7State:
         cfg = self.config
