@@ -206,3 +206,16 @@ def test_unit_lower_inverse(C):
     eye = torch.eye(C, dtype=torch.float64).expand(3, C, C)
     want = torch.linalg.solve_triangular(eye - A, eye, upper=False, unitriangular=True)
     torch.testing.assert_close(_unit_lower_inverse(A), want, rtol=1e-10, atol=1e-10)
+
+
+def test_chunked_creates_nothing_on_another_device():
+    """On the meta device (shapes only) as a stand-in for a GPU: any tensor the op made on the CPU
+    would meet a meta tensor and raise, in the forward or the backward."""
+    B, T, H, N = 2, 70, 2, 8
+    x = [torch.empty(B, T, H, N, device="meta", requires_grad=True) for _ in range(6)]
+    s = torch.empty(B, H, N, N, device="meta", requires_grad=True)
+    resets = torch.zeros(B, T, dtype=torch.bool, device="meta")
+    y, s_out = wkv7_chunked(*x, state=s, resets=resets)
+    (y.sum() + s_out.sum()).backward()
+    assert y.device.type == s_out.device.type == "meta" and y.shape == (B, T, H, N)
+    assert all(t.grad is not None and t.grad.device.type == "meta" for t in x + [s])
