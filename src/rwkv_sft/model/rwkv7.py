@@ -44,7 +44,9 @@ class RWKV7State:
 
 def _token_shift(x, last, resets):
     """x_{t-1} for every t: `last` before the first token, zeros after a sequence reset."""
-    prev = torch.cat([last.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1)
+    prev = last.unsqueeze(1).to(x.dtype)
+    if x.shape[1] > 1:  # (a single decoding step needs no concatenation)
+        prev = torch.cat([prev, x[:, :-1]], dim=1)
     if resets is not None:
         prev = prev.masked_fill(resets.unsqueeze(-1), 0.0)
     return prev
