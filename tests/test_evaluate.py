@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import random_model
 from rwkv_sft.data import TokenizedExamples
 from rwkv_sft.model import RWKV7, RWKV7Config
 from rwkv_sft.tokenizer import Tokenizer
@@ -27,12 +28,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = RWKV7(RWKV7Config(n_layer=2, n_embd=64, vocab_size=V))
-    with torch.no_grad():  # upstream init zeroes the output projections: make the blocks matter
-        for p in m.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return m
+    return random_model(seed=0, scale=0.3, n_layer=2, n_embd=64, vocab_size=V)
 
 
 def by_hand_greedy(model, prompt, stop, limit):
