@@ -19,11 +19,18 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error (the usage is in --help)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rwkv-sft",
         description="Fine-tune RWKV-7 models on context -> completion data; generate, evaluate, export.",
-        epilog="Multi-process: torchrun --nproc-per-node N -m rwkv_sft train ...")
+        epilog="Text flags (--prompt, --stop, --end-marker, bare --set values) understand the escapes \\n "
+               "(newline), \\t, \\r and \\\\ (one backslash: \\\\n is a backslash and an n). "
+               "Multi-process: torchrun --nproc-per-node N -m rwkv_sft train ...")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         try:
@@ -40,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or an argument error (2), already printed: the exit code
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

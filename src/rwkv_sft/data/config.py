@@ -1,6 +1,7 @@
 """DataConfig and the "path", "path:weight", "path*count" file specifications."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -40,6 +41,8 @@ class DataConfig:
             raise UserError("give either eval_files or eval_fraction, not both")
         if not self.end_marker:
             raise UserError("end_marker must not be empty")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"seed must be in [0, 2**63), got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,6 @@ def parse_file_spec(spec: str) -> FileSpec:
     if not m:
         return FileSpec(spec)
     weight = float(m["weight"]) if m["weight"] is not None else float(m["count"])
-    if weight <= 0:
-        raise UserError(f"{spec}: the weight or count of a file must be positive")
+    if not 0 < weight < math.inf:
+        raise UserError(f"{spec}: the weight or count of a file must be a positive finite number")
     return FileSpec(m["path"], weight)

@@ -76,7 +76,11 @@ def read_records(path: str, data: bytes):
         yield 1, Invalid("empty file")
         return
     if kind == "jsonl":
-        yield from _jsonl_records(data)
+        for i, (line, record) in enumerate(_jsonl_records(data)):
+            if i == 0 and isinstance(record, Invalid) and _spans_lines(data):
+                raise UserError(f"{path}: a JSON file must be an array of objects (or use JSON Lines: "
+                                f"one object per line)")
+            yield line, record
         return
     try:
         text = data.decode("utf-8")
@@ -87,6 +91,16 @@ def read_records(path: str, data: bytes):
         yield from _json_array_records(text)
     else:
         yield from _csv_records(text, "\t" if kind == "tsv" else ",")
+
+
+def _spans_lines(data: bytes) -> bool:
+    """True when the file starts with one JSON value written over several lines (pretty-printed)."""
+    try:
+        text = data.decode("utf-8").lstrip()
+        _, end = json.JSONDecoder().raw_decode(text)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return "\n" in text[:end]
 
 
 def _jsonl_records(data: bytes):

@@ -104,11 +104,12 @@ def _stats(examples: TokenizedExamples | None) -> dict:
             "length": {"min": int(lengths.min()), "p50": pct[0], "p90": pct[1], "p99": pct[2], "max": int(lengths.max())}}
 
 
-def format_report(report: dict) -> str:
-    """One human line: examples, tokens, loss tokens, cuts, skipped rows."""
+def format_report(report: dict, role: str = "train") -> str:
+    """One human line: examples, tokens, loss tokens, cuts, skipped rows. `role` names what the
+    examples are for ("train"; "eval" when a command only evaluates them)."""
     train, ev = report["train"], report["eval"]
     cuts = report["truncated"]
-    parts = [f"{train['examples']} train examples ({train['tokens']} tokens, {train['loss_tokens']} with loss)"]
+    parts = [f"{train['examples']} {role} examples ({train['tokens']} tokens, {train['loss_tokens']} with loss)"]
     if ev["examples"]:
         parts.append(f"{ev['examples']} eval examples")
     parts.append(f"truncated: {cuts['context_trimmed']} context, {cuts['completion_cut']} completion; "
@@ -118,8 +119,10 @@ def format_report(report: dict) -> str:
     return "; ".join(parts)
 
 
-def prepare_data(config: DataConfig, tokenizer=None, cache_dir=None, show_progress=True) -> "PreparedData":
-    """Parse -> tokenize (cached, shared by every process) -> truncate. See DESIGN.md section 4."""
+def prepare_data(config: DataConfig, tokenizer=None, cache_dir=None, show_progress=True,
+                 role: str = "train") -> "PreparedData":
+    """Parse -> tokenize (cached, shared by every process) -> truncate. See DESIGN.md section 4.
+    `role` only names the examples in the printed summary."""
     if tokenizer is None:
         from ..tokenizer import Tokenizer
         tokenizer = Tokenizer()
@@ -149,5 +152,5 @@ def prepare_data(config: DataConfig, tokenizer=None, cache_dir=None, show_progre
               "files": [{"path": s.path, "examples": len(s.index), "skipped": s.meta["skipped"],
                          "cached": s.meta.get("cached", False)} for s in shards]}
     if show_progress and (_distributed_rank() or 0) == 0:  # one summary per run, not per rank
-        print(f"data: {format_report(report)}", file=sys.stderr)
+        print(f"data: {format_report(report, role)}", file=sys.stderr)
     return PreparedData(train, evaluation, report)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
+from ..cli_args import number
 
 DATA_DIR = Path(__file__).resolve().parent
 TRAIN_FILE = DATA_DIR / "dates_train.jsonl"
@@ -36,10 +36,12 @@ def demo_config(out_dir, steps: int = STEPS, seed: int = 0, progress: bool = Tru
 def add_arguments(p) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps instead of {STEPS} (a smoke test)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --quick)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's, one per core)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--samples", type=int, default=5, help="held-out completions to show (default: 5)")
+    p.add_argument("--steps", type=number(int, min=1), default=None, metavar="N", help="optimizer steps (overrides --quick)")
+    p.add_argument("--threads", type=number(int, min=1), default=None, metavar="N",
+                   help="CPU threads for PyTorch (default: PyTorch's, one per core)")
+    p.add_argument("--seed", type=number(int, min=0, max=2**63 - 1), default=0, metavar="N")
+    p.add_argument("--samples", type=number(int, min=0), default=5, metavar="K",
+                   help="held-out completions to show (default: 5)")
 
 
 def _show(title: str, ev: dict) -> None:
@@ -49,6 +51,8 @@ def _show(title: str, ev: dict) -> None:
 
 
 def run(args) -> int:
+    import torch
+
     threads = torch.get_num_threads()
     args.threads = args.threads or threads
     torch.set_num_threads(args.threads)
@@ -59,6 +63,8 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
+    import torch
+
     from ..data import prepare_data
     from ..model import RWKV7, RWKV7Config
     from ..tokenizer import Tokenizer

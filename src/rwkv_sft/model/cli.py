@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 
-from .checkpoint import infer_config, read_state_dict
-
 
 def add_arguments(p):
     p.add_argument("checkpoint", help=".pth (BlinkDL layout) or .safetensors file")
@@ -12,6 +10,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    from .checkpoint import infer_config, read_state_dict
+
     sd = read_state_dict(args.checkpoint)
     cfg = infer_config(sd, source=args.checkpoint)
     n_params = sum(t.numel() for t in sd.values())

@@ -22,6 +22,7 @@ import yaml
 
 from ..errors import UserError
 from ..model import RWKV7, RWKV7Config
+from ..ops import check_backend
 from ..utils import atomic_write, keep_freed_memory
 from . import checkpoint as ckpt
 from . import distributed
@@ -208,6 +209,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     if device.type == "cpu":
         keep_freed_memory()
     precision = resolve_precision(config.precision, device)
+    check_backend(config.wkv_backend, device)
     ckpt_root = out / "checkpoints"
     resume_from = ckpt.find_resume(config.resume, ckpt_root)
     state = ckpt.load_checkpoint(resume_from) if resume_from else None
