@@ -64,13 +64,13 @@ try:
     runpy.run_module("rwkv_sft", run_name="__main__")
 except SystemExit as e:
     code = e.code
-print(code, sorted(m for m in ("torch", "numpy") if m in sys.modules))
+print(code, "torch" in sys.modules)
 """
     for argv, want in ((["--help"], 0), (["train", "--help"], 0), (["eval", "--help"], 0),
                        (["generate", "--model", "m.pth", "--temperature", "nan"], 2),
                        (["train", "--data", "x.jsonl", "--n-layer", "1", "--n-embd", "64", "--lr", "inf"], 2)):
         r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
-        assert r.stdout.strip().splitlines()[-1] == f"{want} []", (argv, r.stdout[-500:], r.stderr[-500:])
+        assert r.stdout.strip().splitlines()[-1] == f"{want} False", (argv, r.stdout[-500:], r.stderr[-500:])
 
 
 # -- one escape rule for every text flag -----------------------------------------------------------

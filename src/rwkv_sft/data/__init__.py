@@ -2,10 +2,11 @@
 import importlib
 
 from .config import DataConfig, FileSpec, parse_file_spec
+from .truncate import truncate  # eager: the function shadows its module's name
 
-# The rest needs numpy / torch: imported on first use.
+# The rest needs torch: imported on first use.
 _LAZY = {"Batch": ".batch", "TokenizedExamples": ".examples", "BatchLoader": ".loader", "PreparedData": ".prepare",
-         "format_report": ".prepare", "prepare_data": ".prepare", "truncate": ".truncate"}
+         "format_report": ".prepare", "prepare_data": ".prepare"}
 
 
 def __getattr__(name):

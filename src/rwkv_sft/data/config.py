@@ -41,6 +41,9 @@ class DataConfig:
             raise UserError("give either eval_files or eval_fraction, not both")
         if not self.end_marker:
             raise UserError("end_marker must not be empty")
+        for name in ("context_field", "completion_field"):
+            if getattr(self, name) == "":
+                raise UserError(f"{name} must not be empty (leave it out for the default fields)")
         if not 0 <= self.seed < 2**63:
             raise UserError(f"seed must be in [0, 2**63), got {self.seed}")
 
