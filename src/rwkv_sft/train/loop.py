@@ -28,6 +28,7 @@ from . import distributed
 from .config import TrainConfig
 from .loss import L2WRAP, CompletionLoss
 from .optim import freeze, lr_at, make_optimizer, set_lr
+from .plan import epoch_limit, plan_steps
 
 OOM_GRACE_STEPS = 3  # an out-of-memory error in the first steps is a setting to lower, not a bug
 
@@ -144,8 +145,7 @@ def _batch_stream(loader, epochs: float, start_epoch: int, start_batch: int):
     for epoch in itertools.count(start_epoch):
         if epoch >= epochs:
             return
-        n = loader.num_batches(epoch)
-        limit = n if epoch + 1 <= epochs else int(n * (epochs - epoch))
+        limit = epoch_limit(loader.num_batches(epoch), epochs, epoch)
         start = start_batch if epoch == start_epoch else 0
         if start >= limit:
             continue
@@ -153,19 +153,6 @@ def _batch_stream(loader, epochs: float, start_epoch: int, start_batch: int):
             if i >= limit:
                 break
             yield epoch, i, batch
-
-
-def _plan_steps(config: TrainConfig, loader, examples) -> int:
-    if config.max_steps:
-        return config.max_steps
-    micro = 0
-    for epoch in range(math.ceil(config.epochs)):
-        n = loader.num_batches(epoch)
-        micro += n if epoch + 1 <= config.epochs else int(n * (config.epochs - epoch))
-    if config.step_tokens is None:
-        return max(1, micro)
-    loss_tokens = float((examples.loss_counts * examples.weights).sum())  # weights: uses per epoch
-    return max(1, math.ceil(loss_tokens * config.epochs / config.step_tokens))
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -241,11 +228,10 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     loader = BatchLoader(data.train, batch_tokens=config.batch_tokens, packing=config.packing, seed=config.seed,
                          rank=d.rank, world_size=d.world_size, shuffle=True)
     step, epoch, batch_index, history = 0, 0, 0, []
-    total_steps = _plan_steps(config, loader, data.train)
+    total_steps = plan_steps(config, loader)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         step = state["scheduler"]["step"]
-        total_steps = config.max_steps or state["scheduler"]["total_steps"]
         epoch, batch_index = state["data"]["epoch"], state["data"]["batch"]
         history = list(state["metrics"]["history"])
     lr_final = config.lr / 10 if config.lr_final is None else config.lr_final

@@ -38,12 +38,13 @@ def make_optimizer(model, *, lr, weight_decay, betas, eps) -> torch.optim.AdamW:
 
 
 def lr_at(step: int, *, lr: float, lr_final: float, warmup: int, total: int, schedule: str) -> float:
-    """Linear warmup over `warmup` steps, then cosine / linear / constant from lr to lr_final."""
+    """Linear warmup over `warmup` steps, then cosine / linear / constant from lr to lr_final:
+    step `total - 1`, the last of the run, uses lr_final."""
     if step < warmup:
         return lr * (step + 1) / warmup
     if schedule == "constant":
         return lr
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
     if schedule == "linear":
         return lr + (lr_final - lr) * progress
     return lr_final + (lr - lr_final) * 0.5 * (1.0 + math.cos(math.pi * progress))
