@@ -18,7 +18,7 @@ def unescape(s: str) -> str:
 
 
 def add_arguments(p):
-    p.add_argument("--model", required=True, help=".pth (BlinkDL layout) or .safetensors checkpoint")
+    p.add_argument("--model", required=True, help=".pth (BlinkDL layout), .safetensors, or a training checkpoint OUT/checkpoints/step_N")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text ('-' reads stdin; without any prompt option, stdin is read "
                                       "when it is not a terminal)")

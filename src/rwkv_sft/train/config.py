@@ -45,6 +45,7 @@ class TrainConfig:
     save_every: int = 0                   # steps; 0 -> only at the end
     keep_last: int = 2
     resume: str | None = None             # "auto" | checkpoint dir | None
+    overwrite: bool = False               # a fresh run into an out_dir holding a run deletes that run first
     max_bad_steps: int = 5                # consecutive non-finite steps before the run stops
     log_every: int = 1
     seed: int = 0
@@ -76,6 +77,7 @@ class TrainConfig:
         need(self.keep_last >= 1, f"keep_last must be at least 1, got {self.keep_last}")
         need(self.max_bad_steps >= 1, f"max_bad_steps must be at least 1, got {self.max_bad_steps}")
         need(min(self.eval_every, self.save_every) >= 0 and self.log_every >= 1, "eval_every/save_every must be >= 0, log_every >= 1")
+        need(not (self.overwrite and self.resume), "overwrite starts a new run and resume continues one: give one of them")
         need(set(self.export) <= {"pth", "safetensors"}, f"export must list pth and/or safetensors, got {self.export}")
         return self
 

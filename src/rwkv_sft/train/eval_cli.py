@@ -7,7 +7,7 @@ import torch
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, metavar="CKPT", help=".pth (BlinkDL layout) or .safetensors checkpoint")
+    p.add_argument("--model", required=True, metavar="CKPT", help=".pth (BlinkDL layout), .safetensors, or a training checkpoint OUT/checkpoints/step_N")
     p.add_argument("--data", required=True, action="append", metavar="FILE",
                    help="examples to evaluate (JSONL/JSON, same formats as training); repeat for several")
     p.add_argument("--format", default="auto", choices=["auto", "completion", "chat", "text"])
