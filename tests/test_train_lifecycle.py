@@ -181,7 +181,7 @@ def test_resume_refuses_what_it_cannot_change_before_writing_anything(run_copy, 
 
 
 def test_resume_past_the_new_plan_is_an_error(run_copy):
-    with pytest.raises(UserError, match=r"past the 2 steps"):
+    with pytest.raises(UserError, match=r"past the 2 steps this run plans; raise --max-steps"):
         train(tiny_config(run_copy, max_steps=2, resume="auto"), data=tiny_data())
 
 

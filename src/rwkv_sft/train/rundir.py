@@ -106,6 +106,9 @@ def start(config, out: Path, is_main: bool) -> Path | None:
     own = resume_from is not None and resume_from.resolve().parent == root.resolve()
     if found and not own:
         finished = any(name.startswith("model.") or name == "adapter.safetensors" for name in found)
+        if config.overwrite and config.model and out.resolve() in Path(config.model).resolve().parents:
+            raise UserError(f"--model {config.model} lies inside --out {out}, which --overwrite would delete: "
+                            f"copy it elsewhere or choose another --out")
         if config.overwrite or (config.resume == "auto" and not finished):
             if is_main:  # overwrite, or a run stopped before its first checkpoint: start over
                 if not config.overwrite:
@@ -123,8 +126,9 @@ def start(config, out: Path, is_main: bool) -> Path | None:
 def check_resume(saved: dict, config, source: Path) -> None:
     """Refuse a resume whose settings change what the checkpoint's run was (one line)."""
     now = config.to_dict()
+    same_file = saved.get("model") and now["model"] and Path(saved["model"]).resolve() == Path(now["model"]).resolve()
     for key in RESUME_FIXED:
-        if key in saved and saved[key] != now[key]:
+        if key in saved and saved[key] != now[key] and not (key == "model" and same_file):
             raise UserError(f"--resume: {key} was {saved[key]!r} in the run of {source}, now {now[key]!r}; a resume "
                             f"keeps the model, its frozen parts, the data and the batches (it may change epochs, "
                             f"max_steps, lr, the schedule, evaluation and checkpoints): undo the change, or start "
@@ -149,14 +153,14 @@ def check_resume_data(saved: str | None, fingerprint: str, source: Path) -> None
                         f"new run (another --out, or --overwrite)")
 
 
-def check_resume_steps(step: int, total: int, source: Path) -> None:
+def check_resume_steps(step: int, total: int, source: Path, config) -> None:
     """A resume past the end of the new plan is an error; at its end, there is nothing to train."""
+    more = "raise --max-steps (it overrides --epochs)" if config.max_steps else "raise --epochs or give --max-steps"
     if step > total:
-        raise UserError(f"--resume: {source} is at step {step}, past the {total} steps that epochs/max_steps now "
-                        f"give; raise --epochs or --max-steps to continue")
+        raise UserError(f"--resume: {source} is at step {step}, past the {total} steps this run plans; {more}")
     if step == total:
-        print(f"rwkv-sft train: {source} already finished all {total} steps; nothing to train (raise --epochs or "
-              f"--max-steps to continue)", flush=True)
+        print(f"rwkv-sft train: {source} already finished all {total} steps; nothing to train ({more} to "
+              f"continue)", flush=True)
 
 
 def check_vocab(data, vocab_size: int) -> None:
