@@ -241,7 +241,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
         step = state["scheduler"]["step"]
         epoch, batch_index = state["data"]["epoch"], state["data"]["batch"]
         history = list(state["metrics"]["history"])
-        rundir.check_resume_steps(step, total_steps, resume_from, config)
+        rundir.check_resume_steps(step, total_steps, resume_from, config, announce=d.is_main)
     if d.is_main:
         rundir.write_config(out, config)  # only now: the run is known to start
     lr_final = config.lr / 10 if config.lr_final is None else config.lr_final

@@ -153,12 +153,12 @@ def check_resume_data(saved: str | None, fingerprint: str, source: Path) -> None
                         f"new run (another --out, or --overwrite)")
 
 
-def check_resume_steps(step: int, total: int, source: Path, config) -> None:
+def check_resume_steps(step: int, total: int, source: Path, config, announce: bool = True) -> None:
     """A resume past the end of the new plan is an error; at its end, there is nothing to train."""
     more = "raise --max-steps (it overrides --epochs)" if config.max_steps else "raise --epochs or give --max-steps"
     if step > total:
         raise UserError(f"--resume: {source} is at step {step}, past the {total} steps this run plans; {more}")
-    if step == total:
+    if step == total and announce:
         print(f"rwkv-sft train: {source} already finished all {total} steps; nothing to train ({more} to "
               f"continue)", flush=True)
 
