@@ -9,6 +9,7 @@ from ..errors import UserError
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass
@@ -53,6 +54,10 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True              # also log to TensorBoard when it is installed
     dist_timeout_s: int = 1800            # collectives (and process-group start) give up after this
+    parallel: str = "ddp"                 # several processes: ddp (whole model in each) | fsdp (sharded)
+    fsdp_unsharded_accumulation: bool | None = None  # fsdp, several micro-batches per step: keep
+                                          # weights gathered and gradients whole between them
+                                          # (communicate once per step); None -> on CPU only
 
     def validate(self) -> "TrainConfig":
         """One-line UserErrors for settings that cannot work."""
@@ -76,6 +81,7 @@ class TrainConfig:
         need(self.keep_last >= 1, f"keep_last must be at least 1, got {self.keep_last}")
         need(self.max_bad_steps >= 1, f"max_bad_steps must be at least 1, got {self.max_bad_steps}")
         need(min(self.eval_every, self.save_every) >= 0 and self.log_every >= 1, "eval_every/save_every must be >= 0, log_every >= 1")
+        need(self.parallel in PARALLEL, f"unknown parallel {self.parallel!r}; choose from {', '.join(PARALLEL)}")
         need(set(self.export) <= {"pth", "safetensors"}, f"export must list pth and/or safetensors, got {self.export}")
         return self
 
