@@ -18,9 +18,10 @@ STEPS, SAVE_EVERY = 6, 3
 
 
 def _config(out_dir, **overrides):
-    # step_tokens: several micro-batches per step, a different number on each process
+    # step_tokens: several micro-batches per step, a different number on each process; frozen
+    # parameters in the root's and in a block's shard
     settings = dict(max_steps=STEPS, step_tokens=24, batch_tokens=48, wkv_backend="chunked", save_every=SAVE_EVERY,
-                    keep_last=4, dist_timeout_s=60)
+                    keep_last=4, dist_timeout_s=60, freeze=["emb", "blocks.1.att.key"])
     return tiny_config(out_dir, **{**settings, **overrides})
 
 
@@ -42,8 +43,11 @@ def _runs(rank, port, tmp):
     _start(rank, port)
     from rwkv_sft.train import train
     train(_config(f"{tmp}/ddp", parallel="ddp", export=["pth"]), data=tiny_data())
-    train(_config(f"{tmp}/fsdp", parallel="fsdp", export=["pth"]), data=tiny_data())
-    train(_config(f"{tmp}/one_to_two", parallel="fsdp", resume="auto"), data=tiny_data())
+    # gathered weights and whole gradients kept between micro-batches (the CPU default) ...
+    train(_config(f"{tmp}/fsdp", parallel="fsdp", export=["pth"], activation_checkpointing=True), data=tiny_data())
+    # ... or gathered and reduce-scattered for every micro-batch (the GPU default)
+    train(_config(f"{tmp}/one_to_two", parallel="fsdp", resume="auto", fsdp_unsharded_accumulation=False),
+          data=tiny_data())
 
 
 def _killed_save(rank, port, tmp):
