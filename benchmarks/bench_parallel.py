@@ -10,6 +10,9 @@ in fresh processes, one mode after the other.
 - tokens/s: all processes' tokens over the time of the steps after the first (best of the
   per-step times, then the mean, both printed).
 Both modes see the same data; their losses are printed for the eye (the tests check equality).
+With --micro-batches K > 1, fsdp keeps the gathered weights and whole gradients between a step's
+micro-batches (the CPU default), and a third row, fsdp/reshard, gathers and reduce-scatters for
+every micro-batch (the GPU default).
 
     flock /tmp/rwkv-heavy.lock python benchmarks/bench_parallel.py          # several GiB
     python benchmarks/bench_parallel.py --layers 2 --embd 256 --vocab 4096  # a quick look
@@ -49,7 +52,8 @@ def _worker(rank, args, port, mode, out):
     model = RWKV7(RWKV7Config(n_layer=args.layers, n_embd=args.embd, vocab_size=args.vocab))
     model.activation_checkpointing = args.activation_checkpointing
     loss_module = CompletionLoss(model)
-    par = parallel.wrap(loss_module, d, mode, "fp32")
+    # "fsdp/reshard": gather and reduce-scatter for every micro-batch (the GPU default)
+    par = parallel.wrap(loss_module, d, mode.split("/")[0], "fp32", unsharded_accumulation=mode != "fsdp/reshard")
     optimizer = make_optimizer(model, lr=1e-5, weight_decay=0.0, betas=(0.9, 0.99), eps=1e-8)
     params = [p for p in model.parameters() if p.requires_grad]
     T, times, losses = args.tokens, [], []
@@ -58,12 +62,13 @@ def _worker(rank, args, port, mode, out):
         tokens = torch.randint(1, args.vocab, (1, T), generator=g)
         mask = torch.zeros(1, T, dtype=torch.bool)
         mask[:, -T // 4:] = True
-        batches = [Batch(tokens, torch.roll(tokens, -1, 1), mask)]
-        count = int(distributed.all_sum(d, [int(mask.sum())])[0])
+        batches = [Batch(tokens, torch.roll(tokens, -1, 1), mask)] * args.micro_batches
+        count = int(distributed.all_sum(d, [int(mask.sum()) * args.micro_batches])[0])
         distributed.barrier(d)
         t0 = time.perf_counter()
         loss = accumulate_gradients(loss_module, batches, device=d.device, global_count=count,
-                                    world_size=d.world_size, wrapped=par.module)
+                                    world_size=d.world_size, wrapped=par.module,
+                                    unsharded_accumulation=par.unsharded_accumulation)
         parallel.clip_grad_norm(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -99,22 +104,25 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--tokens", type=int, default=256, help="tokens per process and step")
     p.add_argument("--steps", type=int, default=4, help="the first one is not timed")
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="per process and step; above 1 also times fsdp/reshard (gather and reduce per micro-batch)")
     p.add_argument("--activation-checkpointing", action="store_true")
     args = p.parse_args()
     from rwkv_sft import RWKV7, RWKV7Config
     with torch.device("meta"):
         n_params = RWKV7(RWKV7Config(n_layer=args.layers, n_embd=args.embd, vocab_size=args.vocab),
                          init_weights=False).num_parameters()
-    results = {mode: run(args, mode) for mode in ("ddp", "fsdp")}
-    tokens = args.procs * args.tokens
+    modes = ("ddp", "fsdp") + (("fsdp/reshard",) if args.micro_batches > 1 else ())
+    results = {mode: run(args, mode) for mode in modes}
+    tokens = args.procs * args.tokens * args.micro_batches
     print(f"{args.layers} x {args.embd}, V {args.vocab} ({n_params / 1e9:.2f}B parameters); {args.procs} gloo processes x {args.threads} thread(s), "
-          f"{args.tokens} tokens per process and step, {args.steps - 1} timed steps")
-    print(f"{'mode':<6} {'peak GiB (largest process)':>27} {'tokens/s best':>14} {'tokens/s mean':>14}  losses")
+          f"{args.micro_batches} x {args.tokens} tokens per process and step, {args.steps - 1} timed steps")
+    print(f"{'mode':<12} {'peak GiB (largest process)':>27} {'tokens/s best':>14} {'tokens/s mean':>14}  losses")
     rows = {}
     for mode, r in results.items():
         timed = r["times"][1:]
         rows[mode] = (max(r["peaks"]) / GiB, tokens / min(timed), tokens / statistics.mean(timed))
-        print(f"{mode:<6} {rows[mode][0]:>27.2f} {rows[mode][1]:>14.1f} {rows[mode][2]:>14.1f}  "
+        print(f"{mode:<12} {rows[mode][0]:>27.2f} {rows[mode][1]:>14.1f} {rows[mode][2]:>14.1f}  "
               + " ".join(f"{x:.4f}" for x in r["losses"]))
     print(f"fsdp / ddp: peak {rows['fsdp'][0] / rows['ddp'][0]:.2f}x (target <= 0.65x), tokens/s best "
           f"{rows['fsdp'][1] / rows['ddp'][1]:.2f}x, mean {rows['fsdp'][2] / rows['ddp'][2]:.2f}x (target >= 0.8x)")
