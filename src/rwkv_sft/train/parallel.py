@@ -16,6 +16,7 @@ number of processes, in either mode or in one process without torchrun.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,7 @@ def save_checkpoint(par: Parallel, d: Dist, root, step: int, payload: dict, keep
         dist.broadcast_object_list(names, src=0)
         tmp = Path(names[0])
         if d.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
