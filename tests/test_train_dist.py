@@ -48,14 +48,14 @@ def _worker(rank, port, out_dir, result_file):
     lm = CompletionLoss(model, chunk_size=3)
     mine = _batches()[rank]
     count = int(distributed.all_sum(d, [sum(b.num_loss_tokens for b in mine)])[0])
-    loss = accumulate_gradients(lm, mine, device="cpu", global_count=count, world_size=2, ddp=DDP(lm), l2wrap=True)
+    loss = accumulate_gradients(lm, mine, device="cpu", global_count=count, world_size=2, wrapped=DDP(lm), l2wrap=True)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     # 2. a rank whose only batch is all-masked must neither hang nor contribute
     model.zero_grad()
     empty = Batch(mine[0].tokens, mine[0].targets, torch.zeros_like(mine[0].loss_mask))
     only = [mine[0] if rank == 0 else empty]
     count2 = int(distributed.all_sum(d, [only[0].num_loss_tokens])[0])
-    accumulate_gradients(lm, only, device="cpu", global_count=count2, world_size=2, ddp=DDP(lm), l2wrap=True)
+    accumulate_gradients(lm, only, device="cpu", global_count=count2, world_size=2, wrapped=DDP(lm), l2wrap=True)
     grads_masked = {n: p.grad.clone() for n, p in model.named_parameters()}
     # 3. the whole loop: one step over the whole epoch, split across the two processes
     r = train(tiny_config(out_dir, max_steps=None, epochs=1, step_tokens=10**6, batch_tokens=48,

@@ -38,19 +38,18 @@ def _announced_steps(text: str) -> int:
 
 
 def _slow_step_count(examples, *, world_size, step_tokens, epochs, batch_tokens=64):
-    """Collate every batch of every process, as the loop does, and group rounds into steps."""
-    loaders = [BatchLoader(examples, batch_tokens=batch_tokens, packing=True, seed=0, rank=r, world_size=world_size)
-               for r in range(world_size)]
-    steps, pending, open_step = 0, 0, False
+    """Collate every global batch of the plan, as the processes do together, and group them into
+    steps: in plan order until step_tokens loss tokens (or world_size batches without it)."""
+    loader = BatchLoader(examples, batch_tokens=batch_tokens, packing=True, seed=0, rank=0, world_size=world_size)
+    steps, pending, in_step = 0, 0, 0
     for epoch in range(math.ceil(epochs)):
-        n = loaders[0].num_batches(epoch)
-        limit = n if epoch + 1 <= epochs else int(n * (epochs - epoch))
-        per_rank = [[b.num_loss_tokens for b in loader.epoch_batches(epoch)][:limit] for loader in loaders]
-        for counts in zip(*per_rank):
-            pending, open_step = pending + sum(counts), True
-            if step_tokens is None or pending >= step_tokens:
-                steps, pending, open_step = steps + 1, 0, False
-    return steps + open_step
+        plan = loader.plan(epoch)
+        limit = len(plan) if epoch + 1 <= epochs else int(len(plan) * (epochs - epoch))
+        for rows in plan[:limit]:
+            pending, in_step = pending + loader.collate(rows).num_loss_tokens, in_step + 1
+            if (pending >= step_tokens) if step_tokens else in_step == world_size:
+                steps, pending, in_step = steps + 1, 0, 0
+    return steps + (in_step > 0)
 
 
 @pytest.mark.parametrize("world_size", [1, 2])

@@ -99,11 +99,22 @@ class BatchLoader:
         plan = self.plan(epoch)
         mine = plan[self.rank::self.world_size]
         for k in range(start, self.num_batches(epoch)):
-            if k < len(mine):
-                yield self.collate(mine[k])
-            else:  # zero weight: keeps collectives in step on a rank with nothing left
-                batch = self.collate(plan[0])
-                yield Batch(batch.tokens, batch.targets, torch.zeros_like(batch.loss_mask), batch.resets, ())
+            yield self.collate(mine[k]) if k < len(mine) else self.zero_weight(plan[0])
+
+    def zero_weight(self, rows: list[list[int]]) -> Batch:
+        """A real batch's tokens with no loss: keeps collectives in step on a rank with nothing left."""
+        batch = self.collate(rows)
+        return Batch(batch.tokens, batch.targets, torch.zeros_like(batch.loss_mask), batch.resets, ())
+
+    def loss_tokens(self, rows: list[list[int]]) -> int:
+        """Loss tokens of a planned batch, without building it."""
+        if self._loss_counts is None:
+            self._loss_counts = self.examples.loss_counts
+        return int(sum(self._loss_counts[i] for row in rows for i in row))
+
+    def positions_of(self, rows: list[list[int]]) -> int:
+        """B*T of a planned batch (padding included), without building it."""
+        return len(rows) * max(sum(int(self.positions[i]) for i in row) for row in rows)
 
     def collate(self, rows: list[list[int]]) -> Batch:
         """Rows of examples -> Batch. An example s with loss flags f fills tokens s[:-1],

@@ -133,11 +133,15 @@ def export_state_dict(model, dtype=None) -> dict[str, torch.Tensor]:
 
 
 def save_model(model, path, dtype=None) -> None:
+    write_state_dict(export_state_dict(model, dtype), path, model.config)
+
+
+def write_state_dict(sd: dict[str, torch.Tensor], path, config) -> None:
+    """`.pth` (BlinkDL layout) or `.safetensors` (by extension, with `config` as metadata), atomically."""
     path = Path(path)
-    sd = export_state_dict(model, dtype)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
-        metadata = {k: str(v) for k, v in model.config.to_dict().items()}
+        metadata = {k: str(v) for k, v in config.to_dict().items()}
         with atomic_write(path) as tmp:
             save_file(sd, str(tmp), metadata=metadata)
     else:
@@ -145,4 +149,4 @@ def save_model(model, path, dtype=None) -> None:
             torch.save(sd, tmp)
 
 
-__all__ = ["read_state_dict", "infer_config", "load_model", "save_model", "export_state_dict"]
+__all__ = ["read_state_dict", "infer_config", "load_model", "save_model", "write_state_dict", "export_state_dict"]

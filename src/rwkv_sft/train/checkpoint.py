@@ -34,17 +34,24 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(root, step: int, payload: dict, keep_last: int) -> Path:
-    """Write `payload` as root/step_{step:06d}; delete all but the newest keep_last complete ones."""
+def temp_dir(root, step: int) -> Path:
+    """Where a save of `step` is written before it is renamed into place."""
+    return Path(root) / f".tmp_step_{step:06d}_{os.getpid()}"
+
+
+def save_checkpoint(root, step: int, payload: dict, keep_last: int, tmp: Path | None = None) -> Path:
+    """Write `payload` as root/step_{step:06d}; delete all but the newest keep_last complete ones.
+    `tmp`: a temp_dir() that already holds other files of this checkpoint (shards), kept with it."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
-    tmp = root / f".tmp_step_{step:06d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if tmp is None:
+        tmp = temp_dir(root, step)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
     torch.save(payload, tmp / STATE_FILE)
     (tmp / MARKER).write_text(f"{step}\n")
-    for f in (tmp / STATE_FILE, tmp / MARKER, tmp):
+    for f in sorted(tmp.rglob("*"), key=lambda f: f.name == MARKER) + [tmp]:  # every file, the marker last
         _fsync(f)
     if final.exists():  # the same step saved again (e.g. a resumed run stopped at once)
         shutil.rmtree(final)

@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wkv-backend", dest="c:wkv_backend", default=S, choices=["auto", "chunked", "reference", "cuda", "fla"])
     g.add_argument("--seed", dest="c:seed", type=int, default=S)
     g.add_argument("--device", dest="c:device", default=S, help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--parallel", dest="c:parallel", choices=["ddp", "fsdp"], default=S,
+                   help="under torchrun: ddp (default; every process holds the whole model) or fsdp (parameters, "
+                        "gradients and optimizer state sharded across processes)")
     g = p.add_argument_group("evaluation, checkpoints, output")
     g.add_argument("--eval-every", dest="c:eval_every", type=int, default=S, help="steps (0: only at the end)")
     g.add_argument("--eval-exact-match", dest="c:eval_exact_match", type=int, default=S, help="examples checked for exact match")

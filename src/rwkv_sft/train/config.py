@@ -10,6 +10,7 @@ from ..errors import UserError
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
+PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass
@@ -55,6 +56,10 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True              # also log to TensorBoard when it is installed
     dist_timeout_s: int = 1800            # collectives (and process-group start) give up after this
+    parallel: str = "ddp"                 # several processes: ddp (whole model in each) | fsdp (sharded)
+    fsdp_unsharded_accumulation: bool | None = None  # fsdp, several micro-batches per step: keep
+                                          # weights gathered and gradients whole between them
+                                          # (communicate once per step); None -> on CPU only
 
     def validate(self) -> "TrainConfig":
         """One-line UserErrors for settings that cannot work."""
@@ -83,6 +88,7 @@ class TrainConfig:
         need(self.loss_chunk_size is None or self.loss_chunk_size >= 1, f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}")
         need(self.dist_timeout_s >= 1, f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}")
         need(not (self.overwrite and self.resume), "overwrite starts a new run and resume continues one: give one of them")
+        need(self.parallel in PARALLEL, f"unknown parallel {self.parallel!r}; choose from {', '.join(PARALLEL)}")
         need(set(self.export) <= {"pth", "safetensors"}, f"export must list pth and/or safetensors, got {self.export}")
         return self
 

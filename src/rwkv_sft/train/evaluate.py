@@ -41,7 +41,8 @@ def evaluate(model, examples: TokenizedExamples, tokenizer, *, batch_tokens: int
              precision: str = "fp32", seed: int = 0) -> dict:
     """Metrics of `model` on `examples` (every example once), computed in this process.
 
-    In a distributed run call it on rank 0 only (the trainer does): it is not sharded.
+    It is not split across processes: a DDP run calls it on rank 0 only, an FSDP run on every
+    process (each block's forward gathers its shards) inside parallel.whole_root.
 
     - loss: mean cross-entropy over all loss tokens (completion tokens incl. the end marker),
       each predicted from everything before it; perplexity = exp(loss).

@@ -24,11 +24,11 @@ from ..model import RWKV7, RWKV7Config
 from ..ops import check_backend
 from ..utils import atomic_write, keep_freed_memory
 from . import checkpoint as ckpt
-from . import distributed, rundir
+from . import distributed, parallel, rundir
 from .config import TrainConfig
 from .loss import L2WRAP, CompletionLoss
-from .optim import freeze, load_optimizer_state, lr_at, make_optimizer, set_lr
-from .plan import epoch_limit, plan_steps
+from .optim import freeze, lr_at, make_optimizer, set_lr
+from .plan import plan_steps, step_plan
 
 OOM_GRACE_STEPS = 3  # an out-of-memory error in the first steps is a setting to lower, not a bug
 
@@ -120,20 +120,20 @@ def build_model(config: TrainConfig) -> RWKV7:
 
 
 def accumulate_gradients(loss_module, batches, *, device, global_count: int, world_size: int = 1,
-                         ddp=None, precision: str = "fp32", l2wrap: bool = True) -> float:
+                         wrapped=None, precision: str = "fp32", l2wrap: bool = True,
+                         unsharded_accumulation: bool = False) -> float:
     """Forward/backward every micro-batch; gradients end as d(sum of token losses / global_count).
 
-    DDP averages gradients over processes, hence the factor world_size. Gradients are all-reduced
-    once, on the last micro-batch. Returns this process's sum of token losses.
+    `wrapped`: the loss module under DDP or FSDP, which average gradients over processes, hence
+    the factor world_size. Returns this process's sum of token losses.
     """
     scale = world_size / max(1, global_count)
     coef = L2WRAP * world_size / global_count if l2wrap and global_count else 0.0
-    runner = ddp if ddp is not None else loss_module
+    runner = wrapped if wrapped is not None else loss_module
     total = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):
         b = batch.to(device)
-        last = i == len(batches) - 1
-        with contextlib.nullcontext() if (ddp is None or last) else ddp.no_sync():
+        with parallel.micro_batch(wrapped, i == len(batches) - 1, unsharded_accumulation):
             with autocast(device, precision):
                 loss_sum = runner(b.tokens, b.targets, b.loss_mask, b.resets, coef)
             (loss_sum * scale).backward()
@@ -141,19 +141,11 @@ def accumulate_gradients(loss_module, batches, *, device, global_count: int, wor
     return float(total)
 
 
-def _batch_stream(loader, epochs: float, start_epoch: int, start_batch: int):
-    """(epoch, index, batch) from the saved position on; `epochs` may be fractional or inf."""
-    for epoch in itertools.count(start_epoch):
-        if epoch >= epochs:
-            return
-        limit = epoch_limit(loader.num_batches(epoch), epochs, epoch)
-        start = start_batch if epoch == start_epoch else 0
-        if start >= limit:
-            continue
-        for i, batch in enumerate(loader.epoch_batches(epoch, start=start), start):
-            if i >= limit:
-                break
-            yield epoch, i, batch
+def _my_batches(loader, step, d: distributed.Dist):
+    """This process's micro-batches of a step: every world_size-th; zero-weight ones where a
+    process would have fewer than the others (the collectives need the same count)."""
+    mine = [loader.collate(rows) for _, _, rows in step[d.rank::d.world_size]]
+    return mine + [loader.zero_weight(step[0][2])] * (-(-len(step) // d.world_size) - len(mine))
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -218,7 +210,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     model = model.float().to(device)
     if state is not None:
         try:
-            model.load_state_dict(state["model"])
+            parallel.load_weights(state, model)
         except RuntimeError as e:
             raise UserError(f"{resume_from}: the checkpoint's model does not fit this run's model "
                             f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
@@ -226,20 +218,17 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     model.activation_checkpointing = config.activation_checkpointing
     model.train()
     frozen = freeze(model, config.freeze)
+    loss_module = CompletionLoss(model, config.loss_chunk_size)
+    par = parallel.wrap(loss_module, d, config.parallel, precision, config.fsdp_unsharded_accumulation)
     optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps)
     params = [p for p in model.parameters() if p.requires_grad]
-    loss_module = CompletionLoss(model, config.loss_chunk_size)
-    ddp = None
-    if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ddp = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
 
     loader = BatchLoader(data.train, batch_tokens=config.batch_tokens, packing=config.packing, seed=config.seed,
                          rank=d.rank, world_size=d.world_size, shuffle=True)
     step, epoch, batch_index, history = 0, 0, 0, []
     total_steps = plan_steps(config, loader)
     if state is not None:
-        load_optimizer_state(optimizer, state["optimizer"])
+        parallel.load_optimizer(par, state, resume_from, model, optimizer)
         step = state["scheduler"]["step"]
         epoch, batch_index = state["data"]["epoch"], state["data"]["batch"]
         history = list(state["metrics"]["history"])
@@ -250,7 +239,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     schedule = dict(lr=config.lr, lr_final=lr_final, warmup=config.warmup_steps, total=total_steps,
                     schedule=config.schedule)
     epochs = math.inf if config.max_steps else config.epochs
-    stream = _batch_stream(loader, epochs, epoch, batch_index)
+    plan = step_plan(loader, epochs, epoch, batch_index, config.step_tokens, d.world_size)
 
     if d.is_main and state is not None:
         _trim_metrics(out / "metrics.jsonl", step)
@@ -262,10 +251,11 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
 
     def run_eval() -> dict | None:
         result = None
-        if has_eval and d.is_main:
+        if has_eval and (d.is_main or par.sharded):  # a sharded model needs every process
             from .evaluate import evaluate  # switches the model to eval mode and back
-            result = evaluate(model, data.eval, tokenizer, batch_tokens=config.batch_tokens,
-                              exact_match_samples=config.eval_exact_match, device=device, precision=precision)
+            with parallel.whole_root(par):
+                result = evaluate(model, data.eval, tokenizer, batch_tokens=config.batch_tokens,
+                                  exact_match_samples=config.eval_exact_match, device=device, precision=precision)
             metrics.log("eval", step, **{k: v for k, v in result.items() if isinstance(v, (int, float))})
         distributed.barrier(d)
         return result
@@ -274,16 +264,12 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
 
     def save() -> Path:
         nonlocal last_saved
-        if d.is_main:
-            payload = {
-                "version": 1, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": {"step": step, "total_steps": total_steps}, "rng": ckpt.rng_state(),
-                "data": {"epoch": epoch, "batch": batch_index, "fingerprint": fingerprint}, "config": config.to_dict(),
-                "metrics": {"history": history, "bad_steps": bad_total},
-            }
-            ckpt.save_checkpoint(ckpt_root, step, payload, config.keep_last)
-        distributed.barrier(d)
-        last_saved = ckpt_root / f"step_{step:06d}"
+        payload = {
+            "version": 1, "step": step, "scheduler": {"step": step, "total_steps": total_steps},
+            "rng": ckpt.rng_state(), "data": {"epoch": epoch, "batch": batch_index, "fingerprint": fingerprint}, "config": config.to_dict(),
+            "metrics": {"history": history, "bad_steps": bad_total},
+        }
+        last_saved = parallel.save_checkpoint(par, d, ckpt_root, step, payload, config.keep_last, model, optimizer)
         return last_saved
 
     if d.is_main:
@@ -306,24 +292,22 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     with _StopRequest() as stop:
         while step < total_steps:
             # 1. the step's micro-batches and their global loss-token count, before any backward
-            batches, local = [], 0
-            for epoch_i, index, batch in stream:
-                batches.append(batch)
-                local += batch.num_loss_tokens
-                epoch, batch_index = epoch_i, index + 1
-                if config.step_tokens is None or distributed.all_sum(d, [local])[0] >= config.step_tokens:
-                    break
-            n_tokens, count = (int(x) for x in distributed.all_sum(d, [sum(b.tokens.numel() for b in batches), local]))
-            if not batches:  # every process runs out of data at the same step
+            planned = next(plan, None)
+            if planned is None:  # out of data
                 break
+            batches = _my_batches(loader, planned, d)
+            epoch, batch_index = planned[-1][0], planned[-1][1] + 1  # the data position: global
+            count = sum(loader.loss_tokens(rows) for _, _, rows in planned)
+            n_tokens = sum(loader.positions_of(rows) for _, _, rows in planned)
             # 2. forward/backward, clip, update unless something was not finite
             set_lr(optimizer, lr := lr_at(step, **schedule))
             with _oom_advice(step - start_step < OOM_GRACE_STEPS, step, config, precision):
                 local_loss = accumulate_gradients(loss_module, batches, device=device, global_count=count,
-                                                  world_size=d.world_size, ddp=ddp, precision=precision,
-                                                  l2wrap=config.l2wrap)
+                                                  world_size=d.world_size, wrapped=par.module, precision=precision,
+                                                  l2wrap=config.l2wrap,
+                                                  unsharded_accumulation=par.unsharded_accumulation)
                 loss_total = distributed.all_sum(d, [local_loss])[0]
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip or math.inf)) if params else 0.0
+                grad_norm = parallel.clip_grad_norm(params, config.grad_clip or math.inf)
                 loss = loss_total / count if count else 0.0
                 finite = math.isfinite(loss) and math.isfinite(grad_norm)
                 if count and finite:
@@ -363,10 +347,13 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     exports, plot_path = {}, None
     if not interrupted:
         eval_result = run_eval()
+        weights = parallel.full_state_dict(par, d, model) if config.export else None
         if d.is_main:
+            from ..model.checkpoint import write_state_dict
             for kind in config.export:
                 exports[kind] = out / f"model.{kind}"
-                model.save(exports[kind])
+                write_state_dict(weights, exports[kind], model.config)
+        del weights
     metrics.close()
     metrics_path = out / "metrics.jsonl"
     if d.is_main and metrics_path.is_file():

@@ -1,47 +1,48 @@
-"""The step plan: how many optimizer steps a run takes, counted by the rule the loop follows.
+"""The step plan: which global batches make each optimizer step, and how many steps a run takes.
 
-Process r of W takes the epoch's global batches r, r + W, ...; in round k every process runs its
-k-th batch, and a step takes whole rounds until the global loss-token count reaches step_tokens
-(or one round without step_tokens). The loader knows each batch's loss tokens before the epoch
-starts, so the count is exact: the announced total, the progress bar and the schedule agree with
-the steps that run.
+Every process computes the same plan from the loader's global batch plan (deterministic in seed
+and epoch): a step takes batches in plan order until they hold `step_tokens` loss tokens (or one
+batch per process without it), so with `step_tokens` the steps do not depend on the number of
+processes and a run resumed on another number continues alike. The loader knows each batch's loss
+tokens before the epoch starts, so the count is exact: the announced total, the progress bar and
+the schedule agree with the steps that run.
 """
 from __future__ import annotations
 
+import itertools
 import math
-
-import numpy as np
 
 from ..errors import UserError
 
 
 def epoch_limit(num_batches: int, epochs: float, epoch: int) -> int:
-    """Batches (per process) of `epoch` that a run of `epochs` (maybe fractional) uses."""
+    """Batches of `epoch` that a run of `epochs` (maybe fractional) uses."""
     return num_batches if epoch + 1 <= epochs else int(num_batches * (epochs - epoch))
 
 
-def round_loss_tokens(loader, epoch: int) -> np.ndarray:
-    """Loss tokens of each round of `epoch`, summed over every process."""
-    per_batch = loader.batch_loss_tokens(epoch)
-    rounds = np.zeros(loader.num_batches(epoch) * loader.world_size, dtype=np.int64)
-    rounds[:len(per_batch)] = per_batch  # a process left short runs a zero-weight batch
-    return rounds.reshape(-1, loader.world_size).sum(axis=1)
+def step_plan(loader, epochs: float, start_epoch: int, start_batch: int, step_tokens: int | None, world_size: int):
+    """The optimizer steps from a data position on, each a list of (epoch, index, rows) of the
+    global batch plan. `epochs` may be fractional or inf; a step may span an epoch boundary, and
+    the data may end inside a step (it runs with what it has)."""
+    step, tokens = [], 0
+    for epoch in itertools.count(start_epoch):
+        if epoch >= epochs:
+            break
+        limit = epoch_limit(len(loader.plan(epoch)), epochs, epoch)
+        for index in range(start_batch if epoch == start_epoch else 0, limit):
+            rows = loader.plan(epoch)[index]
+            step.append((epoch, index, rows))
+            tokens += loader.loss_tokens(rows) if step_tokens else 0
+            if (tokens >= step_tokens) if step_tokens else len(step) == world_size:
+                yield step
+                step, tokens = [], 0
+    if step:
+        yield step
 
 
 def count_steps(loader, epochs: float, step_tokens: int | None) -> int:
-    """Optimizer steps of a run over `epochs` (a step may span an epoch boundary)."""
-    steps, pending, open_step = 0, 0, False
-    for epoch in range(math.ceil(epochs)):
-        rounds = round_loss_tokens(loader, epoch)
-        rounds = rounds[:epoch_limit(len(rounds), epochs, epoch)]
-        if step_tokens is None:
-            steps += len(rounds)
-            continue
-        for count in rounds.tolist():
-            pending, open_step = pending + count, True
-            if pending >= step_tokens:
-                steps, pending, open_step = steps + 1, 0, False
-    return steps + open_step  # the data ends inside a step: it runs with what it has
+    """Optimizer steps of a run over `epochs`."""
+    return sum(1 for _ in step_plan(loader, epochs, 0, 0, step_tokens, loader.world_size))
 
 
 def plan_steps(config, loader) -> int:
@@ -50,6 +51,6 @@ def plan_steps(config, loader) -> int:
         return config.max_steps
     total = count_steps(loader, config.epochs, config.step_tokens)
     if total == 0:
-        raise UserError(f"epochs={config.epochs:g} is less than one micro-batch ({loader.num_batches(0)} per epoch "
-                        f"and process): no optimizer step to run; raise --epochs or give --max-steps")
+        raise UserError(f"epochs={config.epochs:g} is less than one micro-batch ({len(loader.plan(0))} per epoch): "
+                        f"no optimizer step to run; raise --epochs or give --max-steps")
     return total

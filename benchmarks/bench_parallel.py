@@ -1,0 +1,132 @@
+"""DDP vs FSDP on CPU with gloo: the largest process's peak memory and training tokens/s.
+
+What is measured: N processes (default 2, one thread each) train a fresh RWKV-7 (default 8 x
+1024, V 65536: 0.24B parameters) with the trainer's own pieces (CompletionLoss, the wrapping of
+rwkv_sft.train.parallel, accumulate_gradients, clipping, fused AdamW), one micro-batch of
+--tokens tokens per process and step, the loss on the last quarter of each row. Each mode runs
+in fresh processes, one mode after the other.
+- peak: the largest process's resident high-water mark (ru_maxrss) over the whole run: model,
+  gradients, AdamW state, DDP's buckets or FSDP's gathered blocks, activations.
+- tokens/s: all processes' tokens over the time of the steps after the first (best of the
+  per-step times, then the mean, both printed).
+Both modes see the same data; their losses are printed for the eye (the tests check equality).
+With --micro-batches K > 1, fsdp keeps the gathered weights and whole gradients between a step's
+micro-batches (the CPU default), and a third row, fsdp/reshard, gathers and reduce-scatters for
+every micro-batch (the GPU default).
+
+    flock /tmp/rwkv-heavy.lock python benchmarks/bench_parallel.py          # several GiB
+    python benchmarks/bench_parallel.py --layers 2 --embd 256 --vocab 4096  # a quick look
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+GiB = 2**30
+
+
+def _worker(rank, args, port, mode, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(args.procs),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(args.threads)
+    from rwkv_sft import RWKV7, RWKV7Config
+    from rwkv_sft.data import Batch
+    from rwkv_sft.train import distributed, parallel
+    from rwkv_sft.train.loop import accumulate_gradients
+    from rwkv_sft.train.loss import CompletionLoss
+    from rwkv_sft.train.optim import make_optimizer
+    from rwkv_sft.utils import keep_freed_memory
+
+    keep_freed_memory()  # as the trainer does on CPU
+    d = distributed.setup("cpu", 600)
+    torch.manual_seed(0)
+    model = RWKV7(RWKV7Config(n_layer=args.layers, n_embd=args.embd, vocab_size=args.vocab))
+    model.activation_checkpointing = args.activation_checkpointing
+    loss_module = CompletionLoss(model)
+    # "fsdp/reshard": gather and reduce-scatter for every micro-batch (the GPU default)
+    par = parallel.wrap(loss_module, d, mode.split("/")[0], "fp32", unsharded_accumulation=mode != "fsdp/reshard")
+    optimizer = make_optimizer(model, lr=1e-5, weight_decay=0.0, betas=(0.9, 0.99), eps=1e-8)
+    params = [p for p in model.parameters() if p.requires_grad]
+    T, times, losses = args.tokens, [], []
+    for step in range(args.steps):
+        g = torch.Generator().manual_seed(1000 * step + rank)
+        tokens = torch.randint(1, args.vocab, (1, T), generator=g)
+        mask = torch.zeros(1, T, dtype=torch.bool)
+        mask[:, -T // 4:] = True
+        batches = [Batch(tokens, torch.roll(tokens, -1, 1), mask)] * args.micro_batches
+        count = int(distributed.all_sum(d, [int(mask.sum()) * args.micro_batches])[0])
+        distributed.barrier(d)
+        t0 = time.perf_counter()
+        loss = accumulate_gradients(loss_module, batches, device=d.device, global_count=count,
+                                    world_size=d.world_size, wrapped=par.module,
+                                    unsharded_accumulation=par.unsharded_accumulation)
+        parallel.clip_grad_norm(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        distributed.barrier(d)
+        times.append(time.perf_counter() - t0)
+        losses.append(distributed.all_sum(d, [loss])[0] / count)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peaks = torch.zeros(d.world_size, dtype=torch.float64)
+    torch.distributed.all_gather_into_tensor(peaks, torch.tensor([float(peak)], dtype=torch.float64))
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"peaks": peaks.tolist(), "times": times, "losses": losses}, f)
+    distributed.teardown(d)
+
+
+def run(args, mode):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        mp.spawn(_worker, args=(args, port, mode, out), nprocs=args.procs, join=True)
+        with open(out) as f:
+            return json.load(f)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--embd", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=65536)
+    p.add_argument("--procs", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--tokens", type=int, default=256, help="tokens per process and step")
+    p.add_argument("--steps", type=int, default=4, help="the first one is not timed")
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="per process and step; above 1 also times fsdp/reshard (gather and reduce per micro-batch)")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    args = p.parse_args()
+    from rwkv_sft import RWKV7, RWKV7Config
+    with torch.device("meta"):
+        n_params = RWKV7(RWKV7Config(n_layer=args.layers, n_embd=args.embd, vocab_size=args.vocab),
+                         init_weights=False).num_parameters()
+    modes = ("ddp", "fsdp") + (("fsdp/reshard",) if args.micro_batches > 1 else ())
+    results = {mode: run(args, mode) for mode in modes}
+    tokens = args.procs * args.tokens * args.micro_batches
+    print(f"{args.layers} x {args.embd}, V {args.vocab} ({n_params / 1e9:.2f}B parameters); {args.procs} gloo processes x {args.threads} thread(s), "
+          f"{args.micro_batches} x {args.tokens} tokens per process and step, {args.steps - 1} timed steps")
+    print(f"{'mode':<12} {'peak GiB (largest process)':>27} {'tokens/s best':>14} {'tokens/s mean':>14}  losses")
+    rows = {}
+    for mode, r in results.items():
+        timed = r["times"][1:]
+        rows[mode] = (max(r["peaks"]) / GiB, tokens / min(timed), tokens / statistics.mean(timed))
+        print(f"{mode:<12} {rows[mode][0]:>27.2f} {rows[mode][1]:>14.1f} {rows[mode][2]:>14.1f}  "
+              + " ".join(f"{x:.4f}" for x in r["losses"]))
+    print(f"fsdp / ddp: peak {rows['fsdp'][0] / rows['ddp'][0]:.2f}x (target <= 0.65x), tokens/s best "
+          f"{rows['fsdp'][1] / rows['ddp'][1]:.2f}x, mean {rows['fsdp'][2] / rows['ddp'][2]:.2f}x (target >= 0.8x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Process-level parallelism beside the loop: DDP or FSDP2 wrapping, the gradient sync between
+micro-batches, clipping over shards, sharded checkpoints and the full export.
+
+- ddp: every process holds the whole model, its gradients and AdamW's state; gradients are
+  all-reduced once per step.
+- fsdp: `torch.distributed.fsdp.fully_shard` on every block and on the root (embedding, ln_out,
+  head): each process keeps 1/N of the parameters, gradients and AdamW state, and a block's
+  parameters are gathered just before it runs and freed after it. With bf16 precision the
+  gathered parameters are bf16 (half the traffic); gradients are reduced and kept in fp32, and
+  the sharded master weights stay fp32. Frozen parameters are sharded too and get no gradient.
+
+Checkpoints of an fsdp run hold the model and optimizer as torch.distributed.checkpoint shards
+(every process writes its own, in parallel) beside the usual state.pt; they load into any
+number of processes, in either mode or in one process without torchrun.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_optimizer_state_dict, set_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ..model.checkpoint import export_state_dict
+from . import checkpoint as ckpt
+from .distributed import Dist
+
+MODES = ("ddp", "fsdp")
+SHARDS = "shards"  # the directory of torch.distributed.checkpoint files inside a checkpoint
+
+# Blocks return x[:, -1] (the token-shift state) as a view; nothing modifies it in place.
+warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+# A sharded checkpoint read by one process without torchrun is meant, not a mistake.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+@dataclass
+class Parallel:
+    mode: str                   # "none" (one process), "ddp" or "fsdp"
+    module: torch.nn.Module     # what runs a micro-batch: the loss module, wrapped
+    unsharded_accumulation: bool = False  # fsdp: keep gathered weights and full gradients between micro-batches
+
+    @property
+    def sharded(self) -> bool:
+        return self.mode == "fsdp"
+
+
+def wrap(loss_module, d: Dist, mode: str, precision: str, unsharded_accumulation: bool | None = None) -> Parallel:
+    """Wrap `loss_module` (a CompletionLoss) for `mode`; one process runs it as it is.
+
+    Call before making the optimizer: fully_shard replaces the parameters with sharded ones.
+    `unsharded_accumulation` (None: on CPU yes, on GPU no): with several micro-batches per step,
+    keep the gathered parameters and unreduced full gradients from one micro-batch to the next,
+    so a step communicates once like DDP, at the price of one full copy of both. On a GPU, where
+    the gathers overlap the compute and memory is what FSDP is for, every micro-batch gathers and
+    reduce-scatters instead.
+    """
+    if not d.enabled:
+        return Parallel("none", loss_module)
+    if mode == "ddp":
+        return Parallel("ddp", DDP(loss_module, device_ids=[d.device.index] if d.device.type == "cuda" else None))
+    if mode != "fsdp":
+        raise ValueError(f"unknown parallel mode {mode!r}")
+    # The inputs keep their dtype: the recurrent state must stay fp32 whatever the weights are.
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
+                                  reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for block in loss_module.model.blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(loss_module, mp_policy=policy)  # the root: emb, ln_out, head
+    if unsharded_accumulation is None:
+        unsharded_accumulation = d.device.type == "cpu"
+    return Parallel("fsdp", loss_module, unsharded_accumulation)
+
+
+@contextlib.contextmanager
+def micro_batch(wrapped, last: bool, unsharded_accumulation: bool = False):
+    """Around one micro-batch's forward and backward: gradients are reduced across processes on
+    the step's last micro-batch only (DDP), or on every one unless `unsharded_accumulation` (FSDP)."""
+    if isinstance(wrapped, DDP) and not last:
+        with wrapped.no_sync():
+            yield
+    elif isinstance(wrapped, FSDPModule) and unsharded_accumulation:
+        wrapped.set_requires_gradient_sync(last)
+        wrapped.set_reshard_after_backward(last)
+        yield
+    else:
+        yield
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """clip_grad_norm_ that also works on sharded gradients (the norm is over the whole model)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
+
+
+@contextlib.contextmanager
+def whole_root(par: Parallel):
+    """Run the bare model (evaluation, generation) in an fsdp run: every process must take part,
+    with the root's parameters (embedding, head) gathered for the duration."""
+    if not par.sharded:
+        yield
+        return
+    par.module.unshard()
+    try:
+        yield
+    finally:
+        par.module.reshard()
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+def save_checkpoint(par: Parallel, d: Dist, root, step: int, payload: dict, keep_last: int, model, optimizer) -> Path:
+    """Write checkpoint root/step_{step:06d} with everything in `payload` plus the model and the
+    optimizer: whole in state.pt (written by rank 0), or as shards written by every process."""
+    root = Path(root)
+    if par.sharded:
+        names = [str(ckpt.temp_dir(root, step)) if d.is_main else None]
+        dist.broadcast_object_list(names, src=0)
+        tmp = Path(names[0])
+        if d.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp / SHARDS)
+        if d.is_main:
+            ckpt.save_checkpoint(root, step, {**payload, "sharded": True}, keep_last, tmp=tmp)
+    elif d.is_main:
+        ckpt.save_checkpoint(root, step, {**payload, "model": model.state_dict(), "optimizer": optimizer.state_dict()},
+                             keep_last)
+    if d.enabled:
+        dist.barrier()
+    return root / f"step_{step:06d}"
+
+
+def load_weights(state: dict, model) -> None:
+    """A whole checkpoint's weights, before wrapping (a sharded one loads in load_optimizer)."""
+    if "model" in state:
+        model.load_state_dict(state["model"])
+
+
+def load_optimizer(par: Parallel, state: dict, path, model, optimizer) -> None:
+    """After wrapping and making the optimizer: its state (and a sharded checkpoint's weights),
+    whatever number of processes or mode wrote the checkpoint. This run's optimizer settings stay."""
+    from .optim import load_optimizer_state
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    if state.get("sharded"):
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        both = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(both, checkpoint_id=Path(path) / SHARDS)  # reshards to this run's layout
+        set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
+    elif par.sharded:  # a whole optimizer state (saved in positional order) into sharded parameters
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        saved = state["optimizer"]
+        by_name = {"state": {order[i]: v for i, v in saved["state"].items()},
+                   "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]}
+        set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    else:
+        load_optimizer_state(optimizer, state["optimizer"])
+        return
+    for group, mine in zip(optimizer.param_groups, settings):  # a resume may change lr, betas, ...
+        group.update(mine)
+
+
+def full_state_dict(par: Parallel, d: Dist, model) -> dict | None:
+    """The whole model's tensors on CPU in rank 0 (None elsewhere); an fsdp run gathers them one
+    parameter at a time into that one copy."""
+    if par.sharded:
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return sd if d.is_main else None
+    return export_state_dict(model) if d.is_main else None
+
+
+__all__ = ["MODES", "Parallel", "wrap", "micro_batch", "clip_grad_norm", "whole_root", "save_checkpoint",
+           "load_weights", "load_optimizer", "full_state_dict"]

@@ -1,0 +1,110 @@
+"""FSDP on two gloo processes: DDP's losses and weights, sharded checkpoints that resume on
+another number of processes (2 -> 1, 1 -> 2), a save killed part-way, an export the `rwkv`
+package loads."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import rwkv_package_model
+from test_train_dist import _free_port
+from test_train_helpers import metric_lines, tiny_config, tiny_data
+
+STEPS, SAVE_EVERY = 6, 3
+
+
+def _config(out_dir, **overrides):
+    # step_tokens: several micro-batches per step, a different number on each process; frozen
+    # parameters in the root's and in a block's shard
+    settings = dict(max_steps=STEPS, step_tokens=24, batch_tokens=48, wkv_backend="chunked", save_every=SAVE_EVERY,
+                    keep_last=4, dist_timeout_s=60, freeze=["emb", "blocks.1.att.key"])
+    return tiny_config(out_dir, **{**settings, **overrides})
+
+
+def _losses(out_dir) -> list[float]:
+    return [m["loss"] for m in metric_lines(out_dir) if m["kind"] == "train"]
+
+
+def _start(rank, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import test_train_helpers  # noqa: F401  (the metrics stand-in, if needed)
+
+    from rwkv_sft.train import distributed
+    distributed.setup("cpu", 60)  # one process group for all the runs of this worker
+
+
+def _runs(rank, port, tmp):
+    _start(rank, port)
+    from rwkv_sft.train import train
+    train(_config(f"{tmp}/ddp", parallel="ddp", export=["pth"]), data=tiny_data())
+    # gathered weights and whole gradients kept between micro-batches (the CPU default) ...
+    train(_config(f"{tmp}/fsdp", parallel="fsdp", export=["pth"], activation_checkpointing=True), data=tiny_data())
+    # ... or gathered and reduce-scattered for every micro-batch (the GPU default)
+    train(_config(f"{tmp}/one_to_two", parallel="fsdp", resume="auto", fsdp_unsharded_accumulation=False),
+          data=tiny_data())
+
+
+def _killed_save(rank, port, tmp):
+    """Rank 1 dies (SIGKILL) while writing its shard of the step-6 checkpoint."""
+    _start(rank, port)
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    from rwkv_sft.train import train
+    write = FileSystemWriter.write_data
+
+    def dying_write(self, plan, planner):
+        if rank == 1 and f"step_{STEPS:06d}" in str(self.path):
+            (self.path / "__1_0.distcp").write_bytes(b"partial")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return write(self, plan, planner)
+    FileSystemWriter.write_data = dying_write
+    train(_config(f"{tmp}/killed", parallel="fsdp"), data=tiny_data())
+
+
+@pytest.mark.slow
+def test_fsdp_matches_ddp_and_resumes_on_another_number_of_processes(tmp_path):
+    from rwkv_sft import RWKV7
+    from rwkv_sft.train import train
+    from rwkv_sft.train.checkpoint import list_checkpoints
+
+    one = train(_config(tmp_path / "one", export=[]), data=tiny_data())
+    assert one.steps == STEPS
+    reference = _losses(tmp_path / "one")
+    shutil.copytree(tmp_path / "one", tmp_path / "one_to_two")
+    shutil.rmtree(tmp_path / "one_to_two" / "checkpoints" / f"step_{STEPS:06d}")
+
+    mp.spawn(_runs, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    ddp, fsdp = _losses(tmp_path / "ddp"), _losses(tmp_path / "fsdp")
+    assert len(ddp) == len(fsdp) == STEPS
+    torch.testing.assert_close(fsdp, ddp, rtol=1e-4, atol=0)
+    torch.testing.assert_close(fsdp, reference, rtol=1e-4, atol=0)  # the steps do not depend on the process count
+    assert (tmp_path / "fsdp" / "checkpoints" / f"step_{SAVE_EVERY:06d}" / "shards" / ".metadata").is_file()
+    a, b = RWKV7.load(tmp_path / "ddp" / "model.pth"), RWKV7.load(tmp_path / "fsdp" / "model.pth")
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(w, v, rtol=1e-4, atol=1e-5, msg=k)
+    assert _losses(tmp_path / "one_to_two") == pytest.approx(reference, rel=1e-4)  # 1 -> 2 at step 3
+
+    # the export is an ordinary BlinkDL file: the `rwkv` package computes what our model computes
+    tokens = torch.randint(1, 256, (1, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs, _ = rwkv_package_model(tmp_path / "fsdp" / "model.pth").forward(tokens[0].tolist(), None,
+                                                                                  full_output=True)
+        ours, _ = b(tokens)
+    torch.testing.assert_close(ours[0], theirs, atol=2e-4, rtol=0)
+
+    # a process killed while writing the step-6 shards: step 3 stays the newest checkpoint, and
+    # one process without torchrun continues it (2 -> 1) exactly as the uninterrupted run did
+    with pytest.raises(Exception):
+        mp.spawn(_killed_save, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    root = tmp_path / "killed" / "checkpoints"
+    assert [p.name for p in list_checkpoints(root)] == [f"step_{SAVE_EVERY:06d}"]
+    assert list(root.glob(".tmp_step_*"))  # the partial save, never renamed into place
+    resumed = train(_config(tmp_path / "killed", resume="auto"), data=tiny_data())
+    assert resumed.steps == STEPS and not list(root.glob(".tmp_step_*"))
+    assert _losses(tmp_path / "killed") == pytest.approx(reference, rel=1e-4)
