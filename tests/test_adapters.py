@@ -242,3 +242,28 @@ def test_resume_of_a_pissa_run_is_bit_identical(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="parameter-efficient run, but this run is a full"):
         train(tiny_config(tmp_path / "b", resume="auto", model_config=None, model=str(base_path), max_steps=6),
               data=tiny_data())
+
+
+def _ddp_worker(rank, port, out_dir, base_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    train(tiny_config(out_dir, model_config=None, model=base_path, lora_rank=4, max_steps=None, epochs=1,
+                      step_tokens=10**6, batch_tokens=48, wkv_backend="chunked"), data=tiny_data())
+
+
+@pytest.mark.slow
+def test_lora_on_two_processes_equals_one_process(tmp_path):
+    """DDP reduces only the adapter's gradients (the frozen base is neither broadcast nor reduced)."""
+    import torch.multiprocessing as mp
+    from test_train_dist import _free_port
+    base_path = str(_base_file(tmp_path))
+    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path / "ddp"), base_path), nprocs=2, join=True)
+    single = train(tiny_config(tmp_path / "one", model_config=None, model=base_path, lora_rank=4, max_steps=None,
+                               epochs=1, step_tokens=10**6, batch_tokens=48, wkv_backend="chunked"), data=tiny_data())
+    got = adapters.read_adapter(tmp_path / "ddp" / "adapter.safetensors")[0]
+    want = adapters.read_adapter(tmp_path / "one" / "adapter.safetensors")[0]
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5)
+    assert single.steps == 1 and (got["blocks.0.att.key.lora_B"] != 0).any()

@@ -16,14 +16,10 @@ from .lora import DEFAULT_TARGETS, INITS, LoRALinear, add_lora, compact_frozen, 
 
 
 def enable_learned_state(model) -> None:
-    """Give every layer its learned initial WKV state `att.time_state` (zeros if it had none)."""
-    if not hasattr(model, "initial_state"):
+    """Give every layer its learned initial WKV state `att.time_state` (the model's own)."""
+    if not hasattr(model, "enable_state_tuning"):
         raise UserError("state tuning: this version of the model has no learned initial state")
-    cfg = model.config
-    for block in model.blocks:
-        if getattr(block.att, "time_state", None) is None:
-            block.att.time_state = torch.nn.Parameter(
-                torch.zeros(cfg.n_head, cfg.head_size, cfg.head_size, device=model.emb.weight.device))
+    model.enable_state_tuning()
 
 
 def attach(model, settings: AdapterSettings, initialize: bool = True) -> list[str]:

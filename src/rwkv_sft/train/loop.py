@@ -302,7 +302,8 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     if d.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"rwkv-sft train: {model.config.n_layer} layers x {model.config.n_embd}, {n_params / 1e6:.1f}M parameters"
-              f"{f' ({frozen / 1e6:.1f}M frozen)' if frozen else ''}{f'; {peft.describe()}' if peft else ''}; "
+              f"{f' ({frozen / 1e6:.1f}M frozen, {(n_params - frozen) / 1e6:.2f}M trained)' if frozen else ''}"
+              f"{f'; {peft.describe()}' if peft else ''}; "
               f"{len(data.train)} examples; {d.world_size} "
               f"process(es) on {device.type}, {precision}; {total_steps} steps"
               + (f"; resuming from {resume_from} (step {step})" if resume_from else ""), flush=True)
