@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
 from ..errors import UserError
 from . import adapter_state_dict, attach, freeze_base, load_adapter_state
-from .files import AdapterSettings, base_info
+from .files import AdapterSettings, base_info, save_adapter
 from .lora import DEFAULT_TARGETS, compact_frozen
 
 BASE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -52,6 +53,16 @@ def compact(model, dtype_name: str):
 def checkpoint_entries(model, settings: AdapterSettings, base: dict) -> dict:
     """What a PEFT step checkpoint holds of the model: the adapter tensors only."""
     return {"model": adapter_state_dict(model), "adapter": {"settings": asdict(settings), "base": base}}
+
+
+def write_outputs(out: Path, model, settings: AdapterSettings, base: dict) -> dict[str, Path]:
+    """OUT/adapter.safetensors, and OUT/state.pth (RWKV-Runner's layout) when a state is learned."""
+    files = {"adapter": save_adapter(out / "adapter.safetensors", adapter_state_dict(model), settings, base)}
+    if settings.state_tuning:
+        from .state import save_state
+        save_state(model, out / "state.pth")
+        files["state"] = out / "state.pth"
+    return files
 
 
 def restore(model, state: dict, settings: AdapterSettings | None, base: dict | None, source) -> None:

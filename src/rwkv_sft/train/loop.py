@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..adapters import save_adapter
 from ..adapters import training as peft_run
 from ..errors import UserError
 from ..model import RWKV7, RWKV7Config
@@ -48,7 +47,7 @@ class TrainResult:
     interrupted: bool              # stopped by SIGINT/SIGTERM after saving a checkpoint
     out_dir: Path
     checkpoint: Path | None        # newest complete checkpoint
-    exports: dict[str, Path] = field(default_factory=dict)   # "pth"/"safetensors" -> file
+    exports: dict[str, Path] = field(default_factory=dict)   # "pth"/"safetensors" (or "adapter"/"state") -> file
     metrics_path: Path | None = None
     plot_path: Path | None = None
 
@@ -280,7 +279,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
         distributed.barrier(d)
         return result
 
-    last_saved = resume_from
+    last_saved, outputs = resume_from, {}
 
     def save() -> Path:
         nonlocal last_saved
@@ -293,7 +292,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
             }
             if peft is not None:  # only what trains; the frozen base is the run's --model
                 payload.update(peft_run.checkpoint_entries(model, peft, base))
-                save_adapter(out / "adapter.safetensors", payload["model"], peft, base)
+                outputs.update(peft_run.write_outputs(out, model, peft, base))
             ckpt.save_checkpoint(ckpt_root, step, payload, config.keep_last)
         distributed.barrier(d)
         last_saved = ckpt_root / f"step_{step:06d}"
@@ -379,7 +378,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     if not interrupted:
         eval_result = run_eval()
         if d.is_main and peft is not None:
-            exports["adapter"] = out / "adapter.safetensors"  # written with the last checkpoint
+            exports.update(outputs)  # written with the last checkpoint
         elif d.is_main:
             for kind in config.export:
                 exports[kind] = out / f"model.{kind}"
