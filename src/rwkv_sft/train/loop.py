@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..adapters import training as peft_run
 from ..errors import UserError
 from ..model import RWKV7, RWKV7Config
 from ..ops import check_backend
@@ -47,7 +48,7 @@ class TrainResult:
     interrupted: bool              # stopped by SIGINT/SIGTERM after saving a checkpoint
     out_dir: Path
     checkpoint: Path | None        # newest complete checkpoint
-    exports: dict[str, Path] = field(default_factory=dict)   # "pth"/"safetensors" -> file
+    exports: dict[str, Path] = field(default_factory=dict)   # "pth"/"safetensors" (or "adapter"/"state") -> file
     metrics_path: Path | None = None
     plot_path: Path | None = None
     signal: int | None = None      # the signal that stopped the run (when interrupted)
@@ -110,8 +111,8 @@ def autocast(device: torch.device, precision: str):
 
 
 def build_model(config: TrainConfig) -> RWKV7:
-    if config.model:
-        return RWKV7.load(config.model, dtype=torch.float32)
+    if config.model:  # in the file's dtype, memory-mapped: peft_run.compact decides what becomes fp32
+        return RWKV7.load(config.model)
     torch.manual_seed(config.seed)
     try:
         return RWKV7(RWKV7Config(**config.model_config))  # vocab_size defaults to the World 65536
@@ -207,8 +208,16 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
         rundir.check_resume_data(state["data"].get("fingerprint"), fingerprint, resume_from)
     model = model if model is not None else build_model(config)
     rundir.check_vocab(data, model.config.vocab_size)
-    model = model.float().to(device)
-    if state is not None:
+    peft = peft_run.settings_from(config)  # None: full fine-tuning
+    if peft is not None and config.parallel == "fsdp" and d.enabled:
+        raise UserError("--parallel fsdp with LoRA or state tuning is not supported yet: use --parallel ddp "
+                        "(only the adapters are synchronised)")
+    base = peft_run.prepare(model, peft, seed=config.seed, initialize=state is None)
+    freeze(model, config.freeze)
+    model = peft_run.compact(model, config.base_dtype).to(device)
+    if state is not None and peft is not None:
+        peft_run.restore(model, state, peft, base, resume_from)
+    elif state is not None:
         try:
             parallel.load_weights(state, model)
         except RuntimeError as e:
@@ -217,7 +226,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     model.wkv_backend = config.wkv_backend
     model.activation_checkpointing = config.activation_checkpointing
     model.train()
-    frozen = freeze(model, config.freeze)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     loss_module = CompletionLoss(model, config.loss_chunk_size)
     par = parallel.wrap(loss_module, d, config.parallel, precision, config.fsdp_unsharded_accumulation)
     optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps)
@@ -260,22 +269,28 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
         distributed.barrier(d)
         return result
 
-    last_saved = resume_from
+    last_saved, outputs = resume_from, {}
 
     def save() -> Path:
         nonlocal last_saved
         payload = {
             "version": 1, "step": step, "scheduler": {"step": step, "total_steps": total_steps},
-            "rng": ckpt.rng_state(), "data": {"epoch": epoch, "batch": batch_index, "fingerprint": fingerprint}, "config": config.to_dict(),
-            "metrics": {"history": history, "bad_steps": bad_total},
+            "rng": ckpt.rng_state(), "data": {"epoch": epoch, "batch": batch_index, "fingerprint": fingerprint},
+            "config": config.to_dict(), "metrics": {"history": history, "bad_steps": bad_total},
         }
+        if peft is not None:  # only what trains; the frozen base is the run's --model
+            payload.update(peft_run.checkpoint_entries(model, peft, base))
+            if d.is_main:
+                outputs.update(peft_run.write_outputs(out, model, peft, base))
         last_saved = parallel.save_checkpoint(par, d, ckpt_root, step, payload, config.keep_last, model, optimizer)
         return last_saved
 
     if d.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"rwkv-sft train: {model.config.n_layer} layers x {model.config.n_embd}, {n_params / 1e6:.1f}M parameters"
-              f"{f' ({frozen / 1e6:.1f}M frozen)' if frozen else ''}; {len(data.train)} examples; {d.world_size} "
+              f"{f' ({frozen / 1e6:.1f}M frozen, {(n_params - frozen) / 1e6:.2f}M trained)' if frozen else ''}"
+              f"{f'; {peft.describe()}' if peft else ''}; "
+              f"{len(data.train)} examples; {d.world_size} "
               f"process(es) on {device.type}, {precision}; {total_steps} steps"
               + (f"; resuming from {resume_from} (step {step})" if resume_from else ""), flush=True)
     from tqdm.auto import tqdm
@@ -347,8 +362,10 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     exports, plot_path = {}, None
     if not interrupted:
         eval_result = run_eval()
-        weights = parallel.full_state_dict(par, d, model) if config.export else None
-        if d.is_main:
+        weights = parallel.full_state_dict(par, d, model) if config.export and peft is None else None
+        if d.is_main and peft is not None:
+            exports.update(outputs)  # written with the last checkpoint
+        elif d.is_main:
             from ..model.checkpoint import write_state_dict
             for kind in config.export:
                 exports[kind] = out / f"model.{kind}"

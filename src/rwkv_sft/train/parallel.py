@@ -67,6 +67,9 @@ def wrap(loss_module, d: Dist, mode: str, precision: str, unsharded_accumulation
     if not d.enabled:
         return Parallel("none", loss_module)
     if mode == "ddp":
+        # frozen weights come from the same file in every process: nothing to broadcast or reduce
+        DDP._set_params_and_buffers_to_ignore_for_model(
+            loss_module, [n for n, p in loss_module.named_parameters() if not p.requires_grad])
         return Parallel("ddp", DDP(loss_module, device_ids=[d.device.index] if d.device.type == "cuda" else None))
     if mode != "fsdp":
         raise ValueError(f"unknown parallel mode {mode!r}")
@@ -140,8 +143,8 @@ def save_checkpoint(par: Parallel, d: Dist, root, step: int, payload: dict, keep
         if d.is_main:
             ckpt.save_checkpoint(root, step, {**payload, "sharded": True}, keep_last, tmp=tmp)
     elif d.is_main:
-        ckpt.save_checkpoint(root, step, {**payload, "model": model.state_dict(), "optimizer": optimizer.state_dict()},
-                             keep_last)
+        model_sd = payload["model"] if "model" in payload else model.state_dict()  # a PEFT run: the adapter only
+        ckpt.save_checkpoint(root, step, {**payload, "model": model_sd, "optimizer": optimizer.state_dict()}, keep_last)
     if d.enabled:
         dist.barrier()
     return root / f"step_{step:06d}"
