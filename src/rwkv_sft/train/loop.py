@@ -215,7 +215,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     base = peft_run.prepare(model, peft, seed=config.seed, initialize=state is None)
     freeze(model, config.freeze)
     model = peft_run.compact(model, config.base_dtype).to(device)
-    if state is not None and peft is not None:
+    if state is not None and (peft is not None or "adapter" in state):
         peft_run.restore(model, state, peft, base, resume_from)
     elif state is not None:
         try:
