@@ -1,11 +1,21 @@
 """Segment-wise forward (`segment_len`): the same outputs and gradients as one whole call."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
-
 from conftest import random_model
+from test_train_helpers import VOCAB, random_batch, tiny_config
+
+from rwkv_sft.data import TokenizedExamples
+from rwkv_sft.infer.generate import greedy_batch, prefill
 from rwkv_sft.model.rwkv7 import RWKV7State
+from rwkv_sft.model.segments import segment_len_for
+from rwkv_sft.train import train
+from rwkv_sft.train.loop import accumulate_gradients
+from rwkv_sft.train.loss import CompletionLoss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -135,3 +145,78 @@ def test_bad_segment_len():
     model = _model()
     with pytest.raises(ValueError, match="segment_len"):
         model.forward_hidden(torch.zeros(1, 4, dtype=torch.long), segment_len=0)
+
+
+# -- training, evaluation and generation with segments ----------------------------------------------
+
+def _fp32_model(seed=0):
+    return random_model(seed, n_layer=2, n_embd=64, head_size=64, vocab_size=VOCAB)
+
+
+def _close(a, b, tol=2e-5):
+    err = (a - b).abs().max().item()
+    assert err <= tol * (1 + b.abs().max().item()), err
+
+
+@pytest.mark.parametrize("segment_len,batch_tokens", [(3, None), (None, 8)])
+def test_training_step_loss_and_gradients_equal_unsegmented(segment_len, batch_tokens):
+    """A step's loss and gradients with segments (fixed, and automatic when rows exceed batch_tokens)."""
+    batch = random_batch(B=2, T=11, seed=1, mask_fraction=0.5, resets=True)
+    batch.resets[0, 3] = batch.resets[1, 6] = True   # on a segment's first token
+    results = []
+    for S, bt in [(segment_len, batch_tokens), (0, None)]:
+        model = _fp32_model()
+        lm = CompletionLoss(model, chunk_size=4, segment_len=S, batch_tokens=bt)
+        loss = accumulate_gradients(lm, [batch], device="cpu", global_count=batch.num_loss_tokens, l2wrap=True)
+        results.append((loss, {n: p.grad for n, p in model.named_parameters()}))
+    (loss, grads), (ref_loss, ref_grads) = results
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for name in ref_grads:
+        _close(grads[name], ref_grads[name])
+
+
+def test_segment_len_for():
+    assert segment_len_for((2, 100), 7, 64) == 7
+    assert segment_len_for((2, 100), 0, 64) is None          # never split
+    assert segment_len_for((1, 100), None, 64) == 64          # automatic: a row above the budget
+    assert segment_len_for((4, 16), None, 64) is None         # a batch within it is not split
+    assert segment_len_for((1, 100), None, None) is None
+
+
+def _long_examples(n=4, length=70, completion=3, seed=0):
+    """Long contexts, short completions at the end: the loss rows sit in the last segment only."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k in range(n):
+        L = length + 7 * k
+        rows.append((rng.integers(1, VOCAB, L), np.arange(L) >= L - completion))
+    return SimpleNamespace(train=TokenizedExamples.from_lists(rows), eval=None, report={})
+
+
+def test_long_example_training_run_equals_unsegmented(tmp_path):
+    """End to end: examples 4x longer than batch_tokens train in segments (automatic) to the same
+    weights as with whole rows."""
+    runs = {}
+    for name, S in [("auto", None), ("whole", 0)]:
+        config = tiny_config(tmp_path / name, max_steps=3, batch_tokens=20, segment_len=S, packing=True)
+        runs[name] = train(config, data=_long_examples())
+    assert runs["auto"].loss_tokens == runs["whole"].loss_tokens == 9
+    for k, v in runs["whole"].model.state_dict().items():
+        _close(runs["auto"].model.state_dict()[k], v, tol=1e-4)
+    assert runs["auto"].train_loss == pytest.approx(runs["whole"].train_loss, rel=1e-5)
+
+
+def test_prefill_and_greedy_in_segments_equal_whole():
+    model = _fp32_model(seed=2)
+    prompts = [list(range(1, 12)), list(range(40, 51)), list(range(7, 10))]
+    with torch.inference_mode():
+        whole, s_whole = prefill(model, prompts[:2], segment_len=10**6)
+        seg, s_seg = prefill(model, prompts[:2], segment_len=3)
+    torch.testing.assert_close(seg, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s_seg.wkv, s_whole.wkv, rtol=1e-5, atol=1e-5)
+    outputs = {}
+    for S in (2, 10**6):
+        got = [[] for _ in prompts]
+        greedy_batch(model, prompts, 5, lambda p, t: got[p].append(t) or True, segment_len=S)
+        outputs[S] = got
+    assert outputs[2] == outputs[10**6] and all(len(g) == 5 for g in outputs[2])

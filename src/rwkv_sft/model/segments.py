@@ -13,6 +13,19 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
+def segment_len_for(shape, segment_len, batch_tokens) -> int | None:
+    """The segment length for a batch of `shape` [B,T]: `segment_len` when it is positive, None
+    (never split) when it is 0, and when it is None (automatic) as many tokens per row as keep a
+    segment within `batch_tokens` tokens: only a row longer than the micro-batch budget is split."""
+    if segment_len is not None:
+        return int(segment_len) or None
+    if batch_tokens is None:
+        return None
+    B, T = shape
+    S = max(1, batch_tokens // B)
+    return S if S < T else None
+
+
 def forward_segments(step, tokens, state, resets, segment_len, rows=None):
     """`step(tokens, state, resets) -> (hidden [B,S,C], state)` over consecutive slices of S tokens.
 

@@ -7,6 +7,8 @@ import torch
 
 
 def add_arguments(p) -> None:
+    from .cli import _segment_len
+
     p.add_argument("--model", required=True, metavar="CKPT", help=".pth (BlinkDL layout) or .safetensors checkpoint")
     p.add_argument("--data", required=True, action="append", metavar="FILE",
                    help="examples to evaluate (JSONL/JSON, same formats as training); repeat for several")
@@ -18,6 +20,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="generation limit for exact match (default: 2 x the reference length + 8)")
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward pass (default 4096)")
+    p.add_argument("--segment-len", type=_segment_len, default=None, metavar="S|auto",
+                   help="run each example S tokens at a time (memory flat in length; default auto: examples "
+                        "longer than --batch-tokens are split; 0: never); prompts are prefilled in segments too")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--wkv-backend", default="auto", choices=["auto", "chunked", "reference", "cuda", "fla"])
@@ -34,8 +39,8 @@ def run(args) -> int:
     from ..utils import resolve_device
     from .loop import resolve_precision
 
-    if args.exact_match < 0 or args.batch_tokens < 1:
-        raise UserError("--exact-match must be >= 0 and --batch-tokens >= 1")
+    if args.exact_match < 0 or args.batch_tokens < 1 or (args.segment_len or 0) < 0:
+        raise UserError("--exact-match and --segment-len must be >= 0 and --batch-tokens >= 1")
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     tokenizer = Tokenizer()
@@ -45,7 +50,7 @@ def run(args) -> int:
     model.wkv_backend = args.wkv_backend
     result = evaluate(model, data.train, tokenizer, batch_tokens=args.batch_tokens,
                       exact_match_samples=args.exact_match, max_new_tokens=args.max_new_tokens,
-                      device=device, precision=precision)
+                      device=device, precision=precision, segment_len=args.segment_len)
     samples = result.pop("samples", [])
     if args.json:
         print(json.dumps({"model": args.model, "data": args.data, **result,

@@ -232,7 +232,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     frozen = freeze(model, config.freeze)
     optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps)
     params = [p for p in model.parameters() if p.requires_grad]
-    loss_module = CompletionLoss(model, config.loss_chunk_size)
+    loss_module = CompletionLoss(model, config.loss_chunk_size, config.segment_len, config.batch_tokens)
     ddp = None
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -266,7 +266,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
         result = None
         if has_eval and d.is_main:
             from .evaluate import evaluate  # switches the model to eval mode and back
-            result = evaluate(model, data.eval, tokenizer, batch_tokens=config.batch_tokens,
+            result = evaluate(model, data.eval, tokenizer, batch_tokens=config.batch_tokens, segment_len=config.segment_len,
                               exact_match_samples=config.eval_exact_match, device=device, precision=precision)
             metrics.log("eval", step, **{k: v for k, v in result.items() if isinstance(v, (int, float))})
         distributed.barrier(d)
