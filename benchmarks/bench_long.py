@@ -13,7 +13,7 @@ Printed: peak MiB, time of a step (best of --repeats after the measured one), to
 (identical across cases up to rounding), then the memory growth per token between two lengths.
 
     python benchmarks/bench_long.py             # 4 x 512, S = 512: the table of DESIGN §6 / the README
-    python benchmarks/bench_long.py --quick     # smaller lengths, one repeat
+    python benchmarks/bench_long.py --quick     # lengths and S / 4, one repeat
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def child(a):
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    print(json.dumps(dict(peak=peak, loss=float(loss) / COMPLETION, time=min(times) if times else float("nan"))))
+    print(json.dumps(dict(peak=peak, loss=float(loss.detach()) / COMPLETION, time=min(times) if times else float("nan"))))
 
 
 def run_case(a, case, T):
@@ -89,7 +89,7 @@ def main():
     p.add_argument("--speed-T", type=int, default=2048, help="length of the speed comparison")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="lengths / 4, one repeat")
+    p.add_argument("--quick", action="store_true", help="lengths and S / 4, one repeat")
     p.add_argument("--child", choices=["whole", "seg", "seg-full"], help=argparse.SUPPRESS)
     p.add_argument("--T", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -97,10 +97,11 @@ def main():
         a.case = a.child
         return child(a)
     if a.quick:
-        a.whole_T, a.seg_T, a.speed_T, a.repeats = [t // 4 for t in a.whole_T], [t // 4 for t in a.seg_T], a.speed_T // 4, 1
+        a.whole_T, a.seg_T, a.speed_T = [t // 4 for t in a.whole_T], [t // 4 for t in a.seg_T], a.speed_T // 4
+        a.S, a.repeats = a.S // 4, 1
 
     print(f"device={a.device} model={a.n_layer}x{a.n_embd} V=65536 B=1 completion={COMPLETION} S={a.S} "
-          f"threads={torch.get_num_threads()}")
+          f"threads={torch.get_num_threads()}", flush=True)
     print(f"{'case':>8} {'T':>6} {'peak MiB':>9} {'step s':>7} {'tokens/s':>9} {'loss':>8}")
     results = {}
     plan = [("whole", a.speed_T), ("seg", a.speed_T), ("whole", a.whole_T[0]), ("whole", a.whole_T[1]),

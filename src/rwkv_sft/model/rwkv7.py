@@ -214,7 +214,7 @@ class RWKV7(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
     def forward_hidden(self, tokens: torch.Tensor, state: RWKV7State | None = None, resets=None,
-                       segment_len: int | None = None, rows=None):
+                       segment_len: int | None = None, rows=None, embedded=None):
         """tokens [B,T] -> (hidden after ln_out [B,T,C], new state).
 
         resets: optional bool [B,T], True where a packed example starts: the recurrent state
@@ -222,15 +222,16 @@ class RWKV7(nn.Module):
         segment_len: run S tokens at a time with the state carried; same results and gradients,
         but under autograd only one segment's activations are alive at a time (model/segments.py).
         rows: optional bool [B,T]; returns hidden[rows] [N,C] instead, gathered segment by segment.
+        embedded: emb(tokens) when already computed (segments compute it once for the whole row).
         """
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise ValueError(f"tokens must be a non-empty [B,T] tensor, got shape {tuple(tokens.shape)}")
         if rows is not None or (segment_len is not None and segment_len < tokens.shape[1]):
-            return forward_segments(self.forward_hidden, tokens, state, resets, segment_len, rows)
+            return forward_segments(self.forward_hidden, tokens, state, resets, segment_len, rows, self.emb)
         B = tokens.shape[0]
         if state is None:
             state = self.zero_state(B, device=tokens.device)
-        x = self.emb(tokens)
+        x = self.emb(tokens) if embedded is None else embedded
         x_emb = v_first = None  # both defined by block 0
         att_shifts, wkvs, ffn_shifts = [], [], []
         for i, block in enumerate(self.blocks):

@@ -26,8 +26,11 @@ def segment_len_for(shape, segment_len, batch_tokens) -> int | None:
     return S if S < T else None
 
 
-def forward_segments(step, tokens, state, resets, segment_len, rows=None):
-    """`step(tokens, state, resets) -> (hidden [B,S,C], state)` over consecutive slices of S tokens.
+def forward_segments(step, tokens, state, resets, segment_len, rows=None, embed=None):
+    """`step(tokens, state, resets, embedded=...) -> (hidden [B,S,C], state)` over consecutive slices
+    of S tokens. Under autograd the embeddings come from one `embed(tokens)` call for the whole
+    sequence: its weight then gets one dense gradient [V,C], not one per segment (at V=65536 making
+    and adding those cost as much as a segment's compute).
 
     Returns (hidden [B,T,C], final state), or with `rows` (bool [B,T]) (hidden[rows] [N,C], final
     state): each segment's rows are gathered as soon as it is computed, so the hidden states of
@@ -42,11 +45,13 @@ def forward_segments(step, tokens, state, resets, segment_len, rows=None):
     outs, order = [], []
     reorder = rows is not None and B > 1 and len(starts) > 1
     flat = torch.arange(B * T, device=tokens.device).view(B, T) if reorder else None
+    x = embed(tokens) if recompute and embed is not None else None
     for start in starts:
         seg = slice(start, start + S)
         r = None if resets is None else resets[:, seg]
+        embedded = None if x is None else x[:, seg]
         if recompute:
-            hidden, state = checkpoint(step, tokens[:, seg], state, r, use_reentrant=False)
+            hidden, state = checkpoint(step, tokens[:, seg], state, r, embedded=embedded, use_reentrant=False)
         else:
             hidden, state = step(tokens[:, seg], state, r)
         if rows is not None:
