@@ -60,12 +60,14 @@ def test_truncation_end_to_end(pairs, max_len, fraction):
                             cache_dir=os.path.join(d, "cache"), show_progress=False)
     ex = data.train
     cut_context = cut_completion = 0
+    full = []  # every example's length before truncation
     loader = BatchLoader(ex, batch_tokens=1, shuffle=False)  # one example per batch
     batches = {b.example_ids[0]: b for b in loader.epoch_batches(0)}
     for i, (c, p) in enumerate(pairs):
         ctx = tok.encode(c) or [0]
         comp = tok.encode(p) + [0]
         kc, kp = truncate_slow(len(ctx), len(comp), max_len, fraction)
+        full.append(len(ctx) + len(comp))
         cut_context += kc < len(ctx)
         cut_completion += kp < len(comp)
         assert ex.tokens(i).tolist() == ctx[len(ctx) - kc:] + comp[:kp]
@@ -77,3 +79,5 @@ def test_truncation_end_to_end(pairs, max_len, fraction):
     assert data.report["truncated"]["context_trimmed"] == cut_context
     assert data.report["truncated"]["completion_cut"] == cut_completion
     assert data.report["truncated"]["empty_context"] == sum(not tok.encode(c) for c, _ in pairs)
+    assert data.report["truncated"]["longer_than_max_len"] == sum(n > max_len for n in full)
+    assert data.report["truncated"]["longest"] == max(full)

@@ -81,11 +81,13 @@ def by_hand_metrics(model, examples, tokenizer, indices):
     return float(losses.mean()), float(hits.float().mean()), matches
 
 
-@pytest.mark.parametrize("batch_tokens", [16, 4096])
-def test_evaluate_matches_by_hand(model, tokenizer, batch_tokens):
+@pytest.mark.parametrize("batch_tokens,segment_len", [(16, None), (4096, 0), (4, None), (4096, 3)])
+def test_evaluate_matches_by_hand(model, tokenizer, batch_tokens, segment_len):
+    """Also with rows run in segments (automatic above batch_tokens, or fixed; prompts prefilled in them)."""
     examples, should_match = make_examples(model)
     model.train()
-    result = evaluate(model, examples, tokenizer, batch_tokens=batch_tokens, exact_match_samples=100)
+    result = evaluate(model, examples, tokenizer, batch_tokens=batch_tokens, exact_match_samples=100,
+                      segment_len=segment_len)
     assert model.training  # mode restored
     loss, acc, matches = by_hand_metrics(model, examples, tokenizer, range(len(examples)))
     assert matches == should_match  # the construction works: the check below is not vacuous

@@ -52,8 +52,8 @@ class EosAfter(torch.nn.Module):
         super().__init__()
         self.model, self.trigger = model, trigger
 
-    def forward(self, tokens, state=None, full_output=True):
-        logits, state = self.model(tokens, state=state, full_output=full_output)
+    def forward(self, tokens, state=None, full_output=True, segment_len=None):
+        logits, state = self.model(tokens, state=state, full_output=full_output, segment_len=segment_len)
         last = logits if not full_output else logits[:, -1]
         last[tokens[:, -1] == self.trigger, 0] = 1e9
         return logits, state

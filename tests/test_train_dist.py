@@ -45,7 +45,7 @@ def _worker(rank, port, out_dir, result_file):
     d = distributed.setup("cpu", 60)
     # 1. gradients of one accumulated step
     model = _model()
-    lm = CompletionLoss(model, chunk_size=3)
+    lm = CompletionLoss(model, chunk_size=3, segment_len=3)  # in segments here, whole rows in the twin
     mine = _batches()[rank]
     count = int(distributed.all_sum(d, [sum(b.num_loss_tokens for b in mine)])[0])
     loss = accumulate_gradients(lm, mine, device="cpu", global_count=count, world_size=2, wrapped=DDP(lm), l2wrap=True)

@@ -58,6 +58,10 @@ def _stats_text(report) -> str:
     if L:
         lines.append(f"length (tokens, after truncation to {report['max_len']}): min {L['min']}, p50 {L['p50']:g}, "
                      f"p90 {L['p90']:g}, p99 {L['p99']:g}, max {L['max']}")
+    over = cuts["longer_than_max_len"]
+    lines.append(f"longer than max_len {report['max_len']}: {over} examples (the longest has {cuts['longest']} tokens"
+                 + (f"; --max-len {cuts['longest']} keeps every example whole, training runs long rows in segments)"
+                    if over else ")"))
     lines.append(f"truncated: {cuts['context_trimmed']} context trimmed, {cuts['completion_cut']} completion cut, "
                  f"{cuts['empty_context']} empty contexts (became token 0)")
     if report["unused_fields"]:

@@ -83,6 +83,8 @@ def _truncated(shards, weights, config, counts) -> TokenizedExamples:
         start, context_len, stop = shard.index.T
         completion_len = stop - start - context_len
         kept_context, kept_completion = truncate(context_len, completion_len, config.max_len, config.anchor_fraction)
+        counts["longer_than_max_len"] += int(np.count_nonzero(context_len + completion_len > config.max_len))
+        counts["longest"] = max(counts["longest"], int((context_len + completion_len).max(initial=0)))
         counts["context_trimmed"] += int(np.count_nonzero(kept_context < context_len))
         counts["completion_cut"] += int(np.count_nonzero(kept_completion < completion_len))
         counts["empty_context"] += shard.meta.get("empty_context", 0)
@@ -113,8 +115,9 @@ def format_report(report: dict, role: str = "train") -> str:
     parts = [f"{train['examples']} {role} examples ({train['tokens']} tokens, {train['loss_tokens']} with loss)"]
     if ev["examples"]:
         parts.append(f"{ev['examples']} eval examples")
-    parts.append(f"truncated: {cuts['context_trimmed']} context, {cuts['completion_cut']} completion; "
-                 f"{cuts['empty_context']} empty contexts")
+    parts.append(f"truncated: {cuts['context_trimmed']} context, {cuts['completion_cut']} completion "
+                 f"({cuts['longer_than_max_len']} longer than max_len {report['max_len']}, the longest "
+                 f"{cuts['longest']} tokens); {cuts['empty_context']} empty contexts")
     if report["skipped"]:
         parts.append("skipped: " + ", ".join(f"{n} {reason}" for reason, n in sorted(report["skipped"].items())))
     if report["unused_fields"]:
@@ -141,7 +144,7 @@ def prepare_data(config: DataConfig, tokenizer=None, cache_dir=None, show_progre
     train_specs = [parse_file_spec(s) for s in config.train_files]
     eval_specs = [parse_file_spec(s) for s in config.eval_files]
     shards = _load_all(train_specs + eval_specs, config, tokenizer, cache_dir, show_progress)
-    counts = {"context_trimmed": 0, "completion_cut": 0, "empty_context": 0}
+    counts = {"context_trimmed": 0, "completion_cut": 0, "empty_context": 0, "longer_than_max_len": 0, "longest": 0}
     n_train = len(train_specs)
     train = _truncated(shards[:n_train], [s.weight for s in train_specs], config, counts)
     evaluation = _truncated(shards[n_train:], [1.0] * len(eval_specs), config, counts) if eval_specs else None

@@ -123,15 +123,14 @@ def _device(model) -> torch.device:
 
 
 @torch.inference_mode()
-def prefill(model, ids: Sequence[int] | torch.Tensor, state: RWKV7State | None = None):
-    """Run prompts through the model: ids [T] or [B,T] -> (last logits [B,V], state)."""
+def prefill(model, ids: Sequence[int] | torch.Tensor, state: RWKV7State | None = None,
+            segment_len: int = PREFILL_CHUNK):
+    """Run prompts through the model: ids [T] or [B,T] -> (last logits [B,V], state), `segment_len`
+    tokens at a time (memory bounded whatever the prompt's length)."""
     tokens = torch.as_tensor(ids, dtype=torch.long, device=_device(model))
     if tokens.dim() == 1:
         tokens = tokens.unsqueeze(0)
-    logits = None
-    for start in range(0, tokens.shape[1], PREFILL_CHUNK):
-        logits, state = model(tokens[:, start:start + PREFILL_CHUNK], state=state, full_output=False)
-    return logits, state
+    return model(tokens, state=state, full_output=False, segment_len=segment_len)
 
 
 def _prompt_ids(tokenizer, prompt, state) -> list[int]:
@@ -215,7 +214,7 @@ def _cat_states(states: list[RWKV7State]) -> RWKV7State:
 
 @torch.inference_mode()
 def greedy_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 accept: Callable[[int, int], bool]) -> None:
+                 accept: Callable[[int, int], bool], segment_len: int = PREFILL_CHUNK) -> None:
     """Greedy decoding of many token-id prompts as one batch.
 
     Each new token t of prompt p is handed to `accept(p, t)`, which returns False once prompt p
@@ -229,7 +228,7 @@ def greedy_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
         by_length.setdefault(len(ids), []).append(i)
     rows, logits, states = [], [], []
     for group in by_length.values():
-        lg, st = prefill(model, [list(prompts[i]) for i in group])
+        lg, st = prefill(model, [list(prompts[i]) for i in group], segment_len=segment_len)
         rows += group
         logits.append(lg)
         states.append(st)

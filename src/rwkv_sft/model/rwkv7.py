@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..ops import wkv7
 from .config import RWKV7Config
+from .segments import forward_segments
 
 
 @dataclass
@@ -217,18 +218,25 @@ class RWKV7(nn.Module):
         )
 
     # -- forward ---------------------------------------------------------------------------------
-    def forward_hidden(self, tokens: torch.Tensor, state: RWKV7State | None = None, resets=None):
+    def forward_hidden(self, tokens: torch.Tensor, state: RWKV7State | None = None, resets=None,
+                       segment_len: int | None = None, rows=None, embedded=None):
         """tokens [B,T] -> (hidden after ln_out [B,T,C], new state).
 
         resets: optional bool [B,T], True where a packed example starts: the recurrent state
         (token shift and WKV) restarts from zero there, so examples do not see each other.
+        segment_len: run S tokens at a time with the state carried; same results and gradients,
+        but under autograd only one segment's activations are alive at a time (model/segments.py).
+        rows: optional bool [B,T]; returns hidden[rows] [N,C] instead, gathered segment by segment.
+        embedded: emb(tokens) when already computed (segments compute it once for the whole row).
         """
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise ValueError(f"tokens must be a non-empty [B,T] tensor, got shape {tuple(tokens.shape)}")
+        if rows is not None or (segment_len is not None and segment_len < tokens.shape[1]):
+            return forward_segments(self.forward_hidden, tokens, state, resets, segment_len, rows, self.emb)
         B = tokens.shape[0]
         if state is None:
             state = self.zero_state(B, device=tokens.device)
-        x = self.emb(tokens)
+        x = self.emb(tokens) if embedded is None else embedded
         x_emb = v_first = None  # both defined by block 0
         att_shifts, wkvs, ffn_shifts = [], [], []
         for i, block in enumerate(self.blocks):
@@ -246,11 +254,16 @@ class RWKV7(nn.Module):
         return self.ln_out(x), new_state
 
     def forward(self, tokens: torch.Tensor, state: RWKV7State | None = None, full_output: bool = True,
-                resets=None):
+                resets=None, segment_len: int | None = None):
         """tokens [B,T] -> (logits [B,T,V], state); with full_output=False only the last
-        position's logits [B,V] (the head is applied to that one row)."""
-        hidden, state = self.forward_hidden(tokens, state, resets=resets)
-        if not full_output:
+        position's logits [B,V] (the head is applied to that one row). segment_len: as in
+        `forward_hidden`."""
+        rows = None
+        if not full_output and segment_len is not None and segment_len < tokens.shape[-1]:
+            rows = torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)
+            rows[:, -1] = True  # keep only the last hidden row of a long prompt
+        hidden, state = self.forward_hidden(tokens, state, resets=resets, segment_len=segment_len, rows=rows)
+        if not full_output and rows is None:
             hidden = hidden[:, -1]
         return self.head(hidden), state
 

@@ -41,6 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="completion tokens per optimizer step, all processes (gradient accumulation)")
     g.add_argument("--packing", dest="c:packing", action=argparse.BooleanOptionalAction, default=S,
                    help="pack several examples per row (default on)")
+    g.add_argument("--segment-len", dest="c:segment_len", type=_segment_len, default=S, metavar="S|auto",
+                   help="run each row S tokens at a time with exact gradients through the state: memory flat in "
+                        "length, so --max-len can be 64k+ (default auto: rows longer than --batch-tokens are split; "
+                        "0: never)")
     g.add_argument("--lr", dest="c:lr", type=float, default=S,
                    help="default by method: " + ", ".join(f"{k} {v:g}" for k, v in LR_DEFAULTS.items()))
     g.add_argument("--lr-final", dest="c:lr_final", type=float, default=S, help="default lr/10")
@@ -90,6 +94,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for action in p._actions:  # show "--lr LR", not the internal destination name
         if action.dest.startswith("c:") and action.metavar is None and action.nargs != 0 and not action.choices:
             action.metavar = action.option_strings[-1].lstrip("-").upper().replace("-", "_")
+
+
+def _segment_len(text: str):
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or auto, got {text!r}") from None
 
 
 def load_config_file(path) -> dict:

@@ -29,6 +29,8 @@ class TrainConfig:
     step_tokens: int | None = None        # loss tokens per optimizer step, all processes together
                                           # (gradient accumulation); None -> one micro-batch per process
     packing: bool = True
+    segment_len: int | None = None        # tokens per row run at a time, exact backprop through the state:
+                                          # None -> automatic (a row longer than batch_tokens is split), 0 -> never
     # optimisation (DESIGN.md §5.4)
     lr: float | None = None               # None -> the method's default (LR_DEFAULTS)
     lr_final: float | None = None         # None -> lr / 10
@@ -83,6 +85,7 @@ class TrainConfig:
         need(self.epochs > 0, f"epochs must be positive, got {self.epochs}")
         need(self.max_steps is None or self.max_steps > 0, f"max_steps must be positive, got {self.max_steps}")
         need(self.batch_tokens > 0, f"batch_tokens must be positive, got {self.batch_tokens}")
+        need(self.segment_len is None or self.segment_len >= 0, f"segment_len must be >= 0, got {self.segment_len}")
         need(self.step_tokens is None or self.step_tokens > 0, f"step_tokens must be positive, got {self.step_tokens}")
         if self.lr is None:
             self.lr = LR_DEFAULTS[self.method]

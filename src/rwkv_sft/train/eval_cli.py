@@ -7,6 +7,8 @@ from ..cli_args import add_data_arguments, data_config, number
 
 
 def add_arguments(p) -> None:
+    from .cli import _segment_len
+
     p.add_argument("--model", required=True, metavar="CKPT", help=".pth (BlinkDL layout), .safetensors, or a training checkpoint OUT/checkpoints/step_N")
     p.add_argument("--adapter", metavar="FILE", help="adapter.safetensors of a parameter-efficient run on --model")
     p.add_argument("--data", required=True, action="append", metavar="FILE",
@@ -18,6 +20,9 @@ def add_arguments(p) -> None:
                    help="generation limit for exact match (default: 2 x the reference length + 8)")
     p.add_argument("--batch-tokens", type=number(int, min=1), default=4096, metavar="N",
                    help="tokens per forward pass (default 4096)")
+    p.add_argument("--segment-len", type=_segment_len, default=None, metavar="S|auto",
+                   help="run each example S tokens at a time (memory flat in length; default auto: examples "
+                        "longer than --batch-tokens are split; 0: never); prompts are prefilled in segments too")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--wkv-backend", default="auto", choices=["auto", "chunked", "reference", "cuda", "fla"])
@@ -42,6 +47,8 @@ def run(args) -> int:
         raise UserError(f"--samples {args.samples} shows completions of the exact-match check, which covers "
                         f"{args.exact_match} examples: raise --exact-match to at least {args.samples}")
     config = data_config(args, args.data)
+    if (args.segment_len or 0) < 0:
+        raise UserError("--segment-len must be >= 0")
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     check_backend(args.wkv_backend, device)
@@ -51,7 +58,7 @@ def run(args) -> int:
     model.wkv_backend = args.wkv_backend
     result = evaluate(model, data.train, tokenizer, batch_tokens=args.batch_tokens,
                       exact_match_samples=args.exact_match, max_new_tokens=args.max_new_tokens,
-                      device=device, precision=precision)
+                      device=device, precision=precision, segment_len=args.segment_len)
     samples = result.pop("samples", [])
     if args.json:
         print(json.dumps({"model": args.model, "adapter": args.adapter, "data": args.data, **result,

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data import BatchLoader, TokenizedExamples
-from ..infer.generate import greedy_batch
+from ..infer.generate import PREFILL_CHUNK, greedy_batch
+from ..model.segments import segment_len_for
 from ..ops.cross_entropy import default_chunk_size
 from .loop import autocast
 
@@ -21,9 +22,10 @@ def exact_match_indices(n: int, samples: int, seed: int = 0) -> list[int]:
     return sorted(np.random.default_rng(seed).permutation(n)[:samples].tolist())
 
 
-def greedy_tokens(model, prompts, stop_tokens, limits, device, precision="fp32") -> list[list[int]]:
+def greedy_tokens(model, prompts, stop_tokens, limits, device, precision="fp32",
+                  segment_len: int = PREFILL_CHUNK) -> list[list[int]]:
     """Greedy continuation of each prompt (token ids), up to and including its stop token, or
-    `limits[i]` tokens."""
+    `limits[i]` tokens; prompts are prefilled `segment_len` tokens at a time."""
     out = [[] for _ in prompts]
 
     def accept(i: int, token: int) -> bool:
@@ -31,14 +33,14 @@ def greedy_tokens(model, prompts, stop_tokens, limits, device, precision="fp32")
         return token != stop_tokens[i] and len(out[i]) < limits[i]
 
     with autocast(device, precision):
-        greedy_batch(model, [list(map(int, p)) for p in prompts], max(limits, default=0), accept)
+        greedy_batch(model, [list(map(int, p)) for p in prompts], max(limits, default=0), accept, segment_len)
     return out
 
 
 @torch.inference_mode()
 def evaluate(model, examples: TokenizedExamples, tokenizer, *, batch_tokens: int = 4096,
              exact_match_samples: int = 64, max_new_tokens: int | None = None, device=None,
-             precision: str = "fp32", seed: int = 0) -> dict:
+             precision: str = "fp32", seed: int = 0, segment_len: int | None = None) -> dict:
     """Metrics of `model` on `examples` (every example once), computed in this process.
 
     It is not split across processes: a DDP run calls it on rank 0 only, an FSDP run on every
@@ -58,7 +60,8 @@ def evaluate(model, examples: TokenizedExamples, tokenizer, *, batch_tokens: int
       (decoded text, end marker excluded) to show to people.
 
     Hidden rows are gathered at the loss mask before the head, so no logits exist for context
-    positions. The model is put in eval mode and restored to its previous mode afterwards.
+    positions. segment_len: as in training (`segment_len_for`: None splits only rows longer than
+    batch_tokens, 0 never); prompts are prefilled in segments of it (default 4096) as well. The model is put in eval mode and restored to its previous mode afterwards.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
@@ -73,9 +76,10 @@ def evaluate(model, examples: TokenizedExamples, tokenizer, *, batch_tokens: int
             loader = BatchLoader(examples, batch_tokens=batch_tokens, packing=False, shuffle=False)
             for batch in loader.epoch_batches(0):
                 b = batch.to(device)
+                S = segment_len_for(b.tokens.shape, segment_len, batch_tokens)
                 with autocast(device, precision):
-                    hidden, _ = model.forward_hidden(b.tokens, resets=b.resets)
-                rows, targets = hidden[b.loss_mask].float(), b.targets[b.loss_mask]
+                    rows, _ = model.forward_hidden(b.tokens, resets=b.resets, segment_len=S, rows=b.loss_mask)
+                rows, targets = rows.float(), b.targets[b.loss_mask]
                 for k in range(0, rows.shape[0], chunk):
                     logits = rows[k:k + chunk] @ head.T
                     loss_sum += float(F.cross_entropy(logits, targets[k:k + chunk], reduction="sum"))
@@ -92,7 +96,7 @@ def evaluate(model, examples: TokenizedExamples, tokenizer, *, batch_tokens: int
             pairs = [examples.split(i) for i in indices]
             limits = [max_new_tokens or 2 * len(ref) + 8 for _, ref in pairs]
             generated = greedy_tokens(model, [p for p, _ in pairs], [int(ref[-1]) for _, ref in pairs],
-                                      limits, device, precision)
+                                      limits, device, precision, segment_len or PREFILL_CHUNK)
             samples = []
             for (prompt, ref), gen in zip(pairs, generated):
                 stopped = bool(gen) and gen[-1] == int(ref[-1])

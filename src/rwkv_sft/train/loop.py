@@ -227,7 +227,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     model.activation_checkpointing = config.activation_checkpointing
     model.train()
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    loss_module = CompletionLoss(model, config.loss_chunk_size)
+    loss_module = CompletionLoss(model, config.loss_chunk_size, config.segment_len, config.batch_tokens)
     par = parallel.wrap(loss_module, d, config.parallel, precision, config.fsdp_unsharded_accumulation)
     optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -263,7 +263,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
         if has_eval and (d.is_main or par.sharded):  # a sharded model needs every process
             from .evaluate import evaluate  # switches the model to eval mode and back
             with parallel.whole_root(par):
-                result = evaluate(model, data.eval, tokenizer, batch_tokens=config.batch_tokens,
+                result = evaluate(model, data.eval, tokenizer, batch_tokens=config.batch_tokens, segment_len=config.segment_len,
                                   exact_match_samples=config.eval_exact_match, device=device, precision=precision)
             metrics.log("eval", step, **{k: v for k, v in result.items() if isinstance(v, (int, float))})
         distributed.barrier(d)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..model.segments import segment_len_for
 from ..ops import linear_cross_entropy
 
 L2WRAP = 1e-4  # upstream's factor; divided by the number of loss rows of the global batch
@@ -17,19 +18,23 @@ L2WRAP = 1e-4  # upstream's factor; divided by the number of loss rows of the gl
 class CompletionLoss(nn.Module):
     """Wraps the model so that DDP sees one forward returning the summed token loss."""
 
-    def __init__(self, model, chunk_size: int | None = None):
+    def __init__(self, model, chunk_size: int | None = None, segment_len: int | None = None,
+                 batch_tokens: int | None = None):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.segment_len, self.batch_tokens = segment_len, batch_tokens  # see segment_len_for
 
     def forward(self, tokens, targets, loss_mask, resets=None, l2wrap: float = 0.0):
-        hidden, _ = self.model.forward_hidden(tokens, resets=resets)
+        # Only the loss rows leave the model, gathered segment by segment when it is segmented.
+        S = segment_len_for(tokens.shape, self.segment_len, self.batch_tokens)
+        rows, _ = self.model.forward_hidden(tokens, resets=resets, segment_len=S, rows=loss_mask)
         head = self.model.head.weight
         if not bool(loss_mask.any()):
             # Nothing to learn here, but every parameter must still take part in the backward so
             # that DDP's gradient all-reduce matches the other processes (and does not hang).
-            return 0.0 * (hidden.float().sum() + head.float().sum())
-        return linear_cross_entropy(hidden[loss_mask], head, targets[loss_mask], reduction="sum",
+            return 0.0 * (rows.float().sum() + head.float().sum())
+        return linear_cross_entropy(rows, head, targets[loss_mask], reduction="sum",
                                     chunk_size=self.chunk_size, l2wrap=l2wrap)
 
 
