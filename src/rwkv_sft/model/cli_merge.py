@@ -18,7 +18,7 @@ def run(args) -> int:
     import torch
 
     from ..model import RWKV7
-    from . import apply_adapter
+    from ..adapters import apply_adapter
 
     if not args.out.endswith((".pth", ".safetensors")):
         raise UserError(f"{args.out}: the output must end in .pth or .safetensors")
