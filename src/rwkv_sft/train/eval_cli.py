@@ -8,6 +8,7 @@ from ..cli_args import add_data_arguments, data_config, number
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, metavar="CKPT", help=".pth (BlinkDL layout) or .safetensors checkpoint")
+    p.add_argument("--adapter", metavar="FILE", help="adapter.safetensors of a parameter-efficient run on --model")
     p.add_argument("--data", required=True, action="append", metavar="FILE",
                    help="examples to evaluate (JSONL/JSON, same formats as training); repeat for several")
     add_data_arguments(p.add_argument_group("data (as in train)"))
@@ -46,14 +47,14 @@ def run(args) -> int:
     check_backend(args.wkv_backend, device)
     tokenizer = Tokenizer()
     data = prepare_data(config, tokenizer=tokenizer, show_progress=not args.json, role="eval")
-    model = RWKV7.load(args.model, dtype=torch.float32, device=device)
+    model = RWKV7.load(args.model, dtype=torch.float32, device=device, adapter=args.adapter)
     model.wkv_backend = args.wkv_backend
     result = evaluate(model, data.train, tokenizer, batch_tokens=args.batch_tokens,
                       exact_match_samples=args.exact_match, max_new_tokens=args.max_new_tokens,
                       device=device, precision=precision)
     samples = result.pop("samples", [])
     if args.json:
-        print(json.dumps({"model": args.model, "data": args.data, **result,
+        print(json.dumps({"model": args.model, "adapter": args.adapter, "data": args.data, **result,
                           "samples": samples[:args.samples]}, ensure_ascii=False))
         return 0
     rows = [("examples", f"{result['examples']}"), ("loss tokens", f"{result['loss_tokens']}"),
