@@ -250,3 +250,10 @@ def test_pretty_printed_json_object_names_the_fix(tmp_path, capsys):
     for extra in ([], ["--skip-invalid"]):
         one_line_error(capsys, ["inspect-data", str(path), "--cache-dir", str(tmp_path / "c"), *extra],
                        re.escape(f"{path}: a JSON file must be an array of objects (or use JSON Lines"))
+
+
+def test_evaluate_max_new_tokens_zero_is_an_error_not_the_default():
+    from rwkv_sft.train.evaluate import evaluate
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            evaluate(None, None, None, max_new_tokens=bad)
