@@ -105,7 +105,11 @@ def model_weights(path) -> dict:
     if not is_checkpoint(path):
         raise UserError(f"{path}: is a directory but not a training checkpoint (expected {STATE_FILE} and {MARKER}, "
                         f"as in OUT/checkpoints/step_000100), nor a .pth or .safetensors file")
-    return load_checkpoint(path)["model"]
+    state = load_checkpoint(path)
+    if state.get("adapter") is not None:  # a parameter-efficient run saves only what it trains
+        raise UserError(f"{path}: a checkpoint of a parameter-efficient run holds only the adapter: use "
+                        f"--model BASE --adapter OUT/adapter.safetensors (written with every checkpoint)")
+    return state["model"]
 
 
 def load_checkpoint(path) -> dict:

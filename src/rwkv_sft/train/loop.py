@@ -215,14 +215,16 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     base = peft_run.prepare(model, peft, seed=config.seed, initialize=state is None)
     freeze(model, config.freeze)
     model = peft_run.compact(model, config.base_dtype).to(device)
-    if state is not None and (peft is not None or "adapter" in state):
-        peft_run.restore(model, state, peft, base, resume_from)
-    elif state is not None:
+    if state is not None:
         try:
-            parallel.load_weights(state, model)
-        except RuntimeError as e:
+            if peft is not None or "adapter" in state:
+                peft_run.restore(model, state, peft, base, resume_from)
+            else:
+                parallel.load_weights(state, model)  # a sharded checkpoint loads after wrapping
+        except RuntimeError as e:  # shapes that differ: a one-line message, not torch's list
+            lines = str(e).splitlines()
             raise UserError(f"{resume_from}: the checkpoint's model does not fit this run's model "
-                            f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+                            f"({lines[1].strip() if len(lines) > 1 else e})") from None
     model.wkv_backend = config.wkv_backend
     model.activation_checkpointing = config.activation_checkpointing
     model.train()
@@ -371,6 +373,8 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
                 exports[kind] = out / f"model.{kind}"
                 write_state_dict(weights, exports[kind], model.config)
         del weights
+    elif d.is_main and peft is not None:
+        exports.update(outputs)  # the adapter as of the checkpoint just saved
     metrics.close()
     metrics_path = out / "metrics.jsonl"
     if d.is_main and metrics_path.is_file():

@@ -26,10 +26,11 @@ LOCK_FILE = ".lock"
 # what a run writes into its directory (everything --overwrite deletes)
 RUN_FILES = ("checkpoints", "metrics.jsonl", "metrics.png", "tensorboard", "config.yaml", "model.pth",
              "model.safetensors", "adapter.safetensors", "state.pth")
-# settings a resume cannot change: the model and its trainable parts, and the batches of every step
-# (the data itself is compared by fingerprint); everything else (epochs, max_steps, lr, schedule,
-# evaluation, checkpoints, precision, device, ...) takes the new value
-RESUME_FIXED = ("model", "model_config", "freeze", "batch_tokens", "packing", "step_tokens", "seed")
+# settings a resume cannot change: the model's shape and its trainable parts, and the batches of every
+# step (the data itself is compared by fingerprint; a --model file by its shapes when the checkpoint's
+# weights load, or, for an adapter, by the base's fingerprint); everything else (epochs, max_steps,
+# lr, schedule, evaluation, checkpoints, precision, device, ...) takes the new value
+RESUME_FIXED = ("model_config", "freeze", "batch_tokens", "packing", "step_tokens", "seed")
 
 
 def make_out_dir(out: Path) -> None:
@@ -126,9 +127,8 @@ def start(config, out: Path, is_main: bool) -> Path | None:
 def check_resume(saved: dict, config, source: Path) -> None:
     """Refuse a resume whose settings change what the checkpoint's run was (one line)."""
     now = config.to_dict()
-    same_file = saved.get("model") and now["model"] and Path(saved["model"]).resolve() == Path(now["model"]).resolve()
     for key in RESUME_FIXED:
-        if key in saved and saved[key] != now[key] and not (key == "model" and same_file):
+        if key in saved and saved[key] != now[key]:
             raise UserError(f"--resume: {key} was {saved[key]!r} in the run of {source}, now {now[key]!r}; a resume "
                             f"keeps the model, its frozen parts, the data and the batches (it may change epochs, "
                             f"max_steps, lr, the schedule, evaluation and checkpoints): undo the change, or start "
