@@ -21,9 +21,16 @@ def random_state(model, batch):
     return state
 
 
-@pytest.mark.parametrize("deep_embed", [False, True])
-def test_decode_step_equals_the_normal_forward(one_thread, deep_embed):
-    model = random_model(seed=3, n_layer=3, n_embd=128, vocab_size=V, deep_embed=deep_embed).eval()
+@pytest.mark.parametrize("variant", ["plain", "deep_embed", "lora"])
+def test_decode_step_equals_the_normal_forward(one_thread, variant):
+    model = random_model(seed=3, n_layer=3, n_embd=128, vocab_size=V, deep_embed=variant == "deep_embed").eval()
+    if variant == "lora":  # adapted projections are called through their modules
+        from rwkv_sft.adapters import add_lora
+        add_lora(model, rank=4)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("lora_B"):
+                    p.normal_(0, 0.1)
     tokens = torch.randint(0, V, (3, 8))
     with torch.no_grad():
         for state in (None, random_state(model, 3)):
