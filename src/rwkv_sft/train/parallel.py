@@ -67,6 +67,9 @@ def wrap(loss_module, d: Dist, mode: str, precision: str, unsharded_accumulation
     if not d.enabled:
         return Parallel("none", loss_module)
     if mode == "ddp":
+        # frozen weights are loaded from the same file by every process: nothing to broadcast or reduce
+        DDP._set_params_and_buffers_to_ignore_for_model(
+            loss_module, [n for n, p in loss_module.named_parameters() if not p.requires_grad])
         return Parallel("ddp", DDP(loss_module, device_ids=[d.device.index] if d.device.type == "cuda" else None))
     if mode != "fsdp":
         raise ValueError(f"unknown parallel mode {mode!r}")
@@ -140,17 +143,12 @@ def save_checkpoint(par: Parallel, d: Dist, root, step: int, payload: dict, keep
         if d.is_main:
             ckpt.save_checkpoint(root, step, {**payload, "sharded": True}, keep_last, tmp=tmp)
     elif d.is_main:
-        ckpt.save_checkpoint(root, step, {**payload, "model": model.state_dict(), "optimizer": optimizer.state_dict()},
+        # a "model" in payload (a parameter-efficient run's adapter tensors) replaces the whole model
+        ckpt.save_checkpoint(root, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **payload},
                              keep_last)
     if d.enabled:
         dist.barrier()
     return root / f"step_{step:06d}"
-
-
-def load_weights(state: dict, model) -> None:
-    """A whole checkpoint's weights, before wrapping (a sharded one loads in load_optimizer)."""
-    if "model" in state:
-        model.load_state_dict(state["model"])
 
 
 def load_optimizer(par: Parallel, state: dict, path, model, optimizer) -> None:
@@ -182,4 +180,4 @@ def full_state_dict(par: Parallel, d: Dist, model) -> dict | None:
 
 
 __all__ = ["MODES", "Parallel", "wrap", "micro_batch", "clip_grad_norm", "whole_root", "save_checkpoint",
-           "load_weights", "load_optimizer", "full_state_dict"]
+           "load_optimizer", "full_state_dict"]
