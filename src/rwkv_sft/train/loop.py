@@ -215,12 +215,9 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     base = peft_run.prepare(model, peft, seed=config.seed, initialize=state is None)
     freeze(model, config.freeze)
     model = peft_run.compact(model, config.base_dtype).to(device)
-    if state is not None:
+    if state is not None and not state.get("sharded"):  # a sharded checkpoint loads after wrapping
         try:
-            if peft is not None or "adapter" in state:
-                peft_run.restore(model, state, peft, base, resume_from)
-            else:
-                parallel.load_weights(state, model)  # a sharded checkpoint loads after wrapping
+            peft_run.restore(model, state, peft, base, resume_from)
         except RuntimeError as e:  # shapes that differ: a one-line message, not torch's list
             lines = str(e).splitlines()
             raise UserError(f"{resume_from}: the checkpoint's model does not fit this run's model "

@@ -150,12 +150,6 @@ def save_checkpoint(par: Parallel, d: Dist, root, step: int, payload: dict, keep
     return root / f"step_{step:06d}"
 
 
-def load_weights(state: dict, model) -> None:
-    """A whole checkpoint's weights, before wrapping (a sharded one loads in load_optimizer)."""
-    if "model" in state:
-        model.load_state_dict(state["model"])
-
-
 def load_optimizer(par: Parallel, state: dict, path, model, optimizer) -> None:
     """After wrapping and making the optimizer: its state (and a sharded checkpoint's weights),
     whatever number of processes or mode wrote the checkpoint. This run's optimizer settings stay."""
@@ -190,4 +184,4 @@ def full_state_dict(par: Parallel, d: Dist, model) -> dict | None:
 
 
 __all__ = ["MODES", "Parallel", "wrap", "micro_batch", "clip_grad_norm", "whole_root", "save_checkpoint",
-           "load_weights", "load_optimizer", "full_state_dict"]
+           "load_optimizer", "full_state_dict"]
