@@ -10,6 +10,7 @@ def add_arguments(p) -> None:
     from .cli import _segment_len
 
     p.add_argument("--model", required=True, metavar="CKPT", help=".pth (BlinkDL layout) or .safetensors checkpoint")
+    p.add_argument("--adapter", metavar="FILE", help="adapter.safetensors of a parameter-efficient run on --model")
     p.add_argument("--data", required=True, action="append", metavar="FILE",
                    help="examples to evaluate (JSONL/JSON, same formats as training); repeat for several")
     p.add_argument("--format", default="auto", choices=["auto", "completion", "chat", "text"])
@@ -46,14 +47,14 @@ def run(args) -> int:
     tokenizer = Tokenizer()
     data = prepare_data(DataConfig(train_files=args.data, format=args.format, max_len=args.max_len,
                                    end_marker=args.end_marker), tokenizer=tokenizer, show_progress=not args.json)
-    model = RWKV7.load(args.model, dtype=torch.float32, device=device)
+    model = RWKV7.load(args.model, dtype=torch.float32, device=device, adapter=args.adapter)
     model.wkv_backend = args.wkv_backend
     result = evaluate(model, data.train, tokenizer, batch_tokens=args.batch_tokens,
                       exact_match_samples=args.exact_match, max_new_tokens=args.max_new_tokens,
                       device=device, precision=precision, segment_len=args.segment_len)
     samples = result.pop("samples", [])
     if args.json:
-        print(json.dumps({"model": args.model, "data": args.data, **result,
+        print(json.dumps({"model": args.model, "adapter": args.adapter, "data": args.data, **result,
                           "samples": samples[:args.samples]}, ensure_ascii=False))
         return 0
     rows = [("examples", f"{result['examples']}"), ("loss tokens", f"{result['loss_tokens']}"),
