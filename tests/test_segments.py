@@ -224,3 +224,24 @@ def test_prefill_and_greedy_in_segments_equal_whole():
         greedy_batch(model, prompts, 5, lambda p, t: got[p].append(t) or True, segment_len=S)
         outputs[S] = got
     assert outputs[2] == outputs[10**6] and all(len(g) == 5 for g in outputs[2])
+
+
+def test_lora_gradients_equal_unsegmented():
+    """LoRA layers inside segments: the same adapter gradients as whole rows."""
+    from rwkv_sft.adapters import DEFAULT_TARGETS, add_lora, freeze_base
+    batch = random_batch(B=2, T=9, seed=3, mask_fraction=0.5, resets=True)
+    grads = []
+    for S in (2, 0):
+        model = _fp32_model(seed=4)
+        add_lora(model, DEFAULT_TARGETS, 4, 8.0, 0.0, "lora")
+        freeze_base(model)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+        accumulate_gradients(CompletionLoss(model, segment_len=S), [batch], device="cpu",
+                             global_count=batch.num_loss_tokens)
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for name in grads[1]:
+        _close(grads[0][name], grads[1][name])

@@ -26,6 +26,14 @@ def segment_len_for(shape, segment_len, batch_tokens) -> int | None:
     return S if S < T else None
 
 
+def hidden_rows(model, tokens, resets, rows, segment_len=None):
+    """model.forward_hidden(tokens, resets=resets)[0][rows], segment by segment when `segment_len`
+    splits the rows (a plain call otherwise)."""
+    if segment_len is None or segment_len >= tokens.shape[1]:
+        return model.forward_hidden(tokens, resets=resets)[0][rows]
+    return model.forward_hidden(tokens, resets=resets, segment_len=segment_len, rows=rows)[0]
+
+
 def forward_segments(step, tokens, state, resets, segment_len, rows=None, embed=None):
     """`step(tokens, state, resets, embedded=...) -> (hidden [B,S,C], state)` over consecutive slices
     of S tokens. Under autograd the embeddings come from one `embed(tokens)` call for the whole

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..data import BatchLoader, TokenizedExamples
 from ..infer.generate import PREFILL_CHUNK, greedy_batch
-from ..model.segments import segment_len_for
+from ..model.segments import hidden_rows, segment_len_for
 from ..ops.cross_entropy import default_chunk_size
 from .loop import autocast
 
@@ -80,7 +80,7 @@ def evaluate(model, examples: TokenizedExamples, tokenizer, *, batch_tokens: int
                 b = batch.to(device)
                 S = segment_len_for(b.tokens.shape, segment_len, batch_tokens)
                 with autocast(device, precision):
-                    rows, _ = model.forward_hidden(b.tokens, resets=b.resets, segment_len=S, rows=b.loss_mask)
+                    rows = hidden_rows(model, b.tokens, b.resets, b.loss_mask, S)
                 rows, targets = rows.float(), b.targets[b.loss_mask]
                 for k in range(0, rows.shape[0], chunk):
                     logits = rows[k:k + chunk] @ head.T

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..model.segments import segment_len_for
+from ..model.segments import hidden_rows, segment_len_for
 from ..ops import linear_cross_entropy
 
 L2WRAP = 1e-4  # upstream's factor; divided by the number of loss rows of the global batch
@@ -26,9 +26,8 @@ class CompletionLoss(nn.Module):
         self.segment_len, self.batch_tokens = segment_len, batch_tokens  # see segment_len_for
 
     def forward(self, tokens, targets, loss_mask, resets=None, l2wrap: float = 0.0):
-        # Only the loss rows leave the model, gathered segment by segment when it is segmented.
         S = segment_len_for(tokens.shape, self.segment_len, self.batch_tokens)
-        rows, _ = self.model.forward_hidden(tokens, resets=resets, segment_len=S, rows=loss_mask)
+        rows = hidden_rows(self.model, tokens, resets, loss_mask, S)
         head = self.model.head.weight
         if not bool(loss_mask.any()):
             # Nothing to learn here, but every parameter must still take part in the backward so
