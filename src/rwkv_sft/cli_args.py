@@ -12,7 +12,7 @@ import argparse
 import math
 import re
 
-ESCAPES_HELP = r"\n, \t, \r and \\ are understood (\\n is a literal backslash-n)"
+ESCAPES_HELP = r"escapes \n \t \r \\; \\n is a literal backslash-n"
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
 
