@@ -12,6 +12,8 @@ import argparse
 import math
 import re
 
+from .data.config import FORMATS
+
 ESCAPES_HELP = r"escapes \n \t \r \\; \\n is a literal backslash-n"
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
@@ -68,12 +70,12 @@ def split_set(item: str) -> tuple[str, object]:
 
 def add_data_arguments(p, prefix: str = "data.", set_flag: bool = True) -> None:
     """--format, --context-field, --completion-field, --max-len, --end-marker, --anchor-fraction,
-    --skip-invalid (and --set data.KEY=VALUE unless the command has its own --set).
+    --skip-invalid, --allow-unused-fields (and --set data.KEY=VALUE unless the command has its own --set).
 
     Each flag stores into `prefix + <DataConfig field>` only when given (defaults live in
     DataConfig), so a config file under a flag is not overridden by a default."""
     S = argparse.SUPPRESS
-    p.add_argument("--format", dest=prefix + "format", default=S, choices=["auto", "completion", "chat", "text"],
+    p.add_argument("--format", dest=prefix + "format", default=S, choices=FORMATS,
                    help="how to read the records (default auto: by their fields)")
     p.add_argument("--context-field", dest=prefix + "context_field", metavar="NAME", default=S,
                    help="field of the context (default: context / prompt / input)")
@@ -88,6 +90,8 @@ def add_data_arguments(p, prefix: str = "data.", set_flag: bool = True) -> None:
                    help="truncation keeps at least this fraction of max-len of the context (default 0.25)")
     p.add_argument("--skip-invalid", dest=prefix + "skip_invalid", action="store_true", default=S,
                    help="skip invalid rows and count them by reason (default: stop at the first)")
+    p.add_argument("--allow-unused-fields", dest=prefix + "allow_unused_fields", action="store_true", default=S,
+                   help="ignore text fields the format does not read (counted) instead of stopping")
     if set_flag:
         p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                        help="any data setting, as in train: --set data.anchor_fraction=0.5")

@@ -60,6 +60,9 @@ def _stats_text(report) -> str:
                      f"p90 {L['p90']:g}, p99 {L['p99']:g}, max {L['max']}")
     lines.append(f"truncated: {cuts['context_trimmed']} context trimmed, {cuts['completion_cut']} completion cut, "
                  f"{cuts['empty_context']} empty contexts (became token 0)")
+    if report["unused_fields"]:
+        from .prepare import format_unused
+        lines.append(f"ignored text fields: {format_unused(report['unused_fields'])}")
     return "\n".join(lines)
 
 

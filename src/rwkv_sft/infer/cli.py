@@ -5,10 +5,10 @@ import sys
 from pathlib import Path
 
 from ..cli_args import ESCAPES_HELP, number, unescape
+from ..data.formats import chat_prompt
 from ..errors import UserError
 from . import GREEDY_BELOW
 
-CHAT_TEMPLATE = "User: {prompt}\n\nAssistant:"
 
 def add_arguments(p):
     p.add_argument("--model", required=True, help=".pth (BlinkDL layout) or .safetensors checkpoint")
@@ -17,7 +17,7 @@ def add_arguments(p):
                      help=f"prompt text ({ESCAPES_HELP}; '-' reads stdin; without any prompt option, stdin is read "
                           "when it is not a terminal)")
     src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file (taken as it is, no escapes)")
-    p.add_argument("--chat", action="store_true", help=f"wrap the prompt as {CHAT_TEMPLATE!r}")
+    p.add_argument("--chat", action="store_true", help=f"wrap the prompt as {chat_prompt('PROMPT')!r}, as chat training data is rendered")
     p.add_argument("--max-new-tokens", type=number(int, min=0), default=256, metavar="N", help="(default 256)")
     p.add_argument("--temperature", type=number(float, min=0), default=1.0, metavar="T",
                    help=f"0 (or below {GREEDY_BELOW:g}) = greedy (default 1.0)")
@@ -71,7 +71,7 @@ def run(args) -> int:
         raise UserError("--stop: empty stop string (use --no-stop to generate without stop strings)")
     prompt = read_prompt(args)
     if args.chat:
-        prompt = CHAT_TEMPLATE.format(prompt=prompt)
+        prompt = chat_prompt(prompt)
 
     device = resolve_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
