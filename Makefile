@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean gpu-wheels gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,15 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# The GPU check (scripts/gpu_check.py): `make gpu-wheels` where pip reaches PyPI puts the packages a
+# GPU machine without network may lack into .whl/; `make gpu-check` there installs them offline and
+# runs every CUDA path with the machine's own python3 and torch.
+gpu-wheels:
+	python3 scripts/gpu_check.py --download-wheels .whl
+
+gpu-check:
+	python3 scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -135,6 +135,7 @@ def main():
     p.add_argument("--ref-max-T", type=int, default=None,
                    help="longest T at which the reference runs; longer ones are estimated (default 1024, --quick 256)")
     p.add_argument("--quick", action="store_true", help="T in 256 1024, one repeat, reference measured at 256 only")
+    p.add_argument("--json", metavar="FILE", help="also write the measurements (and the skip notes) to FILE")
     p.add_argument("--_case", help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -203,6 +204,12 @@ def main():
         print(line)
     print("~ = reference estimated by linear scaling from its longest measured T (not run).")
     print("peak MiB = growth of the high-water mark during the first run (CPU: ru_maxrss), inputs excluded.")
+    if args.json:
+        cases = [dict(backend=backend, dtype=dtype, T=T, **{"pass": "fwd+bwd" if backward else "fwd"},
+                      ms=s * 1e3, peak_mib=m / 2**20, estimated=est)
+                 for backend, dtype, T, cells, _ in rows for backward, (s, m, est) in cells.items()]
+        with open(args.json, "w") as f:
+            json.dump(dict(B=args.B, H=args.H, N=args.N, torch=torch.__version__, notes=notes, cases=cases), f, indent=1)
 
 
 if __name__ == "__main__":

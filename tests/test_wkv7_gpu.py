@@ -430,3 +430,63 @@ def test_cuda_kernel_passes_its_self_check():
 def test_fla_matches(T, B, with_state, with_resets, dtype):
     pytest.importorskip("fla")
     _compare(fla_mod.wkv7_fla, T, B, with_state, with_resets, dtype)
+
+
+# ---- on a GPU: the precision policy under bf16 autocast (the CPU backends' twins: test_precision.py) ----
+
+GPU_BACKENDS = ["cuda", "fla", "chunked"]
+AUTOCAST_DTYPES = [torch.bfloat16, torch.float32, torch.float32, torch.bfloat16, torch.float32, torch.float32]
+
+
+def _usable(backend):
+    if backend == "fla":
+        pytest.importorskip("fla")
+    if backend == "cuda" and not cuda_mod.cuda_kernel_usable(torch.device("cuda")):
+        pytest.fail("the CUDA kernel did not build or failed its self-check")
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_operator_under_autocast(backend):
+    """Mixed dtypes as the time mix hands them under autocast: y in r's dtype, the state fp32,
+    gradients in their inputs' dtypes, values within bf16 reach of float64."""
+    from rwkv_sft.ops import wkv7
+    _usable(backend)
+    inputs, state, resets = random_case(2, 100, 2, 64, dtype=torch.float64, device="cuda", seed=5)
+    mixed = [x.to(d) for x, d in zip(inputs, AUTOCAST_DTYPES)]
+
+    def fn(*args, **kw):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return wkv7(*args, backend=backend, **kw)
+    got, _, _ = run_with_grads(fn, mixed, state, resets)
+    want, _, _ = run_with_grads(_twin(), [x.double() for x in mixed], state, resets)
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+    assert [g.dtype for g in got[2:8]] == AUTOCAST_DTYPES
+    for name, g, w in zip(NAMES, got, want):
+        err = ((g.double() - w.double()).abs().max() / w.double().abs().max().clamp_min(1e-6)).item()
+        assert err < 3e-2, f"{backend} {name}: relative error {err:.2e}"
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_training_step_under_autocast_tracks_fp32(backend):
+    """The loss within bf16 reach of fp32, the gradients close to the chunked backend's under the
+    same autocast (cuda and fla read bf16 operands, chunked computes in fp32)."""
+    from conftest import random_model
+    from rwkv_sft.train.loop import accumulate_gradients
+    from rwkv_sft.train.loss import CompletionLoss
+    from test_train_helpers import random_batch
+    _usable(backend)
+    batch = random_batch(B=2, T=80, vocab=256, seed=4, resets=True)
+
+    def step(backend, precision):
+        model = random_model(seed=1, n_layer=2, n_embd=128, head_size=64, vocab_size=256).cuda()
+        model.wkv_backend = backend
+        loss = accumulate_gradients(CompletionLoss(model), [batch], device="cuda",
+                                    global_count=batch.num_loss_tokens, precision=precision)
+        return loss, torch.cat([p.grad.flatten() for p in model.parameters()])
+    (fp32, _), (bf16, grads), (_, twin) = step(backend, "fp32"), step(backend, "bf16"), step("chunked", "bf16")
+    assert abs(bf16 - fp32) < 2e-2 * abs(fp32), (bf16, fp32)
+    assert ((grads - twin).norm() / twin.norm()).item() < 5e-2

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 
 from ..errors import UserError
-from .config import DataConfig
-from .prepare import prepare_data
+from .config import FORMATS, DataConfig
+from .prepare import format_unused, prepare_data
 
 LOSS_OPEN, LOSS_CLOSE = "⟦", "⟧"            # plain output: loss tokens inside the brackets
 ANSI_LOSS, ANSI_RESET = "\x1b[1;32m", "\x1b[0m"  # a terminal: loss tokens in bold green
@@ -18,7 +18,7 @@ EOS_TEXT = "<eos>"
 def add_arguments(p):
     p.add_argument("files", nargs="+", metavar="FILE", help='data files ("path", "path:weight" or "path*count")')
     p.add_argument("--max-len", type=int, default=1024, help="tokens per example after truncation (default 1024)")
-    p.add_argument("--format", default="auto", choices=["auto", "completion", "chat", "text"])
+    p.add_argument("--format", default="auto", choices=FORMATS)
     p.add_argument("--context-field", default=None, help="default: context / prompt / input")
     p.add_argument("--completion-field", default=None, help="default: completion / response / output")
     p.add_argument("--end-marker", default="eos", help='"eos" (token 0) or a string such as "\\n\\n"')
@@ -28,6 +28,8 @@ def add_arguments(p):
     show.add_argument("--example", type=int, default=None, metavar="I", help="render example I only")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid rows (counted by reason)")
+    p.add_argument("--allow-unused-fields", action="store_true",
+                   help="ignore text fields the format does not read (counted) instead of stopping")
     p.add_argument("--cache-dir", default=None, help="tokenization cache (default ~/.cache/rwkv_sft/data)")
 
 
@@ -68,6 +70,8 @@ def _stats_text(report) -> str:
                      f"p90 {L['p90']:g}, p99 {L['p99']:g}, max {L['max']}")
     lines.append(f"truncated: {cuts['context_trimmed']} context trimmed, {cuts['completion_cut']} completion cut, "
                  f"{cuts['empty_context']} empty contexts (became token 0)")
+    if report["unused_fields"]:
+        lines.append(f"ignored text fields: {format_unused(report['unused_fields'])}")
     return "\n".join(lines)
 
 
@@ -75,7 +79,8 @@ def run(args) -> int:
     from ..tokenizer import Tokenizer
     config = DataConfig(list(args.files), format=args.format, context_field=args.context_field,
                         completion_field=args.completion_field, max_len=args.max_len, end_marker=args.end_marker,
-                        anchor_fraction=args.anchor_fraction, skip_invalid=args.skip_invalid)
+                        anchor_fraction=args.anchor_fraction, skip_invalid=args.skip_invalid,
+                        allow_unused_fields=args.allow_unused_fields)
     tokenizer = Tokenizer()
     data = prepare_data(config, tokenizer, cache_dir=args.cache_dir, show_progress=False)
     examples = data.train

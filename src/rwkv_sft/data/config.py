@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from ..errors import UserError
 
-FORMATS = ("auto", "completion", "chat", "text")
+FORMATS = ("auto", "completion", "alpaca", "chat", "text")
 
 
 @dataclass
@@ -14,13 +14,14 @@ class DataConfig:
     train_files: list[str]
     eval_files: list[str] = field(default_factory=list)
     eval_fraction: float = 0.0      # held-out fraction of train (deterministic by seed)
-    format: str = "auto"            # auto | completion | chat | text
+    format: str = "auto"            # auto | completion | alpaca | chat | text (chat: messages or ShareGPT)
     context_field: str | None = None      # default: context / prompt / input
     completion_field: str | None = None   # default: completion / response / output
     max_len: int = 1024             # tokens per example after truncation (incl. end marker)
     end_marker: str = "eos"         # "eos" -> token 0; any other string -> its tokens
     anchor_fraction: float = 0.25
     skip_invalid: bool = False
+    allow_unused_fields: bool = False  # text fields the format does not read: counted, not an error
     seed: int = 0
 
     def __post_init__(self):

@@ -39,7 +39,8 @@ def _load_shards(specs, config, tokenizer, cache_dir, show_progress):
     tok_id = tokenizer_identity(tokenizer)
     try:
         return [load_or_tokenize(s.path, tokenizer, cache_dir, tokenizer_id=tok_id, progress=update,
-                                 skip_invalid=config.skip_invalid, **settings) for s in specs]
+                                 skip_invalid=config.skip_invalid, allow_unused_fields=config.allow_unused_fields,
+                                 **settings) for s in specs]
     finally:
         if bar is not None:
             bar.close()
@@ -115,7 +116,13 @@ def format_report(report: dict) -> str:
                  f"{cuts['empty_context']} empty contexts")
     if report["skipped"]:
         parts.append("skipped: " + ", ".join(f"{n} {reason}" for reason, n in sorted(report["skipped"].items())))
+    if report["unused_fields"]:
+        parts.append(f"WARNING: ignored text fields: {format_unused(report['unused_fields'])}")
     return "; ".join(parts)
+
+
+def format_unused(counts: dict) -> str:
+    return ", ".join(f"{name!r} in {n} rows" for name, n in sorted(counts.items()))
 
 
 def prepare_data(config: DataConfig, tokenizer=None, cache_dir=None, show_progress=True,
@@ -143,12 +150,14 @@ def prepare_data(config: DataConfig, tokenizer=None, cache_dir=None, show_progre
         evaluation.weights[:] = 1.0
     if len(train) == 0:
         raise UserError(f"no valid training examples in {', '.join(s.path for s in train_specs)}")
-    skipped = {}
+    skipped, unused = {}, {}
     for shard in shards:
         for reason, n in shard.meta["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
+        for name, n in shard.meta["unused_fields"].items():
+            unused[name] = unused.get(name, 0) + n
     report = {"train": _stats(train), "eval": _stats(evaluation), "truncated": counts, "skipped": skipped,
-              "max_len": config.max_len,
+              "unused_fields": unused, "max_len": config.max_len,
               "files": [{"path": s.path, "examples": len(s.index), "skipped": s.meta["skipped"],
                          "cached": s.meta.get("cached", False)} for s in shards]}
     if (show_progress if show_report is None else show_report) and (_distributed_rank() or 0) == 0:  # once per run

@@ -5,10 +5,10 @@ import re
 import sys
 from pathlib import Path
 
+from ..data.formats import chat_prompt
 from ..errors import UserError
 from ..utils import resolve_device
 
-CHAT_TEMPLATE = "User: {prompt}\n\nAssistant:"
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
 
@@ -23,7 +23,8 @@ def add_arguments(p):
     src.add_argument("--prompt", help="prompt text ('-' reads stdin; without any prompt option, stdin is read "
                                       "when it is not a terminal)")
     src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
-    p.add_argument("--chat", action="store_true", help=f"wrap the prompt as {CHAT_TEMPLATE!r}")
+    p.add_argument("--chat", action="store_true",
+                   help=f"wrap the prompt as {chat_prompt('PROMPT')!r}, as chat training data is rendered")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
@@ -81,7 +82,7 @@ def run(args) -> int:
         raise UserError("--stop: empty stop string (use --no-stop to generate without stop strings)")
     prompt = read_prompt(args)
     if args.chat:
-        prompt = CHAT_TEMPLATE.format(prompt=prompt)
+        prompt = chat_prompt(prompt)
 
     device = resolve_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]

@@ -5,6 +5,7 @@ import importlib
 
 import torch
 
+from .amp import no_autocast
 from .wkv7_reference import wkv7_reference
 
 # backend name -> (module, function); imported on first use so optional backends cost nothing.
@@ -50,9 +51,29 @@ def wkv7(r, w, k, v, a, b, state=None, backend="auto", resets=None):
 
     resets: optional bool [B,T], True where a new sequence starts (the state is zeroed before
     that token). Returns (y [B,T,H,N] in r's dtype, final state [B,H,N,N] fp32).
+
+    Precision, the same for every backend:
+    - accepted: any float dtypes, mixed (an autocast region hands over bf16 projections beside
+      the fp32 decay and `a` paths); the state in any float dtype;
+    - computed: with autocast off (the backend chooses its precisions); the state and the
+      chunk-to-chunk recurrence in fp32. Within a chunk or step, `reference` and `chunked` work
+      in fp32 (on CPU a bf16 matmul is slower than fp32); `cuda` and `fla` read every operand in
+      r's dtype (bf16 under autocast, as RWKV-LM's kernel does; the cuda kernel takes other
+      dtypes as fp32) and accumulate in fp32. Any fp64 input puts `reference` and `chunked` in
+      fp64 (to check the others);
+    - returned: y in r's dtype, the state in fp32 (fp64 as just said), each gradient in its
+      input's dtype.
     """
     name = resolve_backend(backend, r.device, r.shape[1], r.shape[-1])
-    return _load_backend(name)(r, w, k, v, a, b, state=state, resets=resets)
+    xs = (r, w, k, v, a, b)
+    wide = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+    if wide == torch.float64:
+        xs = tuple(x.to(wide) for x in xs)
+    if state is not None:
+        state = state.to(wide)
+    with no_autocast(r.device.type):
+        y, state = _load_backend(name)(*xs, state=state, resets=resets)
+    return y.to(r.dtype), state
 
 
 def linear_cross_entropy(hidden, weight, targets, reduction="mean", chunk_size=None, **kwargs):

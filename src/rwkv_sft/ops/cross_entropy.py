@@ -21,9 +21,9 @@ and the gradients are zero.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
+
+from .amp import no_autocast
 
 # Target size of one chunk of fp32 logits. Measured on 2 CPU threads, V=65536, C=768, 512 rows
 # (benchmarks/bench_memory.py --sweep-chunk): forward+backward took 38/28/22/18/15/13 s at
@@ -39,13 +39,6 @@ def default_chunk_size(vocab_size: int) -> int:
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for fp32/bf16/fp16, fp64 for fp64: where the softmax and sums are computed."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def _no_autocast(device_type: str):
-    """The op chooses its own precisions; autocast must not re-cast its matmuls."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -77,7 +70,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        with _no_autocast(grad_loss.device.type):
+        with no_autocast(grad_loss.device.type):
             return LinearCrossEntropy._backward(ctx, grad_loss)
 
     @staticmethod
@@ -146,7 +139,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
     if autocast and dtype != torch.float64:
         dtype = torch.get_autocast_dtype(device_type)
-    with _no_autocast(device_type):
+    with no_autocast(device_type):
         loss = LinearCrossEntropy.apply(hidden, weight, targets, int(chunk_size), float(l2wrap), dtype)
 
     if reduction == "none":

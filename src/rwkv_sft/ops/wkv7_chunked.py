@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from .amp import no_autocast
+
 CHUNK_SIZE = 32
 GROUP_CHUNKS = 256  # (row, chunk) pairs per group of intra-chunk work, see `_chunk_groups`
 
@@ -233,6 +235,11 @@ class _WKV7Chunked(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, state, resets, C, keep):
+        with no_autocast(r.device.type):  # its fp32 buffers take products of fp32 operands
+            return _WKV7Chunked._forward(ctx, r, w, k, v, a, b, state, resets, C, keep)
+
+    @staticmethod
+    def _forward(ctx, r, w, k, v, a, b, state, resets, C, keep):
         B, T, H, N = r.shape
         rows, NC = B * H, -(-T // C)
         dt = torch.float64 if r.dtype == torch.float64 else torch.float32
@@ -271,12 +278,18 @@ class _WKV7Chunked(torch.autograd.Function):
         if keep:
             ctx.save_for_backward(rP, A_rb, W, bd, D, U, P0s, *saved)
             ctx.dims, ctx.C = (B, T, H, N), C
+            ctx.dtypes = [x.dtype for x in (r, w, k, v, a, b)]  # inputs may mix dtypes
             ctx.state_dtype = None if state is None else state.dtype
         return y, P0s[NC].mT.reshape(B, H, N, N).clone(memory_format=torch.contiguous_format)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dstate):
+        with no_autocast(dy.device.type):
+            return _WKV7Chunked._backward(ctx, dy, dstate)
+
+    @staticmethod
+    def _backward(ctx, dy, dstate):
         B, T, H, N = ctx.dims
         C = ctx.C
         rows, NC = B * H, -(-T // C)
@@ -293,7 +306,7 @@ class _WKV7Chunked(torch.autograd.Function):
             dU[n].baddbmm_(bd[n], dPs[n + 1])
             dPs[n].addcmul_(D[n], dPs[n + 1]).baddbmm_(W[n].mT, dU[n])
         need = ctx.needs_input_grad
-        grads = [dy.new_empty(B, T, H, N) if need[i] else None for i in range(6)]
+        grads = [dy.new_empty(B, T, H, N, dtype=ctx.dtypes[i]) if need[i] else None for i in range(6)]
         groups = _chunk_groups(NC, rows)
         per_group = len(saved) // len(groups)
         for j, (n0, n1) in enumerate(groups):
@@ -313,6 +326,7 @@ def wkv7_chunked(r, w, k, v, a, b, state=None, resets=None, chunk_size=CHUNK_SIZ
     """r, w, k, v, a, b: [B,T,H,N]; decay = exp(-exp(w)); state [B,H,N,N] (value x key), fp32.
 
     resets: optional bool [B,T]; where True the state is zeroed before that token.
+    The inputs may mix dtypes; all arithmetic is fp32 (fp64 when r is fp64), autocast or not.
     Returns y [B,T,H,N] in r's dtype and the final state [B,H,N,N] (fp32; fp64 for fp64 inputs).
     Memory: the backward keeps about 19 fp32 tensors of the inputs' size (the intra-chunk
     intermediates and one [N,N] state per chunk, not per token); under no_grad about 10.

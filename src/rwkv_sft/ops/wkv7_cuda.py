@@ -149,7 +149,8 @@ def cuda_kernel_usable(device) -> bool:
 
 
 class _WKV7(torch.autograd.Function):
-    """Inputs already contiguous, of one dtype (fp32 or bf16); state fp32; resets uint8 or empty."""
+    """Inputs already contiguous, of one dtype (fp32 or bf16); state fp32; resets uint8 or empty.
+    Autocast cannot reach it: the kernel is no autocast-aware op, the casts are explicit."""
 
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, state, resets, keep_snapshots):

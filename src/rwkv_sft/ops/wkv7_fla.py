@@ -31,7 +31,7 @@ def wkv7_fla(r, w, k, v, a, b, state=None, resets=None):
     """WKV-7 with fla's chunk_rwkv7; same contract as wkv7_reference."""
     chunk_rwkv7 = _chunk_rwkv7(r.device)
     B, T, H, N = r.shape
-    dtype = r.dtype
+    dtype = r.dtype  # every operand in r's dtype (mixed inputs under autocast), the state fp32
     log_w = -torch.exp(w.float())
     r, log_w, k, v, a, b = (x.to(dtype) for x in (r, log_w, k, v, a, b))
     h0 = None if state is None else state.float().transpose(-1, -2)  # ours value x key -> key x value

@@ -3,14 +3,22 @@ from __future__ import annotations
 
 import torch
 
+from .amp import no_autocast
+
 
 def wkv7_reference(r, w, k, v, a, b, state=None, resets=None):
     """r, w, k, v, a, b: [B,T,H,N]; decay = exp(-exp(w)); state [B,H,N,N] (value x key), fp32.
 
     resets: optional bool [B,T]; where True the state is zeroed before that token (packed rows).
     Returns y [B,T,H,N] in r's dtype and the final state [B,H,N,N]. Differentiable everywhere.
-    The arithmetic runs in fp32, or in fp64 when the inputs are fp64 (for checking other backends).
+    The arithmetic runs in fp32, or in fp64 when r is fp64 (for checking other backends), also
+    under autocast; the inputs may mix dtypes.
     """
+    with no_autocast(r.device.type):
+        return _recurrence(r, w, k, v, a, b, state, resets)
+
+
+def _recurrence(r, w, k, v, a, b, state, resets):
     B, T, H, N = r.shape
     out_dtype = r.dtype
     compute = torch.float64 if r.dtype == torch.float64 else torch.float32

@@ -11,6 +11,7 @@ import re
 import signal
 from pathlib import Path
 
+from ..data.config import FORMATS
 from ..errors import UserError
 
 S = argparse.SUPPRESS  # flags the user did not give do not override the file
@@ -24,10 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training file (JSONL/JSON); repeat for several; FILE:WEIGHT or FILE*COUNT to weight it")
     g.add_argument("--eval-data", dest="c:data.eval_files", action="append", metavar="FILE", default=S, help="held-out file")
     g.add_argument("--eval-fraction", dest="c:data.eval_fraction", type=float, default=S, help="hold out this fraction of the training data")
-    g.add_argument("--format", dest="c:data.format", default=S, choices=["auto", "completion", "chat", "text"])
+    g.add_argument("--format", dest="c:data.format", default=S, choices=FORMATS)
     g.add_argument("--max-len", dest="c:data.max_len", type=int, default=S, help="tokens per example after truncation")
     g.add_argument("--end-marker", dest="c:data.end_marker", default=S, help='"eos" (token 0, default) or a string such as "\\n\\n"')
     g.add_argument("--skip-invalid", dest="c:data.skip_invalid", action="store_true", default=S, help="skip (and count) bad rows")
+    g.add_argument("--allow-unused-fields", dest="c:data.allow_unused_fields", action="store_true", default=S,
+                   help="ignore text fields the format does not read (counted) instead of stopping")
     g = p.add_argument_group("model")
     g.add_argument("--model", dest="c:model", metavar="CKPT", default=S, help="checkpoint to fine-tune (.pth / .safetensors / OUT/checkpoints/step_N)")
     g.add_argument("--n-layer", dest="c:model_config.n_layer", type=int, default=S, help="fresh model: layers")

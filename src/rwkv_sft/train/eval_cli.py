@@ -5,15 +5,19 @@ import json
 
 import torch
 
+from ..data.config import FORMATS
+
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, metavar="CKPT", help=".pth (BlinkDL layout), .safetensors, or a training checkpoint OUT/checkpoints/step_N")
     p.add_argument("--adapter", metavar="FILE", help="adapter.safetensors of a parameter-efficient run on --model")
     p.add_argument("--data", required=True, action="append", metavar="FILE",
                    help="examples to evaluate (JSONL/JSON, same formats as training); repeat for several")
-    p.add_argument("--format", default="auto", choices=["auto", "completion", "chat", "text"])
+    p.add_argument("--format", default="auto", choices=FORMATS)
     p.add_argument("--max-len", type=int, default=1024, help="tokens per example after truncation (default 1024)")
     p.add_argument("--end-marker", default="eos", help='"eos" (token 0, default) or a string such as "\\n\\n"')
+    p.add_argument("--allow-unused-fields", action="store_true",
+                   help="ignore text fields the format does not read (counted) instead of stopping")
     p.add_argument("--exact-match", type=int, default=64, metavar="N",
                    help="examples checked for exact match of the greedy completion (default 64; 0 = off)")
     p.add_argument("--max-new-tokens", type=int, default=None,
@@ -41,7 +45,8 @@ def run(args) -> int:
     precision = resolve_precision(args.precision, device)
     tokenizer = Tokenizer()
     data = prepare_data(DataConfig(train_files=args.data, format=args.format, max_len=args.max_len,
-                                   end_marker=args.end_marker), tokenizer=tokenizer, show_progress=not args.json)
+                                   end_marker=args.end_marker, allow_unused_fields=args.allow_unused_fields),
+                        tokenizer=tokenizer, show_progress=not args.json)
     model = RWKV7.load(args.model, dtype=torch.float32, device=device, adapter=args.adapter)
     model.wkv_backend = args.wkv_backend
     result = evaluate(model, data.train, tokenizer, batch_tokens=args.batch_tokens,

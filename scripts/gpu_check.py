@@ -1,0 +1,504 @@
+#!/usr/bin/env python3
+"""One prepared check of every CUDA path, for a machine with a GPU and no network.
+
+    make gpu-wheels                     # where pip reaches PyPI: the packages a GPU machine may lack -> .whl/
+    python3 scripts/gpu_check.py        # on the GPU machine (or `make gpu-check`)
+    python3 scripts/gpu_check.py --allow-cpu --tiny --no-install   # the check's own plumbing, on CPU
+
+It installs the wheels found in .whl/ (into a folder of its own, offline) and this checkout with
+`pip install --no-deps -e .`, then runs each step below, each in its own process so that one
+failure (or a flag this build does not have yet) becomes one row of the table and the rest go on:
+
+  environment    torch, CUDA, GPUs, Triton, fla
+  install        the wheels and the editable install
+  gpu-tests      tests/test_wkv7_gpu.py: the CUDA kernel and fla against the chunked backend
+  wkv-bench      benchmarks/bench_wkv.py: cuda vs fla vs chunked, fwd+bwd, T=4096, bf16, H=32 (C=2048)
+  demo           the bundled demo trained on the GPU in bf16: held-out exact match and wall time
+  checkpoint     a random 1.5B-shaped model (24 x 2048, vocabulary 65536), saved in bf16
+  lora           one LoRA step on it at T=1024 (bf16 base), peak GPU memory
+  state-tuning   one state-tuning step, likewise
+  segmented      one LoRA step at T=4096 in segments of 1024, likewise
+  fsdp           one FSDP step over all GPUs (needs 2 or more)
+
+Each row is pass, fail, skipped or unavailable (a feature this build lacks), with a reason. The
+table is printed and written, after every step, to OUT/gpu_check.json (OUT: --out, else $OUT, else
+runs/gpu_check), the steps' output to OUT/gpu_check.log. The steps share a time budget (--budget);
+a step that would start after it is skipped. Exit code: 0 when nothing failed, 1 when something
+did, 2 when there is no CUDA device (without --allow-cpu).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import redirect_stdout
+from io import StringIO
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WHEEL_DIR = ROOT / ".whl"
+# What the GPU machine's image lacks (it has torch, triton, transformers, einops, tokenizers, numpy,
+# safetensors, tqdm, matplotlib, pyyaml, pytest, hypothesis, ninja): pinned, one version each.
+WHEELS = ["pyrwkv-tokenizer==0.9.1", "rwkv==0.8.32", "flash-linear-attention==0.6.0", "fla-core==0.6.0"]
+WHEEL_PYTHON = "3.12"
+WHEEL_PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
+                   "manylinux2014_x86_64", "manylinux1_x86_64"]
+GiB = 2**30
+# Targets (pass/fail) on CUDA: the demo's held-out exact match and wall time; peak memory of the PEFT
+# steps at T=1024 as RWKV-PEFT reports for 1.5B on one GPU.
+DEMO_MIN_EXACT, DEMO_MAX_S = 0.90, 60.0
+PEAK_TARGET_GIB = {"lora": 5.6e9 / GiB, "state-tuning": 5.3e9 / GiB}
+
+
+# ---- wheels (run where pip reaches PyPI) -------------------------------------------------------
+
+def download_wheels(dest: Path) -> int:
+    dest.mkdir(parents=True, exist_ok=True)
+    platforms = [a for p in WHEEL_PLATFORMS for a in ("--platform", p)]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
+           WHEEL_PYTHON, "--implementation", "cp", *platforms, "-d", str(dest), *WHEELS]
+    rc = subprocess.call(cmd)
+    if rc == 0:
+        total = sum(f.stat().st_size for f in dest.glob("*.whl"))
+        print(f"{len(list(dest.glob('*.whl')))} wheels in {dest}, {total / 2**20:.1f} MiB")
+    return rc
+
+
+# ---- the table ------------------------------------------------------------------------------------
+
+class Report:
+    def __init__(self, out: Path, mode: str):
+        self.out, self.rows, self.mode = out, [], mode
+        out.mkdir(parents=True, exist_ok=True)
+        self.log_path = out / "gpu_check.log"
+        self.log_path.write_text("")
+
+    def log(self, text: str) -> None:
+        with open(self.log_path, "a") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
+
+    def add(self, step, status, detail="", seconds=None, peak_gib=None, **extra):
+        row = dict(step=step, status=status, detail=detail, seconds=seconds, peak_gib=peak_gib, **extra)
+        self.rows.append(row)
+        print(_format_row(row), flush=True)
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.out / "gpu_check.json.tmp"
+        tmp.write_text(json.dumps(dict(mode=self.mode, rows=self.rows), indent=1))
+        os.replace(tmp, self.out / "gpu_check.json")
+
+    def table(self) -> str:
+        head = f"{'step':<13} {'status':<11} {'seconds':>7} {'peak GiB':>8}  detail"
+        return "\n".join([head, "-" * len(head)] + [_format_row(r) for r in self.rows])
+
+
+def _format_row(r) -> str:
+    secs = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
+    peak = "" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+    return f"{r['step']:<13} {r['status']:<11} {secs:>7} {peak:>8}  {r['detail']}"
+
+
+# ---- running steps --------------------------------------------------------------------------------
+
+class Context:
+    def __init__(self, args, report: Report, work: Path):
+        self.args, self.report, self.work = args, report, work
+        self.deadline = time.monotonic() + args.budget
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.site = work / "site"
+        self.device = "cpu" if args.allow_cpu and not _cuda_available() else "cuda"
+        self.train_flags: set[str] | None = None
+        self.checkpoint: Path | None = None
+        self._set_pythonpath()
+
+    def _set_pythonpath(self):
+        paths = [str(self.site), str(ROOT / "src")]
+        old = self.env.get("PYTHONPATH")
+        self.env["PYTHONPATH"] = os.pathsep.join(paths + ([old] if old else []))
+        sys.path[:0] = paths
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def run(self, step: str, cmd: list[str], limit: float) -> tuple[int | None, str, float]:
+        """Run cmd for at most min(limit, the budget left); (rc or None on timeout, output, seconds)."""
+        timeout = max(1.0, min(limit, self.left()))
+        self.report.log(f"\n===== {step}: {' '.join(cmd)}  (timeout {timeout:.0f} s)")
+        start = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
+            rc, out = proc.returncode, proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as e:
+            rc, out = None, _text(e.stdout) + _text(e.stderr) + f"\n(timed out after {timeout:.0f} s)"
+        seconds = time.monotonic() - start
+        self.report.log(out)
+        return rc, out, seconds
+
+    def child(self, step: str, name: str, limit: float, **kw):
+        """This script in child mode `name` (see CHILDREN); (rc, result dict or None, output, seconds)."""
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", name, "--_args", json.dumps(kw)]
+        rc, out, seconds = self.run(step, cmd, limit)
+        result = None
+        for line in reversed(out.splitlines()):
+            if line.startswith("GPU_CHECK_RESULT "):
+                result = json.loads(line[len("GPU_CHECK_RESULT "):])
+                break
+        return rc, result, out, seconds
+
+
+def _text(x) -> str:
+    return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+
+
+def _last_line(out: str) -> str:
+    lines = [ln.strip() for ln in out.strip().splitlines() if ln.strip() and "GPU_CHECK_RESULT" not in ln]
+    return lines[-1][:300] if lines else "(no output)"
+
+
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def _sizes(tiny: bool) -> dict:
+    """The shapes of every step: the real ones, or tiny ones that exercise the same code on CPU."""
+    if tiny:
+        return dict(bench=dict(B=1, T=64, H=2, N=16), demo_steps=2, demo_exact=4, demo_examples=32,
+                    model=dict(n_layer=2, n_embd=64), T=64, T_long=128, segment=32, lora_rank=4)
+    return dict(bench=dict(B=4, T=4096, H=32, N=64), demo_steps=200, demo_exact=200, demo_examples=None,
+                model=dict(n_layer=24, n_embd=2048), T=1024, T_long=4096, segment=1024, lora_rank=16)
+
+
+# ---- the steps --------------------------------------------------------------------------------------
+
+def step_environment(ctx: Context):
+    import torch
+    info = dict(python=sys.version.split()[0], torch=torch.__version__, cuda=torch.version.cuda,
+                gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
+    for name in ("triton", "fla", "transformers"):
+        try:
+            info[name] = getattr(__import__(name), "__version__", "?")
+        except Exception as e:  # noqa: BLE001 - any import failure is reported, not raised
+            info[name] = f"missing ({type(e).__name__})"
+    detail = ", ".join(f"{k} {v}" for k, v in info.items() if k != "gpus")
+    gpus = f"{len(info['gpus'])} x {info['gpus'][0]}" if info["gpus"] else "no GPU"
+    ctx.report.add("environment", "pass", f"{gpus}; {detail}", info=info)
+
+
+def step_install(ctx: Context):
+    if ctx.args.no_install:
+        return ctx.report.add("install", "skipped", "--no-install: using the source tree on PYTHONPATH")
+    start, notes = time.monotonic(), []
+    wheels = sorted(WHEEL_DIR.glob("*.whl"))
+    if wheels:
+        rc, out, _ = ctx.run("install", [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                                         "--no-compile", "--no-cache-dir", "--upgrade", "--target", str(ctx.site),
+                                         *map(str, wheels)], 180)
+        if rc != 0:
+            return ctx.report.add("install", "fail", f"wheels from {WHEEL_DIR}: {_last_line(out)}",
+                                  time.monotonic() - start)
+        notes.append(f"{len(wheels)} wheels from .whl/")
+    else:
+        notes.append("no .whl/ (run `make gpu-wheels` where pip reaches PyPI)")
+    rc, out, _ = ctx.run("install", [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                                     "--no-index", "-e", str(ROOT)], 180)
+    if rc != 0:
+        return ctx.report.add("install", "fail", f"pip install --no-deps -e .: {_last_line(out)}; "
+                              + "; ".join(notes), time.monotonic() - start)
+    notes.append("pip install --no-deps -e . ok")
+    ctx.report.add("install", "pass", "; ".join(notes), time.monotonic() - start)
+
+
+def step_gpu_tests(ctx: Context):
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", "tests/test_wkv7_gpu.py"]
+    if ctx.args.tiny:  # the plumbing only: two quick tests that run without a GPU
+        cmd += ["-k", "fla_refuses_cpu or missing_sources"]
+    rc, out, seconds = ctx.run("gpu-tests", cmd, 240)
+    summary = next((ln.strip("= ") for ln in reversed(out.splitlines()) if re.search(r"\d+ (passed|failed|error)", ln)),
+                   _last_line(out))
+    if rc is None:
+        return ctx.report.add("gpu-tests", "fail", f"timed out; {summary}", seconds)
+    failed = [ln.split(" ")[1] for ln in out.splitlines() if ln.startswith("FAILED ")][:5]
+    detail = summary + (f"; first failures: {', '.join(failed)}" if failed else "")
+    ctx.report.add("gpu-tests", "pass" if rc == 0 else "fail", detail, seconds)
+
+
+def step_wkv_bench(ctx: Context):
+    b = _sizes(ctx.args.tiny)["bench"]
+    path = ctx.work / "bench_wkv.json"
+    cmd = [sys.executable, "benchmarks/bench_wkv.py", "--device", ctx.device, "--backends", "cuda", "fla", "chunked",
+           "--dtypes", "bf16", "--T", str(b["T"]), "--B", str(b["B"]), "--H", str(b["H"]), "--N", str(b["N"]),
+           "--repeats", "3" if not ctx.args.tiny else "1", "--min-seconds", "0", "--json", str(path)]
+    rc, out, seconds = ctx.run("wkv-bench", cmd, 150)
+    if rc != 0 or not path.is_file():
+        return ctx.report.add("wkv-bench", "fail", "timed out" if rc is None else _last_line(out), seconds)
+    res = json.loads(path.read_text())
+    ms = {c["backend"]: c["ms"] for c in res["cases"] if c["pass"] == "fwd+bwd"}
+    fwd = {c["backend"]: c["ms"] for c in res["cases"] if c["pass"] == "fwd"}
+    cells = [f"{k} {ms[k]:.1f} ms (fwd {fwd.get(k, float('nan')):.1f})" for k in ("cuda", "fla", "chunked") if k in ms]
+    detail = (f"fwd+bwd B={b['B']} T={b['T']} H={b['H']} N={b['N']} bf16: " + ", ".join(cells)
+              + "".join(f"; {n}" for n in res["notes"]))
+    status = "pass"
+    if "cuda" in ms and "fla" in ms:
+        ratio = ms["cuda"] / ms["fla"]
+        detail += f"; ours/fla {ratio:.2f} (target <= 1)"
+        status = "pass" if ratio <= 1.0 else "fail"
+    elif ctx.device == "cuda":
+        status, detail = "fail", detail + "; cuda or fla did not run"
+    ctx.report.add("wkv-bench", status, detail, seconds, bench=res)
+
+
+def step_demo(ctx: Context):
+    s = _sizes(ctx.args.tiny)
+    rc, result, out, seconds = ctx.child("demo", "demo", 150, device=ctx.device, steps=s["demo_steps"],
+                                         exact=s["demo_exact"], examples=s["demo_examples"],
+                                         out=str(ctx.work / "demo"))
+    if rc != 0 or result is None:
+        return ctx.report.add("demo", "fail", "timed out" if rc is None else _last_line(out), seconds)
+    em, wall = result["exact_match"], result["wall_s"]
+    detail = (f"held-out exact match {em:.1%} ({result['exact_match_n']} dates), {result['steps']} steps bf16 on "
+              f"{result['device']}: {wall:.0f} s in all ({result['train_s']:.0f} s training)")
+    status = "pass"
+    if ctx.device == "cuda":
+        detail += f"; targets >= {DEMO_MIN_EXACT:.0%}, <= {DEMO_MAX_S:.0f} s"
+        status = "pass" if em >= DEMO_MIN_EXACT and wall <= DEMO_MAX_S else "fail"
+    ctx.report.add("demo", status, detail, seconds, _gib(result.get("peak")), result=result)
+
+
+def step_checkpoint(ctx: Context):
+    s = _sizes(ctx.args.tiny)
+    path = ctx.work / "model_1p5b.pth"
+    rc, result, out, seconds = ctx.child("checkpoint", "checkpoint", 120, device=ctx.device, path=str(path),
+                                         **s["model"])
+    if rc != 0 or result is None:
+        return ctx.report.add("checkpoint", "fail", "timed out" if rc is None else _last_line(out), seconds)
+    ctx.checkpoint = path
+    _write_long_text(ctx.work / "long.jsonl", s["T_long"])
+    ctx.report.add("checkpoint", "pass", f"{s['model']['n_layer']} x {s['model']['n_embd']}, "
+                   f"{result['params'] / 1e9:.2f} B parameters, {path.stat().st_size / GiB:.2f} GiB bf16", seconds)
+
+
+def _train_flags(ctx: Context) -> set[str]:
+    """The option strings `rwkv-sft train` knows in this build."""
+    if ctx.train_flags is None:
+        from rwkv_sft.cli import build_parser
+        text = StringIO()
+        try:
+            with redirect_stdout(text):
+                build_parser().parse_args(["train", "--help"])
+        except SystemExit:
+            pass
+        ctx.train_flags = set(re.findall(r"--[a-z][a-z0-9-]*", text.getvalue()))
+    return ctx.train_flags
+
+
+def _train_step(ctx: Context, step: str, flags: list[str], T: int, nproc: int = 1, target: float | None = None):
+    missing = [f for f in flags if f.startswith("--") and f not in _train_flags(ctx)]
+    if missing:
+        return ctx.report.add(step, "unavailable", f"this build of `rwkv-sft train` has no {', '.join(missing)}")
+    if ctx.checkpoint is None:
+        return ctx.report.add(step, "skipped", "no checkpoint (the checkpoint step did not pass)")
+    args = ["train", "--model", str(ctx.checkpoint), "--data", str(ctx.work / "long.jsonl"), "--format", "text",
+            "--max-len", str(T), "--batch-tokens", str(T), "--max-steps", "1", "--warmup-steps", "0",
+            "--device", ctx.device, "--precision", "bf16", "--out", str(ctx.work / step), "--no-progress",
+            "--set", "tensorboard=false", "--set", "export=[]", *flags]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               str(Path(__file__).resolve()), "--_child", "train", "--_args", json.dumps(dict(argv=args))]
+        rc, out, seconds = ctx.run(step, cmd, 180)
+        results = [json.loads(ln.split("GPU_CHECK_RESULT ", 1)[1]) for ln in out.splitlines() if "GPU_CHECK_RESULT " in ln]
+        result = max(results, key=lambda r: r.get("peak") or 0) if results else None
+    else:
+        rc, result, out, seconds = ctx.child(step, "train", 150, argv=args)
+    if rc != 0 or result is None or result.get("rc"):
+        return ctx.report.add(step, "fail", "timed out" if rc is None else _last_line(out), seconds)
+    peak = _gib(result.get("peak"))
+    detail = f"1 step, T={T}, {' '.join(flags)}; loss {result.get('loss')}"
+    if peak is not None:
+        detail += f"; peak reserved {_gib(result.get('reserved')):.2f} GiB"
+    status = "pass"
+    if target is not None and peak is not None:
+        detail += f"; target <= {target:.2f} GiB allocated"
+        status = "pass" if peak <= target else "fail"
+    ctx.report.add(step, status, detail, seconds, peak)
+
+
+def _gib(x):
+    return None if x is None else x / GiB
+
+
+def step_lora(ctx: Context):
+    s = _sizes(ctx.args.tiny)
+    _train_step(ctx, "lora", ["--lora-rank", str(s["lora_rank"]), "--base-dtype", "bf16"], s["T"],
+                target=None if ctx.args.tiny else PEAK_TARGET_GIB["lora"])
+
+
+def step_state_tuning(ctx: Context):
+    s = _sizes(ctx.args.tiny)
+    _train_step(ctx, "state-tuning", ["--state-tuning", "--base-dtype", "bf16", "--lr", "0.01"], s["T"],
+                target=None if ctx.args.tiny else PEAK_TARGET_GIB["state-tuning"])
+
+
+def step_segmented(ctx: Context):
+    s = _sizes(ctx.args.tiny)
+    _train_step(ctx, "segmented", ["--lora-rank", str(s["lora_rank"]), "--base-dtype", "bf16",
+                                   "--segment-len", str(s["segment"])], s["T_long"])
+
+
+def step_fsdp(ctx: Context):
+    import torch
+    n = torch.cuda.device_count()
+    if n < 2:
+        return ctx.report.add("fsdp", "skipped", f"needs 2 or more GPUs, found {n}")
+    _train_step(ctx, "fsdp", ["--parallel", "fsdp"], _sizes(ctx.args.tiny)["T"], nproc=n)
+
+
+STEPS = {"environment": step_environment, "install": step_install, "gpu-tests": step_gpu_tests,
+         "wkv-bench": step_wkv_bench, "demo": step_demo, "checkpoint": step_checkpoint, "lora": step_lora,
+         "state-tuning": step_state_tuning, "segmented": step_segmented, "fsdp": step_fsdp}
+MIN_START_S = 20  # a step is not started with less of the budget left
+
+
+def _write_long_text(path: Path, T: int) -> None:
+    """Examples of plain text longer than T tokens (one word is at least one token)."""
+    import random
+    rng = random.Random(0)
+    words = ["state", "token", "model", "chunk", "decay", "value", "key", "layer", "head", "train"]
+    with open(path, "w") as f:
+        for _ in range(4):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(T + 16))}) + "\n")
+
+
+# ---- child processes ------------------------------------------------------------------------------
+
+def _peak(torch, device):
+    if device.startswith("cuda"):
+        return dict(peak=torch.cuda.max_memory_allocated(), reserved=torch.cuda.max_memory_reserved())
+    return dict(peak=None, reserved=None)
+
+
+def child_demo(kw):
+    import torch
+    from rwkv_sft.data import prepare_data
+    from rwkv_sft.demo import demo_config
+    from rwkv_sft.tokenizer import Tokenizer
+    from rwkv_sft.train import train
+    start = time.perf_counter()
+    config = demo_config(kw["out"], kw["steps"], progress=False)
+    config.device, config.precision, config.wkv_backend = kw["device"], "bf16", "auto"
+    config.eval_exact_match, config.eval_every = kw["exact"], 0
+    if kw["examples"]:  # the first examples of each file only (tiny runs)
+        files = []
+        for src in config.data.train_files + config.data.eval_files:
+            files.append(Path(kw["out"]) / Path(src).name)
+            files[-1].parent.mkdir(parents=True, exist_ok=True)
+            files[-1].write_text("".join(Path(src).read_text().splitlines(keepends=True)[:kw["examples"]]))
+        n = len(config.data.train_files)
+        config.data.train_files, config.data.eval_files = [str(f) for f in files[:n]], [str(f) for f in files[n:]]
+    tokenizer = Tokenizer()
+    data = prepare_data(config.data, tokenizer=tokenizer, show_progress=False)
+    result = train(config, data=data, tokenizer=tokenizer)
+    ev = result.eval
+    return dict(exact_match=ev["exact_match"], exact_match_n=ev["exact_match_n"], loss=ev["loss"],
+                steps=result.steps, train_s=result.time_s, wall_s=time.perf_counter() - start,
+                device=kw["device"], **_peak(torch, kw["device"]))
+
+
+def child_checkpoint(kw):
+    import torch
+    from rwkv_sft import RWKV7, RWKV7Config
+    config = RWKV7Config(n_layer=kw["n_layer"], n_embd=kw["n_embd"])
+    torch.manual_seed(0)
+    try:
+        with torch.device(kw["device"]):  # the upstream initialisation, on the GPU where there is one
+            model = RWKV7(config)
+        where = kw["device"]
+    except Exception as e:  # noqa: BLE001 - slower on the CPU, but the checkpoint is what matters
+        print(f"initialising on {kw['device']} failed ({type(e).__name__}: {e}); on the CPU instead", flush=True)
+        model, where = RWKV7(config), "cpu"
+    model.save(kw["path"], dtype=torch.bfloat16)
+    return dict(params=model.num_parameters(), initialised_on=where)
+
+
+def child_train(kw):
+    import torch
+    from rwkv_sft.cli import main
+    rc = main(kw["argv"])
+    out = Path(kw["argv"][kw["argv"].index("--out") + 1])
+    loss = None
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file():
+        rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
+        loss = next((r["loss"] for r in rows if r.get("kind") == "train"), None)
+    device = kw["argv"][kw["argv"].index("--device") + 1]
+    return dict(rc=rc, loss=loss, rank=int(os.environ.get("RANK", 0)), **_peak(torch, device))
+
+
+CHILDREN = {"demo": child_demo, "checkpoint": child_checkpoint, "train": child_train}
+
+
+# ---- main -------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", help="output folder (default: $OUT, else runs/gpu_check)")
+    p.add_argument("--budget", type=float, default=450, help="seconds for all steps together (default 450)")
+    p.add_argument("--only", nargs="+", choices=list(STEPS), help="run only these steps (in the usual order)")
+    p.add_argument("--allow-cpu", action="store_true", help="run on CPU when there is no CUDA device (plumbing)")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes everywhere (with --allow-cpu: a quick run)")
+    p.add_argument("--no-install", action="store_true", help="install nothing; use the source tree")
+    p.add_argument("--download-wheels", metavar="DIR", nargs="?", const=str(WHEEL_DIR),
+                   help=f"download the wheels the GPU machine lacks into DIR (default .whl/) and exit: {', '.join(WHEELS)}")
+    p.add_argument("--_child", choices=list(CHILDREN), help=argparse.SUPPRESS)
+    p.add_argument("--_args", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.download_wheels:
+        return download_wheels(Path(args.download_wheels))
+    if args._child:
+        result = CHILDREN[args._child](json.loads(args._args))
+        print("GPU_CHECK_RESULT " + json.dumps(result), flush=True)
+        return 0 if not result.get("rc") else 1
+
+    try:
+        import torch
+    except ImportError:
+        print("gpu_check: no torch in this Python; nothing checked")
+        return 2
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        print(f"gpu_check: no CUDA device (torch {torch.__version__}); nothing checked")
+        return 2
+
+    out = Path(args.out or os.environ.get("OUT") or ROOT / "runs" / "gpu_check")
+    report = Report(out, "tiny" if args.tiny else "full")
+    work = Path(tempfile.mkdtemp(prefix="rwkv_sft_gpu_check_"))
+    ctx = Context(args, report, work)
+    print(f"gpu_check: {ctx.device}, budget {args.budget:.0f} s, output {out}", flush=True)
+    try:
+        for name, fn in STEPS.items():
+            if args.only and name not in args.only:
+                continue
+            if ctx.left() < MIN_START_S:
+                report.add(name, "skipped", f"time budget of {args.budget:.0f} s spent")
+                continue
+            start = time.monotonic()
+            try:
+                fn(ctx)
+            except Exception as e:  # noqa: BLE001 - one broken step must not end the check
+                report.add(name, "fail", f"{type(e).__name__}: {e}"[:300], time.monotonic() - start)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print("\n" + report.table())
+    print(f"\ntable: {out / 'gpu_check.json'}; output of every step: {report.log_path}")
+    return 1 if any(r["status"] == "fail" for r in report.rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
