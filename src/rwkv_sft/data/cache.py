@@ -227,7 +227,12 @@ def load_or_tokenize(path, tokenizer, cache_dir, *, tokenizer_id=None, progress=
         data = f.read()
     key = cache_key(data, tokenizer_id or tokenizer_identity(tokenizer), settings)
     entry = os.path.join(cache_dir, key)
-    os.makedirs(cache_dir, exist_ok=True)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        open(entry + ".lock", "a").close()
+    except OSError as e:
+        raise UserError(f"data cache {cache_dir}: cannot write there ({e.strerror}); set RWKV_SFT_CACHE to a "
+                        f"writable directory") from None
     with _file_lock(entry + ".lock"):
         if os.path.isdir(entry):
             shard = _read_entry(entry, path)

@@ -127,9 +127,11 @@ def format_unused(counts: dict) -> str:
 
 
 def prepare_data(config: DataConfig, tokenizer=None, cache_dir=None, show_progress=True,
-                 role: str = "train") -> "PreparedData":
+                 role: str = "train", show_report=None) -> "PreparedData":
     """Parse -> tokenize (cached, shared by every process) -> truncate. See DESIGN.md section 4.
-    `role` only names the examples in the printed summary."""
+    `role` only names the examples in the printed summary. `show_progress`: a tokenizing bar;
+    `show_report` (default: show_progress): the one-line summary of examples, truncation and
+    skipped rows on stderr."""
     if tokenizer is None:
         from ..tokenizer import Tokenizer
         tokenizer = Tokenizer()
@@ -160,6 +162,6 @@ def prepare_data(config: DataConfig, tokenizer=None, cache_dir=None, show_progre
               "unused_fields": unused, "max_len": config.max_len,
               "files": [{"path": s.path, "examples": len(s.index), "skipped": s.meta["skipped"],
                          "cached": s.meta.get("cached", False)} for s in shards]}
-    if show_progress and (_distributed_rank() or 0) == 0:  # one summary per run, not per rank
+    if (show_progress if show_report is None else show_report) and (_distributed_rank() or 0) == 0:  # once per run
         print(f"data: {format_report(report, role)}", file=sys.stderr)
     return PreparedData(train, evaluation, report)

@@ -30,7 +30,8 @@ def demo_config(out_dir, steps: int = STEPS, seed: int = 0, progress: bool = Tru
         max_steps=steps, batch_tokens=512, packing=False,  # ~32 examples of 16 positions per step
         lr=3e-3, lr_final=3e-4, warmup_steps=min(20, steps // 5), schedule="cosine",
         eval_every=max(1, steps // 4), eval_exact_match=200, wkv_backend="chunked",
-        export=["pth"], tensorboard=False, seed=seed, device="cpu", progress=progress)
+        export=["pth"], tensorboard=False, seed=seed, device="cpu", progress=progress,
+        overwrite=True)  # every demo is a fresh run
 
 
 def add_arguments(p) -> None:
@@ -52,6 +53,19 @@ def _show(title: str, ev: dict) -> None:
     print(f"{title:<16} exact match {ev['exact_match']:6.1%} ({round(ev['exact_match'] * ev['exact_match_n'])}"
           f"/{ev['exact_match_n']} held-out dates)   loss {ev['loss']:.3f}   token accuracy {ev['token_accuracy']:.1%}",
           flush=True)
+
+
+def _log_before(result, before: dict) -> None:
+    """The untrained model's evaluation as step 0 of the run's log and plot."""
+    import json
+
+    from ..train.metrics import plot_metrics
+    from ..utils import atomic_write
+    record = {"kind": "eval", "step": 0, "time": time.time(),
+              **{k: v for k, v in before.items() if isinstance(v, (int, float))}}
+    with atomic_write(result.metrics_path) as tmp:
+        tmp.write_text(json.dumps(record) + "\n" + result.metrics_path.read_text())
+    plot_metrics(result.metrics_path, result.plot_path)
 
 
 def run(args) -> int:
@@ -82,7 +96,6 @@ def _run(args) -> int:
     steps = args.steps or (QUICK_STEPS if args.quick else STEPS)
     out = Path(args.out)
     config = demo_config(out, steps, args.seed)
-    (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run: do not append to an old curve
 
     tokenizer = Tokenizer()
     data = prepare_data(config.data, tokenizer=tokenizer, show_progress=False)
@@ -95,11 +108,8 @@ def _run(args) -> int:
     before = evaluate(model, data.eval, tokenizer, batch_tokens=config.batch_tokens,
                       exact_match_samples=config.eval_exact_match)
     _show("before training", before)
-    from ..train.metrics import MetricsLogger
-    with MetricsLogger(out, enabled=True, tensorboard=False) as log:  # step 0 of the plot
-        log.log("eval", 0, **{k: v for k, v in before.items() if isinstance(v, (int, float))})
-
     result = train(config, model=model, data=data, tokenizer=tokenizer)
+    _log_before(result, before)
     after = result.eval
     _show("before training", before)
     _show("after training", after)

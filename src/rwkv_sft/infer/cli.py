@@ -11,7 +11,7 @@ from . import GREEDY_BELOW
 
 
 def add_arguments(p):
-    p.add_argument("--model", required=True, help=".pth (BlinkDL layout) or .safetensors checkpoint")
+    p.add_argument("--model", required=True, help=".pth (BlinkDL layout), .safetensors, or a training checkpoint OUT/checkpoints/step_N")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", type=unescape, metavar="TEXT",
                      help=f"prompt text ({ESCAPES_HELP}; '-' reads stdin; without any prompt option, stdin is read "

@@ -5,7 +5,7 @@ import json
 
 
 def add_arguments(p):
-    p.add_argument("checkpoint", help=".pth (BlinkDL layout) or .safetensors file")
+    p.add_argument("checkpoint", help=".pth (BlinkDL layout), .safetensors, or a training checkpoint OUT/checkpoints/step_N")
     p.add_argument("--json", action="store_true", help="print the configuration as JSON")
 
 

@@ -1,6 +1,6 @@
 """`rwkv-sft train`: settings from --config FILE (TOML or YAML), then flags, then --set key=value.
 
-Exit codes: 0 when the run finished, or when SIGINT/SIGTERM stopped it after saving a
+Exit codes: 0 when the run finished; 130 / 143 when SIGINT / SIGTERM stopped it after saving a
 checkpoint (continue with --resume auto); 2 for a setting or file a user can fix; 1 otherwise.
 """
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 from pathlib import Path
 
 from ..cli_args import add_data_arguments, split_set
@@ -26,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-fraction", dest="c:data.eval_fraction", type=float, default=S, help="hold out this fraction of the training data")
     add_data_arguments(g, prefix="c:data.", set_flag=False)
     g = p.add_argument_group("model")
-    g.add_argument("--model", dest="c:model", metavar="CKPT", default=S, help="checkpoint to fine-tune (.pth / .safetensors)")
+    g.add_argument("--model", dest="c:model", metavar="CKPT", default=S, help="checkpoint to fine-tune (.pth / .safetensors / OUT/checkpoints/step_N)")
     g.add_argument("--n-layer", dest="c:model_config.n_layer", type=int, default=S, help="fresh model: layers")
     g.add_argument("--n-embd", dest="c:model_config.n_embd", type=int, default=S, help="fresh model: width")
     g.add_argument("--head-size", dest="c:model_config.head_size", type=int, default=S)
@@ -74,7 +75,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", dest="c:save_every", type=int, default=S, help="steps (0: only at the end)")
     g.add_argument("--keep-last", dest="c:keep_last", type=int, default=S)
     g.add_argument("--resume", dest="c:resume", nargs="?", const="auto", default=S, metavar="auto|DIR",
-                   help="continue from the newest checkpoint in --out (or from DIR)")
+                   help="continue from the newest checkpoint in --out (or from DIR); a resume may change epochs, "
+                        "max_steps, lr, the schedule, evaluation, checkpoints, precision and device, not the model size, "
+                        "freeze, data, batch_tokens, step_tokens, packing or seed")
+    g.add_argument("--overwrite", dest="c:overwrite", action="store_true", default=S,
+                   help="start a new run in an --out that holds one (deletes its checkpoints, metrics and model)")
     g.add_argument("--no-progress", dest="c:progress", action="store_false", default=S)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="any setting, e.g. --set eval_every=50 --set data.anchor_fraction=0.5 (a bare text value "
@@ -147,5 +152,7 @@ def build_config(args):
 def run(args) -> int:
     config = build_config(args)  # settings errors come before torch is imported
     from .loop import train
-    train(config)
+    result = train(config)
+    if result.interrupted:  # as shells expect of a command stopped by a signal (another process may have had it)
+        return 128 + (result.signal or signal.SIGTERM)
     return 0

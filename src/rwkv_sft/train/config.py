@@ -59,6 +59,7 @@ class TrainConfig:
     save_every: int = 0                   # steps; 0 -> only at the end
     keep_last: int = 2
     resume: str | None = None             # "auto" | checkpoint dir | None
+    overwrite: bool = False               # a fresh run into an out_dir holding a run deletes that run first
     max_bad_steps: int = 5                # consecutive non-finite steps before the run stops
     log_every: int = 1
     seed: int = 0
@@ -96,6 +97,7 @@ class TrainConfig:
         need(0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}")
         need(self.loss_chunk_size is None or self.loss_chunk_size >= 1, f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}")
         need(self.dist_timeout_s >= 1, f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}")
+        need(not (self.overwrite and self.resume), "overwrite starts a new run and resume continues one: give one of them")
         need(set(self.export) <= {"pth", "safetensors"}, f"export must list pth and/or safetensors, got {self.export}")
         need(self.lora_rank >= 0, f"lora_rank must be >= 0 (0: no LoRA), got {self.lora_rank}")
         if not self.lora_rank:

@@ -7,7 +7,7 @@ from ..cli_args import add_data_arguments, data_config, number
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, metavar="CKPT", help=".pth (BlinkDL layout) or .safetensors checkpoint")
+    p.add_argument("--model", required=True, metavar="CKPT", help=".pth (BlinkDL layout), .safetensors, or a training checkpoint OUT/checkpoints/step_N")
     p.add_argument("--adapter", metavar="FILE", help="adapter.safetensors of a parameter-efficient run on --model")
     p.add_argument("--data", required=True, action="append", metavar="FILE",
                    help="examples to evaluate (JSONL/JSON, same formats as training); repeat for several")
