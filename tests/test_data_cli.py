@@ -42,7 +42,7 @@ def test_stats_json_and_rendering(tmp_path, capsys):
     stats = json.loads(out.stdout)
     assert stats["train"]["examples"] == 3 and stats["truncated"]["context_trimmed"] == 1
     assert stats["train"]["length"]["max"] == 32
-    chat_loss = len(tok.encode(" Hello!")) + len(tok.encode(" See you.")) + 2
+    chat_loss = len(tok.encode(" Hello!\n\n")) + len(tok.encode(" See you.\n\n")) + 1
     want_loss = len(tok.encode(" 4")) + 1 + chat_loss + len(tok.encode(" done")) + 1
     assert stats["train"]["loss_tokens"] == want_loss
 
@@ -53,9 +53,9 @@ def test_stats_json_and_rendering(tmp_path, capsys):
     blocks = out.stdout.split("--- example ")[1:]
     assert len(blocks) == 3
     marked = [re.findall(r"⟦(.*?)⟧", b.split("---\n", 1)[1], flags=re.S) for b in blocks]
-    assert marked == [[" 4<eos>"], [" Hello!<eos>", " See you.<eos>"], [" done<eos>"]]
+    assert marked == [[" 4<eos>"], [" Hello!\n\n", " See you.\n\n<eos>"], [" done<eos>"]]
     # Outside the brackets: the context, exactly (the chat's turns separated by "\n\n").
-    assert "User: Hi there\n\nAssistant:⟦ Hello!<eos>⟧\n\nUser: Bye\n\nAssistant:⟦" in blocks[1]
+    assert "User: Hi there\n\nAssistant:⟦ Hello!\n\n⟧User: Bye\n\nAssistant:⟦" in blocks[1]
 
     out = inspect_here(tmp_path, capsys, path, "--example", "1")
     assert out.returncode == 0 and out.stdout.count("--- example ") == 1 and "example 1 (" in out.stdout

@@ -71,14 +71,15 @@ def test_chat_loss_on_every_assistant_turn(tmp_path):
                          {"role": "assistant", "content": "ciao"}, {"role": "user", "content": "ignored"}]}
     path = write(tmp_path / "c.jsonl", json.dumps(chat))
     ex = prep(tmp_path, [path]).train
+    # Turns end with "\n\n" as in RWKV's chat front-ends; the end marker follows the last reply only.
     want = expected([(enc("System: Be brief.\n\n"), False), (enc("User: hi\n\n"), False), (enc("Assistant:"), False),
-                     (enc(" hello") + [0], True), (enc("\n\n"), False), (enc("User: bye\n\n"), False),
-                     (enc("Assistant:"), False), (enc(" ciao") + [0], True)])
+                     (enc(" hello\n\n"), True), (enc("User: bye\n\n"), False),
+                     (enc("Assistant:"), False), (enc(" ciao\n\n") + [0], True)])
     assert rows(ex) == [want]
     prompt, completion = ex.split(0)
-    assert completion.tolist() == enc(" ciao") + [0]
+    assert completion.tolist() == enc(" ciao\n\n") + [0]
     assert prompt.tolist() == want[0][:len(want[0]) - len(completion)]
-    # With "\n\n" as the end marker the format is exactly RWKV's chat format.
+    # With "\n\n" as the end marker nothing follows the last reply's own "\n\n".
     ex = prep(tmp_path, [path], end_marker="\n\n").train
     text = TOK.decode(ex.tokens(0).tolist())
     assert text == "System: Be brief.\n\nUser: hi\n\nAssistant: hello\n\nUser: bye\n\nAssistant: ciao\n\n"

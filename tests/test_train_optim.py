@@ -35,7 +35,7 @@ def test_parameter_groups_follow_upstream():
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
 def test_schedule_warmup_and_end(schedule):
-    kw = dict(lr=1.0, lr_final=0.1, warmup=4, total=20, schedule=schedule)
+    kw = dict(lr=1.0, lr_final=0.1, warmup=4, total=21, schedule=schedule)  # steps 0..20
     assert [lr_at(s, **kw) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     end = lr_at(20, **kw)
     assert math.isclose(end, 1.0 if schedule == "constant" else 0.1)

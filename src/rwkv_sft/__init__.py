@@ -1,12 +1,13 @@
 """rwkv-sft: fine-tune RWKV-7 language models on context -> completion data."""
-from .model import RWKV7, RWKV7Config, RWKV7State
+import importlib
+
+# Imported on first use: the command line answers --help without loading torch.
+_LAZY = {"RWKV7": ".model", "RWKV7Config": ".model", "RWKV7State": ".model", "Tokenizer": ".tokenizer"}
 
 
 def __getattr__(name):
-    # The tokenizer loads its vocabulary on first use only.
-    if name == "Tokenizer":
-        from .tokenizer import Tokenizer
-        return Tokenizer
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'rwkv_sft' has no attribute {name!r}")
 
 

@@ -20,28 +20,44 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error (the usage is in --help)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(commands=None) -> argparse.ArgumentParser:
+    """The parser; the flags (and the modules) of `commands` only, all when None. Each command's
+    module is imported to add its flags, so `rwkv-sft CMD` imports CMD's module alone."""
+    parser = _Parser(
         prog="rwkv-sft",
         description="Fine-tune RWKV-7 models on context -> completion data; generate, evaluate, export.",
-        epilog="Multi-process: torchrun --nproc-per-node N -m rwkv_sft train ...")
+        epilog="Text flags (--prompt, --stop, --end-marker, bare --set values) understand the escapes \\n "
+               "(newline), \\t, \\r and \\\\ (one backslash: \\\\n is a backslash and an n). "
+               "Multi-process: torchrun --nproc-per-node N -m rwkv_sft train ...")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("rwkv_sft"):
-                continue  # a command whose module is not part of this build
-            raise
+        module = None
+        if commands is None or name in commands:
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as e:
+                if e.name and e.name.startswith("rwkv_sft"):
+                    continue  # a command whose module is not part of this build
+                raise
         p = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        if module is not None:
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
     return parser
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[:1])  # the command comes first; `rwkv-sft --help` needs no module
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or an argument error (2), already printed: the exit code
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

@@ -5,7 +5,8 @@ change without re-tokenizing): ids (uint16 when the vocabulary fits), one loss f
 index [n, 3] = (start, context length, stop) and each example's line. The key hashes the file's
 bytes, the tokenizer's identity and the settings that change tokens (format, field names, end
 marker). Invalid rows are counted in the entry (with the first error's message), so the same
-entry serves runs with and without skip_invalid.
+entry serves runs with and without skip_invalid; so are text fields the format does not read
+(allow_unused_fields).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import numpy as np
 from ..errors import UserError
 from .formats import END, Invalid, check_file, make_renderer, read_records
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: chat turns end with "\n\n", Alpaca, ShareGPT
 CHUNK = 2048  # records rendered and tokenized together
 _PROBE = "Hello, World! 你好 123 \n\n\t ünïcödé 🙂 User: Assistant:"
 
@@ -61,7 +62,8 @@ class Shard:
     flags: np.ndarray   # [total tokens] bool: carries loss
     index: np.ndarray   # [n, 3] int64: start, context length, stop
     lines: np.ndarray   # [n] int64
-    meta: dict          # skipped {reason: n}, first_error ("line: problem"), empty_context, cached
+    meta: dict          # skipped {reason: n}, first_error ("line: problem"), empty_context, cached,
+                        # unused_fields {name: rows}, first_unused ("line: problem")
 
 
 # -- tokenizing ---------------------------------------------------------------------------------
@@ -72,15 +74,17 @@ def _encode_all(tokenizer, texts):
 
 
 def tokenize_bytes(path, data, tokenizer, *, fmt="auto", context_field=None, completion_field=None,
-                   end_marker="eos", skip_invalid=False, progress=None) -> Shard:
+                   end_marker="eos", skip_invalid=False, allow_unused_fields=False, progress=None) -> Shard:
     """Parse, render and tokenize one file's bytes. Raises UserError("path:line: problem") on the
-    first invalid row unless skip_invalid, which counts them by reason instead."""
+    first invalid row unless skip_invalid, which counts them by reason instead, and on the first
+    record with a text field its format does not read unless allow_unused_fields (counted then)."""
     end_ids = end_marker_ids(tokenizer, end_marker)
     end_is_separator = end_ids == list(tokenizer.encode("\n\n"))
     eos = getattr(tokenizer, "eos_id", 0)
     dtype = np.uint16 if getattr(tokenizer, "vocab_size", 1 << 16) <= (1 << 16) else np.int32
     ids, flags, index, lines = [], [], [], []  # per chunk: numpy arrays / lists
     skipped, first_error, empty_context, total = {}, None, 0, 0
+    unused, first_unused = {}, None
     total_lines, done_lines = data.count(b"\n") + 1, 0
 
     def invalid(line, e):
@@ -130,9 +134,19 @@ def tokenize_bytes(path, data, tokenizer, *, fmt="auto", context_field=None, com
             invalid(line, record)
             continue
         try:
-            chunk.append((line, render(record)))
+            rendered = render(record)
         except Invalid as e:
             invalid(line, e)
+            continue
+        if rendered.unused:
+            problem = (f"{line}: field {rendered.unused[0]!r} holds text that the {rendered.kind} format does not "
+                       "read (--allow-unused-fields ignores such fields)")
+            if not allow_unused_fields:
+                raise UserError(f"{path}:{problem}")
+            first_unused = first_unused or problem
+            for name in rendered.unused:
+                unused[name] = unused.get(name, 0) + 1
+        chunk.append((line, rendered))
         if len(chunk) >= CHUNK:
             flush(chunk)
             chunk = []
@@ -143,7 +157,8 @@ def tokenize_bytes(path, data, tokenizer, *, fmt="auto", context_field=None, com
         progress(len(data) * (total_lines - done_lines) / total_lines)
     return Shard(path, np.concatenate(ids), np.concatenate(flags), np.asarray(index, dtype=np.int64).reshape(-1, 3),
                  np.asarray(lines, dtype=np.int64), {"skipped": skipped, "first_error": first_error,
-                                                     "empty_context": empty_context})
+                                                     "empty_context": empty_context, "unused_fields": unused,
+                                                     "first_unused": first_unused})
 
 
 # -- the cache ----------------------------------------------------------------------------------
@@ -204,15 +219,20 @@ def _write_entry(entry, shard: Shard) -> None:
 
 
 def load_or_tokenize(path, tokenizer, cache_dir, *, tokenizer_id=None, progress=None, skip_invalid=False,
-                     **settings) -> Shard:
+                     allow_unused_fields=False, **settings) -> Shard:
     """The cached Shard of `path`, building it first if needed. Re-raises a cached entry's first
-    error unless skip_invalid."""
+    error unless skip_invalid, and its first unused text field unless allow_unused_fields."""
     check_file(path)
     with open(path, "rb") as f:
         data = f.read()
     key = cache_key(data, tokenizer_id or tokenizer_identity(tokenizer), settings)
     entry = os.path.join(cache_dir, key)
-    os.makedirs(cache_dir, exist_ok=True)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        open(entry + ".lock", "a").close()
+    except OSError as e:
+        raise UserError(f"data cache {cache_dir}: cannot write there ({e.strerror}); set RWKV_SFT_CACHE to a "
+                        f"writable directory") from None
     with _file_lock(entry + ".lock"):
         if os.path.isdir(entry):
             shard = _read_entry(entry, path)
@@ -221,9 +241,12 @@ def load_or_tokenize(path, tokenizer, cache_dir, *, tokenizer_id=None, progress=
                 progress(len(data))
         else:
             # Without skip_invalid the first bad row raises here and nothing is written.
-            shard = tokenize_bytes(path, data, tokenizer, skip_invalid=skip_invalid, progress=progress, **settings)
+            shard = tokenize_bytes(path, data, tokenizer, skip_invalid=skip_invalid,
+                                   allow_unused_fields=allow_unused_fields, progress=progress, **settings)
             _write_entry(entry, shard)
             shard.meta["cached"] = False
     if not skip_invalid and shard.meta.get("first_error"):
         raise UserError(f"{path}:{shard.meta['first_error']}")
+    if not allow_unused_fields and shard.meta.get("first_unused"):
+        raise UserError(f"{path}:{shard.meta['first_unused']}")
     return shard

@@ -4,11 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
-import numpy as np
-
+from ..cli_args import add_data_arguments, data_config, number
 from ..errors import UserError
-from .config import DataConfig
-from .prepare import prepare_data
 
 LOSS_OPEN, LOSS_CLOSE = "⟦", "⟧"            # plain output: loss tokens inside the brackets
 ANSI_LOSS, ANSI_RESET = "\x1b[1;32m", "\x1b[0m"  # a terminal: loss tokens in bold green
@@ -17,17 +14,12 @@ EOS_TEXT = "<eos>"
 
 def add_arguments(p):
     p.add_argument("files", nargs="+", metavar="FILE", help='data files ("path", "path:weight" or "path*count")')
-    p.add_argument("--max-len", type=int, default=1024, help="tokens per example after truncation (default 1024)")
-    p.add_argument("--format", default="auto", choices=["auto", "completion", "chat", "text"])
-    p.add_argument("--context-field", default=None, help="default: context / prompt / input")
-    p.add_argument("--completion-field", default=None, help="default: completion / response / output")
-    p.add_argument("--end-marker", default="eos", help='"eos" (token 0) or a string such as "\\n\\n"')
-    p.add_argument("--anchor-fraction", type=float, default=0.25)
+    add_data_arguments(p.add_argument_group("data (as in train)"))
     show = p.add_mutually_exclusive_group()
-    show.add_argument("--show", type=int, default=2, metavar="N", help="render the first N examples (default 2)")
-    show.add_argument("--example", type=int, default=None, metavar="I", help="render example I only")
+    show.add_argument("--show", type=number(int, min=0), default=2, metavar="N",
+                      help="render the first N examples (default 2)")
+    show.add_argument("--example", type=number(int, min=0), default=None, metavar="I", help="render example I only")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
-    p.add_argument("--skip-invalid", action="store_true", help="skip invalid rows (counted by reason)")
     p.add_argument("--cache-dir", default=None, help="tokenization cache (default ~/.cache/rwkv_sft/data)")
 
 
@@ -72,14 +64,19 @@ def _stats_text(report) -> str:
                     if over else ")"))
     lines.append(f"truncated: {cuts['context_trimmed']} context trimmed, {cuts['completion_cut']} completion cut, "
                  f"{cuts['empty_context']} empty contexts (became token 0)")
+    if report["unused_fields"]:
+        from .prepare import format_unused
+        lines.append(f"ignored text fields: {format_unused(report['unused_fields'])}")
     return "\n".join(lines)
 
 
 def run(args) -> int:
+    import numpy as np
+
     from ..tokenizer import Tokenizer
-    config = DataConfig(list(args.files), format=args.format, context_field=args.context_field,
-                        completion_field=args.completion_field, max_len=args.max_len, end_marker=args.end_marker,
-                        anchor_fraction=args.anchor_fraction, skip_invalid=args.skip_invalid)
+    from .prepare import prepare_data
+
+    config = data_config(args, args.files)
     tokenizer = Tokenizer()
     data = prepare_data(config, tokenizer, cache_dir=args.cache_dir, show_progress=False)
     examples = data.train
@@ -92,7 +89,7 @@ def run(args) -> int:
             raise UserError(f"--example {args.example}: there are {len(examples)} examples (0..{len(examples) - 1})")
         chosen = [args.example]
     else:
-        chosen = range(min(max(args.show, 0), len(examples)))
+        chosen = range(min(args.show, len(examples)))
     color = sys.stdout.isatty()
     for i in chosen:
         path, line = examples.origin(i)

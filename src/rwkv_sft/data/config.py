@@ -1,12 +1,13 @@
 """DataConfig and the "path", "path:weight", "path*count" file specifications."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
 from ..errors import UserError
 
-FORMATS = ("auto", "completion", "chat", "text")
+FORMATS = ("auto", "completion", "alpaca", "chat", "text")
 
 
 @dataclass
@@ -14,13 +15,14 @@ class DataConfig:
     train_files: list[str]
     eval_files: list[str] = field(default_factory=list)
     eval_fraction: float = 0.0      # held-out fraction of train (deterministic by seed)
-    format: str = "auto"            # auto | completion | chat | text
+    format: str = "auto"            # auto | completion | alpaca | chat | text (chat: messages or ShareGPT)
     context_field: str | None = None      # default: context / prompt / input
     completion_field: str | None = None   # default: completion / response / output
     max_len: int = 1024             # tokens per example after truncation (incl. end marker)
     end_marker: str = "eos"         # "eos" -> token 0; any other string -> its tokens
     anchor_fraction: float = 0.25
     skip_invalid: bool = False
+    allow_unused_fields: bool = False  # text fields the format does not read: counted, not an error
     seed: int = 0
 
     def __post_init__(self):
@@ -40,6 +42,11 @@ class DataConfig:
             raise UserError("give either eval_files or eval_fraction, not both")
         if not self.end_marker:
             raise UserError("end_marker must not be empty")
+        for name in ("context_field", "completion_field"):
+            if getattr(self, name) == "":
+                raise UserError(f"{name} must not be empty (leave it out for the default fields)")
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"seed must be in [0, 2**63), got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,6 @@ def parse_file_spec(spec: str) -> FileSpec:
     if not m:
         return FileSpec(spec)
     weight = float(m["weight"]) if m["weight"] is not None else float(m["count"])
-    if weight <= 0:
-        raise UserError(f"{spec}: the weight or count of a file must be positive")
+    if not 0 < weight < math.inf:
+        raise UserError(f"{spec}: the weight or count of a file must be a positive finite number")
     return FileSpec(m["path"], weight)

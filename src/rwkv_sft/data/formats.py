@@ -6,13 +6,22 @@ exactly as given: put any separator (a space, "\\n", "Answer:") at the end of th
 Each segment is tokenized on its own, so a loss boundary is always a token boundary, and a
 prompt tokenized alone at inference time matches what the model saw in training.
 
-Chat ({"messages": [{"role", "content"}, ...]}) uses RWKV's chat format:
-    System: ...\\n\\nUser: ...\\n\\nAssistant: ...<END>
-Loss is on " " + content + END of EVERY assistant turn ("Assistant:" itself carries none). When
-the end marker is not "\\n\\n", a "\\n\\n" (no loss) separates the END from the next turn. Turns
-after the last assistant turn teach nothing and are left out. The last assistant reply is the
-"completion" for truncation; everything before it is the "context" (earlier replies keep their loss).
-Plain text ({"text": ...}) is text + END with loss on every token after the first.
+Chat ({"messages": [{"role", "content"}, ...]} or ShareGPT's {"conversations": [{"from",
+"value"}, ...]}) is the text RWKV chat front-ends (ChatRWKV, RWKV-Runner) feed the model:
+    System: ...\\n\\nUser: ...\\n\\nAssistant: ...\\n\\nUser: ...\\n\\nAssistant: ...\\n\\n<END>
+Each reply ends with "\\n\\n" (where the front-ends stop); loss is on " " + reply + "\\n\\n" of
+EVERY assistant turn ("Assistant:" itself carries none), and the end marker follows the last
+reply only (none is added when the end marker is "\\n\\n" itself). Turns after the last assistant
+turn teach nothing and are left out. The last assistant reply is the "completion" for
+truncation; everything before it is the "context" (earlier replies keep their loss).
+Alpaca ({"instruction", "input", "output"}) uses the RWKV instruction prompt
+    Instruction: ...\\n\\nInput: ...\\n\\nResponse:     (the Input part only when input is not empty)
+with " " + output + END as the completion. In chat and Alpaca every text is cleaned as the
+front-ends clean it (`clean_text`). Plain text ({"text": ...}) is text + END with loss on every
+token after the first.
+
+A record's string field that holds text and that its format does not read is reported in
+`Rendered.unused`: the caller refuses it or counts it, never drops it unseen.
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ import csv
 import io
 import json
 import os
+import re
 from dataclasses import dataclass
 
 from ..errors import UserError
@@ -28,7 +38,11 @@ END = None  # placeholder for the end marker's tokens in a segment list
 
 CONTEXT_FIELDS = ("context", "prompt", "input")
 COMPLETION_FIELDS = ("completion", "response", "output")
+CHAT_FIELDS = ("messages", "conversations")          # OpenAI-style, ShareGPT
+ALPACA_FIELDS = ("instruction", "input", "output")
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+ROLE_ALIASES = {"human": "user", "gpt": "assistant"}  # ShareGPT's "from" values
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 class Invalid(Exception):
@@ -44,6 +58,8 @@ class Rendered:
     context: list      # [(text, loss)]
     completion: list   # [(text | END, loss)]
     first_token_is_context: bool = False  # plain text: the first token is the context
+    unused: tuple = ()  # names of the record's text fields that the format did not read
+    kind: str = ""      # the format the record was read as
 
 
 # -- containers ---------------------------------------------------------------------------------
@@ -67,16 +83,27 @@ def container_of(path: str, data: bytes) -> str:
 
 
 def read_records(path: str, data: bytes):
-    """Yield (line number, record dict or Invalid) for every example of a file's bytes."""
+    """Yield (line number, record dict or Invalid) for every example of a file's bytes.
+
+    A UTF-8 byte order mark (spreadsheet "CSV UTF-8" exports, Windows editors) is skipped, and
+    CRLF line ends read as LF."""
+    data = data.removeprefix(UTF8_BOM)
     kind = container_of(path, data)
     if kind == "parquet":
         yield from _parquet_records(path)
+        return
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        yield 1, Invalid("invalid UTF-8", "UTF-16 text (save the file as UTF-8)")
         return
     if not data.strip():
         yield 1, Invalid("empty file")
         return
     if kind == "jsonl":
-        yield from _jsonl_records(data)
+        for i, (line, record) in enumerate(_jsonl_records(data)):
+            if i == 0 and isinstance(record, Invalid) and _spans_lines(data):
+                raise UserError(f"{path}: a JSON file must be an array of objects (or use JSON Lines: "
+                                f"one object per line)")
+            yield line, record
         return
     try:
         text = data.decode("utf-8")
@@ -87,6 +114,16 @@ def read_records(path: str, data: bytes):
         yield from _json_array_records(text)
     else:
         yield from _csv_records(text, "\t" if kind == "tsv" else ",")
+
+
+def _spans_lines(data: bytes) -> bool:
+    """True when the file starts with one JSON value written over several lines (pretty-printed)."""
+    try:
+        text = data.decode("utf-8").lstrip()
+        _, end = json.JSONDecoder().raw_decode(text)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return "\n" in text[:end]
 
 
 def _jsonl_records(data: bytes):
@@ -151,6 +188,7 @@ def _json_array_records(text: str):
 
 
 def _csv_records(text: str, delimiter: str):
+    text = text.replace("\r\n", "\n")  # also inside quoted fields: a file saved with CRLF reads as with LF
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         reader.fieldnames  # reads the header
@@ -181,6 +219,17 @@ def _parquet_records(path: str):
 
 # -- records -> segments ------------------------------------------------------------------------
 
+def clean_text(text: str) -> str:
+    """Text of a chat turn or an Alpaca field as RWKV's chat front-ends send it: CRLF -> LF, blank
+    lines collapsed to one newline ("\\n\\n" ends a turn), surrounding whitespace stripped."""
+    return re.sub(r"\n{2,}", "\n", text.replace("\r\n", "\n").replace("\r", "\n")).strip()
+
+
+def chat_prompt(message: str) -> str:
+    """A single user message as a chat prompt, ready for the model to continue with its reply."""
+    return f"User: {clean_text(message)}\n\nAssistant:"
+
+
 def _string(record, name):
     if name not in record:
         raise Invalid("missing field", f"missing field {name!r}")
@@ -190,11 +239,17 @@ def _string(record, name):
     return value
 
 
+def unused_text_fields(record: dict, used) -> tuple:
+    """Fields holding non-blank text that a format reading only `used` would lose."""
+    return tuple(k for k, v in record.items() if k not in used and isinstance(v, str) and v.strip())
+
+
 def make_renderer(fmt: str = "auto", context_field=None, completion_field=None, end_is_separator: bool = False):
     """Return render(record) -> Rendered (or raise Invalid) for these settings."""
     context_fields = (context_field,) if context_field else CONTEXT_FIELDS
     completion_fields = (completion_field,) if completion_field else COMPLETION_FIELDS
     known = frozenset(context_fields + completion_fields)
+    explicit = frozenset(f for f in (context_field, completion_field) if f)
 
     def pick(record, names):
         for name in names:
@@ -202,28 +257,42 @@ def make_renderer(fmt: str = "auto", context_field=None, completion_field=None, 
                 return name
         return names[0]  # missing: _string names it
 
+    def detect(record):
+        if not explicit.isdisjoint(record):  # fields the user named win over any guess
+            return "completion"
+        if "instruction" in record:
+            return "alpaca"
+        if not known.isdisjoint(record):
+            return "completion"
+        if any(f in record for f in CHAT_FIELDS):
+            return "chat"
+        if "text" in record:
+            return "text"
+        raise Invalid("missing field", "no known fields (expected context/completion, prompt/response, "
+                      "input/output, instruction/output, messages, conversations or text)")
+
     def render(record) -> Rendered:
         if not isinstance(record, dict):
             raise Invalid("not an object", f"expected a JSON object, got {type(record).__name__}")
-        kind = fmt
-        if kind == "auto":
-            kind = ("completion" if not known.isdisjoint(record) else "chat" if "messages" in record
-                    else "text" if "text" in record else None)
-            if kind is None:
-                raise Invalid("missing field", "no known fields (expected context/completion, prompt/response, "
-                              "input/output, messages or text)")
+        kind = detect(record) if fmt == "auto" else fmt
         if kind == "completion":
-            context = _string(record, pick(record, context_fields))
-            completion = _string(record, pick(record, completion_fields))
+            used = (pick(record, context_fields), pick(record, completion_fields))
+            context, completion = (_string(record, name) for name in used)
             if not completion:
                 raise Invalid("empty completion")
-            return Rendered([(context, False)], [(completion, True), (END, True)])
-        if kind == "text":
+            r = Rendered([(context, False)], [(completion, True), (END, True)])
+        elif kind == "text":
+            used = ("text",)
             text = _string(record, "text")
             if not text:
                 raise Invalid("empty text")
-            return Rendered([], [(text, True), (END, True)], first_token_is_context=True)
-        return _render_chat(record, end_is_separator)
+            r = Rendered([], [(text, True), (END, True)], first_token_is_context=True)
+        elif kind == "alpaca":
+            used, r = ALPACA_FIELDS, _render_alpaca(record)
+        else:
+            used, r = (_chat_field(record),), _render_chat(record, end_is_separator)
+        r.unused, r.kind = unused_text_fields(record, used), kind
+        return r
 
     return render
 
@@ -233,19 +302,47 @@ def render(record, fmt="auto", context_field=None, completion_field=None, end_is
     return make_renderer(fmt, context_field, completion_field, end_is_separator)(record)
 
 
-def _render_chat(record, end_is_separator: bool) -> Rendered:
-    messages = record.get("messages")
+def _render_alpaca(record) -> Rendered:
+    instruction = clean_text(_string(record, "instruction"))
+    given = record.get("input")
+    inp = "" if given is None else clean_text(_string(record, "input"))  # optional; null = none
+    output = clean_text(_string(record, "output"))
+    if not instruction:
+        raise Invalid("empty instruction")
+    if not output:
+        raise Invalid("empty completion")
+    prompt = f"Instruction: {instruction}\n\n" + (f"Input: {inp}\n\n" if inp else "") + "Response:"
+    return Rendered([(prompt, False)], [(" " + output, True), (END, True)])
+
+
+def _chat_field(record):
+    return next((f for f in CHAT_FIELDS if f in record), None)
+
+
+def _chat_turns(record) -> list:
+    """[(role, text)] of an OpenAI-style "messages" or a ShareGPT "conversations" list."""
+    key = _chat_field(record)
+    if key is None:
+        raise Invalid("missing field", "missing field 'messages' (or 'conversations')")
+    messages = record[key]
     if not isinstance(messages, list):
-        raise Invalid("missing field" if messages is None else "bad messages",
-                      "missing field 'messages'" if messages is None else "'messages' must be a list")
+        raise Invalid("bad messages", f"{key!r} must be a list")
+    role_key, text_key = ("role", "content") if key == "messages" else ("from", "value")
     turns = []
     for k, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise Invalid("bad messages", f"message {k} must be an object with string 'role' and 'content'")
-        role = m["role"].lower()
+        if not isinstance(m, dict) or not isinstance(m.get(role_key), str) or not isinstance(m.get(text_key), str):
+            raise Invalid("bad messages", f"{key} item {k} must be an object with string {role_key!r} and {text_key!r}")
+        role = m[role_key].lower()
+        role = ROLE_ALIASES.get(role, role)
         if role not in ROLES:
-            raise Invalid("bad messages", f"message {k} has unknown role {m['role']!r} (expected system, user, assistant)")
-        turns.append((role, m["content"]))
+            raise Invalid("bad messages", f"{key} item {k} has unknown {role_key} {m[role_key]!r} "
+                          "(expected system, user/human, assistant/gpt)")
+        turns.append((role, clean_text(m[text_key])))
+    return turns
+
+
+def _render_chat(record, end_is_separator: bool) -> Rendered:
+    turns = _chat_turns(record)
     last = max((k for k, (role, _) in enumerate(turns) if role == "assistant"), default=None)
     if last is None:
         raise Invalid("no assistant turn", "chat has no assistant turn")
@@ -258,7 +355,7 @@ def _render_chat(record, end_is_separator: bool) -> Rendered:
             raise Invalid("empty completion", f"assistant message {k} is empty")
         if k == last:
             split = len(segments) + 1
-        segments += [("Assistant:", False), (" " + content, True), (END, True)]
-        if k != last and not end_is_separator:
-            segments.append(("\n\n", False))
+        segments += [("Assistant:", False), (" " + content + "\n\n", True)]
+    if not end_is_separator:  # the reply's own "\n\n" already is the end marker otherwise
+        segments.append((END, True))
     return Rendered(segments[:split], segments[split:])

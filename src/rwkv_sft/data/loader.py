@@ -33,6 +33,7 @@ class BatchLoader:
         self.row_len = int(min(batch_tokens, self.positions.max(initial=1)))
         self.rows_per_batch = max(1, min(self.max_batch_size, batch_tokens // self.row_len))
         self._plan_cache = (None, None)
+        self._loss_counts = None
 
     # -- the plan: batches -> rows -> example indices, identical on every rank --------------------
     def plan(self, epoch: int) -> list[list[list[int]]]:
@@ -80,6 +81,13 @@ class BatchLoader:
                 rows.append([i])
                 free = np.append(free, self.row_len - p)
         return batches + [rows[k:k + self.rows_per_batch] for k in range(0, len(rows), self.rows_per_batch)]
+
+    def batch_loss_tokens(self, epoch: int) -> np.ndarray:
+        """Loss tokens of every global batch of `epoch`, in plan order (what collate would count)."""
+        if self._loss_counts is None:
+            self._loss_counts = self.examples.loss_counts
+        return np.array([sum(int(self._loss_counts[i]) for row in batch for i in row) for batch in self.plan(epoch)],
+                        dtype=np.int64)
 
     # -- this rank's share -------------------------------------------------------------------------
     def num_batches(self, epoch: int) -> int:

@@ -39,7 +39,8 @@ def _load_shards(specs, config, tokenizer, cache_dir, show_progress):
     tok_id = tokenizer_identity(tokenizer)
     try:
         return [load_or_tokenize(s.path, tokenizer, cache_dir, tokenizer_id=tok_id, progress=update,
-                                 skip_invalid=config.skip_invalid, **settings) for s in specs]
+                                 skip_invalid=config.skip_invalid, allow_unused_fields=config.allow_unused_fields,
+                                 **settings) for s in specs]
     finally:
         if bar is not None:
             bar.close()
@@ -106,11 +107,12 @@ def _stats(examples: TokenizedExamples | None) -> dict:
             "length": {"min": int(lengths.min()), "p50": pct[0], "p90": pct[1], "p99": pct[2], "max": int(lengths.max())}}
 
 
-def format_report(report: dict) -> str:
-    """One human line: examples, tokens, loss tokens, cuts, skipped rows."""
+def format_report(report: dict, role: str = "train") -> str:
+    """One human line: examples, tokens, loss tokens, cuts, skipped rows. `role` names what the
+    examples are for ("train"; "eval" when a command only evaluates them)."""
     train, ev = report["train"], report["eval"]
     cuts = report["truncated"]
-    parts = [f"{train['examples']} train examples ({train['tokens']} tokens, {train['loss_tokens']} with loss)"]
+    parts = [f"{train['examples']} {role} examples ({train['tokens']} tokens, {train['loss_tokens']} with loss)"]
     if ev["examples"]:
         parts.append(f"{ev['examples']} eval examples")
     parts.append(f"truncated: {cuts['context_trimmed']} context, {cuts['completion_cut']} completion "
@@ -118,11 +120,21 @@ def format_report(report: dict) -> str:
                  f"{cuts['longest']} tokens); {cuts['empty_context']} empty contexts")
     if report["skipped"]:
         parts.append("skipped: " + ", ".join(f"{n} {reason}" for reason, n in sorted(report["skipped"].items())))
+    if report["unused_fields"]:
+        parts.append(f"WARNING: ignored text fields: {format_unused(report['unused_fields'])}")
     return "; ".join(parts)
 
 
-def prepare_data(config: DataConfig, tokenizer=None, cache_dir=None, show_progress=True) -> "PreparedData":
-    """Parse -> tokenize (cached, shared by every process) -> truncate. See DESIGN.md section 4."""
+def format_unused(counts: dict) -> str:
+    return ", ".join(f"{name!r} in {n} rows" for name, n in sorted(counts.items()))
+
+
+def prepare_data(config: DataConfig, tokenizer=None, cache_dir=None, show_progress=True,
+                 role: str = "train", show_report=None) -> "PreparedData":
+    """Parse -> tokenize (cached, shared by every process) -> truncate. See DESIGN.md section 4.
+    `role` only names the examples in the printed summary. `show_progress`: a tokenizing bar;
+    `show_report` (default: show_progress): the one-line summary of examples, truncation and
+    skipped rows on stderr."""
     if tokenizer is None:
         from ..tokenizer import Tokenizer
         tokenizer = Tokenizer()
@@ -143,14 +155,16 @@ def prepare_data(config: DataConfig, tokenizer=None, cache_dir=None, show_progre
         evaluation.weights[:] = 1.0
     if len(train) == 0:
         raise UserError(f"no valid training examples in {', '.join(s.path for s in train_specs)}")
-    skipped = {}
+    skipped, unused = {}, {}
     for shard in shards:
         for reason, n in shard.meta["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
+        for name, n in shard.meta["unused_fields"].items():
+            unused[name] = unused.get(name, 0) + n
     report = {"train": _stats(train), "eval": _stats(evaluation), "truncated": counts, "skipped": skipped,
-              "max_len": config.max_len,
+              "unused_fields": unused, "max_len": config.max_len,
               "files": [{"path": s.path, "examples": len(s.index), "skipped": s.meta["skipped"],
                          "cached": s.meta.get("cached", False)} for s in shards]}
-    if show_progress and (_distributed_rank() or 0) == 0:  # one summary per run, not per rank
-        print(f"data: {format_report(report)}", file=sys.stderr)
+    if (show_progress if show_report is None else show_report) and (_distributed_rank() or 0) == 0:  # once per run
+        print(f"data: {format_report(report, role)}", file=sys.stderr)
     return PreparedData(train, evaluation, report)

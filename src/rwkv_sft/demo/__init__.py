@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
+from ..cli_args import number
 
 DATA_DIR = Path(__file__).resolve().parent
 TRAIN_FILE = DATA_DIR / "dates_train.jsonl"
@@ -30,16 +30,19 @@ def demo_config(out_dir, steps: int = STEPS, seed: int = 0, progress: bool = Tru
         max_steps=steps, batch_tokens=512, packing=False,  # ~32 examples of 16 positions per step
         lr=3e-3, lr_final=3e-4, warmup_steps=min(20, steps // 5), schedule="cosine",
         eval_every=max(1, steps // 4), eval_exact_match=200, wkv_backend="chunked",
-        export=["pth"], tensorboard=False, seed=seed, device="cpu", progress=progress)
+        export=["pth"], tensorboard=False, seed=seed, device="cpu", progress=progress,
+        overwrite=True)  # every demo is a fresh run
 
 
 def add_arguments(p) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps instead of {STEPS} (a smoke test)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --quick)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's, one per core)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--samples", type=int, default=5, help="held-out completions to show (default: 5)")
+    p.add_argument("--steps", type=number(int, min=1), default=None, metavar="N", help="optimizer steps (overrides --quick)")
+    p.add_argument("--threads", type=number(int, min=1), default=None, metavar="N",
+                   help="CPU threads for PyTorch (default: PyTorch's, one per core)")
+    p.add_argument("--seed", type=number(int, min=0, max=2**63 - 1), default=0, metavar="N")
+    p.add_argument("--samples", type=number(int, min=0), default=5, metavar="K",
+                   help="held-out completions to show (default: 5)")
     p.add_argument("--method", choices=["full", "lora", "state"], default="full",
                    help="full: train from scratch (default); lora / state: adapt the demo model (--base) to "
                         "a new output style with its weights frozen (into runs/demo-METHOD)")
@@ -52,7 +55,22 @@ def _show(title: str, ev: dict) -> None:
           flush=True)
 
 
+def _log_before(result, before: dict) -> None:
+    """The untrained model's evaluation as step 0 of the run's log and plot."""
+    import json
+
+    from ..train.metrics import plot_metrics
+    from ..utils import atomic_write
+    record = {"kind": "eval", "step": 0, "time": time.time(),
+              **{k: v for k, v in before.items() if isinstance(v, (int, float))}}
+    with atomic_write(result.metrics_path) as tmp:
+        tmp.write_text(json.dumps(record) + "\n" + result.metrics_path.read_text())
+    plot_metrics(result.metrics_path, result.plot_path)
+
+
 def run(args) -> int:
+    import torch
+
     threads = torch.get_num_threads()
     args.threads = args.threads or threads
     torch.set_num_threads(args.threads)
@@ -66,6 +84,8 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
+    import torch
+
     from ..data import prepare_data
     from ..model import RWKV7, RWKV7Config
     from ..tokenizer import Tokenizer
@@ -76,7 +96,6 @@ def _run(args) -> int:
     steps = args.steps or (QUICK_STEPS if args.quick else STEPS)
     out = Path(args.out)
     config = demo_config(out, steps, args.seed)
-    (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run: do not append to an old curve
 
     tokenizer = Tokenizer()
     data = prepare_data(config.data, tokenizer=tokenizer, show_progress=False)
@@ -89,11 +108,8 @@ def _run(args) -> int:
     before = evaluate(model, data.eval, tokenizer, batch_tokens=config.batch_tokens,
                       exact_match_samples=config.eval_exact_match)
     _show("before training", before)
-    from ..train.metrics import MetricsLogger
-    with MetricsLogger(out, enabled=True, tensorboard=False) as log:  # step 0 of the plot
-        log.log("eval", 0, **{k: v for k, v in before.items() if isinstance(v, (int, float))})
-
     result = train(config, model=model, data=data, tokenizer=tokenizer)
+    _log_before(result, before)
     after = result.eval
     _show("before training", before)
     _show("after training", after)

@@ -51,7 +51,6 @@ def run(args) -> int:
         _run(args_base)
         print(flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
     data_cfg = DataConfig(train_files=[str(write_task(TRAIN_FILE, out / "american_train.jsonl"))],
                           eval_files=[str(write_task(HELDOUT_FILE, out / "american_heldout.jsonl"))],
                           max_len=64, seed=args.seed)
@@ -60,7 +59,8 @@ def run(args) -> int:
         data=data_cfg, model=str(base), out_dir=str(out), max_steps=steps, batch_tokens=512, packing=False,
         lora_rank=LORA_RANK if method == "lora" else 0, state_tuning=method == "state",
         warmup_steps=min(10, steps // 5), eval_every=max(1, steps // 4), eval_exact_match=200,
-        wkv_backend="chunked", tensorboard=False, seed=args.seed, device="cpu", progress=True)
+        wkv_backend="chunked", tensorboard=False, seed=args.seed, device="cpu", progress=True,
+        overwrite=True)  # every demo is a fresh run
     config.validate()  # the method's default learning rate
     tokenizer = Tokenizer()
     data = prepare_data(data_cfg, tokenizer=tokenizer, show_progress=False)

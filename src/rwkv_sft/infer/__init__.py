@@ -1,0 +1,5 @@
+"""Generation (infer.generate) and the `generate` command (infer.cli)."""
+
+# A sampling temperature below this is greedy decoding: dividing logits by a tinier one overflows
+# (NaN probabilities), and a temperature this small already picks the most likely token.
+GREEDY_BELOW = 1e-4

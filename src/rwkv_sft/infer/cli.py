@@ -1,36 +1,33 @@
 """`rwkv-sft generate`: continue a prompt with a model, streaming the text to stdout."""
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
+from ..cli_args import ESCAPES_HELP, number, unescape
+from ..data.formats import chat_prompt
 from ..errors import UserError
-from ..utils import resolve_device
-
-CHAT_TEMPLATE = "User: {prompt}\n\nAssistant:"
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
-
-
-def unescape(s: str) -> str:
-    r"""`\n`, `\t`, `\r` and `\\` typed on a command line -> the characters (a shell cannot easily pass them)."""
-    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], s)
+from . import GREEDY_BELOW
 
 
 def add_arguments(p):
-    p.add_argument("--model", required=True, help=".pth (BlinkDL layout) or .safetensors checkpoint")
+    p.add_argument("--model", required=True, help=".pth (BlinkDL layout), .safetensors, or a training checkpoint OUT/checkpoints/step_N")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="prompt text ('-' reads stdin; without any prompt option, stdin is read "
-                                      "when it is not a terminal)")
-    src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
-    p.add_argument("--chat", action="store_true", help=f"wrap the prompt as {CHAT_TEMPLATE!r}")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default 0 = off)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="stop when this text appears (repeatable; \\n, \\t escapes understood; default '\\n\\n')")
+    src.add_argument("--prompt", type=unescape, metavar="TEXT",
+                     help=f"prompt text ({ESCAPES_HELP}; '-' reads stdin; without any prompt option, stdin is read "
+                          "when it is not a terminal)")
+    src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file (taken as it is, no escapes)")
+    p.add_argument("--chat", action="store_true", help=f"wrap the prompt as {chat_prompt('PROMPT')!r}, as chat training data is rendered")
+    p.add_argument("--max-new-tokens", type=number(int, min=0), default=256, metavar="N", help="(default 256)")
+    p.add_argument("--temperature", type=number(float, min=0), default=1.0, metavar="T",
+                   help=f"0 (or below {GREEDY_BELOW:g}) = greedy (default 1.0)")
+    p.add_argument("--top-p", type=number(float, above=0, max=1), default=1.0, metavar="P",
+                   help="nucleus sampling mass in (0, 1] (default 1.0 = off)")
+    p.add_argument("--top-k", type=number(int, min=0), default=0, metavar="K",
+                   help="sample from the k most likely tokens (default 0 = off)")
+    p.add_argument("--seed", type=number(int, min=0, max=2**63 - 1), default=None, metavar="N")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT", type=unescape,
+                   help=f"stop when this text appears (repeatable; {ESCAPES_HELP}; default '\\n\\n')")
     p.add_argument("--no-stop", action="store_true", help="no stop strings: run to end-of-text or --max-new-tokens")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token (id 0)")
     p.add_argument("--adapter", metavar="FILE", help="adapter.safetensors of a parameter-efficient run on --model")
@@ -66,22 +63,15 @@ def run(args) -> int:
 
     from ..model import RWKV7
     from ..tokenizer import Tokenizer
+    from ..utils import resolve_device
     from .generate import generate
 
-    if args.max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        raise UserError(f"--top-k must be >= 0, got {args.top_k}")
-    stop = [] if args.no_stop else [unescape(s) for s in (args.stop or ["\\n\\n"])]
+    stop = [] if args.no_stop else (args.stop or ["\n\n"])
     if "" in stop:
         raise UserError("--stop: empty stop string (use --no-stop to generate without stop strings)")
     prompt = read_prompt(args)
     if args.chat:
-        prompt = CHAT_TEMPLATE.format(prompt=prompt)
+        prompt = chat_prompt(prompt)
 
     device = resolve_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]

@@ -7,12 +7,14 @@ decode many prompts greedily as a batch (exact-match evaluation).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
 
 from ..model.rwkv7 import RWKV7State
+from . import GREEDY_BELOW
 
 PREFILL_CHUNK = 4096  # prompt tokens per forward: bounds activation memory for long prompts
 
@@ -48,9 +50,9 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token [B] from logits [B,V]; temperature 0 is greedy (argmax)."""
+    """Next token [B] from logits [B,V]; temperature 0 (or below GREEDY_BELOW) is greedy (argmax)."""
     logits = logits.float()
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = filter_logits(logits / temperature, top_k, top_p)
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
@@ -59,8 +61,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
 def _check_sampling(max_new_tokens, temperature, top_p, top_k, stop):
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if not isinstance(top_k, int) or top_k < 0:

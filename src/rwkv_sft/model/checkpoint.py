@@ -27,8 +27,9 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory, expected a .pth or .safetensors checkpoint")
+    if path.is_dir():  # a training checkpoint, OUT/checkpoints/step_N
+        from ..train.checkpoint import model_weights
+        return model_weights(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import json
 
-from .checkpoint import infer_config, read_state_dict
-
 
 def add_arguments(p):
-    p.add_argument("checkpoint", help=".pth (BlinkDL layout) or .safetensors file")
+    p.add_argument("checkpoint", help=".pth (BlinkDL layout), .safetensors, or a training checkpoint OUT/checkpoints/step_N")
     p.add_argument("--json", action="store_true", help="print the configuration as JSON")
 
 
 def run(args) -> int:
+    from .checkpoint import infer_config, read_state_dict
+
     sd = read_state_dict(args.checkpoint)
     cfg = infer_config(sd, source=args.checkpoint)
     n_params = sum(t.numel() for t in sd.values())

@@ -1,24 +1,26 @@
 """`rwkv-sft convert IN OUT`: between .pth (BlinkDL layout) and .safetensors, optionally changing dtype."""
 from __future__ import annotations
 
-import torch
-
 from ..errors import UserError
-from .rwkv7 import RWKV7
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = ("bf16", "fp16", "fp32")
 
 
 def add_arguments(p):
     p.add_argument("source", help="input checkpoint (.pth or .safetensors)")
     p.add_argument("target", help="output file; the extension picks the format (.pth or .safetensors)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="store the weights in this dtype (default: unchanged)")
+    p.add_argument("--dtype", choices=DTYPES, help="store the weights in this dtype (default: unchanged)")
 
 
 def run(args) -> int:
     if not args.target.endswith((".pth", ".safetensors")):
         raise UserError(f"{args.target}: the output must end in .pth or .safetensors")
+    import torch
+
+    from .rwkv7 import RWKV7
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
     model = RWKV7.load(args.source)
-    model.save(args.target, dtype=DTYPES.get(args.dtype))
+    model.save(args.target, dtype=dtype)
     print(f"wrote {args.target}")
     return 0

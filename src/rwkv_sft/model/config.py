@@ -27,8 +27,8 @@ class RWKV7Config:
 
     def __post_init__(self):
         C = self.n_embd
-        if self.n_layer < 1 or C < 1 or self.vocab_size < 1:
-            raise ValueError(f"n_layer, n_embd and vocab_size must be positive, got {self}")
+        if self.n_layer < 1 or C < 1 or self.vocab_size < 1 or self.head_size < 1:
+            raise ValueError(f"n_layer, n_embd, vocab_size and head_size must be positive, got {self}")
         if C % self.head_size:
             raise ValueError(f"n_embd={C} is not a multiple of head_size={self.head_size}")
         root = math.sqrt(C)

@@ -196,13 +196,22 @@ class RWKV7(nn.Module):
 
         A single-token step multiplies a vector by each weight; on CPU, MKL streams a weight
         stored this way ~1.4x faster (the head at V=65536, C=768: 8.8 vs 12.6 ms), as the `rwkv`
-        package's loader arranges too. For processes that only run the model: training it
-        afterwards works but transposes every weight gradient each step.
+        package's loader arranges too. A decoding step without gradients switches to it by
+        itself on the CPU, and the next forward with gradients switches back (training_layout).
         """
+        return self._set_layout(decoding=True)
+
+    def training_layout(self) -> "RWKV7":
+        """Every projection matrix contiguous again (undoes decoding_layout)."""
+        return self._set_layout(decoding=False)
+
+    def _set_layout(self, decoding: bool) -> "RWKV7":
         with torch.no_grad():
             for module in self.modules():
                 if isinstance(module, nn.Linear):
-                    module.weight.data = module.weight.data.t().contiguous().t()
+                    w = module.weight.data
+                    module.weight.data = w.t().contiguous().t() if decoding else w.contiguous()
+        self._decoding_layout = decoding
         return self
 
     # -- state -----------------------------------------------------------------------------------
@@ -231,6 +240,8 @@ class RWKV7(nn.Module):
         """
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise ValueError(f"tokens must be a non-empty [B,T] tensor, got shape {tuple(tokens.shape)}")
+        if getattr(self, "_decoding_layout", False) and torch.is_grad_enabled():
+            self.training_layout()
         if rows is not None or (segment_len is not None and segment_len < tokens.shape[1]):
             return forward_segments(self.forward_hidden, tokens, state, resets, segment_len, rows, self.emb)
         B = tokens.shape[0]
@@ -258,6 +269,9 @@ class RWKV7(nn.Module):
         """tokens [B,T] -> (logits [B,T,V], state); with full_output=False only the last
         position's logits [B,V] (the head is applied to that one row). segment_len: as in
         `forward_hidden`."""
+        if tokens.dim() == 2 and tokens.shape[1] == 1 and resets is None and not torch.is_grad_enabled():
+            from ..infer.step import decode_step  # one token without autograd: the fused decoding step
+            return decode_step(self, tokens, state, full_output)
         rows = None
         if not full_output and segment_len is not None and segment_len < tokens.shape[-1]:
             rows = torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)

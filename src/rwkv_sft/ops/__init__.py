@@ -46,6 +46,27 @@ def resolve_backend(backend: str, device: torch.device, seq_len: int | None = No
         return "reference"
 
 
+def check_backend(backend: str, device: torch.device) -> None:
+    """A one-line UserError, before any work starts, when `backend` cannot run on `device`."""
+    from ..errors import UserError
+    if backend != "auto" and backend not in _BACKENDS:
+        raise UserError(f"unknown WKV-7 backend {backend!r}; choose from auto, {', '.join(_BACKENDS)}")
+    if backend in ("cuda", "fla") and device.type != "cuda":
+        raise UserError(f"the {backend} WKV-7 backend needs a CUDA GPU, but this runs on {device.type} "
+                        f"(use --wkv-backend auto or chunked)")
+    if backend == "fla":
+        try:
+            importlib.import_module("fla.ops.rwkv7")
+        except ImportError:
+            raise UserError("the fla WKV-7 backend needs flash-linear-attention "
+                            "(pip install flash-linear-attention), or use --wkv-backend auto") from None
+    if backend == "cuda":
+        from .wkv7_cuda import cuda_kernel_usable
+        if not cuda_kernel_usable(device):
+            raise UserError("the cuda WKV-7 kernel could not be built or failed its self-check (the warning "
+                            "above says why); use --wkv-backend auto or chunked")
+
+
 def wkv7(r, w, k, v, a, b, state=None, backend="auto", resets=None):
     """WKV-7 over [B,T,H,N] inputs with decay exp(-exp(w)); state [B,H,N,N] fp32 (value x key).
 
@@ -82,4 +103,4 @@ def linear_cross_entropy(hidden, weight, targets, reduction="mean", chunk_size=N
     return impl(hidden, weight, targets, reduction=reduction, chunk_size=chunk_size, **kwargs)
 
 
-__all__ = ["wkv7", "wkv7_reference", "resolve_backend", "linear_cross_entropy"]
+__all__ = ["wkv7", "wkv7_reference", "resolve_backend", "check_backend", "linear_cross_entropy"]

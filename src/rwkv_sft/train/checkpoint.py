@@ -83,9 +83,26 @@ def find_resume(resume: str | None, root) -> Path | None:
     path = Path(resume)
     if path.is_file():
         path = path.parent
-    if not (path / MARKER).is_file() or not (path / STATE_FILE).is_file():
+    if not is_checkpoint(path):
         raise UserError(f"{resume}: not a complete training checkpoint (expected a directory with {STATE_FILE} and {MARKER})")
     return path
+
+
+def is_checkpoint(path) -> bool:
+    path = Path(path)
+    return (path / MARKER).is_file() and (path / STATE_FILE).is_file()
+
+
+def model_weights(path) -> dict:
+    """The model's tensors (BlinkDL names) in the training checkpoint directory `path`."""
+    if not is_checkpoint(path):
+        raise UserError(f"{path}: is a directory but not a training checkpoint (expected {STATE_FILE} and {MARKER}, "
+                        f"as in OUT/checkpoints/step_000100), nor a .pth or .safetensors file")
+    state = load_checkpoint(path)
+    if state.get("adapter") is not None:  # a parameter-efficient run saves only what it trains
+        raise UserError(f"{path}: a checkpoint of a parameter-efficient run holds only the adapter: use "
+                        f"--model BASE --adapter OUT/adapter.safetensors (written with every checkpoint)")
+    return state["model"]
 
 
 def load_checkpoint(path) -> dict:

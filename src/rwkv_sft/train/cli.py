@@ -1,6 +1,6 @@
 """`rwkv-sft train`: settings from --config FILE (TOML or YAML), then flags, then --set key=value.
 
-Exit codes: 0 when the run finished, or when SIGINT/SIGTERM stopped it after saving a
+Exit codes: 0 when the run finished; 130 / 143 when SIGINT / SIGTERM stopped it after saving a
 checkpoint (continue with --resume auto); 2 for a setting or file a user can fix; 1 otherwise.
 """
 from __future__ import annotations
@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 from pathlib import Path
 
+from ..cli_args import add_data_arguments, split_set
 from ..errors import UserError
 
 S = argparse.SUPPRESS  # flags the user did not give do not override the file
@@ -23,12 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="training file (JSONL/JSON); repeat for several; FILE:WEIGHT or FILE*COUNT to weight it")
     g.add_argument("--eval-data", dest="c:data.eval_files", action="append", metavar="FILE", default=S, help="held-out file")
     g.add_argument("--eval-fraction", dest="c:data.eval_fraction", type=float, default=S, help="hold out this fraction of the training data")
-    g.add_argument("--format", dest="c:data.format", default=S, choices=["auto", "completion", "chat", "text"])
-    g.add_argument("--max-len", dest="c:data.max_len", type=int, default=S, help="tokens per example after truncation")
-    g.add_argument("--end-marker", dest="c:data.end_marker", default=S, help='"eos" (token 0, default) or a string such as "\\n\\n"')
-    g.add_argument("--skip-invalid", dest="c:data.skip_invalid", action="store_true", default=S, help="skip (and count) bad rows")
+    add_data_arguments(g, prefix="c:data.", set_flag=False)
     g = p.add_argument_group("model")
-    g.add_argument("--model", dest="c:model", metavar="CKPT", default=S, help="checkpoint to fine-tune (.pth / .safetensors)")
+    g.add_argument("--model", dest="c:model", metavar="CKPT", default=S, help="checkpoint to fine-tune (.pth / .safetensors / OUT/checkpoints/step_N)")
     g.add_argument("--n-layer", dest="c:model_config.n_layer", type=int, default=S, help="fresh model: layers")
     g.add_argument("--n-embd", dest="c:model_config.n_embd", type=int, default=S, help="fresh model: width")
     g.add_argument("--head-size", dest="c:model_config.head_size", type=int, default=S)
@@ -80,10 +79,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", dest="c:save_every", type=int, default=S, help="steps (0: only at the end)")
     g.add_argument("--keep-last", dest="c:keep_last", type=int, default=S)
     g.add_argument("--resume", dest="c:resume", nargs="?", const="auto", default=S, metavar="auto|DIR",
-                   help="continue from the newest checkpoint in --out (or from DIR)")
+                   help="continue from the newest checkpoint in --out (or from DIR); a resume may change epochs, "
+                        "max_steps, lr, the schedule, evaluation, checkpoints, precision and device, not the model size, "
+                        "freeze, data, batch_tokens, step_tokens, packing or seed")
+    g.add_argument("--overwrite", dest="c:overwrite", action="store_true", default=S,
+                   help="start a new run in an --out that holds one (deletes its checkpoints, metrics and model)")
     g.add_argument("--no-progress", dest="c:progress", action="store_false", default=S)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="any setting, e.g. --set eval_every=50 --set data.anchor_fraction=0.5")
+                   help="any setting, e.g. --set eval_every=50 --set data.anchor_fraction=0.5 (a bare text value "
+                        "takes the escapes of text flags)")
     for action in p._actions:  # show "--lr LR", not the internal destination name
         if action.dest.startswith("c:") and action.metavar is None and action.nargs != 0 and not action.choices:
             action.metavar = action.option_strings[-1].lstrip("-").upper().replace("-", "_")
@@ -135,15 +139,6 @@ def load_config_file(path) -> dict:
     return d
 
 
-def _parse_value(text: str):
-    """--set values: JSON/YAML literals (numbers, true/false, null, [lists]); else the string."""
-    import yaml
-    try:
-        return float(text) if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", text) else yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
 def _set(d: dict, key: str, value) -> None:
     *parents, last = key.split(".")
     for part in parents:
@@ -161,16 +156,16 @@ def build_config(args):
         if dest.startswith("c:"):
             _set(d, dest[2:], value)
     for item in args.sets:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise UserError(f"--set {item}: expected KEY=VALUE")
-        _set(d, key.strip(), _parse_value(value.strip()))
+        _set(d, *split_set(item))
     if d.get("model") and "model_config" in d and not d["model_config"]:
         d.pop("model_config")
     return TrainConfig.from_dict(d, source=source).validate()
 
 
 def run(args) -> int:
+    config = build_config(args)  # settings errors come before torch is imported
     from .loop import train
-    train(build_config(args))
+    result = train(config)
+    if result.interrupted:  # as shells expect of a command stopped by a signal (another process may have had it)
+        return 128 + (result.signal or signal.SIGTERM)
     return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from ..data.config import DataConfig
@@ -60,6 +61,7 @@ class TrainConfig:
     save_every: int = 0                   # steps; 0 -> only at the end
     keep_last: int = 2
     resume: str | None = None             # "auto" | checkpoint dir | None
+    overwrite: bool = False               # a fresh run into an out_dir holding a run deletes that run first
     max_bad_steps: int = 5                # consecutive non-finite steps before the run stops
     log_every: int = 1
     seed: int = 0
@@ -94,6 +96,11 @@ class TrainConfig:
         need(self.keep_last >= 1, f"keep_last must be at least 1, got {self.keep_last}")
         need(self.max_bad_steps >= 1, f"max_bad_steps must be at least 1, got {self.max_bad_steps}")
         need(min(self.eval_every, self.save_every) >= 0 and self.log_every >= 1, "eval_every/save_every must be >= 0, log_every >= 1")
+        need(self.eval_exact_match >= 0, f"eval_exact_match must be >= 0, got {self.eval_exact_match}")
+        need(0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}")
+        need(self.loss_chunk_size is None or self.loss_chunk_size >= 1, f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}")
+        need(self.dist_timeout_s >= 1, f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}")
+        need(not (self.overwrite and self.resume), "overwrite starts a new run and resume continues one: give one of them")
         need(set(self.export) <= {"pth", "safetensors"}, f"export must list pth and/or safetensors, got {self.export}")
         need(self.lora_rank >= 0, f"lora_rank must be >= 0 (0: no LoRA), got {self.lora_rank}")
         if not self.lora_rank:
@@ -123,18 +130,27 @@ class TrainConfig:
         data = d.pop("data", None)
         if not isinstance(data, dict):
             raise UserError(f"{source}: no data settings (give --data FILE or a [data] table with train_files)")
-        _check_keys(data, DataConfig, f"{source}: data")
         _check_keys(d, cls, source)
-        if "train_files" not in data:
-            raise UserError(f"{source}: no training data (give --data FILE or data.train_files)")
-        data = {k: _coerce(v, _field_types(DataConfig)[k], f"{source}: data.{k}") for k, v in data.items()}
+        data = data_config_from_dict(data, source)
         d = {k: _coerce(v, _field_types(cls)[k], f"{source}: {k}") for k, v in d.items()}
         if "betas" in d:
-            d["betas"] = tuple(d["betas"])
+            d["betas"] = tuple(_coerce(b, "float", f"{source}: betas") for b in d["betas"])
         try:
-            return cls(data=DataConfig(**data), **d)
+            return cls(data=data, **d)
         except TypeError as e:
             raise UserError(f"{source}: {e}") from None
+
+
+def data_config_from_dict(data: dict, source: str = "config") -> DataConfig:
+    """The data settings of a file or the command line; errors name `source`."""
+    _check_keys(data, DataConfig, f"{source}: data")
+    if "train_files" not in data:
+        raise UserError(f"{source}: no training data (give --data FILE or data.train_files)")
+    data = {k: _coerce(v, _field_types(DataConfig)[k], f"{source}: data.{k}") for k, v in data.items()}
+    try:
+        return DataConfig(**data)
+    except TypeError as e:
+        raise UserError(f"{source}: {e}") from None
 
 
 def _check_keys(d: dict, cls, where: str) -> None:
@@ -156,10 +172,27 @@ def _field_types(cls) -> dict[str, str]:
 
 
 def _coerce(value, annotation: str, where: str):
-    """Check a file/CLI value against the field's annotation ("float | None", "list[str]", ...)."""
+    """Check a file/CLI value against the field's annotation ("float | None", "list[str]", ...).
+
+    Numbers must be finite. A numeric field also takes a string that spells a number: YAML 1.1
+    reads `lr: 1e-4` as a string (it wants `1.0e-4`), and TOML or --set would give the number.
+    An int field takes a whole float (`max_steps: 1e4`)."""
     allowed = [_TYPES.get(a.strip(), object) for a in annotation.split("|")]
     if "list[str]" in annotation and isinstance(value, str):
         return [value]  # a single file name where a list is expected
+    numeric = next((a.strip() for a in annotation.split("|") if a.strip() in ("int", "float")), None)
+    if numeric and isinstance(value, (str, float)) and not isinstance(value, bool):
+        if isinstance(value, str):
+            try:
+                value = float(value.strip().replace("_", "")) if value.strip() else value
+            except ValueError:
+                raise UserError(f"{where}: expected {annotation}, got {value!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{where}: expected a finite number, got {value}")
+        if numeric == "int" and isinstance(value, float):
+            if not value.is_integer():
+                raise UserError(f"{where}: expected a whole number, got {value:g}")
+            value = int(value)
     if isinstance(value, bool) and bool not in allowed and object not in allowed:
         raise UserError(f"{where}: expected {annotation}, got {value!r}")
     if not any(isinstance(value, t) for t in allowed):

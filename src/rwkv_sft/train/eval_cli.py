@@ -3,50 +3,57 @@ from __future__ import annotations
 
 import json
 
-import torch
+from ..cli_args import add_data_arguments, data_config, number
 
 
 def add_arguments(p) -> None:
     from .cli import _segment_len
 
-    p.add_argument("--model", required=True, metavar="CKPT", help=".pth (BlinkDL layout) or .safetensors checkpoint")
+    p.add_argument("--model", required=True, metavar="CKPT", help=".pth (BlinkDL layout), .safetensors, or a training checkpoint OUT/checkpoints/step_N")
     p.add_argument("--adapter", metavar="FILE", help="adapter.safetensors of a parameter-efficient run on --model")
     p.add_argument("--data", required=True, action="append", metavar="FILE",
                    help="examples to evaluate (JSONL/JSON, same formats as training); repeat for several")
-    p.add_argument("--format", default="auto", choices=["auto", "completion", "chat", "text"])
-    p.add_argument("--max-len", type=int, default=1024, help="tokens per example after truncation (default 1024)")
-    p.add_argument("--end-marker", default="eos", help='"eos" (token 0, default) or a string such as "\\n\\n"')
-    p.add_argument("--exact-match", type=int, default=64, metavar="N",
+    add_data_arguments(p.add_argument_group("data (as in train)"))
+    p.add_argument("--exact-match", type=number(int, min=0), default=64, metavar="N",
                    help="examples checked for exact match of the greedy completion (default 64; 0 = off)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
+    p.add_argument("--max-new-tokens", type=number(int, min=1), default=None, metavar="N",
                    help="generation limit for exact match (default: 2 x the reference length + 8)")
-    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward pass (default 4096)")
+    p.add_argument("--batch-tokens", type=number(int, min=1), default=4096, metavar="N",
+                   help="tokens per forward pass (default 4096)")
     p.add_argument("--segment-len", type=_segment_len, default=None, metavar="S|auto",
                    help="run each example S tokens at a time (memory flat in length; default auto: examples "
                         "longer than --batch-tokens are split; 0: never); prompts are prefilled in segments too")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--wkv-backend", default="auto", choices=["auto", "chunked", "reference", "cuda", "fla"])
-    p.add_argument("--samples", type=int, default=0, metavar="K", help="also print K completions beside their references")
+    p.add_argument("--samples", type=number(int, min=0), default=0, metavar="K",
+                   help="also print K of the exact-match completions beside their references (K <= --exact-match)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
 
 
 def run(args) -> int:
-    from ..data import DataConfig, prepare_data
+    import torch
+
+    from ..data import prepare_data
     from ..errors import UserError
     from ..model import RWKV7
+    from ..ops import check_backend
     from ..tokenizer import Tokenizer
-    from .evaluate import evaluate
     from ..utils import resolve_device
+    from .evaluate import evaluate
     from .loop import resolve_precision
 
-    if args.exact_match < 0 or args.batch_tokens < 1 or (args.segment_len or 0) < 0:
-        raise UserError("--exact-match and --segment-len must be >= 0 and --batch-tokens >= 1")
+    if (args.segment_len or 0) < 0:
+        raise UserError(f"--segment-len must be >= 0 (or auto), got {args.segment_len}")
+    if args.samples > args.exact_match:
+        raise UserError(f"--samples {args.samples} shows completions of the exact-match check, which covers "
+                        f"{args.exact_match} examples: raise --exact-match to at least {args.samples}")
+    config = data_config(args, args.data)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
+    check_backend(args.wkv_backend, device)
     tokenizer = Tokenizer()
-    data = prepare_data(DataConfig(train_files=args.data, format=args.format, max_len=args.max_len,
-                                   end_marker=args.end_marker), tokenizer=tokenizer, show_progress=not args.json)
+    data = prepare_data(config, tokenizer=tokenizer, show_progress=not args.json, role="eval")
     model = RWKV7.load(args.model, dtype=torch.float32, device=device, adapter=args.adapter)
     model.wkv_backend = args.wkv_backend
     result = evaluate(model, data.train, tokenizer, batch_tokens=args.batch_tokens,

@@ -62,6 +62,8 @@ def evaluate(model, examples: TokenizedExamples, tokenizer, *, batch_tokens: int
     positions. segment_len: as in training (`segment_len_for`: None splits only rows longer than
     batch_tokens, 0 never); prompts are prefilled in segments of it (default 4096) as well. The model is put in eval mode and restored to its previous mode afterwards.
     """
+    if max_new_tokens is not None and not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+        raise ValueError(f"max_new_tokens must be an int >= 1 (or None for the default), got {max_new_tokens!r}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -93,7 +95,7 @@ def evaluate(model, examples: TokenizedExamples, tokenizer, *, batch_tokens: int
                    if len(examples.split(i)[1])]
         if indices:
             pairs = [examples.split(i) for i in indices]
-            limits = [max_new_tokens or 2 * len(ref) + 8 for _, ref in pairs]
+            limits = [2 * len(ref) + 8 if max_new_tokens is None else max_new_tokens for _, ref in pairs]
             generated = greedy_tokens(model, [p for p, _ in pairs], [int(ref[-1]) for _, ref in pairs],
                                       limits, device, precision, segment_len or PREFILL_CHUNK)
             samples = []

@@ -18,17 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from ..adapters import training as peft_run
 from ..errors import UserError
 from ..model import RWKV7, RWKV7Config
+from ..ops import check_backend
 from ..utils import atomic_write, keep_freed_memory
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, rundir
 from .config import TrainConfig
 from .loss import L2WRAP, CompletionLoss
-from .optim import freeze, lr_at, make_optimizer, set_lr
+from .optim import freeze, load_optimizer_state, lr_at, make_optimizer, set_lr
+from .plan import epoch_limit, plan_steps
 
 OOM_GRACE_STEPS = 3  # an out-of-memory error in the first steps is a setting to lower, not a bug
 
@@ -50,6 +51,7 @@ class TrainResult:
     exports: dict[str, Path] = field(default_factory=dict)   # "pth"/"safetensors" (or "adapter"/"state") -> file
     metrics_path: Path | None = None
     plot_path: Path | None = None
+    signal: int | None = None      # the signal that stopped the run (when interrupted)
 
 
 class _StopRequest:
@@ -145,8 +147,7 @@ def _batch_stream(loader, epochs: float, start_epoch: int, start_batch: int):
     for epoch in itertools.count(start_epoch):
         if epoch >= epochs:
             return
-        n = loader.num_batches(epoch)
-        limit = n if epoch + 1 <= epochs else int(n * (epochs - epoch))
+        limit = epoch_limit(loader.num_batches(epoch), epochs, epoch)
         start = start_batch if epoch == start_epoch else 0
         if start >= limit:
             continue
@@ -154,19 +155,6 @@ def _batch_stream(loader, epochs: float, start_epoch: int, start_batch: int):
             if i >= limit:
                 break
             yield epoch, i, batch
-
-
-def _plan_steps(config: TrainConfig, loader, examples) -> int:
-    if config.max_steps:
-        return config.max_steps
-    micro = 0
-    for epoch in range(math.ceil(config.epochs)):
-        n = loader.num_batches(epoch)
-        micro += n if epoch + 1 <= config.epochs else int(n * (config.epochs - epoch))
-    if config.step_tokens is None:
-        return max(1, micro)
-    loss_tokens = float((examples.loss_counts * examples.weights).sum())  # weights: uses per epoch
-    return max(1, math.ceil(loss_tokens * config.epochs / config.step_tokens))
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -192,7 +180,8 @@ def train(config: TrainConfig, *, model: RWKV7 | None = None, data=None, tokeniz
     config.validate()
     d = distributed.setup(config.device, config.dist_timeout_s)
     try:
-        return _train(config, d, model, data, tokenizer)
+        with rundir.locked(Path(config.out_dir), enabled=d.is_main):
+            return _train(config, d, model, data, tokenizer)
     except Exception as e:
         if d.enabled:
             distributed.abort(d, e, 2 if isinstance(e, UserError) else 1)
@@ -209,27 +198,35 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     if device.type == "cpu":
         keep_freed_memory()
     precision = resolve_precision(config.precision, device)
+    check_backend(config.wkv_backend, device)
     ckpt_root = out / "checkpoints"
-    resume_from = ckpt.find_resume(config.resume, ckpt_root)
+    resume_from = rundir.start(config, out, d.is_main)  # fresh, overwrite or resume; never two runs mixed
     state = ckpt.load_checkpoint(resume_from) if resume_from else None
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_partial(ckpt_root)
-        with atomic_write(out / "config.yaml") as tmp:
-            tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if state is not None:
+        rundir.check_resume(state["config"], config, resume_from)
 
     if data is None:
-        data = prepare_data(config.data, tokenizer=tokenizer, show_progress=d.is_main and config.progress)
+        data = prepare_data(config.data, tokenizer=tokenizer, show_progress=d.is_main and config.progress,
+                            show_report=d.is_main)  # --no-progress hides bars, never the data report
     if len(data.train) == 0:
         raise UserError(f"{', '.join(config.data.train_files)}: no training examples")
 
+    fingerprint = rundir.data_fingerprint(data.train)
+    if state is not None:
+        rundir.check_resume_data(state["data"].get("fingerprint"), fingerprint, resume_from)
     model = model if model is not None else build_model(config)
+    rundir.check_vocab(data, model.config.vocab_size)
     peft = peft_run.settings_from(config)  # None: full fine-tuning
     base = peft_run.prepare(model, peft, seed=config.seed, initialize=state is None)
     freeze(model, config.freeze)
     model = peft_run.compact(model, config.base_dtype).to(device)
     if state is not None:
-        peft_run.restore(model, state, peft, base, resume_from)
+        try:
+            peft_run.restore(model, state, peft, base, resume_from)
+        except RuntimeError as e:  # shapes that differ: a one-line message, not torch's list
+            lines = str(e).splitlines()
+            raise UserError(f"{resume_from}: the checkpoint's model does not fit this run's model "
+                            f"({lines[1].strip() if len(lines) > 1 else e})") from None
     model.wkv_backend = config.wkv_backend
     model.activation_checkpointing = config.activation_checkpointing
     model.train()
@@ -248,13 +245,15 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     loader = BatchLoader(data.train, batch_tokens=config.batch_tokens, packing=config.packing, seed=config.seed,
                          rank=d.rank, world_size=d.world_size, shuffle=True)
     step, epoch, batch_index, history = 0, 0, 0, []
-    total_steps = _plan_steps(config, loader, data.train)
+    total_steps = plan_steps(config, loader)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         step = state["scheduler"]["step"]
-        total_steps = config.max_steps or state["scheduler"]["total_steps"]
         epoch, batch_index = state["data"]["epoch"], state["data"]["batch"]
         history = list(state["metrics"]["history"])
+        rundir.check_resume_steps(step, total_steps, resume_from, config, announce=d.is_main)
+    if d.is_main:
+        rundir.write_config(out, config)  # only now: the run is known to start
     lr_final = config.lr / 10 if config.lr_final is None else config.lr_final
     schedule = dict(lr=config.lr, lr_final=lr_final, warmup=config.warmup_steps, total=total_steps,
                     schedule=config.schedule)
@@ -287,7 +286,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
             payload = {
                 "version": 1, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": {"step": step, "total_steps": total_steps}, "rng": ckpt.rng_state(),
-                "data": {"epoch": epoch, "batch": batch_index}, "config": config.to_dict(),
+                "data": {"epoch": epoch, "batch": batch_index, "fingerprint": fingerprint}, "config": config.to_dict(),
                 "metrics": {"history": history, "bad_steps": bad_total},
             }
             if peft is not None:  # only what trains; the frozen base is the run's --model
@@ -383,6 +382,8 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
             for kind in config.export:
                 exports[kind] = out / f"model.{kind}"
                 model.save(exports[kind])
+    elif d.is_main and peft is not None:
+        exports.update(outputs)  # the adapter as of the checkpoint just saved
     metrics.close()
     metrics_path = out / "metrics.jsonl"
     if d.is_main and metrics_path.is_file():
@@ -394,7 +395,8 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
         model=model, steps=step, tokens=tokens, loss_tokens=loss_tokens, time_s=elapsed,
         tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0, train_loss=sum(recent) / len(recent) if recent else None,
         eval=eval_result, bad_steps=bad_total, interrupted=interrupted, out_dir=out, checkpoint=last_saved,
-        exports=exports, metrics_path=metrics_path if metrics_path.is_file() else None, plot_path=plot_path)
+        exports=exports, metrics_path=metrics_path if metrics_path.is_file() else None, plot_path=plot_path,
+        signal=stop.signum if interrupted else None)
     if d.is_main:
         print(summary(result, stop.signum), flush=True)
     return result
@@ -412,6 +414,8 @@ def summary(r: TrainResult, signum=None) -> str:
     rows.append(("checkpoint", str(r.checkpoint)))
     if r.exports:
         rows.append(("model", ", ".join(str(p) for p in r.exports.values())))
+    elif r.interrupted and r.checkpoint:  # generate, eval, info and train --model take it as it is
+        rows.append(("model", f"{r.checkpoint} (the checkpoint; use it as --model)"))
     rows.append(("metrics", ", ".join(str(p) for p in (r.metrics_path, r.plot_path) if p) or "n/a"))
     if r.interrupted:
         name = signal.Signals(signum).name if signum else "a signal"

@@ -37,13 +37,26 @@ def make_optimizer(model, *, lr, weight_decay, betas, eps) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a checkpoint's optimizer state (moments, step counts) but keep this run's settings
+    (weight decay, betas, eps, lr_scale): a resume may change them."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError) as e:
+        raise UserError(f"the checkpoint's optimizer state does not fit this run's trainable parameters ({e})") from None
+    for group, mine in zip(optimizer.param_groups, settings):
+        group.update(mine)
+
+
 def lr_at(step: int, *, lr: float, lr_final: float, warmup: int, total: int, schedule: str) -> float:
-    """Linear warmup over `warmup` steps, then cosine / linear / constant from lr to lr_final."""
+    """Linear warmup over `warmup` steps, then cosine / linear / constant from lr to lr_final:
+    step `total - 1`, the last of the run, uses lr_final."""
     if step < warmup:
         return lr * (step + 1) / warmup
     if schedule == "constant":
         return lr
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
     if schedule == "linear":
         return lr + (lr_final - lr) * progress
     return lr_final + (lr - lr_final) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -63,13 +76,17 @@ def freeze(model: torch.nn.Module, patterns: list[str]) -> int:
     for pattern in patterns:
         m = re.fullmatch(r"blocks\.(\d+)-(\d+)", pattern)
         prefixes = [f"blocks.{i}" for i in range(int(m[1]), int(m[2]) + 1)] if m else [pattern]
-        hit = False
+        hit = set()
         for name, p in model.named_parameters():
-            if any(name == pre or name.startswith(pre + ".") for pre in prefixes):
-                if p.requires_grad:
-                    frozen += p.numel()
-                p.requires_grad_(False)
-                hit = True
+            for pre in prefixes:
+                if name == pre or name.startswith(pre + "."):
+                    if p.requires_grad:
+                        frozen += p.numel()
+                    p.requires_grad_(False)
+                    hit.add(pre)
+        if m and (int(m[1]) > int(m[2]) or len(hit) < len(prefixes)):  # a range reaching past the last block
+            blocks = len({n.split(".")[1] for n in names if n.startswith("blocks.")})
+            raise UserError(f"freeze: {pattern!r} is not a range of this model's blocks (it has blocks 0-{blocks - 1})")
         if not hit:
             raise UserError(f"freeze: {pattern!r} names no parameter (examples: emb, head, blocks.0, "
                             f"blocks.0-3; the model has {names[0]} ... {names[-1]})")

@@ -1,0 +1,70 @@
+"""The fused single-token decoding step against the model's normal forward (its slow twin)."""
+import pytest
+import torch
+
+from conftest import random_model
+from rwkv_sft.infer.step import decode_step
+
+V = 300
+
+
+def normal_step(model, tokens, state):
+    """The general forward (forward_hidden + head), which a [B,1] call without gradients skips."""
+    hidden, state = model.forward_hidden(tokens, state)
+    return model.head(hidden[:, -1]), state
+
+
+def random_state(model, batch):
+    state = model.zero_state(batch)
+    for t in (state.att_shift, state.wkv, state.ffn_shift):
+        t.normal_()
+    return state
+
+
+@pytest.mark.parametrize("variant", ["plain", "deep_embed", "lora"])
+def test_decode_step_equals_the_normal_forward(one_thread, variant):
+    model = random_model(seed=3, n_layer=3, n_embd=128, vocab_size=V, deep_embed=variant == "deep_embed").eval()
+    if variant == "lora":  # adapted projections are called through their modules
+        from rwkv_sft.adapters import add_lora
+        add_lora(model, rank=4)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("lora_B"):
+                    p.normal_(0, 0.1)
+    tokens = torch.randint(0, V, (3, 8))
+    with torch.no_grad():
+        for state in (None, random_state(model, 3)):
+            fast = slow = state
+            for t in range(tokens.shape[1]):
+                want, slow = normal_step(model, tokens[:, t:t + 1], slow)
+                got, fast = decode_step(model, tokens[:, t:t + 1], fast, full_output=False)
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+                for name in ("att_shift", "wkv", "ffn_shift"):
+                    torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=1e-5, atol=1e-5)
+        # RWKV7.forward takes this path for one token without gradients; full_output keeps the T axis.
+        logits, _ = model(tokens[:, :1], None)
+        assert logits.shape == (3, 1, V)
+        torch.testing.assert_close(logits[:, 0], normal_step(model, tokens[:, :1], None)[0], rtol=1e-5, atol=1e-5)
+        # Feeding a prompt in one call, then stepping, equals stepping all the way.
+        _, prefilled = model(tokens[:, :5])
+        a, _ = model(tokens[:, 5:6], prefilled, full_output=False)
+        b, _ = normal_step(model, tokens[:, 5:6], model.forward_hidden(tokens[:, :5])[1])
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_switches_layout_and_training_switches_back(one_thread):
+    """A step without gradients (even in inference mode) stores the projections transposed; the
+    values and state_dict do not change, and the next forward with gradients trains normally."""
+    model = random_model(seed=4, n_layer=2, n_embd=64, vocab_size=V)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = torch.randint(0, V, (2, 4))
+    with torch.inference_mode():
+        model(tokens[:, :1])
+    assert model.head.weight.t().is_contiguous() and not model.head.weight.is_contiguous()
+    assert not model.head.weight.is_inference()
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    logits, _ = model(tokens)  # with gradients: contiguous again, and autograd works
+    assert model.head.weight.is_contiguous() and model.blocks[0].att.key.weight.is_contiguous()
+    logits.square().mean().backward()
+    assert model.head.weight.grad is not None and model.head.weight.grad.is_contiguous()
