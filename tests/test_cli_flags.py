@@ -23,7 +23,7 @@ from conftest import random_model
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 DATA_FLAGS = {"--format", "--context-field", "--completion-field", "--max-len", "--end-marker",
-              "--anchor-fraction", "--skip-invalid", "--set"}
+              "--anchor-fraction", "--skip-invalid", "--allow-unused-fields", "--set"}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,9 @@ import argparse
 import math
 import re
 
-ESCAPES_HELP = r"\n, \t, \r and \\ are understood (\\n is a literal backslash-n)"
+from .data.config import FORMATS
+
+ESCAPES_HELP = r"escapes \n \t \r \\; \\n is a literal backslash-n"
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
 
@@ -90,7 +92,7 @@ def add_data_arguments(p, prefix: str = "data.", set_flag: bool = True) -> None:
     p.add_argument("--skip-invalid", dest=prefix + "skip_invalid", action="store_true", default=S,
                    help="skip invalid rows and count them by reason (default: stop at the first)")
     p.add_argument("--allow-unused-fields", dest=prefix + "allow_unused_fields", action="store_true", default=S,
-                   help="ignore text fields the format does not read (counted in the report) instead of stopping")
+                   help="ignore text fields the format does not read (counted) instead of stopping")
     if set_flag:
         p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                        help="any data setting, as in train: --set data.anchor_fraction=0.5")

@@ -43,12 +43,12 @@ def run(args) -> int:
     from .evaluate import evaluate
     from .loop import resolve_precision
 
+    if (args.segment_len or 0) < 0:
+        raise UserError(f"--segment-len must be >= 0 (or auto), got {args.segment_len}")
     if args.samples > args.exact_match:
         raise UserError(f"--samples {args.samples} shows completions of the exact-match check, which covers "
                         f"{args.exact_match} examples: raise --exact-match to at least {args.samples}")
     config = data_config(args, args.data)
-    if (args.segment_len or 0) < 0:
-        raise UserError("--segment-len must be >= 0")
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     check_backend(args.wkv_backend, device)

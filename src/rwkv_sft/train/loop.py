@@ -209,9 +209,6 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     model = model if model is not None else build_model(config)
     rundir.check_vocab(data, model.config.vocab_size)
     peft = peft_run.settings_from(config)  # None: full fine-tuning
-    if peft is not None and config.parallel == "fsdp" and d.enabled:
-        raise UserError("--parallel fsdp with LoRA or state tuning is not supported yet: use --parallel ddp "
-                        "(only the adapters are synchronised)")
     base = peft_run.prepare(model, peft, seed=config.seed, initialize=state is None)
     freeze(model, config.freeze)
     model = peft_run.compact(model, config.base_dtype).to(device)
