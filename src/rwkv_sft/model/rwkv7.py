@@ -71,6 +71,8 @@ class TimeMix(nn.Module):
         self.value = nn.Linear(C, C, bias=False)
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+        # learned initial WKV state [H,N,N] fp32 (value x key), see RWKV7.enable_state_tuning
+        self.register_parameter("time_state", None)
 
     def forward(self, x, last_x, wkv_state, v_first, resets, backend):
         B, T, C = x.shape
@@ -94,7 +96,7 @@ class TimeMix(nn.Module):
 
         heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
         y, wkv_state = wkv7(heads(r), heads(w), heads(k), heads(v), -kk, kk * heads(a),
-                            state=wkv_state, backend=backend, resets=resets)
+                            state=wkv_state, backend=backend, resets=resets, reset_state=self.time_state)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)
         y = y + bonus.reshape(B, T, C)
@@ -195,6 +197,35 @@ class RWKV7(nn.Module):
         return self
 
     # -- state -----------------------------------------------------------------------------------
+    def enable_state_tuning(self) -> list[nn.Parameter]:
+        """Give every layer a learned initial WKV state `blocks.{i}.att.time_state` [H,N,N] fp32
+        (value x key), zeros as upstream; layers that have one keep it. Returns the parameters.
+        Without this call the model has none and its state_dict is the plain checkpoint's."""
+        cfg, weight = self.config, self.emb.weight
+        dtype = torch.promote_types(torch.float32, weight.dtype)  # fp32 (fp64 in a float64 model)
+        for block in self.blocks:
+            if block.att.time_state is None:
+                block.att.time_state = nn.Parameter(torch.zeros(
+                    cfg.n_head, cfg.head_size, cfg.head_size, device=weight.device, dtype=dtype))
+        return self.learned_state()
+
+    def learned_state(self) -> list[nn.Parameter] | None:
+        """Each layer's learned initial WKV state, or None when the model has none."""
+        states = [block.att.time_state for block in self.blocks]
+        return None if states[0] is None else states
+
+    def initial_state(self, batch_size: int = 1, device=None, dtype=None) -> RWKV7State:
+        """Where a sequence starts: the learned WKV state when the model has one (differentiable),
+        zeros otherwise; token shifts start at zero either way."""
+        state = self.zero_state(batch_size, device, dtype)
+        learned = self.learned_state()
+        if learned is not None:
+            # fp32 like every WKV state (fp64 in a float64 model, for exact checks)
+            dtype = torch.promote_types(torch.float32, learned[0].dtype)
+            wkv = torch.stack([s.to(device=state.wkv.device, dtype=dtype) for s in learned])
+            state.wkv = wkv.unsqueeze(1).expand(-1, batch_size, -1, -1, -1).contiguous()
+        return state
+
     def zero_state(self, batch_size: int = 1, device=None, dtype=None) -> RWKV7State:
         cfg = self.config
         device = device or self.emb.weight.device
@@ -210,14 +241,15 @@ class RWKV7(nn.Module):
     def forward_hidden(self, tokens: torch.Tensor, state: RWKV7State | None = None, resets=None):
         """tokens [B,T] -> (hidden after ln_out [B,T,C], new state).
 
-        resets: optional bool [B,T], True where a packed example starts: the recurrent state
-        (token shift and WKV) restarts from zero there, so examples do not see each other.
+        state=None starts from `initial_state()`. resets: optional bool [B,T], True where a packed
+        example starts: the recurrent state restarts there (token shift from zero, WKV from the
+        learned initial state or zero), so examples do not see each other.
         """
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise ValueError(f"tokens must be a non-empty [B,T] tensor, got shape {tuple(tokens.shape)}")
         B = tokens.shape[0]
         if state is None:
-            state = self.zero_state(B, device=tokens.device)
+            state = self.initial_state(B, device=tokens.device)
         x = self.blocks[0].ln0(self.emb(tokens))
         x_emb = x
         v_first = x  # replaced by layer 0's v

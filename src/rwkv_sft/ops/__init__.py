@@ -45,14 +45,15 @@ def resolve_backend(backend: str, device: torch.device, seq_len: int | None = No
         return "reference"
 
 
-def wkv7(r, w, k, v, a, b, state=None, backend="auto", resets=None):
+def wkv7(r, w, k, v, a, b, state=None, backend="auto", resets=None, reset_state=None):
     """WKV-7 over [B,T,H,N] inputs with decay exp(-exp(w)); state [B,H,N,N] fp32 (value x key).
 
-    resets: optional bool [B,T], True where a new sequence starts (the state is zeroed before
-    that token). Returns (y [B,T,H,N] in r's dtype, final state [B,H,N,N] fp32).
+    resets: optional bool [B,T], True where a new sequence starts: the state restarts before
+    that token, from zero or from reset_state ([H,N,N] or [B,H,N,N], differentiable; e.g. a
+    learned initial state). Returns (y [B,T,H,N] in r's dtype, final state [B,H,N,N] fp32).
     """
     name = resolve_backend(backend, r.device, r.shape[1], r.shape[-1])
-    return _load_backend(name)(r, w, k, v, a, b, state=state, resets=resets)
+    return _load_backend(name)(r, w, k, v, a, b, state=state, resets=resets, reset_state=reset_state)
 
 
 def linear_cross_entropy(hidden, weight, targets, reduction="mean", chunk_size=None, **kwargs):

@@ -148,6 +148,17 @@ def cuda_kernel_usable(device) -> bool:
     return _usable[index]
 
 
+_warned_reset_state = False
+
+
+def _warn_reset_state_fallback():
+    global _warned_reset_state
+    if not _warned_reset_state:
+        _warned_reset_state = True
+        warnings.warn("the WKV-7 CUDA kernel restarts packed sequences from zero only; with a learned "
+                      "initial state (state tuning with packing) this step uses the chunked backend")
+
+
 class _WKV7(torch.autograd.Function):
     """Inputs already contiguous, of one dtype (fp32 or bf16); state fp32; resets uint8 or empty."""
 
@@ -171,9 +182,14 @@ class _WKV7(torch.autograd.Function):
         return *grads, None, None
 
 
-def wkv7_cuda(r, w, k, v, a, b, state=None, resets=None):
-    """WKV-7 with the CUDA kernel; same contract as wkv7_reference (inputs on one GPU)."""
+def wkv7_cuda(r, w, k, v, a, b, state=None, resets=None, reset_state=None):
+    """WKV-7 with the CUDA kernel; same contract as wkv7_reference (inputs on one GPU).
+    Restarting from a given state at resets is left to the chunked backend (see below)."""
     B, T, H, N = r.shape
+    if reset_state is not None and resets is not None:
+        _warn_reset_state_fallback()
+        from .wkv7_chunked import wkv7_chunked
+        return wkv7_chunked(r, w, k, v, a, b, state=state, resets=resets, reset_state=reset_state)
     if not r.is_cuda:
         raise ValueError("the cuda WKV-7 backend needs CUDA tensors; use backend='chunked' on CPU")
     if N not in HEAD_SIZES:
