@@ -100,7 +100,9 @@ def state_dict_to_model(sd: dict[str, torch.Tensor], source="checkpoint", dtype=
     if not dtype.is_floating_point:
         raise UserError(f"{source}: emb.weight has dtype {dtype}, expected a floating-point type")
     with torch.device("meta"):
-        model = RWKV7(config, init_weights=False)
+        model = RWKV7(config, init_weights=False).to(dtype=dtype)
+        if any(k.endswith(".att.time_state") for k in sd):  # saved from a model with a learned state
+            model.enable_state_tuning()
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     if missing:
@@ -116,8 +118,8 @@ def state_dict_to_model(sd: dict[str, torch.Tensor], source="checkpoint", dtype=
             if t.numel() != ref.numel() or ref.dim() == 2 and t.dim() == 2:
                 raise UserError(f"{source}: '{key}' has shape {list(t.shape)}, expected {list(ref.shape)}")
             t = t.reshape(ref.shape)  # e.g. a [C] vector stored for a [1,1,C] one
-        tensors[key] = t.to(dtype=dtype)
-    model = model.to(dtype=dtype).to_empty(device=device or "cpu")
+        tensors[key] = t.to(dtype=ref.dtype)
+    model = model.to_empty(device=device or "cpu")
     model.load_state_dict(tensors, strict=True)
     return model
 
