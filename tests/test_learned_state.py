@@ -277,3 +277,47 @@ def test_bad_state_files_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="cut.pth: not a"):
         load_state(model, tmp_path / "cut.pth")
     assert model.learned_state() is None  # nothing half-loaded
+
+
+# ---- generate --state, eval --state ----
+
+def test_generate_and_eval_start_from_the_state_file(tmp_path, capsys, one_thread):
+    import json
+
+    from rwkv_sft import Tokenizer
+    from rwkv_sft.adapters.state import save_state
+    from rwkv_sft.cli import main
+    from rwkv_sft.data import DataConfig, prepare_data
+    from rwkv_sft.infer.generate import generate
+    from rwkv_sft.train.evaluate import evaluate
+
+    model = random_model(seed=1, n_layer=1, n_embd=64)  # World vocabulary
+    model.save(tmp_path / "m.pth")
+    with torch.no_grad():
+        model.enable_state_tuning()[0].normal_(0, 3)
+    save_state(model, tmp_path / "state.pth")
+    tok = Tokenizer()
+
+    flags = ["--temperature", "0", "--max-new-tokens", "12", "--no-stop", "--ignore-eos", "--device", "cpu"]
+    assert main(["generate", "--model", str(tmp_path / "m.pth"), "--state", str(tmp_path / "state.pth"),
+                 "--prompt", "Hello", *flags]) == 0
+    got = capsys.readouterr().out
+    want = generate(model, tok, "Hello", max_new_tokens=12, temperature=0, stop=(), stop_at_eos=False).text
+    assert got == want + "\n"
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"context": f"Q{i}?", "completion": f" {i * 7}"}) + "\n" for i in range(5)))
+    args = ["eval", "--model", str(tmp_path / "m.pth"), "--data", str(data), "--exact-match", "2",
+            "--device", "cpu", "--json"]
+    assert main(args + ["--state", str(tmp_path / "state.pth")]) == 0
+    with_state = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(args) == 0
+    without = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    prepared = prepare_data(DataConfig(train_files=[str(data)]), tokenizer=tok, show_progress=False)
+    want = evaluate(model, prepared.train, tok, exact_match_samples=2)
+    assert with_state["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert abs(with_state["loss"] - without["loss"]) > 1e-3
+
+    assert main(["generate", "--model", str(tmp_path / "m.pth"), "--state", str(tmp_path / "m.pth"),
+                 "--prompt", "Hello", *flags]) == 2
+    assert "unexpected key 'emb.weight'" in capsys.readouterr().err
