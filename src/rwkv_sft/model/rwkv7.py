@@ -135,17 +135,22 @@ class Block(nn.Module):
     def __init__(self, cfg: RWKV7Config, layer_id: int):
         super().__init__()
         C = cfg.n_embd
-        if layer_id == 0:
+        self.layer_id = layer_id
+        if layer_id == 0:  # the embedding's norm; applied here so every module runs in its own forward
             self.ln0 = nn.LayerNorm(C)
         self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
         self.att = TimeMix(cfg, layer_id)
         self.ffn = ChannelMix(cfg)
 
     def forward(self, x, v_first, att_shift, wkv_state, ffn_shift, resets, tokens, x_emb, backend):
+        """Block 0 takes the raw embedding and defines x_emb (the normed embedding, DeepEmbed's
+        input) and v_first; the others carry them along."""
+        if self.layer_id == 0:
+            x = x_emb = self.ln0(x)
         dx, att_shift, wkv_state, v_first = self.att(self.ln1(x), att_shift, wkv_state, v_first, resets, backend)
         x = x + dx
         dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift, resets, tokens, x_emb)
-        return x + dx, v_first, att_shift, wkv_state, ffn_shift
+        return x + dx, v_first, x_emb, att_shift, wkv_state, ffn_shift
 
 
 class RWKV7(nn.Module):
@@ -250,9 +255,8 @@ class RWKV7(nn.Module):
         B = tokens.shape[0]
         if state is None:
             state = self.initial_state(B, device=tokens.device)
-        x = self.blocks[0].ln0(self.emb(tokens))
-        x_emb = x
-        v_first = x  # replaced by layer 0's v
+        x = self.emb(tokens)
+        x_emb = v_first = None  # both defined by block 0
         att_shifts, wkvs, ffn_shifts = [], [], []
         for i, block in enumerate(self.blocks):
             args = (x, v_first, state.att_shift[i], state.wkv[i], state.ffn_shift[i], resets, tokens, x_emb,
@@ -261,7 +265,7 @@ class RWKV7(nn.Module):
                 out = checkpoint(block, *args, use_reentrant=False)
             else:
                 out = block(*args)
-            x, v_first, att_shift, wkv_state, ffn_shift = out
+            x, v_first, x_emb, att_shift, wkv_state, ffn_shift = out
             att_shifts.append(att_shift)
             wkvs.append(wkv_state)
             ffn_shifts.append(ffn_shift)
