@@ -7,6 +7,7 @@ from conftest import random_model
 from rwkv_sft.ops.wkv7_chunked import wkv7_chunked
 from rwkv_sft.ops.wkv7_reference import wkv7_reference
 from test_wkv7 import close, make_inputs, make_state, random_resets
+from test_wkv7_gpu import emulated_kernels  # noqa: F401  (a fixture)
 
 
 # ---- the operator: resets restart from a given state ----
@@ -188,15 +189,42 @@ def test_fla_restart_state_through_a_stand_in(monkeypatch):
         assert (got[-1].double() - want[-1]).abs().max() <= 1e-4 * want[-1].abs().max()
 
 
-def test_cuda_wrapper_leaves_restart_state_to_chunked(monkeypatch):
-    from rwkv_sft.ops import wkv7_cuda as cuda_mod
-    monkeypatch.setattr(cuda_mod, "_warned_reset_state", False)
-    x, s, resets = make_inputs(2, 45, 2, 4, seed=9), make_state(2, 2, 4), random_resets(2, 45, seed=3)
-    R = make_state(1, 2, 4, seed=4)[0]
-    with pytest.warns(UserWarning, match="restarts packed sequences from zero only.*chunked backend"):
-        y, out = cuda_mod.wkv7_cuda(*x, state=s, resets=resets, reset_state=R)
-    y_ref, out_ref = wkv7_reference(*x, state=s, resets=resets, reset_state=R)
-    close([y, out], [y_ref, out_ref], 1e-10, "cuda fallback")
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernel_code_restarts_from_the_state(emulated_kernels, dtype):
+    """The kernels of csrc/wkv7.cu, run on the CPU through test_wkv7_gpu's shim."""
+    from test_wkv7_gpu import random_case, run_emulated
+    B, T, H, N = 2, 37, 1, 64
+    inputs, s, _ = random_case(B, T, H, N, dtype=dtype, seed=3)
+    resets = torch.zeros(B, T, dtype=torch.bool)
+    resets[0, [0, 5, 16, 17, 30]] = True  # first token, mid-chunk, at a snapshot, twice in a row
+    resets[1, 20] = True
+    R = make_state(B, H, N, seed=4).float() * 0.2
+    want, (gy, gs) = run_restart(wkv7_reference, [x.double() for x in inputs], s.double(), resets, R.double())
+    got = run_emulated(emulated_kernels, inputs, s, resets, gy, gs, dtype, reset_state=R)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, g, w in zip(["y", "state", "dr", "dw", "dk", "dv", "da", "db", "dstate", "dreset"], got, want):
+        err = ((g.double() - w).abs().max() / w.abs().max()).item()
+        assert err < tol, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "fla"])
+def test_gpu_backends_restart_from_the_state(backend):
+    from rwkv_sft.ops import wkv7
+    if backend == "fla":
+        pytest.importorskip("fla")
+    B, T, H, N = 2, 100, 2, 64
+    x, s, resets = make_inputs(B, T, H, N, seed=5), make_state(B, H, N) * 0.2, random_resets(B, T, seed=6)
+    R = make_state(1, H, N, seed=7)[0] * 0.2
+    want, _ = run_restart(wkv7_reference, x, s, resets, R)
+    on_gpu = lambda t: t.float().cuda()  # noqa: E731
+    got, _ = run_restart(lambda *a, **k: wkv7(*a, backend=backend, **k), [on_gpu(t) for t in x], on_gpu(s),
+                         resets.cuda(), on_gpu(R))
+    for name, g, w in zip(["y", "state", "dr", "dw", "dk", "dv", "da", "db", "dstate", "dreset"], got, want):
+        err = ((g.double().cpu() - w).abs().max() / w.abs().max()).item()
+        assert err < 1e-3, f"{name}: relative error {err:.2e}"
 
 
 # ---- state.pth ----
