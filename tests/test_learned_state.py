@@ -97,6 +97,18 @@ def test_restart_state_without_resets_changes_nothing():
         assert torch.equal(y, y0) and torch.equal(out, out0)
 
 
+def test_restart_state_creates_nothing_on_another_device():
+    """On the meta device (shapes only), as a stand-in for a GPU: a tensor made on the CPU would
+    meet a meta tensor and raise."""
+    B, T, H, N = 2, 70, 2, 8
+    x = [torch.empty(B, T, H, N, device="meta", requires_grad=True) for _ in range(6)]
+    R = torch.empty(H, N, N, device="meta", requires_grad=True)
+    resets = torch.zeros(B, T, dtype=torch.bool, device="meta")
+    y, s_out = wkv7_chunked(*x, resets=resets, reset_state=R)
+    (y.sum() + s_out.sum()).backward()
+    assert R.grad is not None and R.grad.device.type == "meta" and R.grad.shape == (H, N, N)
+
+
 # ---- the model: time_state ----
 
 def test_plain_model_has_no_learned_state(tmp_path):
