@@ -15,6 +15,7 @@ COMMANDS = {
     "inspect-data": ("rwkv_sft.data.cli", "statistics of a data file and which tokens carry loss"),
     "info": ("rwkv_sft.model.cli", "show the configuration of a checkpoint"),
     "convert": ("rwkv_sft.model.cli_convert", "convert a checkpoint between .pth and .safetensors / dtypes"),
+    "merge": ("rwkv_sft.adapters.cli", "fold a LoRA adapter into its base model and write a plain checkpoint"),
     "demo": ("rwkv_sft.demo", "train the bundled demo model and show that it learned"),
 }
 

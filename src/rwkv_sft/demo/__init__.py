@@ -40,6 +40,10 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's, one per core)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples", type=int, default=5, help="held-out completions to show (default: 5)")
+    p.add_argument("--method", choices=["full", "lora", "state"], default="full",
+                   help="full: train from scratch (default); lora / state: adapt the demo model (--base) to "
+                        "a new output style with its weights frozen (into runs/demo-METHOD)")
+    p.add_argument("--base", help="base for --method lora/state (default runs/demo/model.pth, trained when missing)")
 
 
 def _show(title: str, ev: dict) -> None:
@@ -53,6 +57,9 @@ def run(args) -> int:
     args.threads = args.threads or threads
     torch.set_num_threads(args.threads)
     try:
+        if args.method != "full":
+            from .peft import run as run_peft
+            return run_peft(args)
         return _run(args)
     finally:
         torch.set_num_threads(threads)  # the process (e.g. a test session) keeps its setting

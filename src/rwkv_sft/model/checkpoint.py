@@ -118,9 +118,10 @@ def state_dict_to_model(sd: dict[str, torch.Tensor], source="checkpoint", dtype=
             if t.numel() != ref.numel() or ref.dim() == 2 and t.dim() == 2:
                 raise UserError(f"{source}: '{key}' has shape {list(t.shape)}, expected {list(ref.shape)}")
             t = t.reshape(ref.shape)  # e.g. a [C] vector stored for a [1,1,C] one
-        tensors[key] = t.to(dtype=ref.dtype)
-    model = model.to_empty(device=device or "cpu")
-    model.load_state_dict(tensors, strict=True)
+        tensors[key] = t.to(device=device or "cpu", dtype=ref.dtype)
+    # assign: the parameters are the file's tensors where no conversion was needed (a `.pth` stays
+    # memory-mapped, copy-on-write) instead of a second copy of the whole model
+    model.load_state_dict(tensors, strict=True, assign=True)
     return model
 
 
@@ -129,8 +130,14 @@ def load_model(path, dtype=None, device=None):
 
 
 def export_state_dict(model, dtype=None) -> dict[str, torch.Tensor]:
-    """BlinkDL key names and shapes, contiguous CPU tensors that share no storage."""
-    return {k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous().clone() for k, v in model.state_dict().items()}
+    """BlinkDL key names and shapes, contiguous CPU tensors that share no storage; LoRA adapters
+    are folded into their weights."""
+    from ..adapters import merged_state_dict
+    out = {}
+    for k, v in merged_state_dict(model, dtype):
+        t = v.detach().to("cpu", dtype=dtype or v.dtype).contiguous()
+        out[k] = t.clone() if t.untyped_storage().data_ptr() == v.untyped_storage().data_ptr() else t
+    return out
 
 
 def save_model(model, path, dtype=None) -> None:

@@ -177,10 +177,15 @@ class RWKV7(nn.Module):
 
     # -- checkpoints -----------------------------------------------------------------------------
     @classmethod
-    def load(cls, path, dtype=None, device=None) -> "RWKV7":
-        """Load a BlinkDL `.pth` or a `.safetensors` file; every dimension comes from the shapes."""
+    def load(cls, path, dtype=None, device=None, adapter=None) -> "RWKV7":
+        """Load a BlinkDL `.pth` or a `.safetensors` file; every dimension comes from the shapes.
+        `adapter`: an adapter file of a parameter-efficient run on this base, added to the model."""
         from .checkpoint import load_model
-        return load_model(path, dtype=dtype, device=device)
+        model = load_model(path, dtype=dtype, device=device)
+        if adapter is not None:
+            from ..adapters import apply_adapter
+            apply_adapter(model, adapter)
+        return model
 
     def save(self, path, dtype=None) -> None:
         """Write `.pth` (BlinkDL layout) or `.safetensors` (by extension), atomically."""

@@ -16,6 +16,7 @@ S = argparse.SUPPRESS  # flags the user did not give do not override the file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .config import LR_DEFAULTS
     p.add_argument("--config", metavar="FILE", help="TOML or YAML file of settings (flags override it)")
     g = p.add_argument_group("data")
     g.add_argument("--data", dest="c:data.train_files", action="append", metavar="FILE", default=S,
@@ -41,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="completion tokens per optimizer step, all processes (gradient accumulation)")
     g.add_argument("--packing", dest="c:packing", action=argparse.BooleanOptionalAction, default=S,
                    help="pack several examples per row (default on)")
-    g.add_argument("--lr", dest="c:lr", type=float, default=S)
+    g.add_argument("--lr", dest="c:lr", type=float, default=S,
+                   help="default by method: " + ", ".join(f"{k} {v:g}" for k, v in LR_DEFAULTS.items()))
     g.add_argument("--lr-final", dest="c:lr_final", type=float, default=S, help="default lr/10")
     g.add_argument("--warmup-steps", dest="c:warmup_steps", type=int, default=S)
     g.add_argument("--schedule", dest="c:schedule", choices=["cosine", "linear", "constant"], default=S)
@@ -55,6 +57,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wkv-backend", dest="c:wkv_backend", default=S, choices=["auto", "chunked", "reference", "cuda", "fla"])
     g.add_argument("--seed", dest="c:seed", type=int, default=S)
     g.add_argument("--device", dest="c:device", default=S, help="auto | cpu | cuda | cuda:N")
+    g = p.add_argument_group("parameter-efficient fine-tuning (the base stays frozen; OUT/adapter.safetensors)")
+    g.add_argument("--lora-rank", dest="c:lora_rank", type=int, default=S, metavar="R", help="train LoRA of rank R (e.g. 16)")
+    g.add_argument("--lora-alpha", dest="c:lora_alpha", type=float, default=S, metavar="A", help="LoRA scale is A/R (default A = R)")
+    g.add_argument("--lora-targets", dest="c:lora_targets", nargs="+", default=S, metavar="LAYER",
+                   help="linear layers: names within a block or globs (default att.receptance att.key att.value "
+                        "att.output ffn.key ffn.value)")
+    g.add_argument("--lora-dropout", dest="c:lora_dropout", type=float, default=S, metavar="P")
+    g.add_argument("--lora-init", dest="c:lora_init", choices=["lora", "pissa"], default=S,
+                   help="lora: B = 0; pissa: the principal singular directions (the model is unchanged at step 0)")
+    g.add_argument("--state-tuning", dest="c:state_tuning", action="store_true", default=S,
+                   help="learn each layer's initial WKV state (with --lora-rank: both)")
+    g.add_argument("--base-dtype", dest="c:base_dtype", choices=["auto", "bf16", "fp32"], default=S,
+                   help="frozen weights in memory (auto: bf16 when the checkpoint is bf16); compute stays fp32 on CPU")
     g = p.add_argument_group("evaluation, checkpoints, output")
     g.add_argument("--eval-every", dest="c:eval_every", type=int, default=S, help="steps (0: only at the end)")
     g.add_argument("--eval-exact-match", dest="c:eval_exact_match", type=int, default=S, help="examples checked for exact match")

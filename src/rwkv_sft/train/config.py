@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from ..data.config import DataConfig
 from ..errors import UserError
 
+# Learning rates by method, found on `rwkv-sft demo --method ...` (README: parameter-efficient fine-tuning)
+LR_DEFAULTS = {"full": 1e-5, "lora": 1e-4, "state": 1e-2}
+BASE_DTYPES = ("auto", "bf16", "fp32")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -25,7 +28,7 @@ class TrainConfig:
                                           # (gradient accumulation); None -> one micro-batch per process
     packing: bool = True
     # optimisation (DESIGN.md §5.4)
-    lr: float = 1e-5
+    lr: float | None = None               # None -> the method's default (LR_DEFAULTS)
     lr_final: float | None = None         # None -> lr / 10
     warmup_steps: int = 10
     schedule: str = "cosine"              # cosine | linear | constant
@@ -38,6 +41,14 @@ class TrainConfig:
     activation_checkpointing: bool = False
     freeze: list[str] = field(default_factory=list)  # "emb", "head", "blocks.3", "blocks.0-5", any name prefix
     wkv_backend: str = "auto"
+    # parameter-efficient fine-tuning: only the adapters train, the base is frozen
+    lora_rank: int = 0                    # > 0 turns LoRA on
+    lora_alpha: float | None = None       # None -> lora_rank (scale alpha / rank = 1)
+    lora_targets: list[str] | None = None  # linear layers; None -> att receptance/key/value/output, ffn key/value
+    lora_dropout: float = 0.0
+    lora_init: str = "lora"               # lora | pissa
+    state_tuning: bool = False            # learn each layer's initial WKV state
+    base_dtype: str = "auto"              # frozen weights: bf16 | fp32 | auto (bf16 when the checkpoint is bf16)
     loss_chunk_size: int | None = None    # rows per chunk of the linear cross-entropy (None -> ~32 MiB of logits)
     # evaluation, checkpoints, logging
     eval_every: int = 0                   # steps; 0 -> only at the end
@@ -66,6 +77,8 @@ class TrainConfig:
         need(self.max_steps is None or self.max_steps > 0, f"max_steps must be positive, got {self.max_steps}")
         need(self.batch_tokens > 0, f"batch_tokens must be positive, got {self.batch_tokens}")
         need(self.step_tokens is None or self.step_tokens > 0, f"step_tokens must be positive, got {self.step_tokens}")
+        if self.lr is None:
+            self.lr = LR_DEFAULTS[self.method]
         need(self.lr > 0, f"lr must be positive, got {self.lr}")
         need(self.lr_final is None or self.lr_final >= 0, f"lr_final must be >= 0, got {self.lr_final}")
         need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
@@ -77,7 +90,21 @@ class TrainConfig:
         need(self.max_bad_steps >= 1, f"max_bad_steps must be at least 1, got {self.max_bad_steps}")
         need(min(self.eval_every, self.save_every) >= 0 and self.log_every >= 1, "eval_every/save_every must be >= 0, log_every >= 1")
         need(set(self.export) <= {"pth", "safetensors"}, f"export must list pth and/or safetensors, got {self.export}")
+        need(self.lora_rank >= 0, f"lora_rank must be >= 0 (0: no LoRA), got {self.lora_rank}")
+        if not self.lora_rank:
+            given = [k for k, default in (("lora_alpha", None), ("lora_dropout", 0.0), ("lora_init", "lora"),
+                                          ("lora_targets", None)) if getattr(self, k) != default]
+            need(not given, f"{', '.join(given)} set but LoRA is off: give lora_rank (--lora-rank R)")
+        need(self.lora_init in ("lora", "pissa"), f"lora_init must be lora or pissa, got {self.lora_init!r}")
+        need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        need(self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be positive, got {self.lora_alpha}")
+        need(self.base_dtype in BASE_DTYPES, f"unknown base_dtype {self.base_dtype!r}; choose from {', '.join(BASE_DTYPES)}")
         return self
+
+    @property
+    def method(self) -> str:
+        """full | lora | state (LoRA together with a learned state counts as lora)."""
+        return "lora" if self.lora_rank else "state" if self.state_tuning else "full"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

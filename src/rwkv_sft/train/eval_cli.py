@@ -8,6 +8,7 @@ import torch
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, metavar="CKPT", help=".pth (BlinkDL layout) or .safetensors checkpoint")
+    p.add_argument("--adapter", metavar="FILE", help="adapter.safetensors of a parameter-efficient run on --model")
     p.add_argument("--state", metavar="FILE", help="learned initial state (state.pth of a state-tuning run) to start from")
     p.add_argument("--data", required=True, action="append", metavar="FILE",
                    help="examples to evaluate (JSONL/JSON, same formats as training); repeat for several")
@@ -42,7 +43,7 @@ def run(args) -> int:
     tokenizer = Tokenizer()
     data = prepare_data(DataConfig(train_files=args.data, format=args.format, max_len=args.max_len,
                                    end_marker=args.end_marker), tokenizer=tokenizer, show_progress=not args.json)
-    model = RWKV7.load(args.model, dtype=torch.float32, device=device)
+    model = RWKV7.load(args.model, dtype=torch.float32, device=device, adapter=args.adapter)
     if args.state:
         from ..adapters.state import load_state
         load_state(model, args.state)
@@ -52,7 +53,7 @@ def run(args) -> int:
                       device=device, precision=precision)
     samples = result.pop("samples", [])
     if args.json:
-        print(json.dumps({"model": args.model, "state": args.state, "data": args.data, **result,
+        print(json.dumps({"model": args.model, "adapter": args.adapter, "state": args.state, "data": args.data, **result,
                           "samples": samples[:args.samples]}, ensure_ascii=False))
         return 0
     rows = [("examples", f"{result['examples']}"), ("loss tokens", f"{result['loss_tokens']}"),

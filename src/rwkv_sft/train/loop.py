@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..adapters import training as peft_run
 from ..errors import UserError
 from ..model import RWKV7, RWKV7Config
 from ..utils import atomic_write, keep_freed_memory
@@ -46,7 +47,7 @@ class TrainResult:
     interrupted: bool              # stopped by SIGINT/SIGTERM after saving a checkpoint
     out_dir: Path
     checkpoint: Path | None        # newest complete checkpoint
-    exports: dict[str, Path] = field(default_factory=dict)   # "pth"/"safetensors" -> file
+    exports: dict[str, Path] = field(default_factory=dict)   # "pth"/"safetensors" (or "adapter"/"state") -> file
     metrics_path: Path | None = None
     plot_path: Path | None = None
 
@@ -108,8 +109,8 @@ def autocast(device: torch.device, precision: str):
 
 
 def build_model(config: TrainConfig) -> RWKV7:
-    if config.model:
-        return RWKV7.load(config.model, dtype=torch.float32)
+    if config.model:  # in the file's dtype, memory-mapped: peft_run.compact decides what becomes fp32
+        return RWKV7.load(config.model)
     torch.manual_seed(config.seed)
     try:
         return RWKV7(RWKV7Config(**config.model_config))  # vocab_size defaults to the World 65536
@@ -223,19 +224,25 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
         raise UserError(f"{', '.join(config.data.train_files)}: no training examples")
 
     model = model if model is not None else build_model(config)
-    model = model.float().to(device)
+    peft = peft_run.settings_from(config)  # None: full fine-tuning
+    base = peft_run.prepare(model, peft, seed=config.seed, initialize=state is None)
+    freeze(model, config.freeze)
+    model = peft_run.compact(model, config.base_dtype).to(device)
     if state is not None:
-        model.load_state_dict(state["model"])
+        peft_run.restore(model, state, peft, base, resume_from)
     model.wkv_backend = config.wkv_backend
     model.activation_checkpointing = config.activation_checkpointing
     model.train()
-    frozen = freeze(model, config.freeze)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps)
     params = [p for p in model.parameters() if p.requires_grad]
     loss_module = CompletionLoss(model, config.loss_chunk_size)
     ddp = None
     if d.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
+        # frozen weights are loaded from the same file by every process: nothing to broadcast or reduce
+        DDP._set_params_and_buffers_to_ignore_for_model(
+            loss_module, [n for n, p in loss_module.named_parameters() if not p.requires_grad])
         ddp = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
 
     loader = BatchLoader(data.train, batch_tokens=config.batch_tokens, packing=config.packing, seed=config.seed,
@@ -272,7 +279,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
         distributed.barrier(d)
         return result
 
-    last_saved = resume_from
+    last_saved, outputs = resume_from, {}
 
     def save() -> Path:
         nonlocal last_saved
@@ -283,6 +290,9 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
                 "data": {"epoch": epoch, "batch": batch_index}, "config": config.to_dict(),
                 "metrics": {"history": history, "bad_steps": bad_total},
             }
+            if peft is not None:  # only what trains; the frozen base is the run's --model
+                payload.update(peft_run.checkpoint_entries(model, peft, base))
+                outputs.update(peft_run.write_outputs(out, model, peft, base))
             ckpt.save_checkpoint(ckpt_root, step, payload, config.keep_last)
         distributed.barrier(d)
         last_saved = ckpt_root / f"step_{step:06d}"
@@ -291,7 +301,9 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     if d.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"rwkv-sft train: {model.config.n_layer} layers x {model.config.n_embd}, {n_params / 1e6:.1f}M parameters"
-              f"{f' ({frozen / 1e6:.1f}M frozen)' if frozen else ''}; {len(data.train)} examples; {d.world_size} "
+              f"{f' ({frozen / 1e6:.1f}M frozen, {(n_params - frozen) / 1e6:.2f}M trained)' if frozen else ''}"
+              f"{f'; {peft.describe()}' if peft else ''}; "
+              f"{len(data.train)} examples; {d.world_size} "
               f"process(es) on {device.type}, {precision}; {total_steps} steps"
               + (f"; resuming from {resume_from} (step {step})" if resume_from else ""), flush=True)
     from tqdm.auto import tqdm
@@ -365,7 +377,9 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     exports, plot_path = {}, None
     if not interrupted:
         eval_result = run_eval()
-        if d.is_main:
+        if d.is_main and peft is not None:
+            exports.update(outputs)  # written with the last checkpoint
+        elif d.is_main:
             for kind in config.export:
                 exports[kind] = out / f"model.{kind}"
                 model.save(exports[kind])

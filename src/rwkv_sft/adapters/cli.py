@@ -1,0 +1,39 @@
+"""`rwkv-sft merge`: fold an adapter's LoRA into its base and write a plain checkpoint."""
+from __future__ import annotations
+
+from ..errors import UserError
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, metavar="BASE", help="the base checkpoint the adapter was trained on")
+    p.add_argument("--adapter", required=True, metavar="FILE", help="adapter.safetensors of a LoRA run")
+    p.add_argument("--out", required=True, metavar="MERGED",
+                   help="output .pth (BlinkDL layout, loads in the rwkv package) or .safetensors")
+    p.add_argument("--dtype", choices=DTYPES, help="store the weights in this dtype (default: the base's)")
+
+
+def run(args) -> int:
+    import torch
+
+    from ..model import RWKV7
+    from . import apply_adapter
+
+    if not args.out.endswith((".pth", ".safetensors")):
+        raise UserError(f"{args.out}: the output must end in .pth or .safetensors")
+    model = RWKV7.load(args.model)  # memory-mapped; merged one weight at a time while writing
+    settings = apply_adapter(model, args.adapter)
+    if not settings.lora_rank:
+        raise UserError(f"{args.adapter}: holds no LoRA weights (only a learned initial state), so there is "
+                        "nothing to merge; use it with --adapter, or its state.pth")
+    if settings.state_tuning:
+        for block in model.blocks:  # a BlinkDL checkpoint has no place for it
+            del block.att.time_state
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
+    model.save(args.out, dtype=dtype or model.emb.weight.dtype)
+    print(f"wrote {args.out}: {args.model} + {settings.describe()}")
+    if settings.state_tuning:
+        print(f"note: the learned initial state is not part of a merged checkpoint; it stays in {args.adapter} "
+              "(and the run's state.pth)")
+    return 0

@@ -1,0 +1,194 @@
+"""LoRA and PiSSA on the linear layers of an RWKV-7 model, and frozen weights in a compact dtype.
+
+Written here rather than with HF peft: the adapted layer must keep BlinkDL's parameter name
+(`...att.key.weight`) so checkpoints and merges stay in the `.pth` layout, its frozen weight may
+be bf16 while the CPU computes in fp32 (upcast one layer at a time), and each LoRA lives inside
+the module it adapts so that per-block sharding (FSDP2) shards it with its base.
+
+    y = x W^T + scale * (drop(x) A^T) B^T            scale = alpha / rank
+    PiSSA:  A0, B0 = the top `rank` singular directions of W (scale * B0 A0 ~ W's principal part),
+            A, B start at A0, B0 and the layer subtracts scale * (x A0^T) B0^T: the residual base
+            W - scale * B0 A0 without touching W, so the model is exactly unchanged at step 0,
+            the frozen weight stays bit-identical and one merge formula serves both inits.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import UserError
+
+DEFAULT_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
+INITS = ("lora", "pissa")
+
+
+class _UpcastLinear(torch.autograd.Function):
+    """x W^T with W stored in a lower precision than x: W is upcast for this call only and the
+    backward keeps the stored copy, so no full-precision copy of a frozen base outlives a layer."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.to(grad.dtype), None
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if weight.dtype == x.dtype or weight.requires_grad or torch.is_autocast_enabled(x.device.type):
+        return F.linear(x, weight)  # (autocast casts both operands itself)
+    return _UpcastLinear.apply(x, weight)
+
+
+class FrozenLinear(nn.Linear):
+    """An nn.Linear whose frozen weight may be stored in bf16 while the input is fp32."""
+
+    def forward(self, x):
+        return frozen_linear(x, self.weight)
+
+
+class LoRALinear(FrozenLinear):
+    """nn.Linear + a trainable low-rank update; `weight` keeps its name, so the base's keys do not
+    change. Made from an existing nn.Linear by `add_lora` (the module object stays the same)."""
+
+    def init_lora(self, rank: int, alpha: float, dropout: float, init: str) -> None:
+        out_f, in_f = self.weight.shape
+        dev = self.weight.device
+        self.rank, self.alpha, self.dropout, self.init = rank, float(alpha), float(dropout), init
+        self.scale = self.alpha / rank
+        self.lora_A = nn.Parameter(torch.zeros(rank, in_f, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(out_f, rank, device=dev))
+        if init == "pissa":
+            self.register_buffer("lora_A0", torch.zeros(rank, in_f, device=dev))
+            self.register_buffer("lora_B0", torch.zeros(out_f, rank, device=dev))
+
+    @torch.no_grad()
+    def reset_lora(self) -> None:
+        """LoRA: A Kaiming-uniform (as nn.Linear and upstream), B zero. PiSSA: A = A0, B = B0."""
+        if self.init == "lora":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            self.lora_B.zero_()
+            return
+        # randomized SVD (as RWKV-PEFT): a full SVD of every layer would dominate start-up time
+        U, S, V = torch.svd_lowrank(self.weight.float(), q=self.rank, niter=4)
+        root = (S / self.scale).sqrt()
+        self.lora_A0.copy_(root[:, None] * V.T)
+        self.lora_B0.copy_(U * root[None, :])
+        self.lora_A.copy_(self.lora_A0)
+        self.lora_B.copy_(self.lora_B0)
+
+    def delta(self, x):
+        """The adapter's contribution to the output."""
+        h = F.dropout(x, self.dropout, self.training) if self.dropout else x
+        d = F.linear(F.linear(h, self.lora_A), self.lora_B)
+        if self.init == "pissa":
+            d = d - F.linear(F.linear(x, self.lora_A0), self.lora_B0)
+        return d * self.scale
+
+    def forward(self, x):
+        return frozen_linear(x, self.weight) + self.delta(x)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * (B A - B0 A0) in fp32: what a merge adds to the weight."""
+        d = self.lora_B.float() @ self.lora_A.float()
+        if self.init == "pissa":
+            d = d - self.lora_B0.float() @ self.lora_A0.float()
+        return d * self.scale
+
+
+def merge_delta(weight, A, B, scale, A0=None, B0=None) -> torch.Tensor:
+    """W + scale * (B A - B0 A0), computed in fp32, returned in fp32 (the merge formula)."""
+    d = B.float() @ A.float()
+    if A0 is not None:
+        d = d - B0.float() @ A0.float()
+    return weight.float() + d * scale
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def match_targets(model: nn.Module, targets) -> list[str]:
+    """Names of the linear layers that `targets` choose. A target is a layer name relative to a
+    block ("att.key", "ffn.value"), a full name ("blocks.3.att.key") or a glob ("blocks.1?.att.*")."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    targets = [t.strip() for entry in targets for t in entry.split(",") if t.strip()]  # "att.key,ffn.key" too
+    if not targets:
+        raise UserError("lora_targets is empty: name at least one linear layer (e.g. att.key)")
+    chosen = set()
+    for target in targets:
+        hits = [n for n in linears if n == target or n.endswith("." + target) or fnmatch.fnmatchcase(n, target)]
+        if target == "head" or "head" in hits:
+            raise UserError("lora_targets: 'head' cannot take LoRA (the loss reads its weight directly); "
+                            f"choose among {', '.join(_relative_names(linears))}")
+        if not hits:
+            raise UserError(f"lora_targets: {target!r} matches no linear layer; the model has "
+                            f"{', '.join(_relative_names(linears))} (in every block)")
+        chosen.update(hits)
+    return [n for n in linears if n in chosen]
+
+
+def _relative_names(linears) -> list[str]:
+    seen = []
+    for n in linears:
+        rel = n.split(".", 2)[2] if n.startswith("blocks.") else n
+        if rel not in seen and rel != "head":
+            seen.append(rel)
+    return seen
+
+
+def add_lora(model: nn.Module, targets=DEFAULT_TARGETS, rank: int = 16, alpha: float | None = None,
+             dropout: float = 0.0, init: str = "lora", initialize: bool = True) -> list[str]:
+    """Turn the chosen nn.Linear layers into LoRALinear in place; returns their names.
+
+    initialize=False leaves A and B (and PiSSA's A0, B0) zero, for loading saved values."""
+    if rank < 1:
+        raise UserError(f"lora_rank must be at least 1, got {rank}")
+    if init not in INITS:
+        raise UserError(f"lora_init must be one of {', '.join(INITS)}, got {init!r}")
+    if not 0 <= dropout < 1:
+        raise UserError(f"lora_dropout must be in [0, 1), got {dropout}")
+    alpha = float(rank if alpha is None else alpha)
+    if not alpha > 0 or not math.isfinite(alpha):
+        raise UserError(f"lora_alpha must be a positive number, got {alpha}")
+    names = match_targets(model, targets)
+    modules = dict(model.named_modules())
+    for name in names:
+        m = modules[name]
+        if isinstance(m, LoRALinear):
+            raise UserError(f"{name} already has a LoRA adapter")
+        if rank > min(m.weight.shape):
+            raise UserError(f"lora_rank {rank} exceeds the size of {name} {list(m.weight.shape)}")
+        m.__class__ = LoRALinear  # same object and parameters; only the forward changes
+        m.init_lora(rank, alpha, dropout, init)
+        if initialize:
+            m.reset_lora()
+    return names
+
+
+def compact_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store frozen matrices (linear and embedding weights, the bulk of a model) in `dtype`, keep
+    every other frozen tensor and everything that trains in fp32.
+
+    Linear layers then upcast their weight per call (FrozenLinear); embeddings return fp32 rows.
+    On CPU this keeps the compute in fp32 (bf16 matmuls are slower there) without ever holding
+    the base in fp32; under GPU autocast the bf16 weights are used as they are.
+    """
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            want = dtype if (not p.requires_grad and name == "weight" and
+                             isinstance(module, (nn.Linear, nn.Embedding))) else torch.float32
+            if p.dtype != want:
+                p.data = p.data.to(want)
+        if isinstance(module, nn.Linear) and not isinstance(module, FrozenLinear) and module.weight.dtype != torch.float32:
+            module.__class__ = FrozenLinear
+        if isinstance(module, nn.Embedding) and module.weight.dtype != torch.float32 and not getattr(module, "_upcasts", False):
+            module.register_forward_hook(lambda m, args, out: out.float())
+            module._upcasts = True
