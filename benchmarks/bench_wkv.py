@@ -3,6 +3,7 @@
     python benchmarks/bench_wkv.py                 # B=4, H=12, N=64, T in 256 1024 4096, fp32 + bf16
     python benchmarks/bench_wkv.py --quick         # T in 256 1024, one repeat, reference only at T=256
     python benchmarks/bench_wkv.py --T 1024 --dtypes fp32 --backends reference chunked
+    python benchmarks/bench_wkv.py --packed 128 --reset-state   # packed rows restarting from a learned state
 
 Every backend that is available is measured: "reference" (the per-token recurrence under
 autograd, the baseline), "chunked", and "cuda" / "fla" when a GPU and those modules exist
@@ -52,13 +53,21 @@ def maxrss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def run_case(backend, B, T, H, N, dtype, device, backward, repeats, min_seconds):
+def run_case(backend, B, T, H, N, dtype, device, backward, repeats, min_seconds, packed=0, reset_state=False):
     """One measurement in this process: (best seconds, peak bytes of the first run)."""
     from rwkv_sft.ops import _load_backend
-    fn = _load_backend(backend)
+    op = _load_backend(backend)
     xs = make_inputs(B, T, H, N, DTYPES[dtype], device)
+    kwargs = {}
+    if packed:  # a new example every `packed` tokens, restarting from zero or from a learned state
+        kwargs["resets"] = (torch.arange(T, device=device) % packed == 0).expand(B, T)
+        if reset_state:
+            kwargs["reset_state"] = torch.randn(H, N, N, device=device) * 0.1
     if backward:
         xs = [x.requires_grad_() for x in xs]
+        if reset_state and packed:
+            kwargs["reset_state"].requires_grad_()
+    fn = lambda *a: op(*a, **kwargs)  # noqa: E731
     gy = torch.randn(B, T, H, N, device=device).to(DTYPES[dtype])
     cuda = device.startswith("cuda")
 
@@ -111,7 +120,8 @@ def measure(args, backend, T, dtype, backward):
     device = "cuda" if backend in GPU_BACKENDS else args.device
     cmd = [sys.executable, __file__, "--_case", json.dumps(
         dict(backend=backend, B=args.B, T=T, H=args.H, N=args.N, dtype=dtype, device=device,
-             backward=backward, repeats=args.repeats, min_seconds=args.min_seconds, threads=args.threads))]
+             backward=backward, repeats=args.repeats, min_seconds=args.min_seconds, threads=args.threads,
+             **({"packed": args.packed, "reset_state": args.reset_state} if args.packed else {})))]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         return None, f"{backend} T={T} {dtype}: failed: {proc.stderr.strip().splitlines()[-1:]}"
@@ -136,6 +146,9 @@ def main():
                    help="longest T at which the reference runs; longer ones are estimated (default 1024, --quick 256)")
     p.add_argument("--quick", action="store_true", help="T in 256 1024, one repeat, reference measured at 256 only")
     p.add_argument("--json", metavar="FILE", help="also write the measurements (and the skip notes) to FILE")
+    p.add_argument("--packed", type=int, default=0, metavar="L", help="packed rows: a reset every L tokens")
+    p.add_argument("--reset-state", action="store_true",
+                   help="with --packed: resets restart from a given (learned) state, not zero")
     p.add_argument("--_case", help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -151,7 +164,8 @@ def main():
         args.min_seconds = 0.0 if args.quick else 3.0
     ref_max_T = args.ref_max_T or (256 if args.quick else 1024)
     backends, notes = available_backends(args.backends)
-    print(f"WKV-7  B={args.B} H={args.H} N={args.N}  threads={args.threads}  repeats>={args.repeats}  min {args.min_seconds:g} s  "
+    packing = f"  packed every {args.packed}{' from a learned state' if args.reset_state else ''}" if args.packed else ""
+    print(f"WKV-7  B={args.B} H={args.H} N={args.N}{packing}  threads={args.threads}  repeats>={args.repeats}  min {args.min_seconds:g} s  "
           f"torch {torch.__version__}")
     for n in notes:
         print("  " + n)

@@ -195,33 +195,32 @@ template <class K> static void run_blocks(int blocks, K kernel) {
 }
 
 template <typename F> static void fwd(int B, int T, int H, const void* r, const void* w, const void* k, const void* v,
-    const void* a, const void* b, const float* s0, const uint8_t* resets, void* y, float* sT, float* snaps) {
+    const void* a, const void* b, const float* s0, const uint8_t* resets, const float* s_reset, void* y, float* sT,
+    float* snaps) {
     run_blocks(B * H, [&] { wkv7_forward_kernel<F, 64>(T, H, (const F*)r, (const F*)w, (const F*)k, (const F*)v,
-        (const F*)a, (const F*)b, s0, resets, (F*)y, sT, snaps); });
+        (const F*)a, (const F*)b, s0, resets, s_reset, (F*)y, sT, snaps); });
 }
 template <typename F> static void bwd(int B, int T, int H, const void* r, const void* w, const void* k, const void* v,
     const void* a, const void* b, const void* dy, const float* dsT, const float* snaps, const uint8_t* resets,
-    float* scratch, void* dr, void* dw, void* dk, void* dv, void* da, void* db, float* ds0) {
+    const float* s_reset, float* scratch, void* dr, void* dw, void* dk, void* dv, void* da, void* db, float* ds0,
+    float* ds_reset) {
     run_blocks(B * H, [&] { wkv7_backward_kernel<F, 64>(T, H, (const F*)r, (const F*)w, (const F*)k, (const F*)v,
-        (const F*)a, (const F*)b, (const F*)dy, dsT, snaps, resets, scratch, (F*)dr, (F*)dw, (F*)dk, (F*)dv,
-        (F*)da, (F*)db, ds0); });
+        (const F*)a, (const F*)b, (const F*)dy, dsT, snaps, resets, s_reset, scratch, (F*)dr, (F*)dw, (F*)dk,
+        (F*)dv, (F*)da, (F*)db, ds0, ds_reset); });
 }
-extern "C" {
-void emu_forward_f32(int B, int T, int H, const void* r, const void* w, const void* k, const void* v, const void* a,
-    const void* b, const float* s0, const uint8_t* resets, void* y, float* sT, float* snaps) {
-    fwd<float>(B, T, H, r, w, k, v, a, b, s0, resets, y, sT, snaps); }
-void emu_forward_bf16(int B, int T, int H, const void* r, const void* w, const void* k, const void* v, const void* a,
-    const void* b, const float* s0, const uint8_t* resets, void* y, float* sT, float* snaps) {
-    fwd<__nv_bfloat16>(B, T, H, r, w, k, v, a, b, s0, resets, y, sT, snaps); }
-void emu_backward_f32(int B, int T, int H, const void* r, const void* w, const void* k, const void* v, const void* a,
-    const void* b, const void* dy, const float* dsT, const float* snaps, const uint8_t* resets, float* scratch,
-    void* dr, void* dw, void* dk, void* dv, void* da, void* db, float* ds0) {
-    bwd<float>(B, T, H, r, w, k, v, a, b, dy, dsT, snaps, resets, scratch, dr, dw, dk, dv, da, db, ds0); }
-void emu_backward_bf16(int B, int T, int H, const void* r, const void* w, const void* k, const void* v, const void* a,
-    const void* b, const void* dy, const float* dsT, const float* snaps, const uint8_t* resets, float* scratch,
-    void* dr, void* dw, void* dk, void* dv, void* da, void* db, float* ds0) {
-    bwd<__nv_bfloat16>(B, T, H, r, w, k, v, a, b, dy, dsT, snaps, resets, scratch, dr, dw, dk, dv, da, db, ds0); }
-}
+#define EMU(SUFFIX, F)                                                                                          \
+extern "C" void emu_forward_##SUFFIX(int B, int T, int H, const void* r, const void* w, const void* k,           \
+    const void* v, const void* a, const void* b, const float* s0, const uint8_t* resets, const float* s_reset,  \
+    void* y, float* sT, float* snaps) {                                                                         \
+    fwd<F>(B, T, H, r, w, k, v, a, b, s0, resets, s_reset, y, sT, snaps); }                                     \
+extern "C" void emu_backward_##SUFFIX(int B, int T, int H, const void* r, const void* w, const void* k,          \
+    const void* v, const void* a, const void* b, const void* dy, const float* dsT, const float* snaps,          \
+    const uint8_t* resets, const float* s_reset, float* scratch, void* dr, void* dw, void* dk, void* dv,        \
+    void* da, void* db, float* ds0, float* ds_reset) {                                                          \
+    bwd<F>(B, T, H, r, w, k, v, a, b, dy, dsT, snaps, resets, s_reset, scratch, dr, dw, dk, dv, da, db, ds0,    \
+           ds_reset); }
+EMU(f32, float)
+EMU(bf16, __nv_bfloat16)
 """
 
 
@@ -238,8 +237,9 @@ def emulated_kernels(tmp_path_factory):
     return ctypes.CDLL(str(directory / "emu.so"))
 
 
-def run_emulated(lib, inputs, state, resets, dy, dsT, dtype):
-    """The forward kernel, then the backward kernel from its snapshots, as the binding calls them."""
+def run_emulated(lib, inputs, state, resets, dy, dsT, dtype, reset_state=None):
+    """The forward kernel, then the backward kernel from its snapshots, as the binding calls them;
+    with reset_state ([B,H,N,N]) its gradient comes last."""
     B, T, H, N = inputs[0].shape
     L = 16  # CHUNK in wkv7.cu
     xs = [x.to(dtype).contiguous() for x in inputs]
@@ -250,13 +250,15 @@ def run_emulated(lib, inputs, state, resets, dy, dsT, dtype):
     snaps = torch.empty(B * H * -(-T // L) * N * N)
     scratch = torch.empty(B * H * (L + 1) * N * N)
     grads, ds0 = [torch.empty_like(xs[0]) for _ in range(6)], torch.empty(B, H, N, N)
+    s_reset = None if reset_state is None else reset_state.float().contiguous()
+    ds_reset = None if reset_state is None else torch.zeros(B, H, N, N)
     ptr = lambda t: ctypes.c_void_p(None if t is None else t.data_ptr())  # noqa: E731
     suffix = "f32" if dtype == torch.float32 else "bf16"
-    getattr(lib, f"emu_forward_{suffix}")(B, T, H, *map(ptr, xs), ptr(s0), ptr(flags), ptr(y),
+    getattr(lib, f"emu_forward_{suffix}")(B, T, H, *map(ptr, xs), ptr(s0), ptr(flags), ptr(s_reset), ptr(y),
                                           ptr(sT), ptr(snaps))
-    getattr(lib, f"emu_backward_{suffix}")(B, T, H, *map(ptr, xs), ptr(dy), ptr(dsT),
-                                           ptr(snaps), ptr(flags), ptr(scratch), *map(ptr, grads), ptr(ds0))
-    return [y, sT] + grads + [ds0]
+    getattr(lib, f"emu_backward_{suffix}")(B, T, H, *map(ptr, xs), ptr(dy), ptr(dsT), ptr(snaps), ptr(flags),
+                                           ptr(s_reset), ptr(scratch), *map(ptr, grads), ptr(ds0), ptr(ds_reset))
+    return [y, sT] + grads + [ds0] + ([] if ds_reset is None else [ds_reset])
 
 
 @pytest.mark.slow

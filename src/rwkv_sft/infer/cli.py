@@ -12,6 +12,7 @@ from . import GREEDY_BELOW
 
 def add_arguments(p):
     p.add_argument("--model", required=True, help=".pth (BlinkDL layout), .safetensors, or a training checkpoint OUT/checkpoints/step_N")
+    p.add_argument("--state", metavar="FILE", help="learned initial state (state.pth of a state-tuning run) to start from")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", type=unescape, metavar="TEXT",
                      help=f"prompt text ({ESCAPES_HELP}; '-' reads stdin; without any prompt option, stdin is read "
@@ -76,6 +77,9 @@ def run(args) -> int:
     device = resolve_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = RWKV7.load(args.model, dtype=dtype, device=device, adapter=args.adapter).eval().decoding_layout()
+    if args.state:
+        from ..adapters.state import load_state
+        load_state(model, args.state)
     tokenizer = Tokenizer()
 
     if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character gets U+FFFD, not a crash

@@ -101,7 +101,9 @@ def state_dict_to_model(sd: dict[str, torch.Tensor], source="checkpoint", dtype=
     if not dtype.is_floating_point:
         raise UserError(f"{source}: emb.weight has dtype {dtype}, expected a floating-point type")
     with torch.device("meta"):
-        model = RWKV7(config, init_weights=False)
+        model = RWKV7(config, init_weights=False).to(dtype=dtype)
+        if any(k.endswith(".att.time_state") for k in sd):  # saved from a model with a learned state
+            model.enable_state_tuning()
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     if missing:
@@ -117,7 +119,7 @@ def state_dict_to_model(sd: dict[str, torch.Tensor], source="checkpoint", dtype=
             if t.numel() != ref.numel() or ref.dim() == 2 and t.dim() == 2:
                 raise UserError(f"{source}: '{key}' has shape {list(t.shape)}, expected {list(ref.shape)}")
             t = t.reshape(ref.shape)  # e.g. a [C] vector stored for a [1,1,C] one
-        tensors[key] = t.to(device=device or "cpu", dtype=dtype)
+        tensors[key] = t.to(device=device or "cpu", dtype=ref.dtype)
     # assign: the parameters are the file's tensors where no conversion was needed (a `.pth` stays
     # memory-mapped, copy-on-write) instead of a second copy of the whole model
     model.load_state_dict(tensors, strict=True, assign=True)

@@ -72,6 +72,8 @@ class TimeMix(nn.Module):
         self.value = nn.Linear(C, C, bias=False)
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
+        # learned initial WKV state [H,N,N] fp32 (value x key), see RWKV7.enable_state_tuning
+        self.register_parameter("time_state", None)
 
     def forward(self, x, last_x, wkv_state, v_first, resets, backend):
         B, T, C = x.shape
@@ -95,7 +97,7 @@ class TimeMix(nn.Module):
 
         heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
         y, wkv_state = wkv7(heads(r), heads(w), heads(k), heads(v), -kk, kk * heads(a),
-                            state=wkv_state, backend=backend, resets=resets)
+                            state=wkv_state, backend=backend, resets=resets, reset_state=self.time_state)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)
         y = y + bonus.reshape(B, T, C)
@@ -215,6 +217,35 @@ class RWKV7(nn.Module):
         return self
 
     # -- state -----------------------------------------------------------------------------------
+    def enable_state_tuning(self) -> list[nn.Parameter]:
+        """Give every layer a learned initial WKV state `blocks.{i}.att.time_state` [H,N,N] fp32
+        (value x key), zeros as upstream; layers that have one keep it. Returns the parameters.
+        Without this call the model has none and its state_dict is the plain checkpoint's."""
+        cfg, weight = self.config, self.emb.weight
+        dtype = torch.promote_types(torch.float32, weight.dtype)  # fp32 (fp64 in a float64 model)
+        for block in self.blocks:
+            if block.att.time_state is None:
+                block.att.time_state = nn.Parameter(torch.zeros(
+                    cfg.n_head, cfg.head_size, cfg.head_size, device=weight.device, dtype=dtype))
+        return self.learned_state()
+
+    def learned_state(self) -> list[nn.Parameter] | None:
+        """Each layer's learned initial WKV state, or None when the model has none."""
+        states = [block.att.time_state for block in self.blocks]
+        return None if states[0] is None else states
+
+    def initial_state(self, batch_size: int = 1, device=None, dtype=None) -> RWKV7State:
+        """Where a sequence starts: the learned WKV state when the model has one (differentiable),
+        zeros otherwise; token shifts start at zero either way."""
+        state = self.zero_state(batch_size, device, dtype)
+        learned = self.learned_state()
+        if learned is not None:
+            # fp32 like every WKV state (fp64 in a float64 model, for exact checks)
+            dtype = torch.promote_types(torch.float32, learned[0].dtype)
+            wkv = torch.stack([s.to(device=state.wkv.device, dtype=dtype) for s in learned])
+            state.wkv = wkv.unsqueeze(1).expand(-1, batch_size, -1, -1, -1).contiguous()
+        return state
+
     def zero_state(self, batch_size: int = 1, device=None, dtype=None) -> RWKV7State:
         cfg = self.config
         device = device or self.emb.weight.device
@@ -231,8 +262,9 @@ class RWKV7(nn.Module):
                        segment_len: int | None = None, rows=None, embedded=None):
         """tokens [B,T] -> (hidden after ln_out [B,T,C], new state).
 
-        resets: optional bool [B,T], True where a packed example starts: the recurrent state
-        (token shift and WKV) restarts from zero there, so examples do not see each other.
+        state=None starts from `initial_state()`. resets: optional bool [B,T], True where a packed
+        example starts: the recurrent state restarts there (token shift from zero, WKV from the
+        learned initial state or zero), so examples do not see each other.
         segment_len: run S tokens at a time with the state carried; same results and gradients,
         but under autograd only one segment's activations are alive at a time (model/segments.py).
         rows: optional bool [B,T]; returns hidden[rows] [N,C] instead, gathered segment by segment.
@@ -246,7 +278,7 @@ class RWKV7(nn.Module):
             return forward_segments(self.forward_hidden, tokens, state, resets, segment_len, rows, self.emb)
         B = tokens.shape[0]
         if state is None:
-            state = self.zero_state(B, device=tokens.device)
+            state = self.initial_state(B, device=tokens.device)
         x = self.emb(tokens) if embedded is None else embedded
         x_emb = v_first = None  # both defined by block 0
         att_shifts, wkvs, ffn_shifts = [], [], []

@@ -67,11 +67,12 @@ def check_backend(backend: str, device: torch.device) -> None:
                             "above says why); use --wkv-backend auto or chunked")
 
 
-def wkv7(r, w, k, v, a, b, state=None, backend="auto", resets=None):
+def wkv7(r, w, k, v, a, b, state=None, backend="auto", resets=None, reset_state=None):
     """WKV-7 over [B,T,H,N] inputs with decay exp(-exp(w)); state [B,H,N,N] fp32 (value x key).
 
-    resets: optional bool [B,T], True where a new sequence starts (the state is zeroed before
-    that token). Returns (y [B,T,H,N] in r's dtype, final state [B,H,N,N] fp32).
+    resets: optional bool [B,T], True where a new sequence starts: the state restarts before
+    that token, from zero or from reset_state ([H,N,N] or [B,H,N,N], differentiable; e.g. a
+    learned initial state). Returns (y [B,T,H,N] in r's dtype, final state [B,H,N,N] fp32).
 
     Precision, the same for every backend:
     - accepted: any float dtypes, mixed (an autocast region hands over bf16 projections beside
@@ -92,8 +93,10 @@ def wkv7(r, w, k, v, a, b, state=None, backend="auto", resets=None):
         xs = tuple(x.to(wide) for x in xs)
     if state is not None:
         state = state.to(wide)
+    if reset_state is not None:
+        reset_state = reset_state.to(wide)
     with no_autocast(r.device.type):
-        y, state = _load_backend(name)(*xs, state=state, resets=resets)
+        y, state = _load_backend(name)(*xs, state=state, resets=resets, reset_state=reset_state)
     return y.to(r.dtype), state
 
 

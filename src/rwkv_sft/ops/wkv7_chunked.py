@@ -114,7 +114,7 @@ def _unit_lower_inverse(A):
     return X
 
 
-def _intra(inputs, ew, seg, load, out):
+def _intra(inputs, ew, seg, load, out, restart=None):
     """Everything inside each chunk that does not depend on the incoming state P0 [K,V].
 
     inputs: r, k, v, a, b as given ([B,T,H,N]); `load(x, dst, scale)` puts this group's chunks of
@@ -127,7 +127,8 @@ def _intra(inputs, ew, seg, load, out):
     needs into `out` (rP, A_rb, W, bd, D as a column, U's part Bx v, Yc = A_rk v, c = kd^T v);
     returns what the backward keeps (see `_intra_backward`).
     A reset inside a chunk masks every interaction across it and cuts the rows after it off
-    from P0.
+    from P0. With `restart` (the state resets restart from, [g,K,V]) those rows read it instead,
+    decayed from their segment's start: see `_restart`.
     """
     r, k, v_in, a, b = inputs
     g, C, N = ew.shape
@@ -172,10 +173,53 @@ def _intra(inputs, ew, seg, load, out):
     torch.mul(K[:, 1], to_end, out=out["bd"])
     kd = K[:, 0] * to_end
     torch.bmm(kd.mT, v, out=out["c"])
-    return [Q, K, A, X, v, E, einv, kd, ew, to_P0, to_end, decay_all, mask]
+    saved = [Q, K, A, X, v, E, einv, kd, ew, to_P0, to_end, decay_all, mask]
+    if restart is not None:
+        saved += _restart(saved, seg, restart, out)
+    return saved
 
 
-def _intra_backward(saved, U, P0, dPend, dU, dYS, store):
+def _restart(saved, seg, PR, out):
+    """The rows after a reset start from PR [g,K,V] rather than zero. Row i of segment s > 0 reads
+    PR through e^{Gs_i}, Gs = the log-decay summed from the segment's start (so Gs_i = G_i -
+    G_{start-1}, but computed inside the segment, as the masked product incl @ ew); a-rows one
+    step earlier (e^{Gs_i + ew_i}), and the chunk's end state through e^{Gs_last} when the last
+    segment is not the first. PR is known before the chunk-to-chunk pass, so its share goes
+    straight into U, Yc and c: U += X aR PR, Yc += rR PR, c += diag(DR) PR.
+    Returns what `_restart_backward` needs: ERi = e^{Gs} * e^{mid-G} (so [rR; aR] = Q * ERi),
+    DR and PR.
+    """
+    Q, X, einv, ew, mask = saved[0], saved[3], saved[6], saved[8], saved[12]
+    C = ew.shape[1]
+    Gs = torch.bmm(mask[:, :C, :C], ew).neg_()  # mask's first block: same segment, j <= i
+    ER = Gs.exp_()
+    DR = ER[:, -1:] * (seg[:, -1:] > 0).unsqueeze(-1).to(ew.dtype)
+    ERi = ER.mul_((seg > 0).unsqueeze(-1).to(ew.dtype)).mul_(einv)
+    QR = Q * ERi.unsqueeze(1)
+    out["Yc"].baddbmm_(QR[:, 0], PR)
+    out["U"].baddbmm_(X @ QR[:, 1], PR)
+    out["c"].addcmul_(DR.mT, PR)
+    return [ERi, DR, PR]
+
+
+def _restart_backward(saved, restart_saved, dYS, dPend, dQ, dew, dPR):
+    """`_restart`'s share of the gradients: adds to dQ (then scaled like Q's own), dew and dPR."""
+    Q, ew, mask = saved[0], saved[8], saved[12]
+    ERi, DR, PR = restart_saved
+    g, _, C, N = Q.shape
+    QR = Q * ERi.unsqueeze(1)
+    dYS2 = dYS.view(g, 2 * C, N)
+    dQR = torch.bmm(dYS2, PR.mT).view(g, 2, C, N)
+    grow = dQR * QR
+    dGs = grow.sum(1)
+    dGs[:, -1] += DR.squeeze(1) * (dPend * PR).sum(-1)
+    dew.add_(grow[:, 1]).sub_(mask[:, :C, :C].mT @ dGs)  # Gs = -(incl @ ew); a-rows: + ew
+    dQ.addcmul_(dQR, ERi.unsqueeze(1))
+    dPRg = torch.bmm(QR.view(g, 2 * C, N).mT, dYS2).addcmul_(DR.mT, dPend)
+    dPR += dPRg.view(-1, *dPR.shape).sum(0)
+
+
+def _intra_backward(saved, U, P0, dPend, dU, dYS, store, dPR=None):
     """The gradients of r, w, k, v, a, b for one group, given U, P0, dP_end [g,K,V], dU (from
     the chunk-to-chunk pass) and dYS [g,2,C,N] whose first half holds dY (the second is used
     for dS). `store(i, grad, scale)` writes input i's gradient (grad times scale) for the group.
@@ -183,7 +227,9 @@ def _intra_backward(saved, U, P0, dPend, dU, dYS, store):
     S = aP P0 + A_ak v and U = X S as in `_intra`; since X = (I - A_ab)^{-1}: dS = X^T dU and
     dA_ab = dS U^T, so [dY; dS] [v; U]^T is the gradient of all of A at once. Every product
     r_i k_j e^{G_i - G_j} depends on G only through differences, so `mid` gets no gradient.
+    With a restart state, `_restart`'s share goes to dPR [rows,K,V] as well.
     """
+    saved, restart_saved = saved[:13], saved[13:]
     Q, K, A, X, v, E, einv, kd, ew, to_P0, to_end, decay_all, mask = saved
     g, _, C, N = Q.shape
     dYS2 = dYS.view(g, 2 * C, N)
@@ -214,6 +260,8 @@ def _intra_backward(saved, U, P0, dPend, dU, dYS, store):
     # dw = dew * ew
     dew = _ones(C, dG).triu() @ dG
     torch.sub(grow[:, 1], dew, out=dew)
+    if restart_saved:
+        _restart_backward(saved, restart_saved, dYS, dPend, dQ, dew, dPR)
     for i, grad, scale in ((0, dQ[:, 0], E[:, 0]), (4, dQ[:, 1], E[:, 1]), (2, dK[:, 0], einv),
                            (5, dK[:, 1], einv), (1, dew, ew), (3, dv, None)):
         store(i, grad, scale)
@@ -234,15 +282,16 @@ class _WKV7Chunked(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, state, resets, C, keep):
+    def forward(ctx, r, w, k, v, a, b, state, resets, reset_state, C, keep):
         with no_autocast(r.device.type):  # its fp32 buffers take products of fp32 operands
-            return _WKV7Chunked._forward(ctx, r, w, k, v, a, b, state, resets, C, keep)
+            return _WKV7Chunked._forward(ctx, r, w, k, v, a, b, state, resets, reset_state, C, keep)
 
     @staticmethod
-    def _forward(ctx, r, w, k, v, a, b, state, resets, C, keep):
+    def _forward(ctx, r, w, k, v, a, b, state, resets, reset_state, C, keep):
         B, T, H, N = r.shape
         rows, NC = B * H, -(-T // C)
         dt = torch.float64 if r.dtype == torch.float64 else torch.float32
+        PR = None if reset_state is None else reset_state.to(dt).reshape(rows, N, N).mT
         new = lambda *shape: r.new_empty(*shape, dtype=dt)  # noqa: E731
         dims = dict(C=C, N=N, **{"1": 1})
         scan = {name: new(NC, rows, *(dims[d] for d in shape)) for name, shape in _SCAN_SHAPES.items()}
@@ -259,7 +308,8 @@ class _WKV7Chunked(torch.autograd.Function):
                            None if scale is None else scale.unflatten(0, (n1 - n0, rows)))
             seg = None if resets is None else _segments(resets, n0, n1, C, H)
             out = {name: x[n0:n1].flatten(0, 1) for name, x in scan.items()}
-            saved += _intra((r, k, v, a, b), ew.view(g, C, N), seg, load, out)
+            restart = None if PR is None else PR.expand(n, rows, N, N).reshape(g, N, N)
+            saved += _intra((r, k, v, a, b), ew.view(g, C, N), seg, load, out, restart)
             if not keep:
                 saved = []
         rP, A_rb, W, bd, D, U, Yc, c = (scan[name] for name in _SCAN_SHAPES)
@@ -280,6 +330,7 @@ class _WKV7Chunked(torch.autograd.Function):
             ctx.dims, ctx.C = (B, T, H, N), C
             ctx.dtypes = [x.dtype for x in (r, w, k, v, a, b)]  # inputs may mix dtypes
             ctx.state_dtype = None if state is None else state.dtype
+            ctx.reset_state_dtype = None if reset_state is None else reset_state.dtype
         return y, P0s[NC].mT.reshape(B, H, N, N).clone(memory_format=torch.contiguous_format)
 
     @staticmethod
@@ -309,6 +360,7 @@ class _WKV7Chunked(torch.autograd.Function):
         grads = [dy.new_empty(B, T, H, N, dtype=ctx.dtypes[i]) if need[i] else None for i in range(6)]
         groups = _chunk_groups(NC, rows)
         per_group = len(saved) // len(groups)
+        dPR = None if ctx.reset_state_dtype is None else rP.new_zeros(rows, N, N)
         for j, (n0, n1) in enumerate(groups):
             flat = lambda x: x[n0:n1].flatten(0, 1)  # noqa: E731
 
@@ -317,20 +369,27 @@ class _WKV7Chunked(torch.autograd.Function):
                     _from_chunks(grad.unflatten(0, (n1 - n0, rows)), n0, C, grads[i],
                                  None if scale is None else scale.unflatten(0, (n1 - n0, rows)))
             _intra_backward(saved[j * per_group:(j + 1) * per_group], flat(U), flat(P0s),
-                            dPs[n0 + 1:n1 + 1].flatten(0, 1), flat(dU), flat(dYS), store)
+                            dPs[n0 + 1:n1 + 1].flatten(0, 1), flat(dU), flat(dYS), store, dPR)
         dstate0 = dPs[0].mT.reshape(B, H, N, N).to(ctx.state_dtype) if need[6] else None
-        return (*grads, dstate0, None, None, None)
+        dreset = dPR.mT.reshape(B, H, N, N).to(ctx.reset_state_dtype) if need[8] else None
+        return (*grads, dstate0, None, dreset, None, None)
 
 
-def wkv7_chunked(r, w, k, v, a, b, state=None, resets=None, chunk_size=CHUNK_SIZE):
+def wkv7_chunked(r, w, k, v, a, b, state=None, resets=None, reset_state=None, chunk_size=CHUNK_SIZE):
     """r, w, k, v, a, b: [B,T,H,N]; decay = exp(-exp(w)); state [B,H,N,N] (value x key), fp32.
 
-    resets: optional bool [B,T]; where True the state is zeroed before that token.
+    resets: optional bool [B,T]; where True the state restarts before that token, from zero or
+    from reset_state ([H,N,N] or [B,H,N,N], differentiable).
     The inputs may mix dtypes; all arithmetic is fp32 (fp64 when r is fp64), autocast or not.
     Returns y [B,T,H,N] in r's dtype and the final state [B,H,N,N] (fp32; fp64 for fp64 inputs).
     Memory: the backward keeps about 19 fp32 tensors of the inputs' size (the intra-chunk
     intermediates and one [N,N] state per chunk, not per token); under no_grad about 10.
     """
+    B, T, H, N = r.shape
+    if resets is None:
+        reset_state = None  # nothing restarts
+    elif reset_state is not None:
+        reset_state = reset_state.expand(B, H, N, N)  # autograd sums a shared state's gradient
     keep = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (r, w, k, v, a, b, state))
-    return _WKV7Chunked.apply(r, w, k, v, a, b, state, resets, min(chunk_size, r.shape[1]), keep)
+        x is not None and x.requires_grad for x in (r, w, k, v, a, b, state, reset_state))
+    return _WKV7Chunked.apply(r, w, k, v, a, b, state, resets, reset_state, min(chunk_size, T), keep)

@@ -118,13 +118,15 @@ def _self_check(device: torch.device) -> None:
     dy = torch.randn(B, T, H, N, generator=g).to(device)
     resets = torch.zeros(B, T, dtype=torch.bool, device=device)
     resets[1, 20] = True
+    resets[0, [3, 30]] = True
+    restart = torch.randn(H, N, N, generator=g).to(device) * 0.1
     results = []
     for fn in (wkv7_cuda, wkv7_reference):
-        xs = [x.clone().requires_grad_() for x in inputs + [state * 0.1]]
-        y, s = fn(*xs[:6], state=xs[6], resets=resets)
+        xs = [x.clone().requires_grad_() for x in inputs + [state * 0.1, restart]]
+        y, s = fn(*xs[:6], state=xs[6], resets=resets, reset_state=xs[7])
         torch.autograd.backward((y, s), (dy, dstate))
         results.append([y, s] + [x.grad for x in xs])
-    names = ["y", "state", "dr", "dw", "dk", "dv", "da", "db", "dstate"]
+    names = ["y", "state", "dr", "dw", "dk", "dv", "da", "db", "dstate", "dreset"]
     for name, got, want in zip(names, *results):
         err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
         if not err < 1e-3:
@@ -149,30 +151,31 @@ def cuda_kernel_usable(device) -> bool:
 
 
 class _WKV7(torch.autograd.Function):
-    """Inputs already contiguous, of one dtype (fp32 or bf16); state fp32; resets uint8 or empty.
+    """Inputs already contiguous, of one dtype (fp32 or bf16); states fp32; resets uint8 or empty;
+    reset_state [B,H,N,N] or empty (restart from zero).
     Autocast cannot reach it: the kernel is no autocast-aware op, the casts are explicit."""
 
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, state, resets, keep_snapshots):
+    def forward(ctx, r, w, k, v, a, b, state, resets, reset_state, keep_snapshots):
         ext = _extension(r.device)
         stream = torch.cuda.current_stream(r.device).cuda_stream
-        y, state_out, snaps = ext.forward(r, w, k, v, a, b, state, resets, keep_snapshots, stream)
-        ctx.save_for_backward(r, w, k, v, a, b, snaps, resets)
+        y, state_out, snaps = ext.forward(r, w, k, v, a, b, state, resets, reset_state, keep_snapshots, stream)
+        ctx.save_for_backward(r, w, k, v, a, b, snaps, resets, reset_state)
         return y, state_out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dstate):
-        r, w, k, v, a, b, snaps, resets = ctx.saved_tensors
+        r, w, k, v, a, b, snaps, resets, reset_state = ctx.saved_tensors
         ext = _extension(r.device)
         stream = torch.cuda.current_stream(r.device).cuda_stream
         with torch.cuda.device(r.device):
-            grads = ext.backward(r, w, k, v, a, b, dy.to(r.dtype).contiguous(),
-                                 dstate.float().contiguous(), snaps, resets, stream)
-        return *grads, None, None
+            *grads, dreset = ext.backward(r, w, k, v, a, b, dy.to(r.dtype).contiguous(),
+                                          dstate.float().contiguous(), snaps, resets, reset_state, stream)
+        return *grads, None, dreset if reset_state.numel() else None, None
 
 
-def wkv7_cuda(r, w, k, v, a, b, state=None, resets=None):
+def wkv7_cuda(r, w, k, v, a, b, state=None, resets=None, reset_state=None):
     """WKV-7 with the CUDA kernel; same contract as wkv7_reference (inputs on one GPU)."""
     B, T, H, N = r.shape
     if not r.is_cuda:
@@ -188,8 +191,12 @@ def wkv7_cuda(r, w, k, v, a, b, state=None, resets=None):
     flags = (torch.empty(0, dtype=torch.uint8, device=r.device) if resets is None
              else resets.to(device=r.device, dtype=torch.uint8).contiguous())
     state = state.float().contiguous()
+    if reset_state is None or resets is None:
+        reset_state = torch.empty(0, dtype=torch.float32, device=r.device)
+    else:  # one per row, as the kernel reads it; autograd sums a shared state's gradient
+        reset_state = reset_state.float().expand(B, H, N, N).contiguous()
     # the snapshots for the backward cost memory: keep them only when a gradient can be asked for
-    keep = torch.is_grad_enabled() and any(x.requires_grad for x in xs + [state])
+    keep = torch.is_grad_enabled() and any(x.requires_grad for x in xs + [state, reset_state])
     with torch.cuda.device(r.device):
-        y, state_out = _WKV7.apply(*xs, state, flags, keep)
+        y, state_out = _WKV7.apply(*xs, state, flags, reset_state, keep)
     return y.to(r.dtype), state_out

@@ -27,7 +27,7 @@ def _segments(resets, T):
     return starts.nonzero().squeeze(1)
 
 
-def wkv7_fla(r, w, k, v, a, b, state=None, resets=None):
+def wkv7_fla(r, w, k, v, a, b, state=None, resets=None, reset_state=None):
     """WKV-7 with fla's chunk_rwkv7; same contract as wkv7_reference."""
     chunk_rwkv7 = _chunk_rwkv7(r.device)
     B, T, H, N = r.shape
@@ -41,16 +41,20 @@ def wkv7_fla(r, w, k, v, a, b, state=None, resets=None):
         return y.to(dtype), hT.float().transpose(-1, -2)
 
     # packed rows: one flat row with a sequence per segment; row b's state enters its first
-    # segment (unless that segment starts with a reset) and leaves from its last one
+    # segment (unless that segment starts with a reset) and leaves from its last one; every
+    # other segment starts from reset_state (or zero)
     resets = resets.to(device=r.device, dtype=torch.bool)
     starts = _segments(resets, T)
     cu_seqlens = torch.cat([starts, starts.new_tensor([B * T])])
-    first = torch.searchsorted(starts, torch.arange(B, device=r.device) * T)
     last = torch.searchsorted(starts, torch.arange(1, B + 1, device=r.device) * T) - 1
     flat = [x.reshape(1, B * T, H, N) for x in (r, log_w, k, v, a, b)]
-    if h0 is not None:
-        h0 = h0 * (~resets[:, 0]).float().view(B, 1, 1, 1)
-        h0 = torch.zeros(len(starts), H, N, N, device=r.device).index_add(0, first, h0)
+    if h0 is not None or reset_state is not None:
+        row = starts // T  # the batch row of each segment
+        from_row = (starts % T == 0) & ~resets[row, 0]
+        zeros = torch.zeros(B, H, N, N, device=r.device)
+        h0 = zeros if h0 is None else h0.expand(B, H, N, N)
+        restart = zeros if reset_state is None else reset_state.float().expand(B, H, N, N).transpose(-1, -2)
+        h0 = torch.where(from_row.view(-1, 1, 1, 1), h0[row], restart[row])
     y, hT = chunk_rwkv7(*flat, scale=1.0, initial_state=h0, output_final_state=True,
                         cu_seqlens=cu_seqlens)
     return y.reshape(B, T, H, N).to(dtype), hT[last].float().transpose(-1, -2)

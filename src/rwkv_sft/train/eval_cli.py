@@ -11,6 +11,7 @@ def add_arguments(p) -> None:
 
     p.add_argument("--model", required=True, metavar="CKPT", help=".pth (BlinkDL layout), .safetensors, or a training checkpoint OUT/checkpoints/step_N")
     p.add_argument("--adapter", metavar="FILE", help="adapter.safetensors of a parameter-efficient run on --model")
+    p.add_argument("--state", metavar="FILE", help="learned initial state (state.pth of a state-tuning run) to start from")
     p.add_argument("--data", required=True, action="append", metavar="FILE",
                    help="examples to evaluate (JSONL/JSON, same formats as training); repeat for several")
     add_data_arguments(p.add_argument_group("data (as in train)"))
@@ -55,13 +56,16 @@ def run(args) -> int:
     tokenizer = Tokenizer()
     data = prepare_data(config, tokenizer=tokenizer, show_progress=not args.json, role="eval")
     model = RWKV7.load(args.model, dtype=torch.float32, device=device, adapter=args.adapter)
+    if args.state:
+        from ..adapters.state import load_state
+        load_state(model, args.state)
     model.wkv_backend = args.wkv_backend
     result = evaluate(model, data.train, tokenizer, batch_tokens=args.batch_tokens,
                       exact_match_samples=args.exact_match, max_new_tokens=args.max_new_tokens,
                       device=device, precision=precision, segment_len=args.segment_len)
     samples = result.pop("samples", [])
     if args.json:
-        print(json.dumps({"model": args.model, "adapter": args.adapter, "data": args.data, **result,
+        print(json.dumps({"model": args.model, "adapter": args.adapter, "state": args.state, "data": args.data, **result,
                           "samples": samples[:args.samples]}, ensure_ascii=False))
         return 0
     rows = [("examples", f"{result['examples']}"), ("loss tokens", f"{result['loss_tokens']}"),

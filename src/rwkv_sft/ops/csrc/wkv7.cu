@@ -4,11 +4,11 @@
 // extern "C" launchers at the bottom, so this file compiles with nvcc alone for any architecture.
 //
 // Per (batch, head), with S [N,N] (S[i][j]: i = value, j = key), d_t = exp(-exp(w_t)):
-//   P_t = reset_t ? 0 : S_{t-1}                   (resets zero the state before token t)
+//   P_t = reset_t ? R : S_{t-1}                   (resets restart from R: s_reset, or zero)
 //   sa_t = P_t a_t                                  (vector over i)
 //   S_t = P_t diag(d_t) + sa_t b_t^T + v_t k_t^T
 //   y_t = S_t r_t
-// Layout: every input is [B,T,H,N] contiguous, the state [B,H,N,N] fp32 row-major (value x key).
+// Layout: every input is [B,T,H,N] contiguous, the states [B,H,N,N] fp32 row-major (value x key).
 // One block per (batch, head), one thread per state row; all arithmetic in fp32.
 #ifndef WKV7_HOST_EMULATION  // the tests also run these kernels on the CPU through a small shim
 #include <cuda_runtime.h>
@@ -31,7 +31,7 @@ template <typename F, int N>
 __global__ void __launch_bounds__(N) wkv7_forward_kernel(
     int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
     const F* __restrict__ v_, const F* __restrict__ a_, const F* __restrict__ b_,
-    const float* __restrict__ s0, const uint8_t* __restrict__ resets,
+    const float* __restrict__ s0, const uint8_t* __restrict__ resets, const float* __restrict__ s_reset,
     F* __restrict__ y_, float* __restrict__ sT, float* __restrict__ snaps)
 {
     const int bh = blockIdx.x, bb = bh / H, h = bh % H, i = threadIdx.x;
@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(N) wkv7_forward_kernel(
 
         if (resets != nullptr && resets[bb * T + t]) {
 #pragma unroll
-            for (int j = 0; j < N; j++) S[j] = 0.f;
+            for (int j = 0; j < N; j++) S[j] = s_reset ? s_reset[(size_t)bh * N * N + i * N + j] : 0.f;
         }
         float sa = 0.f;
 #pragma unroll
@@ -85,6 +85,7 @@ __global__ void __launch_bounds__(N) wkv7_forward_kernel(
 //   dd[j]   = sum_i G[i][j] P_t[i][j]               da_t[j] = sum_i dsa[i] P_t[i][j]
 //   dw_t[j] = dd[j] * d_t[j] * (-exp(w_t[j]))      (d = exp(-exp(w)))
 //   G       = G diag(d_t) + dsa a_t^T              (= dL/dP_t)
+//   dR     += reset_t ? G : 0                       (into ds_reset, zeroed by the caller)
 //   G       = reset_t ? 0 : G                       (= dL/dS_{t-1})
 // and finally dL/dS_init = G. The sums over j are rows of G, the sums over i are columns: thread n
 // keeps both row n (Grow[j] = G[n][j]) and column n (Gcol[j] = G[j][n]) of G, updated by the
@@ -100,10 +101,10 @@ __global__ void __launch_bounds__(N) wkv7_backward_kernel(
     int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
     const F* __restrict__ v_, const F* __restrict__ a_, const F* __restrict__ b_,
     const F* __restrict__ dy_, const float* __restrict__ dsT, const float* __restrict__ snaps,
-    const uint8_t* __restrict__ resets,
+    const uint8_t* __restrict__ resets, const float* __restrict__ s_reset,
     float* scratch,  // written and read by this kernel: no const/__restrict__ (no read-only cache)
     F* __restrict__ dr_, F* __restrict__ dw_, F* __restrict__ dk_, F* __restrict__ dv_,
-    F* __restrict__ da_, F* __restrict__ db_, float* __restrict__ ds0)
+    F* __restrict__ da_, F* __restrict__ db_, float* __restrict__ ds0, float* __restrict__ ds_reset)
 {
     const int bh = blockIdx.x, bb = bh / H, h = bh % H, n = threadIdx.x;
     const int nchunks = (T + CHUNK - 1) / CHUNK;
@@ -140,7 +141,7 @@ __global__ void __launch_bounds__(N) wkv7_backward_kernel(
                 __syncthreads();
                 if (resets != nullptr && resets[bb * T + t]) {
 #pragma unroll
-                    for (int j = 0; j < N; j++) S[j] = 0.f;
+                    for (int j = 0; j < N; j++) S[j] = s_reset ? s_reset[(size_t)bh * N * N + n * N + j] : 0.f;
                 }
                 float s_a = 0.f;
 #pragma unroll
@@ -201,9 +202,22 @@ __global__ void __launch_bounds__(N) wkv7_backward_kernel(
             float da = 0.f;
 #pragma unroll
             for (int j = 0; j < N; j++) da += dsa[j] * Pt[j];
-            if (reset) dd = da = 0.f;  // P_t = 0
+            if (reset) {  // P_t = R, not X[s] (the state before the reset)
+                dd = da = 0.f;
+                if (s_reset != nullptr) {
+                    const float* R = s_reset + (size_t)bh * N * N + n;  // R[j * N] = R[j][n]
+                    for (int j = 0; j < N; j++) {
+                        dd += Gcol[j] * R[j * N];
+                        da += dsa[j] * R[j * N];
+                    }
+                }
+            }
 
             const float an = a[n];
+            if (reset && ds_reset != nullptr) {
+                float* dR = ds_reset + (size_t)bh * N * N + n * N;  // row n: this thread's alone
+                for (int j = 0; j < N; j++) dR[j] += Grow[j] * d[j] + dsan * a[j];
+            }
 #pragma unroll
             for (int j = 0; j < N; j++) {
                 Grow[j] = reset ? 0.f : Grow[j] * d[j] + dsan * a[j];
@@ -233,11 +247,12 @@ static const char* last_error() {
 template <typename F>
 static const char* forward(int B, int T, int H, int N, const void* r, const void* w, const void* k,
                            const void* v, const void* a, const void* b, const float* s0,
-                           const uint8_t* resets, void* y, float* sT, float* snaps, void* stream) {
+                           const uint8_t* resets, const float* s_reset, void* y, float* sT, float* snaps,
+                           void* stream) {
     if (N != 64) return "the WKV-7 CUDA kernel supports head size 64 only";
     wkv7_forward_kernel<F, 64><<<B * H, 64, 0, (cudaStream_t)stream>>>(
         T, H, (const F*)r, (const F*)w, (const F*)k, (const F*)v, (const F*)a, (const F*)b,
-        s0, resets, (F*)y, sT, snaps);
+        s0, resets, s_reset, (F*)y, sT, snaps);
     return last_error();
 }
 
@@ -245,30 +260,31 @@ template <typename F>
 static const char* backward(int B, int T, int H, int N, const void* r, const void* w, const void* k,
                             const void* v, const void* a, const void* b, const void* dy,
                             const float* dsT, const float* snaps, const uint8_t* resets,
-                            float* scratch, void* dr, void* dw, void* dk, void* dv, void* da,
-                            void* db, float* ds0, void* stream) {
+                            const float* s_reset, float* scratch, void* dr, void* dw, void* dk, void* dv,
+                            void* da, void* db, float* ds0, float* ds_reset, void* stream) {
     if (N != 64) return "the WKV-7 CUDA kernel supports head size 64 only";
     wkv7_backward_kernel<F, 64><<<B * H, 64, 0, (cudaStream_t)stream>>>(
         T, H, (const F*)r, (const F*)w, (const F*)k, (const F*)v, (const F*)a, (const F*)b,
-        (const F*)dy, dsT, snaps, resets, scratch, (F*)dr, (F*)dw, (F*)dk, (F*)dv, (F*)da,
-        (F*)db, ds0);
+        (const F*)dy, dsT, snaps, resets, s_reset, scratch, (F*)dr, (F*)dw, (F*)dk, (F*)dv, (F*)da,
+        (F*)db, ds0, ds_reset);
     return last_error();
 }
 
 #define WKV7_LAUNCHERS(SUFFIX, F)                                                                 \
     extern "C" const char* wkv7_forward_##SUFFIX(                                                 \
         int B, int T, int H, int N, const void* r, const void* w, const void* k, const void* v,   \
-        const void* a, const void* b, const float* s0, const uint8_t* resets, void* y, float* sT, \
-        float* snaps, void* stream) {                                                             \
-        return forward<F>(B, T, H, N, r, w, k, v, a, b, s0, resets, y, sT, snaps, stream);        \
+        const void* a, const void* b, const float* s0, const uint8_t* resets,                     \
+        const float* s_reset, void* y, float* sT, float* snaps, void* stream) {                   \
+        return forward<F>(B, T, H, N, r, w, k, v, a, b, s0, resets, s_reset, y, sT, snaps,        \
+                          stream);                                                                \
     }                                                                                             \
     extern "C" const char* wkv7_backward_##SUFFIX(                                                \
         int B, int T, int H, int N, const void* r, const void* w, const void* k, const void* v,   \
         const void* a, const void* b, const void* dy, const float* dsT, const float* snaps,       \
-        const uint8_t* resets, float* scratch, void* dr, void* dw, void* dk, void* dv, void* da,  \
-        void* db, float* ds0, void* stream) {                                                     \
-        return backward<F>(B, T, H, N, r, w, k, v, a, b, dy, dsT, snaps, resets, scratch, dr, dw, \
-                           dk, dv, da, db, ds0, stream);                                          \
+        const uint8_t* resets, const float* s_reset, float* scratch, void* dr, void* dw, void* dk, \
+        void* dv, void* da, void* db, float* ds0, float* ds_reset, void* stream) {                \
+        return backward<F>(B, T, H, N, r, w, k, v, a, b, dy, dsT, snaps, resets, s_reset, scratch, \
+                           dr, dw, dk, dv, da, db, ds0, ds_reset, stream);                        \
     }
 
 WKV7_LAUNCHERS(f32, float)

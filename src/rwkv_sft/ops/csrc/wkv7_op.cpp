@@ -32,9 +32,18 @@ static const uint8_t* resets_ptr(const Tensor& resets) {
     return resets.numel() ? resets.data_ptr<uint8_t>() : nullptr;
 }
 
+// The state resets restart from: empty (zero) or shaped like the state.
+static const float* reset_state_ptr(const Tensor& reset_state, const Tensor& state) {
+    if (reset_state.numel() == 0) return nullptr;
+    TORCH_CHECK(reset_state.is_cuda() && reset_state.is_contiguous() &&
+                    reset_state.scalar_type() == at::kFloat && reset_state.sizes() == state.sizes(),
+                "wkv7: reset_state must be empty or a contiguous float32 CUDA tensor [B,H,N,N]");
+    return reset_state.data_ptr<float>();
+}
+
 // Returns (y, final state, snapshots); snapshots are empty unless save_snapshots (needed by backward).
 std::vector<Tensor> forward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor state,
-                            Tensor resets, bool save_snapshots, int64_t stream) {
+                            Tensor resets, Tensor reset_state, bool save_snapshots, int64_t stream) {
     check_inputs({r, w, k, v, a, b}, state, resets);
     const int B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
     const int nchunks = (T + wkv7_chunk_len() - 1) / wkv7_chunk_len();
@@ -45,15 +54,15 @@ std::vector<Tensor> forward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Te
     auto launch = r.scalar_type() == at::kBFloat16 ? wkv7_forward_bf16 : wkv7_forward_f32;
     const char* err = launch(B, T, H, N, r.data_ptr(), w.data_ptr(), k.data_ptr(), v.data_ptr(),
                              a.data_ptr(), b.data_ptr(), state.data_ptr<float>(), resets_ptr(resets),
-                             y.data_ptr(), state_out.data_ptr<float>(),
+                             reset_state_ptr(reset_state, state), y.data_ptr(), state_out.data_ptr<float>(),
                              save_snapshots ? snaps.data_ptr<float>() : nullptr, (void*)stream);
     TORCH_CHECK(err == nullptr, "wkv7 forward: ", err ? err : "");
     return {y, state_out, snaps};
 }
 
-// Returns (dr, dw, dk, dv, da, db, d initial state).
+// Returns (dr, dw, dk, dv, da, db, d initial state, d reset state (empty without one)).
 std::vector<Tensor> backward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor dy,
-                             Tensor dstate, Tensor snaps, Tensor resets, int64_t stream) {
+                             Tensor dstate, Tensor snaps, Tensor resets, Tensor reset_state, int64_t stream) {
     check_inputs({r, w, k, v, a, b, dy}, dstate, resets);
     const int B = r.size(0), T = r.size(1), H = r.size(2), N = r.size(3);
     const int L = wkv7_chunk_len();
@@ -64,14 +73,17 @@ std::vector<Tensor> backward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, T
     Tensor dr = at::empty_like(r), dw = at::empty_like(r), dk = at::empty_like(r),
            dv = at::empty_like(r), da = at::empty_like(r), db = at::empty_like(r);
     Tensor dstate0 = at::empty({B, H, N, N}, f32);
+    const float* s_reset = reset_state_ptr(reset_state, dstate);
+    Tensor dreset = s_reset ? at::zeros({B, H, N, N}, f32) : at::empty({0}, f32);
     auto launch = r.scalar_type() == at::kBFloat16 ? wkv7_backward_bf16 : wkv7_backward_f32;
     const char* err = launch(B, T, H, N, r.data_ptr(), w.data_ptr(), k.data_ptr(), v.data_ptr(),
                              a.data_ptr(), b.data_ptr(), dy.data_ptr(), dstate.data_ptr<float>(),
-                             snaps.data_ptr<float>(), resets_ptr(resets), scratch.data_ptr<float>(),
+                             snaps.data_ptr<float>(), resets_ptr(resets), s_reset, scratch.data_ptr<float>(),
                              dr.data_ptr(), dw.data_ptr(), dk.data_ptr(), dv.data_ptr(), da.data_ptr(),
-                             db.data_ptr(), dstate0.data_ptr<float>(), (void*)stream);
+                             db.data_ptr(), dstate0.data_ptr<float>(), s_reset ? dreset.data_ptr<float>() : nullptr,
+                             (void*)stream);
     TORCH_CHECK(err == nullptr, "wkv7 backward: ", err ? err : "");
-    return {dr, dw, dk, dv, da, db, dstate0};
+    return {dr, dw, dk, dv, da, db, dstate0, dreset};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
