@@ -16,10 +16,10 @@ def wkv7_reference(r, w, k, v, a, b, state=None, resets=None, reset_state=None):
     under autocast; the inputs may mix dtypes.
     """
     with no_autocast(r.device.type):
-        return _recurrence(r, w, k, v, a, b, state, resets)
+        return _recurrence(r, w, k, v, a, b, state, resets, reset_state)
 
 
-def _recurrence(r, w, k, v, a, b, state, resets):
+def _recurrence(r, w, k, v, a, b, state, resets, reset_state):
     B, T, H, N = r.shape
     out_dtype = r.dtype
     compute = torch.float64 if r.dtype == torch.float64 else torch.float32
