@@ -237,7 +237,7 @@ def test_resume_of_a_pissa_run_is_bit_identical(tmp_path, monkeypatch):
         train(tiny_config(tmp_path / "b", resume="auto", **{**settings, "lora_rank": 8}), data=tiny_data())
     other = tmp_path / "other.pth"
     random_model(seed=2, **SHAPE).save(other)
-    with pytest.raises(UserError, match="model was .*base.pth.* now .*other.pth"):  # refused before loading
+    with pytest.raises(UserError, match="another base"):
         train(tiny_config(tmp_path / "b", resume="auto", **{**settings, "model": str(other)}), data=tiny_data())
     with pytest.raises(UserError, match="parameter-efficient run, but this run is a full"):
         train(tiny_config(tmp_path / "b", resume="auto", model_config=None, model=str(base_path), max_steps=6),
