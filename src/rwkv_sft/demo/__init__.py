@@ -55,6 +55,16 @@ def _show(title: str, ev: dict) -> None:
           flush=True)
 
 
+def show_comparison(before: dict, after: dict, samples: int, column: str) -> None:
+    """Held-out metrics before and after training, and `samples` completions beside their references."""
+    _show("before training", before)
+    _show("after training", after)
+    print(f"\n{'held-out context':<30}{'reference':<22}{column:<22}")
+    for s in after["samples"][:samples]:
+        prompt = s["prompt"].replace("\n", " ")
+        print(f"{prompt:<30}{s['reference']!r:<22}{s['generated']!r:<22}{'ok' if s['match'] else 'WRONG'}")
+
+
 def _log_before(result, before: dict) -> None:
     """The untrained model's evaluation as step 0 of the run's log and plot."""
     import json
@@ -111,12 +121,7 @@ def _run(args) -> int:
     result = train(config, model=model, data=data, tokenizer=tokenizer)
     _log_before(result, before)
     after = result.eval
-    _show("before training", before)
-    _show("after training", after)
-    print(f"\n{'held-out context':<30}{'reference':<22}{'model':<22}")
-    for s in after["samples"][:args.samples]:
-        prompt = s["prompt"].replace("\n", " ")
-        print(f"{prompt:<30}{s['reference']!r:<22}{s['generated']!r:<22}{'ok' if s['match'] else 'WRONG'}")
+    show_comparison(before, after, args.samples, "model")
     print(f"\ntotal time {time.perf_counter() - start:.0f} s (training {result.time_s:.0f} s, {result.steps} steps; "
           f"CPU time {time.process_time() - cpu_start:.0f} s); "
           f"loss plot: {result.plot_path}; model: {result.exports.get('pth')}")

@@ -13,7 +13,7 @@ import re
 import time
 from pathlib import Path
 
-from . import HELDOUT_FILE, TRAIN_FILE, STEPS, _show
+from . import HELDOUT_FILE, TRAIN_FILE, STEPS, show_comparison
 
 PEFT_STEPS = {"lora": 100, "state": 150}
 LORA_RANK = 8
@@ -75,12 +75,7 @@ def run(args) -> int:
                       exact_match_samples=config.eval_exact_match)
     result = train(config, model=model, data=data, tokenizer=tokenizer)
     after = result.eval
-    _show("before training", before)
-    _show("after training", after)
-    print(f"\n{'held-out context':<30}{'reference':<22}{'base + adapter':<22}")
-    for s in after["samples"][:args.samples]:
-        prompt = s["prompt"].replace("\n", " ")
-        print(f"{prompt:<30}{s['reference']!r:<22}{s['generated']!r:<22}{'ok' if s['match'] else 'WRONG'}")
+    show_comparison(before, after, args.samples, "base + adapter")
     adapter = result.exports.get("adapter")
     print(f"\ntotal time {time.perf_counter() - start:.0f} s (training {result.time_s:.0f} s); adapter: {adapter}")
     print(f"try it: rwkv-sft generate --model {base} --adapter {adapter} --temperature 0 "
