@@ -27,3 +27,23 @@ def test_quick_demo_learns(tmp_path, capsys):
     png = (tmp_path / "metrics.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert (tmp_path / "model.pth").is_file()
+
+
+def test_stopped_demo_exits_with_the_signal_code(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the demo's training: the run saved and stopped, so there is no final evaluation to
+    compare; the demo says so and exits 130 instead of failing on the missing result."""
+    import signal
+    from types import SimpleNamespace
+
+    import rwkv_sft.train as train_pkg
+    import rwkv_sft.train.evaluate as evaluate_mod
+
+    before = {"loss": 11.0, "token_accuracy": 0.0, "exact_match": 0.0, "exact_match_n": 1, "samples": []}
+    monkeypatch.setattr(evaluate_mod, "evaluate", lambda *a, **k: before)
+    monkeypatch.setattr(train_pkg, "train", lambda *a, **k: SimpleNamespace(
+        interrupted=True, signal=signal.SIGINT, eval=None, metrics_path=None, plot_path=None))
+    from rwkv_sft import RWKV7, RWKV7Config
+    RWKV7(RWKV7Config(n_layer=1, n_embd=64, vocab_size=65536)).save(tmp_path / "base.pth")
+    for extra in (["--method", "full"], ["--method", "state", "--base", str(tmp_path / "base.pth")]):
+        assert main(["demo", "--quick", *extra, "--out", str(tmp_path / extra[1])]) == 130
+        assert "stopped before the end of training" in capsys.readouterr().out

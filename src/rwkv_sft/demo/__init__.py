@@ -65,6 +65,13 @@ def show_comparison(before: dict, after: dict, samples: int, column: str) -> Non
         print(f"{prompt:<30}{s['reference']!r:<22}{s['generated']!r:<22}{'ok' if s['match'] else 'WRONG'}")
 
 
+def stopped(result) -> int:
+    """A demo stopped by Ctrl-C / SIGTERM: nothing to compare; the shell's exit code for the signal."""
+    import signal
+    print("demo stopped before the end of training: no comparison", flush=True)
+    return 128 + (result.signal or signal.SIGTERM)
+
+
 def _log_before(result, before: dict) -> None:
     """The untrained model's evaluation as step 0 of the run's log and plot."""
     import json
@@ -119,6 +126,8 @@ def _run(args) -> int:
                       exact_match_samples=config.eval_exact_match)
     _show("before training", before)
     result = train(config, model=model, data=data, tokenizer=tokenizer)
+    if result.interrupted:
+        return stopped(result)
     _log_before(result, before)
     after = result.eval
     show_comparison(before, after, args.samples, "model")

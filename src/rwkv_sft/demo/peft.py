@@ -13,7 +13,7 @@ import re
 import time
 from pathlib import Path
 
-from . import HELDOUT_FILE, TRAIN_FILE, STEPS, show_comparison
+from . import HELDOUT_FILE, TRAIN_FILE, STEPS, show_comparison, stopped
 
 PEFT_STEPS = {"lora": 100, "state": 150}
 LORA_RANK = 8
@@ -48,7 +48,9 @@ def run(args) -> int:
         print(f"rwkv-sft demo --method {method}: no base at {base}; training it first (rwkv-sft demo)", flush=True)
         from . import _run
         args_base = type(args)(**{**vars(args), "out": str(base.parent), "steps": STEPS, "quick": False})
-        _run(args_base)
+        code = _run(args_base)
+        if code:
+            return code
         print(flush=True)
     out.mkdir(parents=True, exist_ok=True)
     data_cfg = DataConfig(train_files=[str(write_task(TRAIN_FILE, out / "american_train.jsonl"))],
@@ -74,6 +76,8 @@ def run(args) -> int:
     before = evaluate(model, data.eval, tokenizer, batch_tokens=config.batch_tokens,
                       exact_match_samples=config.eval_exact_match)
     result = train(config, model=model, data=data, tokenizer=tokenizer)
+    if result.interrupted:
+        return stopped(result)
     after = result.eval
     show_comparison(before, after, args.samples, "base + adapter")
     adapter = result.exports.get("adapter")
