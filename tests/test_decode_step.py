@@ -68,3 +68,40 @@ def test_decoding_switches_layout_and_training_switches_back(one_thread):
     assert model.head.weight.is_contiguous() and model.blocks[0].att.key.weight.is_contiguous()
     logits.square().mean().backward()
     assert model.head.weight.grad is not None and model.head.weight.grad.is_contiguous()
+
+
+def test_the_trainer_keeps_the_training_layout_through_its_evaluations(tmp_path, monkeypatch):
+    """An evaluation during training generates token by token; the model being trained must not be
+    re-laid for it (two copies of every weight per evaluation). The trained model decodes as usual."""
+    from types import SimpleNamespace
+
+    import rwkv_sft.train.evaluate as evaluate_mod
+    from rwkv_sft.infer.step import decode_step
+    from rwkv_sft.train import train
+    from test_train_helpers import tiny_config, tiny_examples
+
+    seen = []
+
+    def fake_evaluate(model, *args, **kwargs):
+        with torch.inference_mode():
+            decode_step(model, torch.zeros(1, 1, dtype=torch.long))
+        seen.append(model.head.weight.is_contiguous())
+        return {"loss": 1.0, "token_accuracy": 0.0, "exact_match": 0.0, "exact_match_n": 0, "samples": []}
+
+    monkeypatch.setattr(evaluate_mod, "evaluate", fake_evaluate)
+    data = SimpleNamespace(train=tiny_examples(), eval=tiny_examples(4, seed=1), report={})
+    result = train(tiny_config(tmp_path, eval_every=2), data=data)
+    assert seen and all(seen)  # every evaluation ran on the training layout
+    with torch.inference_mode():
+        decode_step(result.model, torch.zeros(1, 1, dtype=torch.long))
+    assert not result.model.head.weight.is_contiguous()
+
+
+def test_decoding_layout_transposes_widening_projections_only():
+    """A matrix-vector product streams a widening weight (out >= in) faster transposed and a narrowing
+    one (ffn.value, 4C -> C) faster as it is; the values never change."""
+    model = random_model(seed=5, n_layer=1, n_embd=64, vocab_size=V).decoding_layout()
+    block = model.blocks[0]
+    assert not model.head.weight.is_contiguous() and not block.ffn.key.weight.is_contiguous()
+    assert not block.att.receptance.weight.is_contiguous()
+    assert block.ffn.value.weight.is_contiguous()

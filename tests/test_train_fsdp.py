@@ -90,6 +90,14 @@ def test_fsdp_matches_ddp_and_resumes_on_another_number_of_processes(tmp_path):
         torch.testing.assert_close(w, v, rtol=1e-4, atol=1e-5, msg=k)
     assert _losses(tmp_path / "one_to_two") == pytest.approx(reference, rel=1e-4)  # 1 -> 2 at step 3
 
+    # a sharded checkpoint is a model for generate / eval, read by one process without torchrun
+    step = f"checkpoints/step_{SAVE_EVERY:06d}"
+    sharded, whole = RWKV7.load(tmp_path / "fsdp" / step), RWKV7.load(tmp_path / "ddp" / step)
+    assert sharded.state_dict().keys() == whole.state_dict().keys()
+    for k, v in whole.state_dict().items():
+        torch.testing.assert_close(sharded.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
+    assert not torch.equal(sharded.head.weight, b.head.weight)  # step 3's weights, not the final ones
+
     # the export is an ordinary BlinkDL file: the `rwkv` package computes what our model computes
     tokens = torch.randint(1, 256, (1, 11), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

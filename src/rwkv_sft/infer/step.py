@@ -9,7 +9,9 @@ layers keep working. tests/test_decode_step.py checks logits and state against t
 
 On the CPU the model is also switched to `decoding_layout()` (projection matrices transposed in
 memory, same values): a matrix-vector product streams them faster that way. The next
-forward with gradients switches back (`RWKV7.training_layout()`), so training never pays for it.
+forward with gradients switches back (`RWKV7.training_layout()`). The trainer turns this off
+(`model.auto_decoding_layout = False`), so the generation of an evaluation during training
+does not copy the weights twice.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def _layout_switchable(model) -> bool:
 
 def decode_step(model, tokens: torch.Tensor, state: RWKV7State | None = None, full_output: bool = True):
     """tokens [B,1] -> (logits [B,1,V], or [B,V] with full_output=False; the new state)."""
-    if not getattr(model, "_decoding_layout", False) and _layout_switchable(model):
+    if model.auto_decoding_layout and not getattr(model, "_decoding_layout", False) and _layout_switchable(model):
         with torch.inference_mode(False):  # the new weights must stay usable by autograd later
             model.decoding_layout()
     B = tokens.shape[0]

@@ -172,6 +172,7 @@ class RWKV7(nn.Module):
         self.head = nn.Linear(C, V, bias=False)
         self.wkv_backend = "auto"
         self.activation_checkpointing = False
+        self.auto_decoding_layout = True  # decode steps may switch to decoding_layout(); the trainer turns it off
         if init_weights:
             from .init import init_rwkv7
             init_rwkv7(self)
@@ -212,7 +213,8 @@ class RWKV7(nn.Module):
             for module in self.modules():
                 if isinstance(module, nn.Linear):
                     w = module.weight.data
-                    module.weight.data = w.t().contiguous().t() if decoding else w.contiguous()
+                    wide = module.out_features >= module.in_features  # a narrowing one streams better as it is
+                    module.weight.data = w.t().contiguous().t() if decoding and wide else w.contiguous()
         self._decoding_layout = decoding
         return self
 

@@ -3,6 +3,8 @@
     out_dir/checkpoints/step_000100/state.pt   model, optimizer, schedule, RNG, data position,
                                                config, metrics so far (plain types and tensors,
                                                so torch.load(weights_only=True) reads it)
+    out_dir/checkpoints/step_000100/shards/    an fsdp run's model and optimizer instead, one file per
+                                               process (torch.distributed.checkpoint)
     out_dir/checkpoints/step_000100/COMPLETE   written last, inside the temporary directory
 
 A save writes into a hidden temporary directory, fsyncs every file, then renames it into place:
@@ -23,6 +25,7 @@ import torch
 from ..errors import UserError
 
 STATE_FILE, MARKER = "state.pt", "COMPLETE"
+SHARDS = "shards"  # the directory of torch.distributed.checkpoint files inside a sharded checkpoint
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
@@ -109,7 +112,23 @@ def model_weights(path) -> dict:
     if state.get("adapter") is not None:  # a parameter-efficient run saves only what it trains
         raise UserError(f"{path}: a checkpoint of a parameter-efficient run holds only the adapter: use "
                         f"--model BASE --adapter OUT/adapter.safetensors (written with every checkpoint)")
-    return state["model"]
+    return _sharded_model(path) if state.get("sharded") else state["model"]
+
+
+def _sharded_model(path) -> dict:
+    """The model's tensors of a sharded checkpoint, read whole by this one process (any number of
+    processes wrote it); the optimizer's shards are not read."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    reader = dcp.FileSystemReader(str(Path(path) / SHARDS))
+    try:
+        entries = reader.read_metadata().state_dict_metadata
+        model = {k.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype) for k, m in entries.items()
+                 if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+        dcp.load({"model": model}, storage_reader=reader, no_dist=True)
+    except Exception as e:  # noqa: BLE001 - a missing or damaged shard is a bad checkpoint for the user
+        raise UserError(f"{path}: cannot read the sharded checkpoint ({str(e).splitlines()[0][:200]})") from None
+    return model
 
 
 def load_checkpoint(path) -> dict:

@@ -221,6 +221,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
                             f"({lines[1].strip() if len(lines) > 1 else e})") from None
     model.wkv_backend = config.wkv_backend
     model.activation_checkpointing = config.activation_checkpointing
+    model.auto_decoding_layout = False  # an evaluation's generation must not re-lay the weights it trains
     model.train()
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     loss_module = CompletionLoss(model, config.loss_chunk_size, config.segment_len, config.batch_tokens)
@@ -376,6 +377,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
         plot_metrics(metrics_path, plot_path)
     elapsed = time.perf_counter() - t_start
     recent = [h["loss"] for h in history[-10:]]
+    model.auto_decoding_layout = True  # the trained model decodes as any other
     result = TrainResult(
         model=model, steps=step, tokens=tokens, loss_tokens=loss_tokens, time_s=elapsed,
         tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0, train_loss=sum(recent) / len(recent) if recent else None,

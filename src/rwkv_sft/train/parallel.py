@@ -35,7 +35,6 @@ from . import checkpoint as ckpt
 from .distributed import Dist
 
 MODES = ("ddp", "fsdp")
-SHARDS = "shards"  # the directory of torch.distributed.checkpoint files inside a checkpoint
 
 # Blocks return x[:, -1] (the token-shift state) as a view; nothing modifies it in place.
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -139,7 +138,7 @@ def save_checkpoint(par: Parallel, d: Dist, root, step: int, payload: dict, keep
             tmp.mkdir(parents=True)
         dist.barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp / SHARDS)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp / ckpt.SHARDS)
         if d.is_main:
             ckpt.save_checkpoint(root, step, {**payload, "sharded": True}, keep_last, tmp=tmp)
     elif d.is_main:
@@ -158,7 +157,7 @@ def load_optimizer(par: Parallel, state: dict, path, model, optimizer) -> None:
     if state.get("sharded"):
         model_sd, optim_sd = get_state_dict(model, optimizer)
         both = {"model": model_sd, "optimizer": optim_sd}
-        dcp.load(both, checkpoint_id=Path(path) / SHARDS)  # reshards to this run's layout
+        dcp.load(both, checkpoint_id=Path(path) / ckpt.SHARDS)  # reshards to this run's layout
         set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
     elif par.sharded:  # a whole optimizer state (saved in positional order) into sharded parameters
         names = {id(p): n for n, p in model.named_parameters()}
