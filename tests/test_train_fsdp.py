@@ -44,7 +44,9 @@ def _runs(rank, port, tmp):
     from rwkv_sft.train import train
     train(_config(f"{tmp}/ddp", parallel="ddp", export=["pth"]), data=tiny_data())
     # gathered weights and whole gradients kept between micro-batches (the CPU default) ...
-    train(_config(f"{tmp}/fsdp", parallel="fsdp", export=["pth"], activation_checkpointing=True), data=tiny_data())
+    # (with rows run 8 tokens at a time: segments recompute inside the sharded blocks)
+    train(_config(f"{tmp}/fsdp", parallel="fsdp", export=["pth"], activation_checkpointing=True, segment_len=8),
+          data=tiny_data())
     # ... or gathered and reduce-scattered for every micro-batch (the GPU default)
     train(_config(f"{tmp}/one_to_two", parallel="fsdp", resume="auto", fsdp_unsharded_accumulation=False),
           data=tiny_data())
