@@ -44,9 +44,9 @@ def _worker(rank, args, port, mode, out):
     from rwkv_sft.train.loop import accumulate_gradients
     from rwkv_sft.train.loss import CompletionLoss
     from rwkv_sft.train.optim import make_optimizer
-    from rwkv_sft.utils import keep_freed_memory
+    from rwkv_sft.utils import set_heap_policy
 
-    keep_freed_memory()  # as the trainer does on CPU
+    set_heap_policy(low_memory=False)  # as the trainer does on CPU
     d = distributed.setup("cpu", 600)
     torch.manual_seed(0)
     model = RWKV7(RWKV7Config(n_layer=args.layers, n_embd=args.embd, vocab_size=args.vocab))

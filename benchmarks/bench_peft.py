@@ -4,6 +4,9 @@
     python benchmarks/bench_peft.py --only compare   # 0.4B-shaped (24 x 1024): full vs LoRA vs state
     python benchmarks/bench_peft.py --only big       # 2.9B-shaped (32 x 2560): LoRA r=16 and state, each <= 8 GiB
 
+Each case runs with the trainer's heap policy on CPU (rwkv_sft.utils.set_heap_policy): the
+default keeps freed memory for speed; the "low-mem" rows are `train --low-memory`.
+
 Each case is a fresh subprocess running real optimizer steps (the trainer's own pieces: adapters,
 frozen bf16 base, AdamW groups, completion loss) on a random checkpoint that the benchmark writes
 as a bf16 `.pth` (as released models are) into --tmp and deletes afterwards. Peak memory is the
@@ -27,7 +30,8 @@ import torch
 
 BIG = dict(n_layer=32, n_embd=2560, vocab_size=65536)
 COMPARE = dict(n_layer=24, n_embd=1024, vocab_size=65536)
-METHODS = {"full": {}, "lora": {"lora_rank": 16}, "state": {"state_tuning": True}}
+METHODS = {"full": {}, "lora": {"lora_rank": 16}, "state": {"state_tuning": True},
+           "lora low-mem": {"lora_rank": 16, "low_memory": True}, "state low-mem": {"state_tuning": True, "low_memory": True}}
 
 
 def write_checkpoint(path: Path, shape: dict) -> None:
@@ -64,11 +68,14 @@ def child(spec: dict) -> dict:
 
     from rwkv_sft.train.config import TrainConfig
     from rwkv_sft.data import DataConfig
+    from rwkv_sft.utils import set_heap_policy
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     t0 = time.perf_counter()
     config = TrainConfig(data=DataConfig(train_files=["unused"]), model=spec["ckpt"], **METHODS[spec["method"]])
     config.validate()
+    if device.type == "cpu":
+        set_heap_policy(config.low_memory)  # as the trainer does
     model = RWKV7.load(spec["ckpt"])
     peft = peft_run.settings_from(config)
     peft_run.prepare(model, peft, seed=0, initialize=True)
@@ -110,13 +117,13 @@ def run_case(spec: dict) -> dict:
 
 
 def table(title: str, rows: list[dict], base: dict | None = None, limit: float | None = None) -> str:
-    lines = [title, f"{'method':<12}{'trainable':>12}{'peak':>11}{'step s':>9}{'tokens/s':>10}"
+    lines = [title, f"{'method':<14}{'trainable':>12}{'peak':>11}{'step s':>9}{'tokens/s':>10}"
              + (f"{'vs full':>9}" if base else "") + (f"{'limit':>14}" if limit else "")]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['method']:<12}  failed: {r['error']}")
+            lines.append(f"{r['method']:<14}  failed: {r['error']}")
             continue
-        line = (f"{r['method']:<12}{r['trainable'] / 1e6:>11.1f}M{r['peak_gib']:>7.2f} GiB{r['step_s']:>9.1f}"
+        line = (f"{r['method']:<14}{r['trainable'] / 1e6:>11.1f}M{r['peak_gib']:>7.2f} GiB{r['step_s']:>9.1f}"
                 f"{r['tokens_per_s']:>10.1f}")
         if base:
             line += f"{r['tokens_per_s'] / base['tokens_per_s']:>8.2f}x" if "error" not in base else f"{'n/a':>9}"
@@ -144,7 +151,7 @@ def main() -> None:
           flush=True)
     for name, shape, methods, steps, ckpting, limit in (
             ("compare", COMPARE, ["full", "lora", "state"], 3, False, None),
-            ("big", BIG, ["lora", "state"], 2, True, 8.0)):
+            ("big", BIG, ["lora", "lora low-mem", "state low-mem"], 2, True, 8.0)):
         if args.only and args.only != name:
             continue
         path = Path(args.tmp) / f"bench_peft_{shape['n_layer']}x{shape['n_embd']}.pth"

@@ -37,7 +37,7 @@ from rwkv_sft.data import Batch  # noqa: E402
 from rwkv_sft.train.loop import accumulate_gradients  # noqa: E402
 from rwkv_sft.train.loss import CompletionLoss  # noqa: E402
 from rwkv_sft.train.optim import make_optimizer  # noqa: E402
-from rwkv_sft.utils import keep_freed_memory  # noqa: E402
+from rwkv_sft.utils import set_heap_policy  # noqa: E402
 
 MiB = 2**20
 TRAINERS = ("reference", "engine", "engine-bf16")
@@ -60,7 +60,7 @@ def child(args):
     batch = make_batch(args.B, args.T, args.vocab)
     count = batch.num_loss_tokens
     if args.child.startswith("engine"):
-        keep_freed_memory()  # as rwkv_sft.train does on CPU
+        set_heap_policy(low_memory=False)  # as rwkv_sft.train does on CPU
         model.wkv_backend = "chunked"
         lm = CompletionLoss(model)
         precision = "bf16" if args.child == "engine-bf16" else "fp32"

@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-l2wrap", dest="c:l2wrap", action="store_false", default=S)
     g.add_argument("--precision", dest="c:precision", choices=["auto", "bf16", "fp32"], default=S)
     g.add_argument("--activation-checkpointing", dest="c:activation_checkpointing", action="store_true", default=S)
+    g.add_argument("--low-memory", dest="c:low_memory", action="store_true", default=S,
+                   help="CPU: return freed memory to the system at once: lower peak memory, slower steps")
     g.add_argument("--freeze", dest="c:freeze", action="append", default=S, metavar="PART",
                    help="emb, head, blocks.N, blocks.A-B or a parameter prefix; repeatable")
     g.add_argument("--wkv-backend", dest="c:wkv_backend", default=S, choices=["auto", "chunked", "reference", "cuda", "fla"])

@@ -45,6 +45,7 @@ class TrainConfig:
     l2wrap: bool = True
     precision: str = "auto"               # auto | bf16 | fp32 (bf16 autocast, fp32 master weights)
     activation_checkpointing: bool = False
+    low_memory: bool = False              # CPU: freed memory back to the OS at once (lower peak, slower steps)
     freeze: list[str] = field(default_factory=list)  # "emb", "head", "blocks.3", "blocks.0-5", any name prefix
     wkv_backend: str = "auto"
     # parameter-efficient fine-tuning: only the adapters train, the base is frozen

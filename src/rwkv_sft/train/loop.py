@@ -23,7 +23,7 @@ from ..adapters import training as peft_run
 from ..errors import UserError
 from ..model import RWKV7, RWKV7Config
 from ..ops import check_backend
-from ..utils import atomic_write, keep_freed_memory
+from ..utils import atomic_write, set_heap_policy
 from . import checkpoint as ckpt
 from . import distributed, parallel, rundir
 from .config import TrainConfig
@@ -188,7 +188,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
 
     device, out = d.device, Path(config.out_dir)
     if device.type == "cpu":
-        keep_freed_memory()
+        set_heap_policy(config.low_memory)
     precision = resolve_precision(config.precision, device)
     check_backend(config.wkv_backend, device)
     ckpt_root = out / "checkpoints"
