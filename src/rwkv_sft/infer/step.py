@@ -89,11 +89,13 @@ def _time_mix(att, x, last_x, S, v_first, S_out):
     f = lambda t: t.view(B, H, N).float()  # noqa: E731
     decay = torch.exp(torch.sigmoid(z.float()) * NEG_EXP_HALF).view(B, H, 1, N)
     kk = kk.float()
-    sa = torch.matmul(S, kk.unsqueeze(-1)).neg_()  # S a'
+    # the two matrix-vector products per head as multiply-and-sum: ~2.5x faster than a batched
+    # matmul of 64 x 64 blocks on the CPU
+    sa = (S * kk.unsqueeze(-2)).sum(-1, keepdim=True).neg_()  # S a'
     torch.mul(S, decay, out=S_out)
     S_out.addcmul_(sa, (kk * f(a)).unsqueeze(-2))
     S_out.addcmul_(f(v).unsqueeze(-1), f(k).unsqueeze(-2))
-    y = torch.matmul(S_out, f(r).unsqueeze(-1)).view(B, C).to(x.dtype)
+    y = (S_out * f(r).unsqueeze(-2)).sum(-1).view(B, C).to(x.dtype)
 
     y = att.ln_x(y)
     bonus = (r.view(B, H, N) * k.view(B, H, N) * att.r_k).sum(dim=-1, keepdim=True) * v.view(B, H, N)
