@@ -189,6 +189,8 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     device, out = d.device, Path(config.out_dir)
     if device.type == "cpu":
         set_heap_policy(config.low_memory)
+    elif config.low_memory and d.is_main:
+        print(f"rwkv-sft train: --low-memory shapes the CPU heap only; it changes nothing on {device}", flush=True)
     precision = resolve_precision(config.precision, device)
     check_backend(config.wkv_backend, device)
     ckpt_root = out / "checkpoints"
