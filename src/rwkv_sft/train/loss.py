@@ -6,6 +6,8 @@ caller scales it by 1 / (global loss-token count), a count known before any back
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -24,17 +26,25 @@ class CompletionLoss(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
         self.segment_len, self.batch_tokens = segment_len, batch_tokens  # see segment_len_for
+        # The head's loss as a method of the head module: FSDP2 then gathers the head's weight
+        # around this call only (parallel.wrap registers it), not for the whole step.
+        model.head.completion_loss = functools.partial(head_loss, model.head)
 
     def forward(self, tokens, targets, loss_mask, resets=None, l2wrap: float = 0.0):
         S = segment_len_for(tokens.shape, self.segment_len, self.batch_tokens)
         rows = hidden_rows(self.model, tokens, resets, loss_mask, S)
-        head = self.model.head.weight
-        if not bool(loss_mask.any()):
-            # Nothing to learn here, but every parameter must still take part in the backward so
-            # that DDP's gradient all-reduce matches the other processes (and does not hang).
-            return 0.0 * (rows.float().sum() + head.float().sum())
-        return linear_cross_entropy(rows, head, targets[loss_mask], reduction="sum",
-                                    chunk_size=self.chunk_size, l2wrap=l2wrap)
+        loss = self.model.head.completion_loss(rows, targets[loss_mask], self.chunk_size, l2wrap)
+        if rows.shape[0] == 0:  # nothing to learn, but every parameter takes part in the backward
+            loss = loss + 0.0 * rows.float().sum()  # (DDP and FSDP reduce on every process alike)
+        return loss
+
+
+def head_loss(head, rows, targets, chunk_size=None, l2wrap: float = 0.0):
+    """Summed cross-entropy of `rows` through `head` without the full logits; with no rows, a zero
+    that still reaches the head's weight."""
+    if rows.shape[0] == 0:
+        return 0.0 * head.weight.float().sum()
+    return linear_cross_entropy(rows, head.weight, targets, reduction="sum", chunk_size=chunk_size, l2wrap=l2wrap)
 
 
 def reference_loss_sum(model, tokens, targets, loss_mask, resets=None):
