@@ -187,8 +187,8 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     from .metrics import MetricsLogger, plot_metrics
 
     device, out = d.device, Path(config.out_dir)
-    if device.type == "cpu":
-        set_heap_policy(config.low_memory)
+    if device.type == "cpu":  # an fsdp run is for memory: what it frees must not stay in the heap
+        set_heap_policy(config.low_memory or (d.enabled and config.parallel == "fsdp"))
     elif config.low_memory and d.is_main:
         print(f"rwkv-sft train: --low-memory shapes the CPU heap only; it changes nothing on {device}", flush=True)
     precision = resolve_precision(config.precision, device)
