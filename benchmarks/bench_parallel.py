@@ -46,7 +46,7 @@ def _worker(rank, args, port, mode, out):
     from rwkv_sft.train.optim import make_optimizer
     from rwkv_sft.utils import set_heap_policy
 
-    set_heap_policy(low_memory=args.low_memory)  # as the trainer does on CPU
+    set_heap_policy(low_memory=args.low_memory or mode.startswith("fsdp"))  # as the trainer does on CPU
     d = distributed.setup("cpu", 600)
     torch.manual_seed(0)
     model = RWKV7(RWKV7Config(n_layer=args.layers, n_embd=args.embd, vocab_size=args.vocab))
@@ -107,7 +107,8 @@ def main():
     p.add_argument("--micro-batches", type=int, default=1,
                    help="per process and step; above 1 also times fsdp/reshard (gather and reduce per micro-batch)")
     p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--low-memory", action="store_true", help="the heap policy of train --low-memory, in both modes")
+    p.add_argument("--low-memory", action="store_true",
+                   help="ddp under train --low-memory's heap policy too (fsdp always runs under it, as in the trainer)")
     args = p.parse_args()
     from rwkv_sft import RWKV7, RWKV7Config
     with torch.device("meta"):
@@ -118,7 +119,7 @@ def main():
     tokens = args.procs * args.tokens * args.micro_batches
     print(f"{args.layers} x {args.embd}, V {args.vocab} ({n_params / 1e9:.2f}B parameters); {args.procs} gloo processes x {args.threads} thread(s), "
           f"{args.micro_batches} x {args.tokens} tokens per process and step, {args.steps - 1} timed steps"
-          + (", --low-memory heap policy" if args.low_memory else ""))
+          + (", low-memory heap policy in both modes" if args.low_memory else ", ddp with the default heap policy, fsdp low-memory"))
     print(f"{'mode':<12} {'peak GiB (largest process)':>27} {'tokens/s best':>14} {'tokens/s mean':>14}  losses")
     rows = {}
     for mode, r in results.items():
