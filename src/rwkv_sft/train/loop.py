@@ -23,7 +23,7 @@ from ..adapters import training as peft_run
 from ..errors import UserError
 from ..model import RWKV7, RWKV7Config
 from ..ops import check_backend
-from ..utils import atomic_write, set_heap_policy
+from ..utils import atomic_write
 from . import checkpoint as ckpt
 from . import distributed, parallel, rundir
 from .config import TrainConfig
@@ -187,10 +187,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     from .metrics import MetricsLogger, plot_metrics
 
     device, out = d.device, Path(config.out_dir)
-    if device.type == "cpu":  # an fsdp run is for memory: what it frees must not stay in the heap
-        set_heap_policy(config.low_memory or (d.enabled and config.parallel == "fsdp"))
-    elif config.low_memory and d.is_main:
-        print(f"rwkv-sft train: --low-memory shapes the CPU heap only; it changes nothing on {device}", flush=True)
+    parallel.set_heap_policy(config, d)
     precision = resolve_precision(config.precision, device)
     check_backend(config.wkv_backend, device)
     ckpt_root = out / "checkpoints"

@@ -33,17 +33,15 @@ class CompletionLoss(nn.Module):
     def forward(self, tokens, targets, loss_mask, resets=None, l2wrap: float = 0.0):
         S = segment_len_for(tokens.shape, self.segment_len, self.batch_tokens)
         rows = hidden_rows(self.model, tokens, resets, loss_mask, S)
-        loss = self.model.head.completion_loss(rows, targets[loss_mask], self.chunk_size, l2wrap)
-        if rows.shape[0] == 0:  # nothing to learn, but every parameter takes part in the backward
-            loss = loss + 0.0 * rows.float().sum()  # (DDP and FSDP reduce on every process alike)
-        return loss
+        return self.model.head.completion_loss(rows, targets[loss_mask], self.chunk_size, l2wrap)
 
 
 def head_loss(head, rows, targets, chunk_size=None, l2wrap: float = 0.0):
-    """Summed cross-entropy of `rows` through `head` without the full logits; with no rows, a zero
-    that still reaches the head's weight."""
+    """Summed cross-entropy of `rows` through `head` without the full logits."""
     if rows.shape[0] == 0:
-        return 0.0 * head.weight.float().sum()
+        # Nothing to learn here, but every parameter must still take part in the backward so
+        # that DDP's and FSDP's gradient reductions match the other processes (and do not hang).
+        return 0.0 * (rows.float().sum() + head.weight.float().sum())
     return linear_cross_entropy(rows, head.weight, targets, reduction="sum", chunk_size=chunk_size, l2wrap=l2wrap)
 
 
