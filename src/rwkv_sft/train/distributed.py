@@ -9,6 +9,7 @@ import datetime
 import os
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -52,8 +53,17 @@ def setup(device: str, timeout_s: float) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns)
 
 
-def teardown(d: Dist) -> None:
+def teardown(d: Dist, all_finished: bool = True) -> None:
+    """End the process group. `all_finished`: every process got here the same way (not through
+    an interruption), so they can meet once more first."""
     if d.owns_group and dist.is_initialized():
+        if all_finished and d.device.type == "cpu":
+            # gloo's worker threads drop their last finished collective after waking the caller,
+            # and dropping a Python-visible tensor needs the GIL; a process group destroyed
+            # meanwhile (joining those threads, GIL held) deadlocks, as seen at the end of
+            # 2-process runs. A barrier, then a moment without the GIL, lets them finish first.
+            dist.barrier()
+            time.sleep(0.05)
         dist.destroy_process_group()
 
 

@@ -171,15 +171,18 @@ def train(config: TrainConfig, *, model: RWKV7 | None = None, data=None, tokeniz
     failing one prints the error and exits (code 2 for a UserError, 1 otherwise)."""
     config.validate()
     d = distributed.setup(config.device, config.dist_timeout_s)
+    finished = False
     try:
         with rundir.locked(Path(config.out_dir), enabled=d.is_main):
-            return _train(config, d, model, data, tokenizer)
+            result = _train(config, d, model, data, tokenizer)
+        finished = True
+        return result
     except Exception as e:
         if d.enabled:
             distributed.abort(d, e, 2 if isinstance(e, UserError) else 1)
         raise
     finally:
-        distributed.teardown(d)
+        distributed.teardown(d, all_finished=finished)
 
 
 def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> TrainResult:
