@@ -23,7 +23,10 @@ import subprocess
 import sys
 import time
 
-import torch
+from rwkv_sft.cli import use_huge_pages
+
+use_huge_pages()  # as the command line does, before torch allocates
+import torch  # noqa: E402
 
 from bench_memory import PeakMeter  # same directory
 

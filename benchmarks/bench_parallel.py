@@ -28,8 +28,11 @@ import statistics
 import tempfile
 import time
 
-import torch
-import torch.multiprocessing as mp
+from rwkv_sft.cli import use_huge_pages
+
+use_huge_pages()  # as the command line does, before torch allocates
+import torch  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
 
 GiB = 2**30
 

@@ -26,7 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from rwkv_sft.cli import use_huge_pages
+
+use_huge_pages()  # as the command line does, before torch allocates
+import torch  # noqa: E402
 
 BIG = dict(n_layer=32, n_embd=2560, vocab_size=65536)
 COMPARE = dict(n_layer=24, n_embd=1024, vocab_size=65536)

@@ -26,8 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+from rwkv_sft.cli import use_huge_pages
+
+use_huge_pages()  # as the command line does, before torch allocates
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_memory import PeakMeter  # noqa: E402

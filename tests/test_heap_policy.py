@@ -32,3 +32,35 @@ def test_low_memory_flag_reaches_the_config():
     args = ["train", "--data", "d.jsonl", "--n-layer", "1", "--n-embd", "64"]
     assert build_config(build_parser().parse_args(args + ["--low-memory"])).low_memory is True
     assert build_config(build_parser().parse_args(args)).low_memory is False
+
+HUGE_PROBE = """
+import re
+from rwkv_sft import cli
+cli.main(["--help"])  # what every rwkv-sft command does first
+import torch
+t = torch.ones(64 << 20)  # 256 MiB, touched
+print(re.search(r"AnonHugePages:\\s+(\\d+)", open("/proc/self/smaps_rollup").read()).group(1))
+"""
+
+
+def _thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "never"
+    return text[text.index("[") + 1:text.index("]")]
+
+
+@pytest.mark.skipif(_thp_mode() == "never", reason="this kernel gives no transparent huge pages")
+def test_the_command_line_puts_large_tensors_on_huge_pages_unless_told_not_to():
+    import os
+
+    def huge_kib(**env):
+        environ = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+        out = subprocess.run([sys.executable, "-c", HUGE_PROBE], capture_output=True, text=True, check=True,
+                             env={**environ, **env}).stdout
+        return int(out.split()[-1])
+
+    assert huge_kib() >= 128 << 10  # most of the 256 MiB tensor
+    if _thp_mode() == "madvise":  # ("always" gives huge pages to everything)
+        assert huge_kib(THP_MEM_ALLOC_ENABLE="0") < 64 << 10  # the user's choice is kept

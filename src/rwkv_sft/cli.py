@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import UserError
@@ -51,7 +52,16 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
     return parser
 
 
+def use_huge_pages() -> None:
+    """Large CPU tensors on 2 MiB pages where the kernel allows it (torch reads the variable once,
+    before its first allocation; THP_MEM_ALLOC_ENABLE=0 keeps 4 KiB pages). A CPU training step
+    allocates and frees buffers of tens to hundreds of MB, and fresh ones cost a page fault per
+    4 KiB: measured at 8 x 1024 on 2 gloo processes, fsdp 38 -> 60 tokens/s, ddp 111 -> 129."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def main(argv=None) -> int:
+    use_huge_pages()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv[:1])  # the command comes first; `rwkv-sft --help` needs no module
     try:
