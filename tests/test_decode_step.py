@@ -97,6 +97,21 @@ def test_the_trainer_keeps_the_training_layout_through_its_evaluations(tmp_path,
     assert not result.model.head.weight.is_contiguous()
 
 
+def test_a_failed_training_run_leaves_the_callers_model_decoding_as_usual(tmp_path, monkeypatch):
+    import rwkv_sft.train.loop as loop
+    from rwkv_sft.train import train
+    from test_train_helpers import tiny_config, tiny_data
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the loss could not be built")
+
+    monkeypatch.setattr(loop, "CompletionLoss", broken)  # fails after the trainer took the model over
+    model = random_model(seed=3, n_layer=1, n_embd=64, vocab_size=256)
+    with pytest.raises(RuntimeError, match="could not be built"):
+        train(tiny_config(tmp_path), model=model, data=tiny_data())
+    assert model.auto_decoding_layout
+
+
 def test_decoding_layout_transposes_widening_projections_only():
     """A matrix-vector product streams a widening weight (out >= in) faster transposed and a narrowing
     one (ffn.value, 4C -> C) faster as it is; the values never change."""

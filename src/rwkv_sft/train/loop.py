@@ -182,6 +182,8 @@ def train(config: TrainConfig, *, model: RWKV7 | None = None, data=None, tokeniz
             distributed.abort(d, e, 2 if isinstance(e, UserError) else 1)
         raise
     finally:
+        if model is not None:  # the caller's model decodes as any other, whatever happened
+            model.auto_decoding_layout = True
         distributed.teardown(d, all_finished=finished)
 
 
