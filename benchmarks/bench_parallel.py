@@ -10,6 +10,8 @@ in fresh processes, one mode after the other.
 - tokens/s: all processes' tokens over the time of the steps after the first (best of the
   per-step times, then the mean, both printed).
 Both modes see the same data; their losses are printed for the eye (the tests check equality).
+As under `rwkv-sft train`: large tensors on 2 MiB pages, fsdp's gathers and reduce-scatters as
+pairwise sends and receives (parallel.PairwiseAllGather / PairwiseReduceScatter).
 With --micro-batches K > 1, fsdp keeps the gathered weights and whole gradients between a step's
 micro-batches (the CPU default), and a third row, fsdp/reshard, gathers and reduce-scatters for
 every micro-batch (the GPU default).
