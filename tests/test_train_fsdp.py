@@ -15,6 +15,7 @@ from test_train_dist import _free_port
 from test_train_helpers import metric_lines, tiny_config, tiny_data
 
 STEPS, SAVE_EVERY = 6, 3
+UNEVEN = dict(packing=False, segment_len=3, save_every=0)
 
 
 def _config(out_dir, **overrides):
@@ -50,6 +51,9 @@ def _runs(rank, port, tmp):
     # ... or gathered and reduce-scattered for every micro-batch (the GPU default)
     train(_config(f"{tmp}/one_to_two", parallel="fsdp", resume="auto", fsdp_unsharded_accumulation=False),
           data=tiny_data())
+    # padded rows of different lengths on the two processes, 3 tokens at a time: the processes
+    # would run different numbers of segments, and so of sharded gathers, unless kept in step
+    train(_config(f"{tmp}/fsdp_uneven", parallel="fsdp", **UNEVEN), data=tiny_data())
 
 
 def _killed_save(rank, port, tmp):
@@ -78,6 +82,7 @@ def test_fsdp_matches_ddp_and_resumes_on_another_number_of_processes(tmp_path):
     one = train(_config(tmp_path / "one", export=[]), data=tiny_data())
     assert one.steps == STEPS
     reference = _losses(tmp_path / "one")
+    train(_config(tmp_path / "one_uneven", export=[], **UNEVEN), data=tiny_data())
     shutil.copytree(tmp_path / "one", tmp_path / "one_to_two")
     shutil.rmtree(tmp_path / "one_to_two" / "checkpoints" / f"step_{STEPS:06d}")
 
@@ -91,6 +96,7 @@ def test_fsdp_matches_ddp_and_resumes_on_another_number_of_processes(tmp_path):
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(w, v, rtol=1e-4, atol=1e-5, msg=k)
     assert _losses(tmp_path / "one_to_two") == pytest.approx(reference, rel=1e-4)  # 1 -> 2 at step 3
+    torch.testing.assert_close(_losses(tmp_path / "fsdp_uneven"), _losses(tmp_path / "one_uneven"), rtol=1e-4, atol=0)
 
     # a sharded checkpoint is a model for generate / eval, read by one process without torchrun
     step = f"checkpoints/step_{SAVE_EVERY:06d}"

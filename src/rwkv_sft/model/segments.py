@@ -26,6 +26,27 @@ def segment_len_for(shape, segment_len, batch_tokens) -> int | None:
     return S if S < T else None
 
 
+def same_segment_count(tokens, rows, resets, segment_len, group=None):
+    """(tokens, rows, resets, segment_len) padded at the end of the rows so that every process of
+    `group` runs as many segments as the one with the most: sharded blocks gather their weights at
+    every call, and the gathers of all processes must pair up. The padding is token 0 after each
+    row's end, outside `rows`, so nothing before it changes."""
+    import torch.distributed as dist
+    T = tokens.shape[1]
+    count = torch.tensor([1 if segment_len is None else -(-T // segment_len)], device=tokens.device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
+    n = int(count)
+    if n == 1:
+        return tokens, rows, resets, None
+    S = -(-T // n)
+    pad = n * S - T
+    if pad:
+        tokens = torch.nn.functional.pad(tokens, (0, pad))
+        rows = torch.nn.functional.pad(rows, (0, pad))
+        resets = None if resets is None else torch.nn.functional.pad(resets, (0, pad))
+    return tokens, rows, resets, S
+
+
 def hidden_rows(model, tokens, resets, rows, segment_len=None):
     """model.forward_hidden(tokens, resets=resets)[0][rows], segment by segment when `segment_len`
     splits the rows (a plain call otherwise)."""

@@ -11,7 +11,7 @@ import functools
 import torch
 import torch.nn as nn
 
-from ..model.segments import hidden_rows, segment_len_for
+from ..model.segments import hidden_rows, same_segment_count, segment_len_for
 from ..ops import linear_cross_entropy
 
 L2WRAP = 1e-4  # upstream's factor; divided by the number of loss rows of the global batch
@@ -26,14 +26,18 @@ class CompletionLoss(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
         self.segment_len, self.batch_tokens = segment_len, batch_tokens  # see segment_len_for
+        self.lockstep_segments = False  # every process runs as many segments (set for sharded blocks)
         # The head's loss as a method of the head module: FSDP2 then gathers the head's weight
         # around this call only (parallel.wrap registers it), not for the whole step.
         model.head.completion_loss = functools.partial(head_loss, model.head)
 
     def forward(self, tokens, targets, loss_mask, resets=None, l2wrap: float = 0.0):
         S = segment_len_for(tokens.shape, self.segment_len, self.batch_tokens)
+        targets = targets[loss_mask]
+        if self.lockstep_segments:
+            tokens, loss_mask, resets, S = same_segment_count(tokens, loss_mask, resets, S)
         rows = hidden_rows(self.model, tokens, resets, loss_mask, S)
-        return self.model.head.completion_loss(rows, targets[loss_mask], self.chunk_size, l2wrap)
+        return self.model.head.completion_loss(rows, targets, self.chunk_size, l2wrap)
 
 
 def head_loss(head, rows, targets, chunk_size=None, l2wrap: float = 0.0):

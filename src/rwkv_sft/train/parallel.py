@@ -91,6 +91,7 @@ def wrap(loss_module, d: Dist, mode: str, precision: str, unsharded_accumulation
             unit.set_custom_reduce_scatter(PairwiseReduceScatter())
     model.emb.set_unshard_in_backward(False)  # a lookup's backward needs only the indices
     register_fsdp_forward_method(model.head, "completion_loss")
+    loss_module.lockstep_segments = True  # blocks gather per call: as many segments in every process
     if unsharded_accumulation is None:
         unsharded_accumulation = d.device.type == "cpu"
     return Parallel("fsdp", loss_module, unsharded_accumulation)
