@@ -36,6 +36,16 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(1, CHUNK_BYTES // (4 * max(1, vocab_size)))
 
 
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The matmuls' dtype: the wider of the two, or autocast's (fp64 is left alone, as autocast does)."""
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    device_type = hidden.device.type
+    if (dtype != torch.float64 and torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type)):
+        dtype = torch.get_autocast_dtype(device_type)
+    return dtype
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for fp32/bf16/fp16, fp64 for fp64: where the softmax and sums are computed."""
     return torch.promote_types(dtype, torch.float32)
@@ -76,32 +86,46 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_loss):
         hidden, weight, targets, lse, maxv, argmax = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        n, acc = hidden.shape[0], lse.dtype
-        h, w = hidden.to(ctx.dtype), weight.to(ctx.dtype)
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_loss = grad_loss.to(acc)
-        for s in range(0, n, ctx.chunk_size):
-            e = min(s + ctx.chunk_size, n)
-            rows = torch.arange(e - s, device=hidden.device)
-            # d loss_i / d logits_i = softmax_i - onehot(target_i), scaled by the upstream gradient
-            d = (h[s:e] @ w.T).to(acc).sub_(lse[s:e, None]).exp_()
-            d[rows, targets[s:e]] -= 1.0
-            d.mul_(grad_loss[s:e, None])
-            if ctx.l2wrap != 0.0:  # upstream L2Wrap: independent of grad_output and reduction
-                d[rows, argmax[s:e]] += ctx.l2wrap * maxv[s:e]
-            d = d.to(ctx.dtype)
-            if need_h:
-                grad_h[s:e] = d @ w
-            if need_w and d.dtype == acc:
-                grad_w.addmm_(d.T, h[s:e])
-            elif need_w:  # bf16/fp16: matmul in the input dtype, sum over chunks in fp32
-                grad_w += (d.T @ h[s:e]).to(acc)
-            del d
-        if need_w:
-            grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None, None
+        grad_h, grad_w = logit_grads(hidden, weight, targets, lse, grad_loss, ctx.chunk_size, ctx.dtype,
+                                     ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.l2wrap, maxv, argmax)
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
+
+
+def logit_grads(hidden, weight, targets, lse, grad_loss, chunk_size, dtype, need_h, need_w,
+                l2wrap=0.0, maxv=None, argmax=None, has_target=None, has_max=None):
+    """The backward of rows -> per-row loss through `hidden @ weight.T`, `chunk_size` rows at a time.
+
+    lse [N]: each row's log-sum-exp over the whole vocabulary. `weight` may be a slice of the
+    vocabulary's rows (vocabulary-parallel): then `targets`/`argmax` are indices into it, and
+    only the rows in `has_target` / `has_max` (bool [N]; None: all) have their target / their
+    maximum there. Returns (grad_hidden in hidden's dtype, grad_weight in the accumulation dtype),
+    each None when not needed.
+    """
+    n, acc = hidden.shape[0], lse.dtype
+    h, w = hidden.to(dtype), weight.to(dtype)
+    grad_h = torch.zeros_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    grad_loss = grad_loss.to(acc)
+    for s in range(0, n, chunk_size):
+        e = min(s + chunk_size, n)
+        rows = torch.arange(e - s, device=hidden.device)
+        # d loss_i / d logits_i = softmax_i - onehot(target_i), scaled by the upstream gradient
+        d = (h[s:e] @ w.T).to(acc).sub_(lse[s:e, None]).exp_()
+        t = rows if has_target is None else rows[has_target[s:e]]
+        d[t, targets[s:e][t]] -= 1.0
+        d.mul_(grad_loss[s:e, None])
+        if l2wrap != 0.0:  # upstream L2Wrap: independent of grad_output and reduction
+            m = rows if has_max is None else rows[has_max[s:e]]
+            d[m, argmax[s:e][m]] += l2wrap * maxv[s:e][m]
+        d = d.to(dtype)
+        if need_h:
+            grad_h[s:e] = d @ w
+        if need_w and d.dtype == acc:
+            grad_w.addmm_(d.T, h[s:e])
+        elif need_w:  # bf16/fp16: matmul in the input dtype, sum over chunks in fp32
+            grad_w += (d.T @ h[s:e]).to(acc)
+        del d
+    return grad_h, grad_w
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -134,12 +158,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
-    device_type = hidden.device.type
-    dtype = torch.promote_types(hidden.dtype, weight.dtype)  # mixed inputs: the wider one
-    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-    if autocast and dtype != torch.float64:
-        dtype = torch.get_autocast_dtype(device_type)
-    with no_autocast(device_type):
+    dtype = compute_dtype(hidden, weight)
+    with no_autocast(hidden.device.type):
         loss = LinearCrossEntropy.apply(hidden, weight, targets, int(chunk_size), float(l2wrap), dtype)
 
     if reduction == "none":

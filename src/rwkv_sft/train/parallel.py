@@ -3,9 +3,10 @@ micro-batches, clipping over shards, sharded checkpoints and the full export.
 
 - ddp: every process holds the whole model, its gradients and AdamW's state; gradients are
   all-reduced once per step.
-- fsdp: `torch.distributed.fsdp.fully_shard` on every block and on the root (embedding, ln_out,
-  head): each process keeps 1/N of the parameters, gradients and AdamW state, and a block's
-  parameters are gathered just before it runs and freed after it. With bf16 precision the
+- fsdp: `torch.distributed.fsdp.fully_shard` on every block and on the root (ln_out): each
+  process keeps 1/N of the parameters, gradients and AdamW state, and a block's parameters are
+  gathered just before it runs and freed after it. The embedding and the head are split by
+  vocabulary rows and never gathered (vocab_parallel.py). With bf16 precision the
   gathered parameters are bf16 (half the traffic); gradients are reduced and kept in fp32, and
   the sharded master weights stay fp32. Frozen parameters are sharded too and get no gradient.
 
@@ -26,7 +27,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_optimizer_state_dict, set_state_dict)
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter  # FSDP2's custom-collective hooks
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllocMixin
 from torch.distributed.tensor import DTensor
@@ -35,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .. import utils
 from ..model.checkpoint import export_state_dict
 from . import checkpoint as ckpt
+from . import vocab_parallel
 from .distributed import Dist
 
 MODES = ("ddp", "fsdp")
@@ -78,19 +81,17 @@ def wrap(loss_module, d: Dist, mode: str, precision: str, unsharded_accumulation
     # The inputs keep their dtype: the recurrent state must stay fp32 whatever the weights are.
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
                                   reduce_dtype=torch.float32, cast_forward_inputs=False)
-    # Units: the embedding (gathered for its lookup only), each block, the head (gathered from the
-    # loss's forward through its backward: CompletionLoss calls it as head.completion_loss), and
-    # the root (ln_out). Measured at 8 x 1024, V 65536, 2 gloo processes, low-memory heap policy:
-    # the largest process's peak 4.31 -> 3.57 GiB against one root unit holding embedding and head
-    # for the whole step.
+    # Units: each block and the root (ln_out). The embedding and the head are sharded by
+    # vocabulary rows instead and never gathered (vocab_parallel.py). Measured at 8 x 1024,
+    # V 65536, 2 gloo processes: ... tokens/s against FSDP units of their own.
     model = loss_module.model
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    vocab_parallel.shard(model, mesh, policy.param_dtype)
     for unit in _fsdp_units(loss_module):  # the root last
-        fully_shard(unit, mp_policy=policy, reshard_after_forward=unit is not model.head)
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=True, ignored_params={model.emb.weight, model.head.weight})
         if dist.get_backend() == "gloo":
             unit.set_custom_all_gather(PairwiseAllGather())
             unit.set_custom_reduce_scatter(PairwiseReduceScatter())
-    model.emb.set_unshard_in_backward(False)  # a lookup's backward needs only the indices
-    register_fsdp_forward_method(model.head, "completion_loss")
     loss_module.lockstep_segments = True  # blocks gather per call: as many segments in every process
     if unsharded_accumulation is None:
         unsharded_accumulation = d.device.type == "cpu"
@@ -99,7 +100,7 @@ def wrap(loss_module, d: Dist, mode: str, precision: str, unsharded_accumulation
 
 def _fsdp_units(loss_module) -> list:
     model = loss_module.model
-    return [model.emb, *model.blocks, model.head, loss_module]
+    return [*model.blocks, loss_module]
 
 
 class PairwiseAllGather(DefaultAllocMixin, AllGather):
@@ -191,15 +192,12 @@ def whole_root(par: Parallel):
     if not par.sharded:
         yield
         return
-    model = par.module.model
-    units = (par.module, model.emb, model.head)  # the blocks gather themselves when they run
-    for unit in units:
-        unit.unshard()
+    par.module.unshard()  # the root; the blocks gather themselves when they run
     try:
-        yield
+        with vocab_parallel.gathered(par.module.model):
+            yield
     finally:
-        for unit in units:
-            unit.reshard()
+        par.module.reshard()
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
