@@ -15,7 +15,7 @@ from test_train_dist import _free_port
 from test_train_helpers import metric_lines, tiny_config, tiny_data
 
 STEPS, SAVE_EVERY = 6, 3
-UNEVEN = dict(packing=False, segment_len=3, save_every=0)
+UNEVEN = dict(packing=False, segment_len=3, save_every=0, freeze=[])  # the embedding trains too
 
 
 def _config(out_dir, **overrides):

@@ -64,10 +64,13 @@ def gathered(model):
 
 
 # -- exchanges of rows between processes ------------------------------------------------------------
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # its name before torch 2.13
+
+
 def _counts(n: int, group, device) -> list[int]:
     """Every process's number of rows."""
     out = torch.empty(group.size(), dtype=torch.long, device=device)
-    dist.all_gather_into_tensor(out, torch.tensor([n], device=device), group=group)
+    _all_gather(out, torch.tensor([n], device=device), group=group)
     return out.tolist()
 
 
@@ -181,7 +184,7 @@ class ShardedLinearCrossEntropy(torch.autograd.Function):
             stats[1, s:e] = logits.sub_(stats[0, s:e, None]).exp_().sum(dim=-1)
             del logits
         every = torch.empty(group.size(), *stats.shape, dtype=acc, device=hidden.device)
-        dist.all_gather_into_tensor(every, stats.unsqueeze(0), group=group)
+        _all_gather(every, stats.unsqueeze(0), group=group)
         top = every[:, 0].max(dim=0).values
         lse = top + torch.log((every[:, 1] * torch.exp(every[:, 0] - top)).sum(dim=0))
         # L2Wrap's maximum belongs to the first process that holds it
