@@ -16,6 +16,7 @@ from test_train_helpers import metric_lines, tiny_config, tiny_data
 
 STEPS, SAVE_EVERY = 6, 3
 UNEVEN = dict(packing=False, segment_len=3, save_every=0, freeze=[])  # the embedding trains too
+PEFT = dict(lora_rank=4, state_tuning=True, base_dtype="bf16", freeze=[])
 
 
 def _config(out_dir, **overrides):
@@ -54,6 +55,8 @@ def _runs(rank, port, tmp):
     # padded rows of different lengths on the two processes, 3 tokens at a time: the processes
     # would run different numbers of segments, and so of sharded gathers, unless kept in step
     train(_config(f"{tmp}/fsdp_uneven", parallel="fsdp", **UNEVEN), data=tiny_data())
+    # LoRA and a learned state on a sharded, frozen base
+    train(_config(f"{tmp}/fsdp_peft", parallel="fsdp", **PEFT), data=tiny_data())
 
 
 def _killed_save(rank, port, tmp):
@@ -76,6 +79,7 @@ def _killed_save(rank, port, tmp):
 @pytest.mark.slow
 def test_fsdp_matches_ddp_and_resumes_on_another_number_of_processes(tmp_path):
     from rwkv_sft import RWKV7
+    from rwkv_sft.model.checkpoint import read_state_dict
     from rwkv_sft.train import train
     from rwkv_sft.train.checkpoint import list_checkpoints
 
@@ -83,6 +87,7 @@ def test_fsdp_matches_ddp_and_resumes_on_another_number_of_processes(tmp_path):
     assert one.steps == STEPS
     reference = _losses(tmp_path / "one")
     train(_config(tmp_path / "one_uneven", export=[], **UNEVEN), data=tiny_data())
+    train(_config(tmp_path / "one_peft", **PEFT), data=tiny_data())
     shutil.copytree(tmp_path / "one", tmp_path / "one_to_two")
     shutil.rmtree(tmp_path / "one_to_two" / "checkpoints" / f"step_{STEPS:06d}")
 
@@ -97,6 +102,19 @@ def test_fsdp_matches_ddp_and_resumes_on_another_number_of_processes(tmp_path):
         torch.testing.assert_close(w, v, rtol=1e-4, atol=1e-5, msg=k)
     assert _losses(tmp_path / "one_to_two") == pytest.approx(reference, rel=1e-4)  # 1 -> 2 at step 3
     torch.testing.assert_close(_losses(tmp_path / "fsdp_uneven"), _losses(tmp_path / "one_uneven"), rtol=1e-4, atol=0)
+
+    # PEFT: the adapter and state files of one process, and a sharded run's checkpoint (whole, as
+    # the adapter is small) continues in one process (2 -> 1) as the uninterrupted run did
+    peft_reference = _losses(tmp_path / "one_peft")
+    torch.testing.assert_close(_losses(tmp_path / "fsdp_peft"), peft_reference, rtol=1e-4, atol=0)
+    for name in ("adapter.safetensors", "state.pth"):
+        ours, theirs = (read_state_dict(tmp_path / run / name) for run in ("fsdp_peft", "one_peft"))
+        assert ours.keys() == theirs.keys() and len(ours) > 0
+        for k, v in theirs.items():
+            torch.testing.assert_close(ours[k], v, rtol=1e-4, atol=1e-6, msg=k)
+    shutil.rmtree(tmp_path / "fsdp_peft" / "checkpoints" / f"step_{STEPS:06d}")
+    train(_config(tmp_path / "fsdp_peft", resume="auto", **PEFT), data=tiny_data())
+    assert _losses(tmp_path / "fsdp_peft") == pytest.approx(peft_reference, rel=1e-4)
 
     # a sharded checkpoint is a model for generate / eval, read by one process without torchrun
     step = f"checkpoints/step_{SAVE_EVERY:06d}"

@@ -28,9 +28,15 @@ def state_tensors(model, dtype=torch.float32) -> dict[str, torch.Tensor]:
 
 def save_state(model, path, dtype=torch.float32) -> None:
     """Write `state.pth` atomically."""
-    tensors = state_tensors(model, dtype)
+    write_state(state_tensors(model, dtype), path)
+
+
+def write_state(tensors: dict[str, torch.Tensor], path) -> None:
+    """Write `state.pth` atomically from `tensors` (an adapter's: only the learned state is kept)."""
+    keep = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in tensors.items()
+            if re.fullmatch(r"blocks\.\d+\.att\.time_state", k)}
     with atomic_write(Path(path)) as tmp:
-        torch.save(tensors, tmp)
+        torch.save(keep, tmp)
 
 
 def read_state(path, config) -> list[torch.Tensor]:
@@ -72,4 +78,4 @@ def load_state(model, path):
     return model
 
 
-__all__ = ["KEY", "state_tensors", "save_state", "read_state", "load_state"]
+__all__ = ["KEY", "state_tensors", "save_state", "write_state", "read_state", "load_state"]

@@ -55,12 +55,13 @@ def checkpoint_entries(model, settings: AdapterSettings, base: dict) -> dict:
     return {"model": adapter_state_dict(model), "adapter": {"settings": asdict(settings), "base": base}}
 
 
-def write_outputs(out: Path, model, settings: AdapterSettings, base: dict) -> dict[str, Path]:
-    """OUT/adapter.safetensors, and OUT/state.pth (RWKV-Runner's layout) when a state is learned."""
-    files = {"adapter": save_adapter(out / "adapter.safetensors", adapter_state_dict(model), settings, base)}
+def write_outputs(out: Path, tensors: dict, settings: AdapterSettings, base: dict) -> dict[str, Path]:
+    """OUT/adapter.safetensors from the adapter's `tensors` (checkpoint_entries' "model"), and
+    OUT/state.pth (RWKV-Runner's layout) when a state is learned."""
+    files = {"adapter": save_adapter(out / "adapter.safetensors", tensors, settings, base)}
     if settings.state_tuning:
-        from .state import save_state
-        save_state(model, out / "state.pth")
+        from .state import write_state
+        write_state(tensors, out / "state.pth")
         files["state"] = out / "state.pth"
     return files
 

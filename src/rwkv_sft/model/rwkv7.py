@@ -75,9 +75,20 @@ class TimeMix(nn.Module):
         # learned initial WKV state [H,N,N] fp32 (value x key), see RWKV7.enable_state_tuning
         self.register_parameter("time_state", None)
 
+    def initial_wkv(self, batch_size: int, device=None) -> torch.Tensor:
+        """Where this layer's WKV state starts, [B,H,N,N]: the learned state (differentiable; fp32,
+        fp64 in a float64 model) or zeros (fp32)."""
+        if self.time_state is None:
+            return torch.zeros(batch_size, self.n_head, self.head_size, self.head_size, device=device,
+                               dtype=torch.float32)
+        s = self.time_state.to(device=device, dtype=torch.promote_types(torch.float32, self.time_state.dtype))
+        return s.unsqueeze(0).expand(batch_size, -1, -1, -1).contiguous()
+
     def forward(self, x, last_x, wkv_state, v_first, resets, backend):
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
+        if wkv_state is None:  # a sequence's start, made here, where a sharded model's weights are whole
+            wkv_state = self.initial_wkv(B, x.device)
         xx = _token_shift(x, last_x, resets) - x
         xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
 
@@ -240,12 +251,8 @@ class RWKV7(nn.Module):
         """Where a sequence starts: the learned WKV state when the model has one (differentiable),
         zeros otherwise; token shifts start at zero either way."""
         state = self.zero_state(batch_size, device, dtype)
-        learned = self.learned_state()
-        if learned is not None:
-            # fp32 like every WKV state (fp64 in a float64 model, for exact checks)
-            dtype = torch.promote_types(torch.float32, learned[0].dtype)
-            wkv = torch.stack([s.to(device=state.wkv.device, dtype=dtype) for s in learned])
-            state.wkv = wkv.unsqueeze(1).expand(-1, batch_size, -1, -1, -1).contiguous()
+        if self.learned_state() is not None:
+            state.wkv = torch.stack([block.att.initial_wkv(batch_size, state.wkv.device) for block in self.blocks])
         return state
 
     def zero_state(self, batch_size: int = 1, device=None, dtype=None) -> RWKV7State:
@@ -279,14 +286,16 @@ class RWKV7(nn.Module):
         if rows is not None or (segment_len is not None and segment_len < tokens.shape[1]):
             return forward_segments(self.forward_hidden, tokens, state, resets, segment_len, rows, self.emb)
         B = tokens.shape[0]
-        if state is None:
-            state = self.initial_state(B, device=tokens.device)
+        if state is None:  # token shifts from zero; each layer starts its WKV state in its own forward
+            zeros = torch.zeros(len(self.blocks), B, self.config.n_embd, device=tokens.device, dtype=self.emb.weight.dtype)
+            att_in, wkv_in, ffn_in = zeros, [None] * len(self.blocks), zeros
+        else:
+            att_in, wkv_in, ffn_in = state.att_shift, state.wkv, state.ffn_shift
         x = self.emb(tokens) if embedded is None else embedded
         x_emb = v_first = None  # both defined by block 0
         att_shifts, wkvs, ffn_shifts = [], [], []
         for i, block in enumerate(self.blocks):
-            args = (x, v_first, state.att_shift[i], state.wkv[i], state.ffn_shift[i], resets, tokens, x_emb,
-                    self.wkv_backend)
+            args = (x, v_first, att_in[i], wkv_in[i], ffn_in[i], resets, tokens, x_emb, self.wkv_backend)
             if self.activation_checkpointing and torch.is_grad_enabled():
                 out = checkpoint(block, *args, use_reentrant=False)
             else:

@@ -108,9 +108,6 @@ class TrainConfig:
         need(self.dist_timeout_s >= 1, f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}")
         need(not (self.overwrite and self.resume), "overwrite starts a new run and resume continues one: give one of them")
         need(self.parallel in PARALLEL, f"unknown parallel {self.parallel!r}; choose from {', '.join(PARALLEL)}")
-        need(self.parallel != "fsdp" or not (self.lora_rank or self.state_tuning),
-             "parallel fsdp trains the whole model: with LoRA or state tuning use parallel ddp (each process then "
-             "holds the frozen base once and only the small adapters' gradients and optimizer state)")
         need(set(self.export) <= {"pth", "safetensors"}, f"export must list pth and/or safetensors, got {self.export}")
         need(self.lora_rank >= 0, f"lora_rank must be >= 0 (0: no LoRA), got {self.lora_rank}")
         if not self.lora_rank:

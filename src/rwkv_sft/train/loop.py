@@ -281,8 +281,9 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
         }
         if peft is not None:  # only what trains; the frozen base is the run's --model
             payload.update(peft_run.checkpoint_entries(model, peft, base))
+            payload["model"] = parallel.whole_tensors(payload["model"])  # an fsdp run's shards, gathered (small)
             if d.is_main:
-                outputs.update(peft_run.write_outputs(out, model, peft, base))
+                outputs.update(peft_run.write_outputs(out, payload["model"], peft, base))
         last_saved = parallel.save_checkpoint(par, d, ckpt_root, step, payload, config.keep_last, model, optimizer)
         return last_saved
 

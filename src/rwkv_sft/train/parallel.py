@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_optimizer_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     get_state_dict, set_optimizer_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter  # FSDP2's custom-collective hooks
@@ -204,9 +204,10 @@ def whole_root(par: Parallel):
 # -- checkpoints -----------------------------------------------------------------------------------
 def save_checkpoint(par: Parallel, d: Dist, root, step: int, payload: dict, keep_last: int, model, optimizer) -> Path:
     """Write checkpoint root/step_{step:06d} with everything in `payload` plus the model and the
-    optimizer: whole in state.pt (written by rank 0), or as shards written by every process."""
+    optimizer: whole in state.pt (written by rank 0), or as shards written by every process.
+    A PEFT run's payload holds its (whole) adapter as "model": its checkpoint is always whole."""
     root = Path(root)
-    if par.sharded:
+    if par.sharded and "model" not in payload:
         names = [str(ckpt.temp_dir(root, step)) if d.is_main else None]
         dist.broadcast_object_list(names, src=0)
         tmp = Path(names[0])
@@ -218,12 +219,30 @@ def save_checkpoint(par: Parallel, d: Dist, root, step: int, payload: dict, keep
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp / ckpt.SHARDS)
         if d.is_main:
             ckpt.save_checkpoint(root, step, {**payload, "sharded": True}, keep_last, tmp=tmp)
-    elif d.is_main:
-        model_sd = payload["model"] if "model" in payload else model.state_dict()  # a PEFT run: the adapter only
-        ckpt.save_checkpoint(root, step, {**payload, "model": model_sd, "optimizer": optimizer.state_dict()}, keep_last)
+    else:
+        optim_sd = _whole_optimizer_state(par, model, optimizer)
+        if d.is_main:
+            model_sd = payload["model"] if "model" in payload else model.state_dict()
+            ckpt.save_checkpoint(root, step, {**payload, "model": model_sd, "optimizer": optim_sd}, keep_last)
     if d.enabled:
         dist.barrier()
     return root / f"step_{step:06d}"
+
+
+def whole_tensors(tensors: dict) -> dict:
+    """`tensors` with every shard (DTensor) gathered whole; every process of an fsdp run must call."""
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in tensors.items()}
+
+
+def _whole_optimizer_state(par: Parallel, model, optimizer) -> dict:
+    """optimizer.state_dict() (parameters by position), gathered from an fsdp run's shards."""
+    if not par.sharded:
+        return optimizer.state_dict()
+    by_name = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    names = {id(p): n for n, p in model.named_parameters()}
+    index = {names[id(p)]: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    return {"state": {index[k]: v for k, v in by_name["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]}
 
 
 def load_optimizer(par: Parallel, state: dict, path, model, optimizer) -> None:
@@ -260,4 +279,5 @@ def full_state_dict(par: Parallel, d: Dist, model) -> dict | None:
 
 
 __all__ = ["MODES", "Parallel", "wrap", "set_heap_policy", "micro_batch", "clip_grad_norm", "whole_root", "save_checkpoint",
+           "whole_tensors",
            "load_optimizer", "full_state_dict"]
