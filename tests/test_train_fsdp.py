@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import rwkv_package_model
 from test_train_dist import _free_port
-from test_train_helpers import metric_lines, tiny_config, tiny_data
+from test_train_helpers import metric_lines, tiny_config, tiny_data, tiny_examples
 
 STEPS, SAVE_EVERY = 6, 3
 UNEVEN = dict(packing=False, segment_len=3, save_every=0, freeze=[])  # the embedding trains too
@@ -31,6 +32,14 @@ def _losses(out_dir) -> list[float]:
     return [m["loss"] for m in metric_lines(out_dir) if m["kind"] == "train"]
 
 
+def _with_eval():
+    return SimpleNamespace(train=tiny_examples(24), eval=tiny_examples(6, seed=5), report={})
+
+
+def _evals(out_dir) -> list[dict]:
+    return [m for m in metric_lines(out_dir) if m["kind"] == "eval"]
+
+
 def _start(rank, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
@@ -44,11 +53,12 @@ def _start(rank, port):
 def _runs(rank, port, tmp):
     _start(rank, port)
     from rwkv_sft.train import train
-    train(_config(f"{tmp}/ddp", parallel="ddp", export=["pth"]), data=tiny_data())
+    train(_config(f"{tmp}/ddp", parallel="ddp", export=["pth"], eval_exact_match=3), data=_with_eval())
     # gathered weights and whole gradients kept between micro-batches (the CPU default) ...
     # (with rows run 8 tokens at a time: segments recompute inside the sharded blocks)
-    train(_config(f"{tmp}/fsdp", parallel="fsdp", export=["pth"], activation_checkpointing=True, segment_len=8),
-          data=tiny_data())
+    # (and an evaluation with greedy generation: single-token steps through the sharded blocks)
+    train(_config(f"{tmp}/fsdp", parallel="fsdp", export=["pth"], activation_checkpointing=True, segment_len=8,
+                  eval_exact_match=3), data=_with_eval())
     # ... or gathered and reduce-scattered for every micro-batch (the GPU default)
     train(_config(f"{tmp}/one_to_two", parallel="fsdp", resume="auto", fsdp_unsharded_accumulation=False),
           data=tiny_data())
@@ -96,6 +106,9 @@ def test_fsdp_matches_ddp_and_resumes_on_another_number_of_processes(tmp_path):
     assert len(ddp) == len(fsdp) == STEPS
     torch.testing.assert_close(fsdp, ddp, rtol=1e-4, atol=0)
     torch.testing.assert_close(fsdp, reference, rtol=1e-4, atol=0)  # the steps do not depend on the process count
+    (ddp_eval,), (fsdp_eval,) = _evals(tmp_path / "ddp"), _evals(tmp_path / "fsdp")
+    assert fsdp_eval["exact_match_n"] == ddp_eval["exact_match_n"] == 3
+    assert fsdp_eval["loss"] == pytest.approx(ddp_eval["loss"], rel=1e-4)
     assert (tmp_path / "fsdp" / "checkpoints" / f"step_{SAVE_EVERY:06d}" / "shards" / ".metadata").is_file()
     a, b = RWKV7.load(tmp_path / "ddp" / "model.pth"), RWKV7.load(tmp_path / "fsdp" / "model.pth")
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):

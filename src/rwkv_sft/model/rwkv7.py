@@ -312,7 +312,8 @@ class RWKV7(nn.Module):
         """tokens [B,T] -> (logits [B,T,V], state); with full_output=False only the last
         position's logits [B,V] (the head is applied to that one row). segment_len: as in
         `forward_hidden`."""
-        if tokens.dim() == 2 and tokens.shape[1] == 1 and resets is None and not torch.is_grad_enabled():
+        if (tokens.dim() == 2 and tokens.shape[1] == 1 and resets is None and not torch.is_grad_enabled()
+                and type(self.blocks[0].ln1.weight.data) is torch.Tensor):  # (sharded blocks: whole in their forward only)
             from ..infer.step import decode_step  # one token without autograd: the fused decoding step
             return decode_step(self, tokens, state, full_output)
         rows = None
