@@ -92,14 +92,14 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def logit_grads(hidden, weight, targets, lse, grad_loss, chunk_size, dtype, need_h, need_w,
-                l2wrap=0.0, maxv=None, argmax=None, has_target=None, has_max=None):
+                l2wrap=0.0, maxv=None, argmax=None, has_target=None, has_max=None, weight_scale=1.0):
     """The backward of rows -> per-row loss through `hidden @ weight.T`, `chunk_size` rows at a time.
 
     lse [N]: each row's log-sum-exp over the whole vocabulary. `weight` may be a slice of the
     vocabulary's rows (vocabulary-parallel): then `targets`/`argmax` are indices into it, and
     only the rows in `has_target` / `has_max` (bool [N]; None: all) have their target / their
-    maximum there. Returns (grad_hidden in hidden's dtype, grad_weight in the accumulation dtype),
-    each None when not needed.
+    maximum there. Returns (grad_hidden in hidden's dtype, grad_weight times `weight_scale` in the
+    accumulation dtype), each None when not needed.
     """
     n, acc = hidden.shape[0], lse.dtype
     h, w = hidden.to(dtype), weight.to(dtype)
@@ -121,9 +121,9 @@ def logit_grads(hidden, weight, targets, lse, grad_loss, chunk_size, dtype, need
         if need_h:
             grad_h[s:e] = d @ w
         if need_w and d.dtype == acc:
-            grad_w.addmm_(d.T, h[s:e])
+            grad_w.addmm_(d.T, h[s:e], alpha=weight_scale)
         elif need_w:  # bf16/fp16: matmul in the input dtype, sum over chunks in fp32
-            grad_w += (d.T @ h[s:e]).to(acc)
+            grad_w.add_((d.T @ h[s:e]).to(acc), alpha=weight_scale)
         del d
     return grad_h, grad_w
 

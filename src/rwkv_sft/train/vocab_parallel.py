@@ -134,8 +134,8 @@ class _Lookup(torch.autograd.Function):
         grads = _all_gather_rows(grad.contiguous(), ctx.counts, ctx.group)
         acc = _acc_dtype(grad.dtype)
         grad_w = torch.zeros(shape, dtype=acc, device=grad.device)
-        grad_w.index_add_(0, local[owned], grads[owned].to(acc))
-        return (grad_w / ctx.group.size()).to(dtype), None, None, None, None, None
+        grad_w.index_add_(0, local[owned], grads[owned].to(acc), alpha=1 / ctx.group.size())  # averaged
+        return grad_w.to(dtype), None, None, None, None, None
 
 
 def _checked_ids(ids, vocab: int, what: str):
@@ -203,9 +203,9 @@ class ShardedLinearCrossEntropy(torch.autograd.Function):
             g_all = _all_gather_rows(grad_loss.to(lse.dtype).contiguous(), counts, group)
             grad_h, grad_w = logit_grads(h_all, weight, local, lse, g_all, ctx.chunk_size, ctx.dtype,
                                          ctx.needs_input_grad[0], ctx.needs_input_grad[1] and weight.shape[0] > 0,
-                                         ctx.l2wrap, top, argmax, has_target, has_max)
+                                         ctx.l2wrap, top, argmax, has_target, has_max, weight_scale=1 / group.size())
             if ctx.needs_input_grad[0]:
                 grad_h = _reduce_scatter_rows(grad_h, counts, group)
-            if ctx.needs_input_grad[1]:
-                grad_w = torch.zeros_like(weight) if grad_w is None else (grad_w / group.size()).to(weight.dtype)
+            if ctx.needs_input_grad[1]:  # (averaged over processes above)
+                grad_w = torch.zeros_like(weight) if grad_w is None else grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None, None, None, None
