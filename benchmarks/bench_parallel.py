@@ -53,7 +53,7 @@ def _worker(rank, args, port, mode, out):
     from rwkv_sft.train.optim import make_optimizer
     from rwkv_sft.utils import set_heap_policy
 
-    set_heap_policy(low_memory=args.low_memory or mode.startswith("fsdp"))  # as the trainer does on CPU
+    set_heap_policy(low_memory=args.low_memory)  # as the trainer does on CPU
     d = distributed.setup("cpu", 600)
     torch.manual_seed(0)
     model = RWKV7(RWKV7Config(n_layer=args.layers, n_embd=args.embd, vocab_size=args.vocab))
@@ -116,7 +116,7 @@ def main():
     p.add_argument("--rounds", type=int, default=1, help="run the modes this many times in turn, steps pooled")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--low-memory", action="store_true",
-                   help="ddp under train --low-memory's heap policy too (fsdp always runs under it, as in the trainer)")
+                   help="both modes under train --low-memory's heap policy")
     args = p.parse_args()
     from rwkv_sft import RWKV7, RWKV7Config
     with torch.device("meta"):
@@ -133,7 +133,7 @@ def main():
     tokens = args.procs * args.tokens * args.micro_batches
     print(f"{args.layers} x {args.embd}, V {args.vocab} ({n_params / 1e9:.2f}B parameters); {args.procs} gloo processes x {args.threads} thread(s), "
           f"{args.micro_batches} x {args.tokens} tokens per process and step, {args.rounds} x {args.steps - 1} timed steps"
-          + (", low-memory heap policy in both modes" if args.low_memory else ", ddp with the default heap policy, fsdp low-memory"))
+          + (", low-memory heap policy" if args.low_memory else ", default heap policy"))
     print(f"{'mode':<12} {'peak GiB (largest process)':>27} {'tokens/s best':>14} {'tokens/s median':>16}  losses")
     rows = {}
     for mode, r in results.items():
