@@ -17,6 +17,7 @@ from test_train_helpers import metric_lines, tiny_config, tiny_data, tiny_exampl
 
 STEPS, SAVE_EVERY = 6, 3
 UNEVEN = dict(packing=False, segment_len=3, save_every=0, freeze=[])  # the embedding trains too
+BF16 = dict(precision="bf16", max_steps=2, save_every=0, eval_exact_match=2)
 PEFT = dict(lora_rank=4, state_tuning=True, base_dtype="bf16", freeze=[])
 
 
@@ -65,6 +66,9 @@ def _runs(rank, port, tmp):
     # padded rows of different lengths on the two processes, 3 tokens at a time: the processes
     # would run different numbers of segments, and so of sharded gathers, unless kept in step
     train(_config(f"{tmp}/fsdp_uneven", parallel="fsdp", **UNEVEN), data=tiny_data())
+    # bf16: blocks gathered in bf16, and an evaluation in the dtype they compute in
+    for mode in ("ddp", "fsdp"):
+        train(_config(f"{tmp}/{mode}_bf16", parallel=mode, **BF16), data=_with_eval())
     # LoRA and a learned state on a sharded, frozen base
     train(_config(f"{tmp}/fsdp_peft", parallel="fsdp", **PEFT), data=tiny_data())
 
@@ -115,6 +119,9 @@ def test_fsdp_matches_ddp_and_resumes_on_another_number_of_processes(tmp_path):
         torch.testing.assert_close(w, v, rtol=1e-4, atol=1e-5, msg=k)
     assert _losses(tmp_path / "one_to_two") == pytest.approx(reference, rel=1e-4)  # 1 -> 2 at step 3
     torch.testing.assert_close(_losses(tmp_path / "fsdp_uneven"), _losses(tmp_path / "one_uneven"), rtol=1e-4, atol=0)
+
+    (ddp_eval,), (fsdp_eval,) = _evals(tmp_path / "ddp_bf16"), _evals(tmp_path / "fsdp_bf16")
+    assert fsdp_eval["exact_match_n"] == 2 and fsdp_eval["loss"] == pytest.approx(ddp_eval["loss"], rel=1e-2)
 
     # PEFT: the adapter and state files of one process, and a sharded run's checkpoint (whole, as
     # the adapter is small) continues in one process (2 -> 1) as the uninterrupted run did

@@ -43,6 +43,7 @@ def shard(model, mesh, compute_dtype_: torch.dtype | None = None) -> None:
                                        shape=local.shape, stride=local.stride())
         module.weight = nn.Parameter(local, requires_grad=weight.requires_grad)
         module.vocab_offset = min(group.rank() * -(-weight.shape[0] // group.size()), weight.shape[0])
+        module.compute_dtype = compute_dtype_ or weight.dtype
     model.emb.forward = functools.partial(_lookup, model.emb, group, compute_dtype_)
     model.head.completion_loss = functools.partial(_head_loss, model.head, group, compute_dtype_)
 
@@ -50,12 +51,13 @@ def shard(model, mesh, compute_dtype_: torch.dtype | None = None) -> None:
 @contextlib.contextmanager
 def gathered(model):
     """The whole tables for the duration (evaluation and generation in an fsdp run, where every
-    process computes the same thing), read-only; the shards are back afterwards."""
+    process computes the same thing), read-only and in the dtype the sharded blocks compute in;
+    the shards are back afterwards."""
     sharded = {m: m.weight for m in (model.emb, model.head)}
     emb_forward = model.emb.__dict__.pop("forward")
     try:
         for module, weight in sharded.items():
-            module.weight = nn.Parameter(weight.detach().full_tensor(), requires_grad=False)
+            module.weight = nn.Parameter(weight.detach().full_tensor().to(module.compute_dtype), requires_grad=False)
         yield
     finally:
         for module, weight in sharded.items():
