@@ -83,8 +83,8 @@ def wrap(loss_module, d: Dist, mode: str, precision: str, unsharded_accumulation
                                   reduce_dtype=torch.float32, cast_forward_inputs=False)
     # Units: each block and the root (ln_out). The embedding and the head are split by vocabulary
     # rows instead and never gathered (vocab_parallel.py). Measured at 8 x 1024, V 65536, 2 gloo
-    # processes (bench_parallel.py): peak 3.44 -> 2.98 GiB, 57 -> 87 tokens/s against FSDP units
-    # of their own.
+    # processes (bench_parallel.py, the same heap policy): peak 3.46 -> 3.01 GiB, 45 -> 61 tokens/s
+    # (best step) against FSDP units of their own.
     model = loss_module.model
     mesh = init_device_mesh(d.device.type, (d.world_size,))
     vocab_parallel.shard(model, mesh, policy.param_dtype)
