@@ -76,36 +76,41 @@ def _counts(n: int, group, device) -> list[int]:
     return out.tolist()
 
 
-def _all_to_all(sends: list[torch.Tensor], counts: list[int], like: torch.Tensor, group) -> list[torch.Tensor]:
-    """sends[j] goes to process j; returns what every process sent here (counts[j] rows shaped like
-    `like`'s rows, from process j; our own slot is sends[me]). One send and one receive per pair."""
+def _rounds(group):
+    """(to, from) for n - 1 rounds: in each, every process sends to one and receives from another."""
     n, me = group.size(), group.rank()
-    recvs = [sends[me] if j == me else like.new_empty((counts[j], *like.shape[1:])) for j in range(n)]
+    return [((me + shift) % n, (me - shift) % n) for shift in range(1, n)]
+
+
+def _swap(send: torch.Tensor, to: int, recv: torch.Tensor, frm: int, group) -> None:
+    """Send `send` to process `to` while `recv` is filled from process `frm`."""
     ops = []
-    for shift in range(1, n):
-        to, frm = (me + shift) % n, (me - shift) % n
-        if sends[to].numel():  # both sides know the sizes, so both skip an empty transfer
-            ops.append(dist.P2POp(dist.isend, sends[to].contiguous(), dist.get_global_rank(group, to), group))
-        if recvs[frm].numel():
-            ops.append(dist.P2POp(dist.irecv, recvs[frm], dist.get_global_rank(group, frm), group))
+    if send.numel():  # both sides know the sizes, so both skip an empty transfer
+        ops.append(dist.P2POp(dist.isend, send.contiguous(), dist.get_global_rank(group, to), group))
+    if recv.numel():
+        ops.append(dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, frm), group))
     for work in dist.batch_isend_irecv(ops) if ops else []:
         work.wait()
-    return recvs
 
 
 def _all_gather_rows(x: torch.Tensor, counts: list[int], group) -> torch.Tensor:
-    """Every process's rows, in process order."""
-    return torch.cat(_all_to_all([x] * group.size(), counts, x, group))
+    """Every process's rows (counts[j] from process j), in process order."""
+    parts = [x] * group.size()
+    for to, frm in _rounds(group):
+        parts[frm] = x.new_empty((counts[frm], *x.shape[1:]))
+        _swap(x, to, parts[frm], frm, group)
+    return torch.cat(parts)
 
 
 def _reduce_scatter_rows(x: torch.Tensor, counts: list[int], group) -> torch.Tensor:
     """x holds rows for every process (counts[j] for process j): the sum over processes of our
-    rows, added in process order (the same order in every run)."""
-    me = group.rank()
-    parts = _all_to_all(list(x.split(counts)), [counts[me]] * group.size(), x, group)
-    out = parts[0].clone()
-    for part in parts[1:]:
-        out += part
+    rows, added in the same order in every run."""
+    pieces = x.split(counts)
+    out = pieces[group.rank()].clone()
+    received = torch.empty_like(out)
+    for to, frm in _rounds(group):
+        _swap(pieces[to], to, received, frm, group)
+        out += received
     return out
 
 
@@ -118,25 +123,49 @@ def _lookup(module, group, dtype, tokens):
 
 
 class _Lookup(torch.autograd.Function):
+    """Rows are exchanged one process at a time: memory holds [tokens of one process, C], not
+    [tokens of all processes, C]."""
+
     @staticmethod
     def forward(ctx, weight, tokens, offset, vocab, group, dtype):
         counts = _counts(tokens.numel(), group, tokens.device)
         local = _checked_ids(_all_gather_rows(tokens, counts, group), vocab, "token ids") - offset
         owned = (local >= 0) & (local < weight.shape[0])
-        rows = weight.new_zeros((local.numel(), weight.shape[1]), dtype=dtype)
-        rows[owned] = weight[local[owned]].to(dtype)
+        starts = [sum(counts[:j]) for j in range(len(counts))]
+
+        def rows_for(j):  # the rows of process j's tokens that this process owns, zeros elsewhere
+            span = slice(starts[j], starts[j] + counts[j])
+            rows = weight.new_zeros((counts[j], weight.shape[1]), dtype=dtype)
+            rows[owned[span]] = weight[local[span][owned[span]]].to(dtype)
+            return rows
+
+        out = rows_for(group.rank())
+        received = torch.empty_like(out)
+        for to, frm in _rounds(group):
+            _swap(rows_for(to), to, received, frm, group)
+            out += received  # exact: only the owner's row is not zero
         ctx.save_for_backward(local, owned)
-        ctx.counts, ctx.group, ctx.weight_meta = counts, group, (weight.shape, weight.dtype)
-        return _reduce_scatter_rows(rows, counts, group)
+        ctx.counts, ctx.starts, ctx.group, ctx.weight_meta = counts, starts, group, (weight.shape, weight.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         local, owned = ctx.saved_tensors
         shape, dtype = ctx.weight_meta
-        grads = _all_gather_rows(grad.contiguous(), ctx.counts, ctx.group)
+        group, counts, starts = ctx.group, ctx.counts, ctx.starts
         acc = _acc_dtype(grad.dtype)
         grad_w = torch.zeros(shape, dtype=acc, device=grad.device)
-        grad_w.index_add_(0, local[owned], grads[owned].to(acc), alpha=1 / ctx.group.size())  # averaged
+
+        def add(j, rows):  # process j's row gradients into the rows this process owns, averaged
+            span = slice(starts[j], starts[j] + counts[j])
+            grad_w.index_add_(0, local[span][owned[span]], rows[owned[span]].to(acc), alpha=1 / group.size())
+
+        grad = grad.contiguous()
+        add(group.rank(), grad)
+        for to, frm in _rounds(group):
+            received = grad.new_empty((counts[frm], grad.shape[1]))
+            _swap(grad, to, received, frm, group)
+            add(frm, received)
         return grad_w.to(dtype), None, None, None, None, None
 
 
