@@ -4,13 +4,14 @@ Each process keeps rows [lo, hi) of both [V, C] tables, as DTensors sharded on d
 FSDP gives them, so checkpoints are the same), and they are never gathered while training:
 
 - lookup: the processes exchange their token ids; each one fills the rows it owns for every
-  process's tokens and sends them back to their process (the sum over processes is exact: one
-  of them owns a row, the others add zeros). Backward: the rows' gradients travel back the
-  same way, and each process adds into its own rows.
-- loss: the hidden rows that carry loss are exchanged; each process computes the logits of its
-  vocabulary slice for all of them, and the per-row max, sum of exponentials and target logit
-  from every process combine into the exact log-sum-exp. Backward: each process has its slice's
-  whole weight gradient at once, and the hidden rows' gradients are summed back to their process.
+  process's tokens and sends them back to their process, one process at a time (the sum over
+  processes is exact: one of them owns a row, the others add zeros). Backward: the rows'
+  gradients travel back the same way, and each process adds into its own rows.
+- loss: the hidden rows that carry loss are gathered (and kept for the backward, so this memory
+  grows with the number of processes); each process computes the logits of its vocabulary slice
+  for all of them, and the per-row max, sum of exponentials and target logit from every process
+  combine into the exact log-sum-exp. Backward: each process has its slice's whole weight
+  gradient at once, and the hidden rows' gradients are summed back to their process.
 
 The traffic is [tokens, C] rows and [tokens] statistics instead of the tables: at V 65536 x
 C 1024 on 2 gloo processes, FSDP's gather and reduce-scatter of the two tables cost ~3 s of an
