@@ -20,14 +20,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..model.rwkv7 import RWKV7State
+from ..model.rwkv7 import RWKV7State, is_whole
 
 NEG_EXP_HALF = -math.exp(-0.5)  # log(decay) = -exp(w) = -e^-0.5 sigmoid(z)
 
 
 def _layout_switchable(model) -> bool:
     w = model.head.weight
-    return w.device.type == "cpu" and type(w.data) is torch.Tensor  # not a sharded (DTensor) parameter
+    return w.device.type == "cpu" and is_whole(w)
 
 
 def decode_step(model, tokens: torch.Tensor, state: RWKV7State | None = None, full_output: bool = True):

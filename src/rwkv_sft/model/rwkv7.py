@@ -43,6 +43,11 @@ class RWKV7State:
                           self.ffn_shift.repeat_interleave(n, 1))
 
 
+def is_whole(param) -> bool:
+    """False for a sharded (FSDP / DTensor) parameter, which is whole only inside its module's forward."""
+    return type(param.data) is torch.Tensor
+
+
 def _token_shift(x, last, resets):
     """x_{t-1} for every t: `last` before the first token, zeros after a sequence reset."""
     prev = last.unsqueeze(1).to(x.dtype)
@@ -313,7 +318,7 @@ class RWKV7(nn.Module):
         position's logits [B,V] (the head is applied to that one row). segment_len: as in
         `forward_hidden`."""
         if (tokens.dim() == 2 and tokens.shape[1] == 1 and resets is None and not torch.is_grad_enabled()
-                and type(self.blocks[0].ln1.weight.data) is torch.Tensor):  # (sharded blocks: whole in their forward only)
+                and is_whole(self.blocks[0].ln1.weight)):  # (sharded blocks: whole in their forward only)
             from ..infer.step import decode_step  # one token without autograd: the fused decoding step
             return decode_step(self, tokens, state, full_output)
         rows = None

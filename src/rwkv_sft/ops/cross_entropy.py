@@ -36,6 +36,15 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(1, CHUNK_BYTES // (4 * max(1, vocab_size)))
 
 
+def check_ids(ids: torch.Tensor, vocab: int, what: str) -> torch.Tensor:
+    """`ids`, after a ValueError naming `what` if one lies outside [0, vocab). One reduction and one
+    host sync: cheap next to the matmuls, and a bad id would otherwise surface as an opaque
+    gather/index error (or a device assert on CUDA)."""
+    if ids.numel() and bool(((ids < 0) | (ids >= vocab)).any()):
+        raise ValueError(f"{what} must lie in [0, {vocab}); got min {int(ids.min())}, max {int(ids.max())}")
+    return ids
+
+
 def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The matmuls' dtype: the wider of the two, or autocast's (fp64 is left alone, as autocast does)."""
     dtype = torch.promote_types(hidden.dtype, weight.dtype)
@@ -149,10 +158,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"targets must be integer ids, got {targets.dtype}")
     vocab = weight.shape[0]
     targets = targets.long()
-    # one reduction and one host sync: cheap next to the matmuls, and a bad id would otherwise
-    # surface as an opaque gather/index error (or a device assert on CUDA)
-    if targets.numel() and bool(((targets < 0) | (targets >= vocab)).any()):
-        raise ValueError(f"targets must lie in [0, {vocab}); got min {int(targets.min())}, max {int(targets.max())}")
+    check_ids(targets, vocab, "targets")
     if chunk_size is None:
         chunk_size = default_chunk_size(vocab)
     if chunk_size < 1:

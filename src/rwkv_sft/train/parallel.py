@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .. import utils
 from ..model.checkpoint import export_state_dict
 from . import checkpoint as ckpt
-from . import vocab_parallel
+from . import exchange, vocab_parallel
 from .distributed import Dist
 
 MODES = ("ddp", "fsdp")
@@ -105,23 +105,15 @@ def _fsdp_units(loss_module) -> list:
 
 
 class PairwiseAllGather(DefaultAllocMixin, AllGather):
-    """FSDP's all-gather on gloo as one send and one receive per pair of processes.
-
-    gloo's own all_gather_into_tensor moves the same bytes 2-3x slower (2 processes on this CPU:
-    97 -> 46 ms for a 52 MB block, 440 -> 145 ms for 256 MB). Runs to completion before returning.
-    """
+    """FSDP's all-gather on gloo as one send and one receive per pair of processes, all started
+    together (exchange.py: gloo's own all_gather_into_tensor moves the same bytes 2-3x slower,
+    440 -> 145 ms for 256 MB on 2 processes). Runs to completion before returning."""
 
     def __call__(self, output_tensor, input_tensor, group, async_op=False):
-        n, rank = group.size(), group.rank()
-        chunks = output_tensor.chunk(n)
-        ops = []
-        for shift in range(1, n):
-            to, frm = (rank + shift) % n, (rank - shift) % n
-            ops += [dist.P2POp(dist.isend, input_tensor, dist.get_global_rank(group, to), group),
-                    dist.P2POp(dist.irecv, chunks[frm], dist.get_global_rank(group, frm), group)]
-        chunks[rank].copy_(input_tensor)
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
+        chunks = output_tensor.chunk(group.size())
+        chunks[group.rank()].copy_(input_tensor)
+        exchange.run([op for to, frm in exchange.rounds(group)
+                      for op in exchange.ops(input_tensor, to, chunks[frm], frm, group)])
         return None
 
 
@@ -133,19 +125,14 @@ class PairwiseReduceScatter(DefaultAllocMixin, ReduceScatter):
     def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
         if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
             raise ValueError(f"reduce-scatter: only SUM and AVG, got {op}")
-        n, rank = group.size(), group.rank()
-        chunks = input_tensor.chunk(n)
-        output_tensor.copy_(chunks[rank])
+        chunks = input_tensor.chunk(group.size())
+        output_tensor.copy_(chunks[group.rank()])
         received = torch.empty_like(output_tensor)
-        for shift in range(1, n):
-            to, frm = (rank + shift) % n, (rank - shift) % n
-            for work in dist.batch_isend_irecv([
-                    dist.P2POp(dist.isend, chunks[to], dist.get_global_rank(group, to), group),
-                    dist.P2POp(dist.irecv, received, dist.get_global_rank(group, frm), group)]):
-                work.wait()
+        for to, frm in exchange.rounds(group):
+            exchange.swap(chunks[to], to, received, frm, group)
             output_tensor.add_(received)
         if op == dist.ReduceOp.AVG:
-            output_tensor.div_(n)
+            output_tensor.div_(group.size())
         return None
 
 
@@ -241,10 +228,15 @@ def _whole_optimizer_state(par: Parallel, model, optimizer) -> dict:
     if not par.sharded:
         return optimizer.state_dict()
     by_name = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
-    names = {id(p): n for n, p in model.named_parameters()}
-    index = {names[id(p)]: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    index = {name: i for i, name in enumerate(_param_order(model, optimizer))}
     return {"state": {index[k]: v for k, v in by_name["state"].items()},
             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]}
+
+
+def _param_order(model, optimizer) -> list[str]:
+    """The optimizer's parameters by name, in the positions of optimizer.state_dict()."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
 def load_optimizer(par: Parallel, state: dict, path, model, optimizer) -> None:
@@ -258,8 +250,7 @@ def load_optimizer(par: Parallel, state: dict, path, model, optimizer) -> None:
         dcp.load(both, checkpoint_id=Path(path) / ckpt.SHARDS)  # reshards to this run's layout
         set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
     elif par.sharded:  # a whole optimizer state (saved in positional order) into sharded parameters
-        names = {id(p): n for n, p in model.named_parameters()}
-        order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        order = _param_order(model, optimizer)
         saved = state["optimizer"]
         by_name = {"state": {order[i]: v for i, v in saved["state"].items()},
                    "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]}

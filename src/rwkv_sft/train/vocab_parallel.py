@@ -23,18 +23,19 @@ import contextlib
 import functools
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from ..ops.amp import no_autocast
-from ..ops.cross_entropy import _acc_dtype, compute_dtype, default_chunk_size, logit_grads
+from ..ops.cross_entropy import _acc_dtype, check_ids, compute_dtype, default_chunk_size, logit_grads
+from . import exchange
 
 
-def shard(model, mesh, compute_dtype_: torch.dtype | None = None) -> None:
+def shard(model, mesh, param_dtype: torch.dtype | None = None) -> None:
     """Replace model.emb.weight and model.head.weight by their rows of this process, and route
-    the lookup and the head's completion_loss through the exchanges above. `compute_dtype_`:
-    the dtype the rows are computed in (FSDP's param_dtype; None keeps the weights')."""
+    the lookup and the head's completion_loss through the exchanges described above
+    (exchange.py). `param_dtype`: the dtype the rows are computed in (FSDP's param_dtype; None
+    keeps the weights')."""
     group = mesh.get_group()
     for module in (model.emb, model.head):
         weight = module.weight
@@ -44,9 +45,9 @@ def shard(model, mesh, compute_dtype_: torch.dtype | None = None) -> None:
                                        shape=local.shape, stride=local.stride())
         module.weight = nn.Parameter(local, requires_grad=weight.requires_grad)
         module.vocab_offset = min(group.rank() * -(-weight.shape[0] // group.size()), weight.shape[0])
-        module.compute_dtype = compute_dtype_ or weight.dtype
-    model.emb.forward = functools.partial(_lookup, model.emb, group, compute_dtype_)
-    model.head.completion_loss = functools.partial(_head_loss, model.head, group, compute_dtype_)
+        module.compute_dtype = param_dtype or weight.dtype
+    model.emb.forward = functools.partial(_lookup, model.emb, group, param_dtype)
+    model.head.completion_loss = functools.partial(_head_loss, model.head, group, param_dtype)
 
 
 @contextlib.contextmanager
@@ -66,55 +67,6 @@ def gathered(model):
         model.emb.forward = emb_forward
 
 
-# -- exchanges of rows between processes ------------------------------------------------------------
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # its name before torch 2.13
-
-
-def _counts(n: int, group, device) -> list[int]:
-    """Every process's number of rows."""
-    out = torch.empty(group.size(), dtype=torch.long, device=device)
-    _all_gather(out, torch.tensor([n], device=device), group=group)
-    return out.tolist()
-
-
-def _rounds(group):
-    """(to, from) for n - 1 rounds: in each, every process sends to one and receives from another."""
-    n, me = group.size(), group.rank()
-    return [((me + shift) % n, (me - shift) % n) for shift in range(1, n)]
-
-
-def _swap(send: torch.Tensor, to: int, recv: torch.Tensor, frm: int, group) -> None:
-    """Send `send` to process `to` while `recv` is filled from process `frm`."""
-    ops = []
-    if send.numel():  # both sides know the sizes, so both skip an empty transfer
-        ops.append(dist.P2POp(dist.isend, send.contiguous(), dist.get_global_rank(group, to), group))
-    if recv.numel():
-        ops.append(dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, frm), group))
-    for work in dist.batch_isend_irecv(ops) if ops else []:
-        work.wait()
-
-
-def _all_gather_rows(x: torch.Tensor, counts: list[int], group) -> torch.Tensor:
-    """Every process's rows (counts[j] from process j), in process order."""
-    parts = [x] * group.size()
-    for to, frm in _rounds(group):
-        parts[frm] = x.new_empty((counts[frm], *x.shape[1:]))
-        _swap(x, to, parts[frm], frm, group)
-    return torch.cat(parts)
-
-
-def _reduce_scatter_rows(x: torch.Tensor, counts: list[int], group) -> torch.Tensor:
-    """x holds rows for every process (counts[j] for process j): the sum over processes of our
-    rows, added in the same order in every run."""
-    pieces = x.split(counts)
-    out = pieces[group.rank()].clone()
-    received = torch.empty_like(out)
-    for to, frm in _rounds(group):
-        _swap(pieces[to], to, received, frm, group)
-        out += received
-    return out
-
-
 # -- the embedding ------------------------------------------------------------------------------------
 def _lookup(module, group, dtype, tokens):
     weight = module.weight.to_local()
@@ -129,8 +81,9 @@ class _Lookup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, tokens, offset, vocab, group, dtype):
-        counts = _counts(tokens.numel(), group, tokens.device)
-        local = _checked_ids(_all_gather_rows(tokens, counts, group), vocab, "token ids") - offset
+        counts = exchange.row_counts(tokens.numel(), group, tokens.device)
+        # every process checks every process's ids, so that all raise together (none waits for the others)
+        local = check_ids(exchange.all_gather_rows(tokens, counts, group), vocab, "token ids") - offset
         owned = (local >= 0) & (local < weight.shape[0])
         starts = [sum(counts[:j]) for j in range(len(counts))]
 
@@ -142,8 +95,8 @@ class _Lookup(torch.autograd.Function):
 
         out = rows_for(group.rank())
         received = torch.empty_like(out)
-        for to, frm in _rounds(group):
-            _swap(rows_for(to), to, received, frm, group)
+        for to, frm in exchange.rounds(group):
+            exchange.swap(rows_for(to), to, received, frm, group)
             out += received  # exact: only the owner's row is not zero
         ctx.save_for_backward(local, owned)
         ctx.counts, ctx.starts, ctx.group, ctx.weight_meta = counts, starts, group, (weight.shape, weight.dtype)
@@ -163,18 +116,11 @@ class _Lookup(torch.autograd.Function):
 
         grad = grad.contiguous()
         add(group.rank(), grad)
-        for to, frm in _rounds(group):
+        for to, frm in exchange.rounds(group):
             received = grad.new_empty((counts[frm], grad.shape[1]))
-            _swap(grad, to, received, frm, group)
+            exchange.swap(grad, to, received, frm, group)
             add(frm, received)
         return grad_w.to(dtype), None, None, None, None, None
-
-
-def _checked_ids(ids, vocab: int, what: str):
-    """`ids` of every process, so that all of them raise together (none waits for the others)."""
-    if ids.numel() and bool(((ids < 0) | (ids >= vocab)).any()):
-        raise ValueError(f"{what} must lie in [0, {vocab}); got min {int(ids.min())}, max {int(ids.max())}")
-    return ids
 
 
 # -- the loss -----------------------------------------------------------------------------------------
@@ -197,9 +143,9 @@ class ShardedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, offset, vocab, group, chunk_size, l2wrap, dtype):
         acc, n_rows = _acc_dtype(dtype), weight.shape[0]
-        counts = _counts(hidden.shape[0], group, hidden.device)
-        h_all = _all_gather_rows(hidden, counts, group)
-        local = _checked_ids(_all_gather_rows(targets, counts, group), vocab, "targets") - offset
+        counts = exchange.row_counts(hidden.shape[0], group, hidden.device)
+        h_all = exchange.all_gather_rows(hidden, counts, group)
+        local = check_ids(exchange.all_gather_rows(targets, counts, group), vocab, "targets") - offset
         has_target = (local >= 0) & (local < n_rows)
         local = local.clamp(0, max(0, n_rows - 1))
         m = h_all.shape[0]
@@ -216,7 +162,7 @@ class ShardedLinearCrossEntropy(torch.autograd.Function):
             stats[1, s:e] = logits.sub_(stats[0, s:e, None]).exp_().sum(dim=-1)
             del logits
         every = torch.empty(group.size(), *stats.shape, dtype=acc, device=hidden.device)
-        _all_gather(every, stats.unsqueeze(0), group=group)
+        exchange.all_gather(every, stats.unsqueeze(0), group=group)
         top = every[:, 0].max(dim=0).values
         lse = top + torch.log((every[:, 1] * torch.exp(every[:, 0] - top)).sum(dim=0))
         # L2Wrap's maximum belongs to the first process that holds it
@@ -232,12 +178,12 @@ class ShardedLinearCrossEntropy(torch.autograd.Function):
         h_all, weight, local, lse, top, argmax, has_target, has_max = ctx.saved_tensors
         group, counts = ctx.group, ctx.counts
         with no_autocast(grad_loss.device.type):
-            g_all = _all_gather_rows(grad_loss.to(lse.dtype).contiguous(), counts, group)
+            g_all = exchange.all_gather_rows(grad_loss.to(lse.dtype).contiguous(), counts, group)
             grad_h, grad_w = logit_grads(h_all, weight, local, lse, g_all, ctx.chunk_size, ctx.dtype,
                                          ctx.needs_input_grad[0], ctx.needs_input_grad[1] and weight.shape[0] > 0,
                                          ctx.l2wrap, top, argmax, has_target, has_max, weight_scale=1 / group.size())
             if ctx.needs_input_grad[0]:
-                grad_h = _reduce_scatter_rows(grad_h, counts, group)
+                grad_h = exchange.reduce_scatter_rows(grad_h, counts, group)
             if ctx.needs_input_grad[1]:  # (averaged over processes above)
                 grad_w = torch.zeros_like(weight) if grad_w is None else grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None, None, None, None
