@@ -7,18 +7,19 @@
 
 It installs the wheels found in .whl/ (into a folder of its own, offline) and this checkout with
 `pip install --no-deps -e .`, then runs each step below, each in its own process so that one
-failure (or a flag this build does not have yet) becomes one row of the table and the rest go on:
+failure (or a flag this build does not have yet) becomes one row of the table and the rest go on,
+the quick ones first:
 
   environment    torch, CUDA, GPUs, Triton, fla
   install        the wheels and the editable install
-  gpu-tests      tests/test_wkv7_gpu.py: the CUDA kernel and fla against the chunked backend
-  wkv-bench      benchmarks/bench_wkv.py: cuda vs fla vs chunked, fwd+bwd, T=4096, bf16, H=32 (C=2048)
   demo           the bundled demo trained on the GPU in bf16: held-out exact match and wall time
   checkpoint     a random 1.5B-shaped model (24 x 2048, vocabulary 65536), saved in bf16
   lora           one LoRA step on it at T=1024 (bf16 base), peak GPU memory
   state-tuning   one state-tuning step, likewise
   segmented      one LoRA step at T=4096 in segments of 1024, likewise
   fsdp           one FSDP step over all GPUs (needs 2 or more)
+  wkv-bench      benchmarks/bench_wkv.py: cuda vs fla vs chunked, fwd+bwd, T=4096, bf16, H=32 (C=2048)
+  gpu-tests      tests/test_wkv7_gpu.py: the CUDA kernel and fla against the chunked backend
 
 Each row is pass, fail, skipped or unavailable (a feature this build lacks), with a reason. The
 table is printed and written, after every step, to OUT/gpu_check.json (OUT: --out, else $OUT, else
@@ -217,14 +218,19 @@ def step_install(ctx: Context):
 
 
 def step_gpu_tests(ctx: Context):
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", "tests/test_wkv7_gpu.py"]
+    # -v: one line per test, so that a run cut short by the budget still says how far it got
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "not slow", "--durations=5",
+           "tests/test_wkv7_gpu.py"]
     if ctx.args.tiny:  # the plumbing only: two quick tests that run without a GPU
         cmd += ["-k", "fla_refuses_cpu or missing_sources"]
-    rc, out, seconds = ctx.run("gpu-tests", cmd, 240)
+    rc, out, seconds = ctx.run("gpu-tests", cmd, 300)
     summary = next((ln.strip("= ") for ln in reversed(out.splitlines()) if re.search(r"\d+ (passed|failed|error)", ln)),
                    _last_line(out))
     if rc is None:
-        return ctx.report.add("gpu-tests", "fail", f"timed out; {summary}", seconds)
+        counts = {w: len(re.findall(rf" {w.upper()}\b", out)) for w in ("passed", "failed", "skipped")}
+        running = [ln.split(" ")[0] for ln in out.splitlines() if ln.startswith("tests/")][-1:]
+        return ctx.report.add("gpu-tests", "fail", f"timed out in {' '.join(running) or '?'} after "
+                              + ", ".join(f"{n} {w}" for w, n in counts.items()), seconds)
     failed = [ln.split(" ")[1] for ln in out.splitlines() if ln.startswith("FAILED ")][:5]
     detail = summary + (f"; first failures: {', '.join(failed)}" if failed else "")
     ctx.report.add("gpu-tests", "pass" if rc == 0 else "fail", detail, seconds)
@@ -236,7 +242,7 @@ def step_wkv_bench(ctx: Context):
     cmd = [sys.executable, "benchmarks/bench_wkv.py", "--device", ctx.device, "--backends", "cuda", "fla", "chunked",
            "--dtypes", "bf16", "--T", str(b["T"]), "--B", str(b["B"]), "--H", str(b["H"]), "--N", str(b["N"]),
            "--repeats", "3" if not ctx.args.tiny else "1", "--min-seconds", "0", "--json", str(path)]
-    rc, out, seconds = ctx.run("wkv-bench", cmd, 150)
+    rc, out, seconds = ctx.run("wkv-bench", cmd, 200)
     if rc != 0 or not path.is_file():
         return ctx.report.add("wkv-bench", "fail", "timed out" if rc is None else _last_line(out), seconds)
     res = json.loads(path.read_text())
@@ -360,9 +366,12 @@ def step_fsdp(ctx: Context):
     _train_step(ctx, "fsdp", ["--parallel", "fsdp"], _sizes(ctx.args.tiny)["T"], nproc=n)
 
 
-STEPS = {"environment": step_environment, "install": step_install, "gpu-tests": step_gpu_tests,
-         "wkv-bench": step_wkv_bench, "demo": step_demo, "checkpoint": step_checkpoint, "lora": step_lora,
-         "state-tuning": step_state_tuning, "segmented": step_segmented, "fsdp": step_fsdp}
+# The quick steps first, so that a slow Triton compile (fla's kernels, minutes on first use) cannot
+# starve them; the tests last, with whatever budget is left.
+STEPS = {"environment": step_environment, "install": step_install, "demo": step_demo,
+         "checkpoint": step_checkpoint, "lora": step_lora, "state-tuning": step_state_tuning,
+         "segmented": step_segmented, "fsdp": step_fsdp, "wkv-bench": step_wkv_bench,
+         "gpu-tests": step_gpu_tests}
 MIN_START_S = 20  # a step is not started with less of the budget left
 
 
@@ -449,7 +458,7 @@ CHILDREN = {"demo": child_demo, "checkpoint": child_checkpoint, "train": child_t
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="output folder (default: $OUT, else runs/gpu_check)")
-    p.add_argument("--budget", type=float, default=450, help="seconds for all steps together (default 450)")
+    p.add_argument("--budget", type=float, default=480, help="seconds for all steps together (default 480)")
     p.add_argument("--only", nargs="+", choices=list(STEPS), help="run only these steps (in the usual order)")
     p.add_argument("--allow-cpu", action="store_true", help="run on CPU when there is no CUDA device (plumbing)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes everywhere (with --allow-cpu: a quick run)")

@@ -257,3 +257,15 @@ def test_evaluate_max_new_tokens_zero_is_an_error_not_the_default():
     for bad in (0, -1):
         with pytest.raises(ValueError, match="max_new_tokens"):
             evaluate(None, None, None, max_new_tokens=bad)
+
+
+def test_activation_checkpointing_defaults_on_for_peft_only():
+    """PEFT runs recompute blocks by default (their memory is the frozen base's activations: 12.6 GiB
+    for one LoRA step of a 1.5B model at T=1024 on a GPU without it); either way can be forced."""
+    p = build_parser()
+    base = ["train", "--data", "d.jsonl", "--n-layer", "1", "--n-embd", "64"]
+    cases = [([], False), (["--lora-rank", "4"], True), (["--state-tuning"], True),
+             (["--lora-rank", "4", "--no-activation-checkpointing"], False), (["--activation-checkpointing"], True),
+             (["--state-tuning", "--set", "activation_checkpointing=false"], False)]
+    for flags, want in cases:
+        assert build_config(p.parse_args(base + flags)).activation_checkpointing is want, flags

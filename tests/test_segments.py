@@ -245,3 +245,38 @@ def test_lora_gradients_equal_unsegmented():
     assert grads[0] and grads[0].keys() == grads[1].keys()
     for name in grads[1]:
         _close(grads[0][name], grads[1][name])
+
+
+def test_a_backend_that_checks_itself_at_first_use(monkeypatch):
+    """The CUDA kernel checks itself at its first call, which comes from inside the first segment's
+    checkpointed forward under bf16 autocast: the step must train exactly as without that check
+    (the check's own autograd once broke the checkpoint's recomputation on a GPU)."""
+    import rwkv_sft.ops as ops
+    import rwkv_sft.ops.wkv7_cuda as cuda_mod
+    from test_wkv7_gpu import _autocast_proof_kernel
+    monkeypatch.setattr(cuda_mod, "_extension", lambda device: None)
+    monkeypatch.setattr(cuda_mod, "wkv7_cuda", _autocast_proof_kernel)
+    resolve, checked = ops.resolve_backend, []
+
+    def resolve_with_self_check(backend, device, *args, **kwargs):
+        if not checked:
+            cuda_mod._self_check(torch.device("cpu"))
+            checked.append(torch.is_autocast_enabled("cpu"))
+        return resolve(backend, device, *args, **kwargs)
+
+    batch = random_batch(B=2, T=11, seed=1, mask_fraction=0.5, resets=True)
+    results = []
+    for patched in (True, False):
+        if patched:
+            monkeypatch.setattr(ops, "resolve_backend", resolve_with_self_check)
+        model = _fp32_model()
+        model.activation_checkpointing = True
+        lm = CompletionLoss(model, chunk_size=4, segment_len=4)
+        loss = accumulate_gradients(lm, [batch], device="cpu", global_count=batch.num_loss_tokens, precision="bf16")
+        results.append((loss, {n: p.grad for n, p in model.named_parameters()}))
+        monkeypatch.setattr(ops, "resolve_backend", resolve)
+    assert checked == [True]  # it ran, once, under the training's autocast
+    (loss, grads), (ref_loss, ref_grads) = results
+    assert loss == ref_loss
+    for name in ref_grads:
+        assert torch.equal(grads[name], ref_grads[name]), name

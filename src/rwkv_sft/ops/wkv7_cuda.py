@@ -108,7 +108,13 @@ def example_inputs(B, T, H, N, device="cpu", dtype=torch.float32, seed=0):
 @torch.inference_mode(False)
 @torch.enable_grad()  # the first call may come from generation code under no_grad
 def _self_check(device: torch.device) -> None:
-    """Forward and backward of the kernel against the reference on a small ragged input."""
+    """Forward and backward of the kernel against the float64 reference on a small ragged input.
+
+    The first call comes from inside the model's forward, so it is shielded from what the caller
+    has switched on there: autocast (which would run the reference's einsums in bf16), TF32
+    matmuls (float64 has none) and activation checkpointing's saved-tensor hooks (which would
+    count this check's tensors as the layer's and fail the recomputation)."""
+    from .amp import no_autocast
     from .wkv7_reference import wkv7_reference
     _extension(device)  # a build failure says so before anything else
     B, T, H, N = 2, 37, 2, 64  # 37: two full chunks and a tail
@@ -121,14 +127,15 @@ def _self_check(device: torch.device) -> None:
     resets[0, [3, 30]] = True
     restart = torch.randn(H, N, N, generator=g).to(device) * 0.1
     results = []
-    for fn in (wkv7_cuda, wkv7_reference):
-        xs = [x.clone().requires_grad_() for x in inputs + [state * 0.1, restart]]
-        y, s = fn(*xs[:6], state=xs[6], resets=resets, reset_state=xs[7])
-        torch.autograd.backward((y, s), (dy, dstate))
-        results.append([y, s] + [x.grad for x in xs])
+    with no_autocast(device.type), torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
+        for fn, dtype in ((wkv7_cuda, torch.float32), (wkv7_reference, torch.float64)):
+            xs = [x.to(dtype).clone().requires_grad_() for x in inputs + [state * 0.1, restart]]
+            y, s = fn(*xs[:6], state=xs[6], resets=resets, reset_state=xs[7])
+            torch.autograd.backward((y, s), (dy.to(dtype), dstate.to(dtype)))
+            results.append([t.detach() for t in [y, s] + [x.grad for x in xs]])  # compared off the graph
     names = ["y", "state", "dr", "dw", "dk", "dv", "da", "db", "dstate", "dreset"]
     for name, got, want in zip(names, *results):
-        err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+        err = ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
         if not err < 1e-3:
             raise RuntimeError(f"self-check failed: {name} differs from the reference (relative error {err:.2e})")
 

@@ -54,7 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-clip", dest="c:grad_clip", type=float, default=S)
     g.add_argument("--no-l2wrap", dest="c:l2wrap", action="store_false", default=S)
     g.add_argument("--precision", dest="c:precision", choices=["auto", "bf16", "fp32"], default=S)
-    g.add_argument("--activation-checkpointing", dest="c:activation_checkpointing", action="store_true", default=S)
+    g.add_argument("--activation-checkpointing", dest="c:activation_checkpointing",
+                   action=argparse.BooleanOptionalAction, default=S,
+                   help="recompute each block in the backward: less memory, ~1/3 more compute (default on with "
+                        "LoRA or state tuning, off for full fine-tuning)")
     g.add_argument("--low-memory", dest="c:low_memory", action="store_true", default=S,
                    help="CPU: return freed memory to the system at once: lower peak memory, slower steps")
     g.add_argument("--freeze", dest="c:freeze", action="append", default=S, metavar="PART",

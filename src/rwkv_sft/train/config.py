@@ -44,7 +44,9 @@ class TrainConfig:
     grad_clip: float = 1.0                # 0 -> no clipping
     l2wrap: bool = True
     precision: str = "auto"               # auto | bf16 | fp32 (bf16 autocast, fp32 master weights)
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | None = None  # recompute each block in the backward; None -> on for
+                                          # PEFT runs (the frozen base's activations are most of their
+                                          # memory), off for full fine-tuning
     low_memory: bool = False              # CPU: freed memory back to the OS at once (lower peak, slower steps)
     freeze: list[str] = field(default_factory=list)  # "emb", "head", "blocks.3", "blocks.0-5", any name prefix
     wkv_backend: str = "auto"
@@ -92,6 +94,8 @@ class TrainConfig:
         need(self.step_tokens is None or self.step_tokens > 0, f"step_tokens must be positive, got {self.step_tokens}")
         if self.lr is None:
             self.lr = LR_DEFAULTS[self.method]
+        if self.activation_checkpointing is None:
+            self.activation_checkpointing = self.method != "full"
         need(self.lr > 0, f"lr must be positive, got {self.lr}")
         need(self.lr_final is None or self.lr_final >= 0, f"lr_final must be >= 0, got {self.lr_final}")
         need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
