@@ -62,6 +62,7 @@ def run(args) -> int:
         lora_rank=LORA_RANK if method == "lora" else 0, state_tuning=method == "state",
         warmup_steps=min(10, steps // 5), eval_every=max(1, steps // 4), eval_exact_match=200,
         wkv_backend="chunked", tensorboard=False, seed=args.seed, device="cpu", progress=True,
+        activation_checkpointing=False,  # a 2 x 128 model: its activations are small, recomputing them only costs time
         overwrite=True)  # every demo is a fresh run
     config.validate()  # the method's default learning rate
     tokenizer = Tokenizer()
