@@ -3,6 +3,8 @@
     python benchmarks/bench_peft.py                  # both tables (~8 GiB free RAM, ~30 min on 2 cores)
     python benchmarks/bench_peft.py --only compare   # 0.4B-shaped (24 x 1024): full vs LoRA vs state
     python benchmarks/bench_peft.py --only big       # 2.9B-shaped (32 x 2560): LoRA r=16 and state, each <= 8 GiB
+    python benchmarks/bench_peft.py --only checkpointing   # 0.4B-shaped: LoRA / state with and without
+                                                           # activation checkpointing (on by default in PEFT runs)
 
 Each case runs with the trainer's heap policy on CPU (rwkv_sft.utils.set_heap_policy): the
 default keeps freed memory for speed; the "low-mem" rows are `train --low-memory`.
@@ -35,6 +37,7 @@ BIG = dict(n_layer=32, n_embd=2560, vocab_size=65536)
 COMPARE = dict(n_layer=24, n_embd=1024, vocab_size=65536)
 METHODS = {"full": {}, "lora": {"lora_rank": 16}, "state": {"state_tuning": True},
            "lora low-mem": {"lora_rank": 16, "low_memory": True}, "state low-mem": {"state_tuning": True, "low_memory": True}}
+METHODS.update({"lora +ckpt": METHODS["lora"], "state +ckpt": METHODS["state"]})  # rows of the checkpointing table
 
 
 def write_checkpoint(path: Path, shape: dict) -> None:
@@ -138,7 +141,7 @@ def table(title: str, rows: list[dict], base: dict | None = None, limit: float |
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=["compare", "big"])
+    p.add_argument("--only", choices=["compare", "big", "checkpointing"])
     p.add_argument("--tmp", default="/tmp", help="where the random checkpoints are written (deleted afterwards)")
     p.add_argument("--T", type=int, default=512)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -154,7 +157,8 @@ def main() -> None:
           flush=True)
     for name, shape, methods, steps, ckpting, limit in (
             ("compare", COMPARE, ["full", "lora", "state"], 3, False, None),
-            ("big", BIG, ["lora", "lora low-mem", "state low-mem"], 2, True, 8.0)):
+            ("big", BIG, ["lora", "lora low-mem", "state low-mem"], 2, True, 8.0),
+            ("checkpointing", COMPARE, ["lora", "lora +ckpt", "state", "state +ckpt"], 3, None, None)):
         if args.only and args.only != name:
             continue
         path = Path(args.tmp) / f"bench_peft_{shape['n_layer']}x{shape['n_embd']}.pth"
@@ -162,11 +166,13 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--write", str(path), "--shape", json.dumps(shape)], check=True)
         print(f"wrote {path} ({path.stat().st_size / 2**30:.1f} GiB) in {time.perf_counter() - t0:.0f} s", flush=True)
         try:
-            rows = [run_case(dict(common, ckpt=str(path), method=m, steps=steps, checkpointing=ckpting)) for m in methods]
+            rows = [run_case(dict(common, ckpt=str(path), method=m, steps=steps,
+                                  checkpointing=m.endswith("+ckpt") if ckpting is None else ckpting)) for m in methods]
         finally:
             path.unlink(missing_ok=True)
         title = (f"\n{shape['n_layer']} x {shape['n_embd']}, V {shape['vocab_size']}: {steps} optimizer steps"
-                 f"{', activation checkpointing' if ckpting else ''}; frozen base in bf16 for LoRA/state")
+                 f"{', activation checkpointing' if ckpting else ''}{' (+ckpt rows)' if ckpting is None else ''}; "
+                 "frozen base in bf16 for LoRA/state")
         print(table(title, rows, base=rows[0] if methods[0] == "full" else None, limit=limit), flush=True)
 
 

@@ -244,7 +244,10 @@ def step_wkv_bench(ctx: Context):
            "--repeats", "3" if not ctx.args.tiny else "1", "--min-seconds", "0", "--json", str(path)]
     rc, out, seconds = ctx.run("wkv-bench", cmd, 200)
     if rc != 0 or not path.is_file():
-        return ctx.report.add("wkv-bench", "fail", "timed out" if rc is None else _last_line(out), seconds)
+        # the timings printed before the cut still say something (fla compiles for minutes on first use)
+        done = re.findall(r"\.\.\. (\w+)\s+T=\s*\d+ \w+ (fwd\+bwd|fwd)\s+([\d.]+ ms)", out)
+        partial = "; measured before that: " + ", ".join(f"{b} {p} {t}" for b, p, t in done) if done else ""
+        return ctx.report.add("wkv-bench", "fail", ("timed out" if rc is None else _last_line(out)) + partial, seconds)
     res = json.loads(path.read_text())
     ms = {c["backend"]: c["ms"] for c in res["cases"] if c["pass"] == "fwd+bwd"}
     fwd = {c["backend"]: c["ms"] for c in res["cases"] if c["pass"] == "fwd"}
