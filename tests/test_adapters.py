@@ -183,12 +183,14 @@ def _base_file(tmp_path, dtype=torch.float32):
     return path
 
 
-def test_lora_training_changes_only_the_adapter_and_checkpoints_only_it(tmp_path):
+def test_lora_training_changes_only_the_adapter_and_checkpoints_only_it(tmp_path, capsys):
     base_path = _base_file(tmp_path, torch.bfloat16)
     base = RWKV7.load(base_path)
     result = train(tiny_config(tmp_path / "run", model_config=None, model=str(base_path), lr=1e-2, **LORA_RUN),
                    data=tiny_data())
     model = result.model
+    assert model.activation_checkpointing  # the PEFT default, and the run says so
+    assert "1 process(es) on cpu, fp32, activation checkpointing;" in capsys.readouterr().out
     for k, v in base.state_dict().items():  # the frozen weights, bit-identical, kept in bf16
         assert torch.equal(model.state_dict()[k].to(v.dtype), v), k
     assert model.blocks[0].att.key.weight.dtype == torch.bfloat16

@@ -293,7 +293,8 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
               f"{f' ({frozen / 1e6:.1f}M frozen, {(n_params - frozen) / 1e6:.2f}M trained)' if frozen else ''}"
               f"{f'; {peft.describe()}' if peft else ''}; "
               f"{len(data.train)} examples; {d.world_size} "
-              f"process(es) on {device.type}, {precision}; {total_steps} steps"
+              f"process(es) on {device.type}, {precision}"
+              f"{', activation checkpointing' if config.activation_checkpointing else ''}; {total_steps} steps"
               + (f"; resuming from {resume_from} (step {step})" if resume_from else ""), flush=True)
     from tqdm.auto import tqdm
     bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
