@@ -10,8 +10,8 @@ It installs the wheels found in .whl/ (into a folder of its own, offline) and th
 failure (or a flag this build does not have yet) becomes one row of the table and the rest go on,
 the quick ones first:
 
-  environment    torch, CUDA, GPUs, Triton, fla
   install        the wheels and the editable install
+  environment    torch, CUDA, GPUs, Triton, fla
   demo           the bundled demo trained on the GPU in bf16: held-out exact match and wall time
   checkpoint     a random 1.5B-shaped model (24 x 2048, vocabulary 65536), saved in bf16
   lora           one LoRA step on it at T=1024 (bf16 base), peak GPU memory
@@ -114,6 +114,7 @@ class Context:
         self.deadline = time.monotonic() + args.budget
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.site = work / "site"
+        self.site.mkdir(exist_ok=True)  # on sys.path from the start: the import system caches its absence
         self.device = "cpu" if args.allow_cpu and not _cuda_available() else "cuda"
         self.train_flags: set[str] | None = None
         self.checkpoint: Path | None = None
@@ -180,7 +181,10 @@ def _sizes(tiny: bool) -> dict:
 # ---- the steps --------------------------------------------------------------------------------------
 
 def step_environment(ctx: Context):
+    import importlib
+
     import torch
+    importlib.invalidate_caches()  # the install step has just filled the site folder
     info = dict(python=sys.version.split()[0], torch=torch.__version__, cuda=torch.version.cuda,
                 gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
     for name in ("triton", "fla", "transformers"):
@@ -369,9 +373,10 @@ def step_fsdp(ctx: Context):
     _train_step(ctx, "fsdp", ["--parallel", "fsdp"], _sizes(ctx.args.tiny)["T"], nproc=n)
 
 
-# The quick steps first, so that a slow Triton compile (fla's kernels, minutes on first use) cannot
-# starve them; the tests last, with whatever budget is left.
-STEPS = {"environment": step_environment, "install": step_install, "demo": step_demo,
+# The install first (the environment row then sees the installed fla), the quick steps next, so that
+# a slow Triton compile (fla's kernels, minutes on first use) cannot starve them; the tests last,
+# with whatever budget is left.
+STEPS = {"install": step_install, "environment": step_environment, "demo": step_demo,
          "checkpoint": step_checkpoint, "lora": step_lora, "state-tuning": step_state_tuning,
          "segmented": step_segmented, "fsdp": step_fsdp, "wkv-bench": step_wkv_bench,
          "gpu-tests": step_gpu_tests}
