@@ -247,10 +247,12 @@ def test_lora_gradients_equal_unsegmented():
         _close(grads[0][name], grads[1][name])
 
 
-def test_a_backend_that_checks_itself_at_first_use(monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_backend_that_checks_itself_at_first_use(monkeypatch, precision):
     """The CUDA kernel checks itself at its first call, which comes from inside the first segment's
-    checkpointed forward under bf16 autocast: the step must train exactly as without that check
-    (the check's own autograd once broke the checkpoint's recomputation on a GPU)."""
+    checkpointed forward (under bf16 autocast in a bf16 run): the step must train exactly as without
+    that check (on a GPU, the check's own autograd broke the checkpoint's recomputation, and the
+    autocast reached its reference and disabled a correct kernel)."""
     import rwkv_sft.ops as ops
     import rwkv_sft.ops.wkv7_cuda as cuda_mod
     from test_wkv7_gpu import _autocast_proof_kernel
@@ -272,10 +274,10 @@ def test_a_backend_that_checks_itself_at_first_use(monkeypatch):
         model = _fp32_model()
         model.activation_checkpointing = True
         lm = CompletionLoss(model, chunk_size=4, segment_len=4)
-        loss = accumulate_gradients(lm, [batch], device="cpu", global_count=batch.num_loss_tokens, precision="bf16")
+        loss = accumulate_gradients(lm, [batch], device="cpu", global_count=batch.num_loss_tokens, precision=precision)
         results.append((loss, {n: p.grad for n, p in model.named_parameters()}))
         monkeypatch.setattr(ops, "resolve_backend", resolve)
-    assert checked == [True]  # it ran, once, under the training's autocast
+    assert checked == [precision == "bf16"]  # it ran, once, under the training's autocast if any
     (loss, grads), (ref_loss, ref_grads) = results
     assert loss == ref_loss
     for name in ref_grads:
