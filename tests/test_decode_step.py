@@ -41,6 +41,8 @@ def test_decode_step_equals_the_normal_forward(one_thread, variant):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
                 for name in ("att_shift", "wkv", "ffn_shift"):
                     torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=1e-5, atol=1e-5)
+        # plain projections are multiplied as one [3, C, C] stack; adapted ones through their modules
+        assert (model.blocks[1].att.stacked_rkv() is None) == (variant == "lora")
         # RWKV7.forward takes this path for one token without gradients; full_output keeps the T axis.
         logits, _ = model(tokens[:, :1], None)
         assert logits.shape == (3, 1, V)
@@ -64,8 +66,10 @@ def test_decoding_switches_layout_and_training_switches_back(one_thread):
     assert not model.head.weight.is_inference()
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert model.blocks[0].att.stacked_rkv() is not None
     logits, _ = model(tokens)  # with gradients: contiguous again, and autograd works
     assert model.head.weight.is_contiguous() and model.blocks[0].att.key.weight.is_contiguous()
+    assert model.blocks[0].att.stacked_rkv() is None
     logits.square().mean().backward()
     assert model.head.weight.grad is not None and model.head.weight.grad.is_contiguous()
 
@@ -120,3 +124,23 @@ def test_decoding_layout_transposes_widening_projections_only():
     assert not model.head.weight.is_contiguous() and not block.ffn.key.weight.is_contiguous()
     assert not block.att.receptance.weight.is_contiguous()
     assert block.ffn.value.weight.is_contiguous()
+
+
+def test_the_stacked_projections_follow_the_weights(one_thread):
+    """In the decoding layout receptance/key/value are views of one stack: a weight changed in place
+    changes the step, a weight replaced (load_state_dict(assign=True), .to()) leaves the stack for
+    the modules; the step equals the normal forward throughout."""
+    model = random_model(seed=5, n_layer=2, n_embd=64, vocab_size=V).eval()
+    tokens = torch.randint(0, V, (2, 1))
+    with torch.no_grad():
+        model.decoding_layout()
+        att = model.blocks[1].att
+        assert att.stacked_rkv() is not None
+        att.key.weight.mul_(1.5)  # in place: the stack sees it
+        torch.testing.assert_close(decode_step(model, tokens, None, full_output=False)[0],
+                                   normal_step(model, tokens, None)[0], rtol=1e-5, atol=1e-5)
+        sd = {k: v.clone() * (1.1 if k.endswith("att.value.weight") else 1) for k, v in model.state_dict().items()}
+        model.load_state_dict(sd, assign=True)
+        assert att.stacked_rkv() is None
+        torch.testing.assert_close(decode_step(model, tokens, None, full_output=False)[0],
+                                   normal_step(model, tokens, None)[0], rtol=1e-5, atol=1e-5)

@@ -71,10 +71,12 @@ def _time_mix(att, x, last_x, S, v_first, S_out):
     mix = torch.cat((att.x_r, att.x_w, att.x_k, att.x_v, att.x_a, att.x_g))  # [6,1,C]
     xr, xw, xk, xv, xa, xg = torch.addcmul(x, xx, mix)
 
-    r = att.receptance(xr)
+    rkv = att.stacked_rkv()
+    if rkv is not None and rkv.dtype == x.dtype:
+        r, k, v = torch.bmm(torch.stack((xr, xk, xv)), rkv)
+    else:
+        r, k, v = att.receptance(xr), att.key(xk), att.value(xv)
     z = torch.addmm(att.w0[0], torch.tanh(xw @ att.w1), att.w2)
-    k = att.key(xk)
-    v = att.value(xv)
     a = torch.sigmoid(torch.addmm(att.a0[0], xa @ att.a1, att.a2))
     g = torch.sigmoid(xg @ att.g1) @ att.g2
 
