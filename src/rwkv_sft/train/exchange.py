@@ -50,20 +50,30 @@ def row_counts(n: int, group, device) -> list[int]:
     return out.tolist()
 
 
-def all_gather_rows(x: torch.Tensor, counts: list[int], group) -> torch.Tensor:
-    """Every process's rows (counts[j] from process j), in process order."""
-    parts = [x if j == group.rank() else x.new_empty((n, *x.shape[1:])) for j, n in enumerate(counts)]
+def all_gather_rows(x: torch.Tensor, counts: list[int], group, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Every process's rows (counts[j] from process j), in process order; into `out` when given."""
+    if out is None:
+        out = x.new_empty((sum(counts), *x.shape[1:]))
+    parts = out.split(counts)
+    parts[group.rank()].copy_(x)
     run([op for to, frm in rounds(group) for op in ops(x, to, parts[frm], frm, group)])
-    return torch.cat(parts)
+    return out
 
 
-def reduce_scatter_rows(x: torch.Tensor, counts: list[int], group) -> torch.Tensor:
-    """x holds rows for every process (counts[j] for process j): the sum over processes of our
-    rows, added in the same order in every run."""
-    pieces = x.split(counts)
-    out = pieces[group.rank()].clone()
+def add_peer_rows(out: torch.Tensor, rows_for, group) -> torch.Tensor:
+    """out += every other process's rows for this one, where rows_for(j) gives this process's rows
+    for process j; they are made when sent, so memory holds one process's at a time. Added in the
+    same order in every run."""
     received = torch.empty_like(out)
     for to, frm in rounds(group):
-        swap(pieces[to], to, received, frm, group)
+        swap(rows_for(to), to, received, frm, group)
         out += received
     return out
+
+
+def reduce_scatter_rows(x: torch.Tensor, counts: list[int], group, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x holds rows for every process (counts[j] for process j): the sum over processes of our
+    rows; into `out` when given."""
+    pieces = x.split(counts)
+    mine = pieces[group.rank()]
+    return add_peer_rows(mine.clone() if out is None else out.copy_(mine), pieces.__getitem__, group)

@@ -93,11 +93,7 @@ class _Lookup(torch.autograd.Function):
             rows[owned[span]] = weight[local[span][owned[span]]].to(dtype)
             return rows
 
-        out = rows_for(group.rank())
-        received = torch.empty_like(out)
-        for to, frm in exchange.rounds(group):
-            exchange.swap(rows_for(to), to, received, frm, group)
-            out += received  # exact: only the owner's row is not zero
+        out = exchange.add_peer_rows(rows_for(group.rank()), rows_for, group)  # exact: only the owner's row is not zero
         ctx.save_for_backward(local, owned)
         ctx.counts, ctx.starts, ctx.group, ctx.weight_meta = counts, starts, group, (weight.shape, weight.dtype)
         return out
