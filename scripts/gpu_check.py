@@ -12,6 +12,7 @@ the quick ones first:
 
   install        the wheels and the editable install
   environment    torch, CUDA, GPUs, Triton, fla
+  cuda-tests     tests/test_wkv7_gpu.py without fla: our CUDA kernel against the reference and chunked
   demo           the bundled demo trained on the GPU in bf16: held-out exact match and wall time
   checkpoint     a random 1.5B-shaped model (24 x 2048, vocabulary 65536), saved in bf16
   lora           one LoRA step on it at T=1024 (bf16 base), peak GPU memory
@@ -19,7 +20,7 @@ the quick ones first:
   segmented      one LoRA step at T=4096 in segments of 1024, likewise
   fsdp           one FSDP step over all GPUs (needs 2 or more)
   wkv-bench      benchmarks/bench_wkv.py: cuda vs fla vs chunked, fwd+bwd, T=4096, bf16, H=32 (C=2048)
-  gpu-tests      tests/test_wkv7_gpu.py: the CUDA kernel and fla against the chunked backend
+  fla-tests      tests/test_wkv7_gpu.py's fla tests: fla against the reference and chunked
 
 Each row is pass, fail, skipped or unavailable (a feature this build lacks), with a reason. The
 table is printed and written, after every step, to OUT/gpu_check.json (OUT: --out, else $OUT, else
@@ -221,23 +222,32 @@ def step_install(ctx: Context):
     ctx.report.add("install", "pass", "; ".join(notes), time.monotonic() - start)
 
 
-def step_gpu_tests(ctx: Context):
+def _pytest_step(ctx: Context, step: str, select: str, limit: float):
+    """tests/test_wkv7_gpu.py, the quick tests whose names match `select` (pytest -k)."""
     # -v: one line per test, so that a run cut short by the budget still says how far it got
     cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "not slow", "--durations=5",
-           "tests/test_wkv7_gpu.py"]
-    if ctx.args.tiny:  # the plumbing only: two quick tests that run without a GPU
-        cmd += ["-k", "fla_refuses_cpu or missing_sources"]
-    rc, out, seconds = ctx.run("gpu-tests", cmd, 300)
+           "tests/test_wkv7_gpu.py", "-k", select]
+    if ctx.args.tiny:  # the plumbing only: quick tests that run without a GPU
+        cmd[-1] = f"({select}) and (fla_refuses_cpu or missing_sources)"
+    rc, out, seconds = ctx.run(step, cmd, limit)
     summary = next((ln.strip("= ") for ln in reversed(out.splitlines()) if re.search(r"\d+ (passed|failed|error)", ln)),
                    _last_line(out))
     if rc is None:
         counts = {w: len(re.findall(rf" {w.upper()}\b", out)) for w in ("passed", "failed", "skipped")}
         running = [ln.split(" ")[0] for ln in out.splitlines() if ln.startswith("tests/")][-1:]
-        return ctx.report.add("gpu-tests", "fail", f"timed out in {' '.join(running) or '?'} after "
+        return ctx.report.add(step, "fail", f"timed out in {' '.join(running) or '?'} after "
                               + ", ".join(f"{n} {w}" for w, n in counts.items()), seconds)
     failed = [ln.split(" ")[1] for ln in out.splitlines() if ln.startswith("FAILED ")][:5]
     detail = summary + (f"; first failures: {', '.join(failed)}" if failed else "")
-    ctx.report.add("gpu-tests", "pass" if rc == 0 else "fail", detail, seconds)
+    ctx.report.add(step, "pass" if rc == 0 else "fail", detail, seconds)
+
+
+def step_cuda_tests(ctx: Context):
+    _pytest_step(ctx, "cuda-tests", "not fla", 150)
+
+
+def step_fla_tests(ctx: Context):
+    _pytest_step(ctx, "fla-tests", "fla", 300)
 
 
 def step_wkv_bench(ctx: Context):
@@ -246,7 +256,7 @@ def step_wkv_bench(ctx: Context):
     cmd = [sys.executable, "benchmarks/bench_wkv.py", "--device", ctx.device, "--backends", "cuda", "fla", "chunked",
            "--dtypes", "bf16", "--T", str(b["T"]), "--B", str(b["B"]), "--H", str(b["H"]), "--N", str(b["N"]),
            "--repeats", "3" if not ctx.args.tiny else "1", "--min-seconds", "0", "--json", str(path)]
-    rc, out, seconds = ctx.run("wkv-bench", cmd, 200)
+    rc, out, seconds = ctx.run("wkv-bench", cmd, 240)
     if rc != 0 or not path.is_file():
         # the timings printed before the cut still say something (fla compiles for minutes on first use)
         done = re.findall(r"\.\.\. (\w+)\s+T=\s*\d+ \w+ (fwd\+bwd|fwd)\s+([\d.]+ ms)", out)
@@ -373,13 +383,12 @@ def step_fsdp(ctx: Context):
     _train_step(ctx, "fsdp", ["--parallel", "fsdp"], _sizes(ctx.args.tiny)["T"], nproc=n)
 
 
-# The install first (the environment row then sees the installed fla), the quick steps next, so that
-# a slow Triton compile (fla's kernels, minutes on first use) cannot starve them; the tests last,
-# with whatever budget is left.
-STEPS = {"install": step_install, "environment": step_environment, "demo": step_demo,
-         "checkpoint": step_checkpoint, "lora": step_lora, "state-tuning": step_state_tuning,
-         "segmented": step_segmented, "fsdp": step_fsdp, "wkv-bench": step_wkv_bench,
-         "gpu-tests": step_gpu_tests}
+# The install first (the environment row then sees the installed fla), our kernel's tests and the
+# quick steps next, so that a slow Triton compile (fla's kernels, minutes on first use) cannot
+# starve them; fla's tests last, with whatever budget is left.
+STEPS = {"install": step_install, "environment": step_environment, "cuda-tests": step_cuda_tests,
+         "demo": step_demo, "checkpoint": step_checkpoint, "lora": step_lora, "state-tuning": step_state_tuning,
+         "segmented": step_segmented, "fsdp": step_fsdp, "wkv-bench": step_wkv_bench, "fla-tests": step_fla_tests}
 MIN_START_S = 20  # a step is not started with less of the budget left
 
 

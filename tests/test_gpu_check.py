@@ -94,15 +94,15 @@ def test_steps_cut_short_by_their_time_limit_keep_what_they_measured(gpu_check, 
     printed = {
         "wkv-bench": "WKV-7  B=4 H=32 N=64\n  ... cuda      T= 4096 bf16 fwd            5.5 ms\n"
                      "  ... cuda      T= 4096 bf16 fwd+bwd       50.4 ms\n  ... fla       T= 4096 bf16 fwd            2.7 ms\n",
-        "gpu-tests": "tests/test_wkv7_gpu.py::test_cuda_kernel_matches[1-2-True-True-dtype0] PASSED [ 50%]\n"
+        "fla-tests": "tests/test_wkv7_gpu.py::test_fla_conversions_match_reference[True-True] PASSED [ 50%]\n"
                      "tests/test_wkv7_gpu.py::test_fla_matches[1-2-True-True-dtype0] FAILED [ 51%]\n"
                      "tests/test_wkv7_gpu.py::test_operator_under_autocast[fla] ",
     }
     monkeypatch.setattr(gpu_check.Context, "run", lambda self, step, cmd, limit: (None, printed[step], float(limit)))
-    gpu_check.main(["--allow-cpu", "--tiny", "--no-install", "--out", str(tmp_path), "--only", "wkv-bench", "gpu-tests"])
+    gpu_check.main(["--allow-cpu", "--tiny", "--no-install", "--out", str(tmp_path), "--only", "wkv-bench", "fla-tests"])
     rows = {r["step"]: r for r in _rows(tmp_path)}
     assert rows["wkv-bench"]["status"] == "fail"
     assert "cuda fwd 5.5 ms, cuda fwd+bwd 50.4 ms, fla fwd 2.7 ms" in rows["wkv-bench"]["detail"]
-    assert rows["gpu-tests"]["status"] == "fail"
-    detail = rows["gpu-tests"]["detail"]
+    assert rows["fla-tests"]["status"] == "fail"
+    detail = rows["fla-tests"]["detail"]
     assert "test_operator_under_autocast[fla]" in detail and "1 passed, 1 failed" in detail, detail

@@ -3,7 +3,7 @@
 Without a GPU this file still checks what it can: the kernel source compiles for sm_80 and sm_90
 (nvcc) and its binding against torch's headers (g++); a plain-PyTorch mirror of the kernel's
 backward algorithm matches autograd in float64; the kernels' own code, compiled by g++ through a
-shim (a std::thread per CUDA thread, a barrier per __syncthreads), matches the reference; the fla
+shim (a std::thread per CUDA thread, a barrier per __syncthreads, shuffles through memory), matches the reference; the fla
 convention conversions (state transpose, resets -> cu_seqlens) match the reference through a
 stand-in for chunk_rwkv7; a failing build or a failing self-check disables the kernel with a clear
 message. The comparisons on a GPU skip without one.
@@ -55,10 +55,12 @@ def run_with_grads(fn, inputs, state, resets, seed=1):
 
 # ---- a plain-PyTorch mirror of wkv7_backward_kernel (csrc/wkv7.cu), step for step ----
 
-def backward_mirror(r, w, k, v, a, b, state, resets, dy, dstate, chunk=16):
-    """The kernel's backward algorithm: snapshots every `chunk` steps, recomputation of each chunk
-    into a scratch X, and G kept twice (thread n's row, Grow[n, j] = G[n][j], and column,
-    Gcol[n, j] = G[j][n]) with each reduction done the way the kernel does it. Batched over (B,H,n)."""
+def backward_mirror(r, w, k, v, a, b, state, resets, dy, dstate, chunk=16, sub=8):
+    """The kernel's backward algorithm: snapshots every `chunk` steps; for each chunk, last first,
+    and each `sub` steps of it, last first, a recomputation from the snapshot that keeps P_t (the
+    state a step starts from, after any reset) and sa_t of those steps; G kept twice (thread n's
+    row, Grow[n, j] = G[n][j], and column, Gcol[n, j] = G[j][n]) with each reduction done the way
+    the kernel does it. Batched over (B,H,n)."""
     B, T, H, N = r.shape
     ew = torch.exp(w)
     d = torch.exp(-ew)
@@ -66,54 +68,60 @@ def backward_mirror(r, w, k, v, a, b, state, resets, dy, dstate, chunk=16):
     row = lambda x: x[:, :, None, :]  # x_t[j] seen by every thread n  # noqa: E731
     own = lambda x: x[:, :, :, None]  # x_t[n] of thread n  # noqa: E731
 
+    def step(S, t):  # (P_t, sa_t, S_t)
+        P = S * keep[:, t, None, None, None]
+        sa = (P * row(a[:, t])).sum(-1)
+        return P, sa, P * row(d[:, t]) + own(sa) * row(b[:, t]) + own(v[:, t]) * row(k[:, t])
+
     # forward kernel: the raw state before every chunk-th step
     S, snaps = state.clone(), []
     for t in range(T):
         if t % chunk == 0:
             snaps.append(S.clone())
-        S = S * keep[:, t, None, None, None]
-        sa = (S * row(a[:, t])).sum(-1)
-        S = S * row(d[:, t]) + own(sa) * row(b[:, t]) + own(v[:, t]) * row(k[:, t])
+        S = step(S, t)[2]
 
     Grow, Gcol = dstate.clone(), dstate.transpose(-1, -2).clone()
     grads = [torch.zeros_like(r) for _ in range(6)]  # dr, dw, dk, dv, da, db
     for c in reversed(range(len(snaps))):
         t0, t1 = c * chunk, min(T, c * chunk + chunk)
-        X, SA, S = [snaps[c]], [], snaps[c]  # X[s]: raw state before step t0+s
-        for t in range(t0, t1):
-            S = S * keep[:, t, None, None, None]
-            SA.append((S * row(a[:, t])).sum(-1))
-            S = S * row(d[:, t]) + own(SA[-1]) * row(b[:, t]) + own(v[:, t]) * row(k[:, t])
-            X.append(S)
-        for t in reversed(range(t0, t1)):
-            s, kp = t - t0, keep[:, t, None, None]
-            r_t, d_t, k_t, v_t, a_t, b_t, dy_t = (x[:, t] for x in (r, d, k, v, a, b, dy))
-            Grow = Grow + own(dy_t) * row(r_t)
-            dv = (Grow * row(k_t)).sum(-1)
-            dsa = (Grow * row(b_t)).sum(-1)
-            Gcol = Gcol + row(dy_t) * own(r_t)
-            dk = (Gcol * row(v_t)).sum(-1)
-            db = (Gcol * row(SA[s])).sum(-1)
-            St, Pt = X[s + 1].transpose(-1, -2), X[s].transpose(-1, -2)  # thread n: column n
-            dr = (row(dy_t) * St).sum(-1)
-            dd = (Gcol * Pt).sum(-1) * kp
-            da = (row(dsa) * Pt).sum(-1) * kp
-            Grow = (Grow * row(d_t) + own(dsa) * row(a_t)) * kp[..., None]
-            Gcol = (Gcol * own(d_t) + row(dsa) * own(a_t)) * kp[..., None]
-            for grad, value in zip(grads, (dr, -dd * d_t * ew[:, t], dk, dv, da, db)):
-                grad[:, t] = value
+        for u0 in reversed(range(t0, t1, sub)):
+            u1, S, kept = min(t1, u0 + sub), snaps[c], {}
+            for t in range(t0, u1):
+                P, sa, S = step(S, t)
+                if t >= u0:
+                    kept[t] = P, sa
+            for t in reversed(range(u0, u1)):
+                P, SA = kept[t]
+                kp = keep[:, t, None, None]
+                r_t, d_t, k_t, v_t, a_t, b_t, dy_t = (x[:, t] for x in (r, d, k, v, a, b, dy))
+                Grow = Grow + own(dy_t) * row(r_t)
+                dv = (Grow * row(k_t)).sum(-1)
+                dsa = (Grow * row(b_t)).sum(-1)
+                Gcol = Gcol + row(dy_t) * own(r_t)
+                dk = (Gcol * row(v_t)).sum(-1)
+                db = (Gcol * row(SA)).sum(-1)
+                Pt = P.transpose(-1, -2)  # thread n: column n
+                St = Pt * own(d_t) + row(SA) * own(b_t) + row(v_t) * own(k_t)  # column n of S_t
+                dr = (row(dy_t) * St).sum(-1)
+                dd = (Gcol * Pt).sum(-1)
+                da = (row(dsa) * Pt).sum(-1)
+                Grow = (Grow * row(d_t) + own(dsa) * row(a_t)) * kp[..., None]
+                Gcol = (Gcol * own(d_t) + row(dsa) * own(a_t)) * kp[..., None]
+                for grad, value in zip(grads, (dr, -dd * d_t * ew[:, t], dk, dv, da, db)):
+                    grad[:, t] = value
     assert torch.allclose(Grow, Gcol.transpose(-1, -2)), "row and column copies of G diverged"
     return grads + [Grow]
 
 
-@pytest.mark.parametrize("T,chunk", [(1, 16), (15, 16), (16, 16), (17, 16), (40, 16), (23, 4)])
+@pytest.mark.parametrize("T,chunk,sub", [(1, 16, 8), (15, 16, 8), (16, 16, 8), (17, 16, 8), (40, 16, 8), (23, 4, 4),
+                                         (23, 6, 4)])
 @pytest.mark.parametrize("with_state,with_resets", [(True, True), (False, False), (True, False)])
-def test_backward_mirror_matches_autograd(T, chunk, with_state, with_resets):
+def test_backward_mirror_matches_autograd(T, chunk, sub, with_state, with_resets):
     B, H, N = 2, 2, 8
     inputs, state, resets = random_case(B, T, H, N, with_state, with_resets, seed=T)
     want, dy, dsT = run_with_grads(wkv7_reference, inputs, state, resets)
     s0 = state if state is not None else torch.zeros(B, H, N, N, dtype=torch.float64)
-    got = backward_mirror(*inputs, s0, resets, dy, dsT, chunk=chunk)
+    got = backward_mirror(*inputs, s0, resets, dy, dsT, chunk=chunk, sub=sub)
     for name, g, w in zip(NAMES[2:], got, want[2:]):
         if w is None:
             continue
@@ -155,17 +163,20 @@ def test_binding_compiles_against_torch_headers():
 
 EMULATION_SHIM = r"""
 // Runs the kernels of wkv7.cu on the CPU: one std::thread per CUDA thread, blocks one after
-// another (so __shared__ can be a function-static), __syncthreads as a std::barrier.
+// another (so __shared__ can be a function-static), __syncthreads as a std::barrier, and a warp
+// shuffle as an exchange through memory between two barriers of the lanes it mixes.
 #include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
 #include <algorithm>
 using std::min;
 struct dim3_ { int x = 0, y = 0, z = 0; };
 static thread_local dim3_ emu_thread, emu_block;
+static dim3_ blockDim;
 static std::barrier<>* emu_barrier;
 #define threadIdx emu_thread
 #define blockIdx emu_block
@@ -175,22 +186,37 @@ static std::barrier<>* emu_barrier;
 #define __forceinline__ inline
 #define __launch_bounds__(n)
 #define __shared__ static
+#define WKV7_DYNAMIC_SHARED(name) static float name[1 << 16]
 struct __nv_bfloat16 { uint16_t bits; };
 inline float __bfloat162float(__nv_bfloat16 x) { uint32_t u = uint32_t(x.bits) << 16; float f; std::memcpy(&f, &u, 4); return f; }
 inline __nv_bfloat16 __float2bfloat16(float f) {  // round to nearest even, like the device
     uint32_t u; std::memcpy(&u, &f, 4); u += 0x7fff + ((u >> 16) & 1); return {uint16_t(u >> 16)};
 }
+static float emu_lanes[1024];
+static std::vector<std::unique_ptr<std::barrier<>>> emu_warps;  // one barrier per 32 lanes
+inline float __shfl_xor_sync(unsigned, float x, int mask) {
+    std::barrier<>& warp = *emu_warps[emu_thread.x / 32];
+    emu_lanes[emu_thread.x] = x;
+    warp.arrive_and_wait();
+    const float other = emu_lanes[emu_thread.x ^ mask];
+    warp.arrive_and_wait();
+    return other;
+}
 #define WKV7_HOST_EMULATION
 #include "wkv7.cu"
 
 template <class K> static void run_blocks(int blocks, K kernel) {
+    const int threads = 64 * ROW_THREADS;
+    blockDim.x = threads;
     for (int b = 0; b < blocks; b++) {
-        std::barrier<> barrier(64);
+        std::barrier<> barrier(threads);
         emu_barrier = &barrier;
-        std::vector<std::thread> threads;
-        for (int t = 0; t < 64; t++)
-            threads.emplace_back([&, t] { emu_block.x = b; emu_thread.x = t; kernel(); });
-        for (auto& th : threads) th.join();
+        emu_warps.clear();
+        for (int w = 0; w < threads / 32; w++) emu_warps.push_back(std::make_unique<std::barrier<>>(32));
+        std::vector<std::thread> pool;
+        for (int t = 0; t < threads; t++)
+            pool.emplace_back([&, t] { emu_block.x = b; emu_thread.x = t; kernel(); });
+        for (auto& th : pool) th.join();
     }
 }
 
@@ -202,10 +228,9 @@ template <typename F> static void fwd(int B, int T, int H, const void* r, const 
 }
 template <typename F> static void bwd(int B, int T, int H, const void* r, const void* w, const void* k, const void* v,
     const void* a, const void* b, const void* dy, const float* dsT, const float* snaps, const uint8_t* resets,
-    const float* s_reset, float* scratch, void* dr, void* dw, void* dk, void* dv, void* da, void* db, float* ds0,
-    float* ds_reset) {
+    const float* s_reset, void* dr, void* dw, void* dk, void* dv, void* da, void* db, float* ds0, float* ds_reset) {
     run_blocks(B * H, [&] { wkv7_backward_kernel<F, 64>(T, H, (const F*)r, (const F*)w, (const F*)k, (const F*)v,
-        (const F*)a, (const F*)b, (const F*)dy, dsT, snaps, resets, s_reset, scratch, (F*)dr, (F*)dw, (F*)dk,
+        (const F*)a, (const F*)b, (const F*)dy, dsT, snaps, resets, s_reset, (F*)dr, (F*)dw, (F*)dk,
         (F*)dv, (F*)da, (F*)db, ds0, ds_reset); });
 }
 #define EMU(SUFFIX, F)                                                                                          \
@@ -215,10 +240,9 @@ extern "C" void emu_forward_##SUFFIX(int B, int T, int H, const void* r, const v
     fwd<F>(B, T, H, r, w, k, v, a, b, s0, resets, s_reset, y, sT, snaps); }                                     \
 extern "C" void emu_backward_##SUFFIX(int B, int T, int H, const void* r, const void* w, const void* k,          \
     const void* v, const void* a, const void* b, const void* dy, const float* dsT, const float* snaps,          \
-    const uint8_t* resets, const float* s_reset, float* scratch, void* dr, void* dw, void* dk, void* dv,        \
-    void* da, void* db, float* ds0, float* ds_reset) {                                                          \
-    bwd<F>(B, T, H, r, w, k, v, a, b, dy, dsT, snaps, resets, s_reset, scratch, dr, dw, dk, dv, da, db, ds0,    \
-           ds_reset); }
+    const uint8_t* resets, const float* s_reset, void* dr, void* dw, void* dk, void* dv, void* da, void* db,     \
+    float* ds0, float* ds_reset) {                                                                              \
+    bwd<F>(B, T, H, r, w, k, v, a, b, dy, dsT, snaps, resets, s_reset, dr, dw, dk, dv, da, db, ds0, ds_reset); }
 EMU(f32, float)
 EMU(bf16, __nv_bfloat16)
 """
@@ -248,7 +272,6 @@ def run_emulated(lib, inputs, state, resets, dy, dsT, dtype, reset_state=None):
     flags = None if resets is None else resets.to(torch.uint8).contiguous()
     y, sT = torch.empty_like(xs[0]), torch.empty(B, H, N, N)
     snaps = torch.empty(B * H * -(-T // L) * N * N)
-    scratch = torch.empty(B * H * (L + 1) * N * N)
     grads, ds0 = [torch.empty_like(xs[0]) for _ in range(6)], torch.empty(B, H, N, N)
     s_reset = None if reset_state is None else reset_state.float().contiguous()
     ds_reset = None if reset_state is None else torch.zeros(B, H, N, N)
@@ -257,7 +280,7 @@ def run_emulated(lib, inputs, state, resets, dy, dsT, dtype, reset_state=None):
     getattr(lib, f"emu_forward_{suffix}")(B, T, H, *map(ptr, xs), ptr(s0), ptr(flags), ptr(s_reset), ptr(y),
                                           ptr(sT), ptr(snaps))
     getattr(lib, f"emu_backward_{suffix}")(B, T, H, *map(ptr, xs), ptr(dy), ptr(dsT), ptr(snaps), ptr(flags),
-                                           ptr(s_reset), ptr(scratch), *map(ptr, grads), ptr(ds0), ptr(ds_reset))
+                                           ptr(s_reset), *map(ptr, grads), ptr(ds0), ptr(ds_reset))
     return [y, sT] + grads + [ds0] + ([] if ds_reset is None else [ds_reset])
 
 
@@ -276,6 +299,27 @@ def test_kernel_code_on_cpu_matches_reference(emulated_kernels, T, B, with_state
         err = ((g.double() - w).abs().max() / w.abs().max().clamp_min(1e-6)).item()
         assert err < tol, f"{name}: relative error {err:.2e}"
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_code_on_cpu_with_heads_and_a_reset_state(emulated_kernels, dtype):
+    """Several heads (one block each) and resets that restart from a given state, whose gradient
+    the backward accumulates: the paths the cases above leave out."""
+    B, T, H, N = 2, 26, 2, 64
+    inputs, state, resets = random_case(B, T, H, N, True, True, dtype=dtype, seed=5)
+    restart = torch.randn(B, H, N, N, generator=torch.Generator().manual_seed(6)) * 0.2
+    xs = [x.double().requires_grad_() for x in inputs + [state, restart]]
+    y, sT = wkv7_reference(*xs[:6], state=xs[6], resets=resets, reset_state=xs[7])
+    g = torch.Generator().manual_seed(7)
+    dy, dsT = torch.randn(y.shape, generator=g).double(), torch.randn(sT.shape, generator=g).double()
+    torch.autograd.backward((y, sT), (dy, dsT))
+    want = [y.detach(), sT.detach()] + [x.grad for x in xs]
+    got = run_emulated(emulated_kernels, inputs, state, resets, dy, dsT, dtype, reset_state=restart)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, gv, wv in zip(NAMES + ["dreset"], got, want):
+        err = ((gv.double() - wv).abs().max() / wv.abs().max().clamp_min(1e-6)).item()
+        assert err < tol, f"{name}: relative error {err:.2e}"
 
 # ---- a failing build disables the kernel, with a message saying why ----
 

@@ -69,7 +69,6 @@ std::vector<Tensor> backward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, T
     TORCH_CHECK(snaps.numel() == (int64_t)B * H * ((T + L - 1) / L) * N * N,
                 "wkv7 backward: the forward did not keep state snapshots");
     auto f32 = dstate.options();
-    Tensor scratch = at::empty({B * H, L + 1, N, N}, f32);
     Tensor dr = at::empty_like(r), dw = at::empty_like(r), dk = at::empty_like(r),
            dv = at::empty_like(r), da = at::empty_like(r), db = at::empty_like(r);
     Tensor dstate0 = at::empty({B, H, N, N}, f32);
@@ -78,7 +77,7 @@ std::vector<Tensor> backward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, T
     auto launch = r.scalar_type() == at::kBFloat16 ? wkv7_backward_bf16 : wkv7_backward_f32;
     const char* err = launch(B, T, H, N, r.data_ptr(), w.data_ptr(), k.data_ptr(), v.data_ptr(),
                              a.data_ptr(), b.data_ptr(), dy.data_ptr(), dstate.data_ptr<float>(),
-                             snaps.data_ptr<float>(), resets_ptr(resets), s_reset, scratch.data_ptr<float>(),
+                             snaps.data_ptr<float>(), resets_ptr(resets), s_reset,
                              dr.data_ptr(), dw.data_ptr(), dk.data_ptr(), dv.data_ptr(), da.data_ptr(),
                              db.data_ptr(), dstate0.data_ptr<float>(), s_reset ? dreset.data_ptr<float>() : nullptr,
                              (void*)stream);
