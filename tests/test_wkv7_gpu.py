@@ -321,6 +321,63 @@ def test_kernel_code_on_cpu_with_heads_and_a_reset_state(emulated_kernels, dtype
         err = ((gv.double() - wv).abs().max() / wv.abs().max().clamp_min(1e-6)).item()
         assert err < tol, f"{name}: relative error {err:.2e}"
 
+
+def emulated_backend(lib):
+    """A WKV-7 backend on the CPU that runs the kernels' code through the shim, wrapped as
+    wkv7_cuda wraps the real ones (inputs in r's dtype, dy rounded to it, gradients back)."""
+    ptr = lambda t: ctypes.c_void_p(None if t is None or t.numel() == 0 else t.data_ptr())  # noqa: E731
+
+    class Emulated(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, r, w, k, v, a, b, state, flags, reset_state):
+            B, T, H, N = r.shape
+            suffix = "f32" if r.dtype == torch.float32 else "bf16"
+            y, sT, snaps = torch.empty_like(r), torch.empty(B, H, N, N), torch.empty(B * H * -(-T // 16) * N * N)
+            getattr(lib, f"emu_forward_{suffix}")(B, T, H, *map(ptr, (r, w, k, v, a, b, state, flags, reset_state)),
+                                                  ptr(y), ptr(sT), ptr(snaps))
+            ctx.save_for_backward(r, w, k, v, a, b, snaps, flags, reset_state)
+            return y, sT
+
+        @staticmethod
+        def backward(ctx, dy, dsT):
+            r, w, k, v, a, b, snaps, flags, reset_state = ctx.saved_tensors
+            B, T, H, N = r.shape
+            suffix = "f32" if r.dtype == torch.float32 else "bf16"
+            dy, dsT = dy.to(r.dtype).contiguous(), dsT.float().contiguous()
+            grads, ds0 = [torch.empty_like(r) for _ in range(6)], torch.empty(B, H, N, N)
+            dreset = torch.zeros_like(reset_state)
+            getattr(lib, f"emu_backward_{suffix}")(B, T, H, *map(ptr, (r, w, k, v, a, b, dy, dsT, snaps, flags,
+                                                   reset_state, *grads, ds0, dreset)))
+            return *grads, ds0, None, dreset if reset_state.numel() else None
+
+    def wkv7_emulated(r, w, k, v, a, b, state=None, resets=None, reset_state=None):
+        B, T, H, N = r.shape
+        dtype = torch.bfloat16 if r.dtype == torch.bfloat16 else torch.float32
+        xs = [x.to(dtype).contiguous() for x in (r, w, k, v, a, b)]
+        state = torch.zeros(B, H, N, N) if state is None else state.float().contiguous()
+        flags = torch.empty(0, dtype=torch.uint8) if resets is None else resets.to(torch.uint8).contiguous()
+        restart = (torch.empty(0) if reset_state is None or resets is None
+                   else reset_state.float().expand(B, H, N, N).contiguous())
+        y, sT = Emulated.apply(*xs, state, flags, restart)
+        return y.to(r.dtype), sT
+    return wkv7_emulated
+
+
+@pytest.mark.slow
+def test_kernel_code_trains_the_model_like_chunked(emulated_kernels, monkeypatch):
+    """The whole model's training step with the kernels' code as its WKV: in fp32 the gradient is
+    chunked's; under bf16 autocast it is no further from fp32 than chunked's own bf16 gradient.
+    (The GPU twin, test_training_step_under_autocast_tracks_fp32, once failed on a criterion
+    that compared two bf16 runs with each other; this reproduces its numbers on the CPU.)"""
+    import sys
+    import types
+    from rwkv_sft import ops
+    module = types.ModuleType("wkv7_emulated_backend")
+    module.wkv7_emulated = emulated_backend(emulated_kernels)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(ops._BACKENDS, "emulated", (module.__name__, "wkv7_emulated"))
+    check_training_step_under_autocast("emulated", "cpu")
+
 # ---- a failing build disables the kernel, with a message saying why ----
 
 def test_missing_sources_are_named(tmp_path):
@@ -559,25 +616,41 @@ def test_operator_under_autocast(backend):
         assert err < 3e-2, f"{backend} {name}: relative error {err:.2e}"
 
 
-@needs_gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_training_step_under_autocast_tracks_fp32(backend):
-    """The loss within bf16 reach of fp32, the gradients close to the chunked backend's under the
-    same autocast (cuda and fla read bf16 operands, chunked computes in fp32)."""
+def training_step_gradients(backend, precision, device):
+    """Loss and flat parameter gradient of one training step of a small random model (2 heads,
+    packed rows with resets) with the given WKV backend and precision."""
     from conftest import random_model
     from rwkv_sft.train.loop import accumulate_gradients
     from rwkv_sft.train.loss import CompletionLoss
     from test_train_helpers import random_batch
-    _usable(backend)
     batch = random_batch(B=2, T=80, vocab=256, seed=4, resets=True)
+    model = random_model(seed=1, n_layer=2, n_embd=128, head_size=64, vocab_size=256).to(device)
+    model.wkv_backend = backend
+    loss = accumulate_gradients(CompletionLoss(model), [batch], device=device,
+                                global_count=batch.num_loss_tokens, precision=precision)
+    return loss, torch.cat([p.grad.flatten() for p in model.parameters()])
 
-    def step(backend, precision):
-        model = random_model(seed=1, n_layer=2, n_embd=128, head_size=64, vocab_size=256).cuda()
-        model.wkv_backend = backend
-        loss = accumulate_gradients(CompletionLoss(model), [batch], device="cuda",
-                                    global_count=batch.num_loss_tokens, precision=precision)
-        return loss, torch.cat([p.grad.flatten() for p in model.parameters()])
-    (fp32, _), (bf16, grads), (_, twin) = step(backend, "fp32"), step(backend, "bf16"), step("chunked", "bf16")
+
+def check_training_step_under_autocast(backend, device):
+    """fp32: the backend's gradient is chunked's. bf16 autocast: the loss within bf16 reach of fp32,
+    and the gradient no further from the fp32 one than chunked's own under the same autocast (x2).
+    (Two bf16 runs differ by rounding noise: on this model ~10% of the gradient's norm, so a
+    backend is judged by its distance to fp32, not to another bf16 run.)"""
+    fp32, exact = training_step_gradients("chunked", "fp32", device)
+    if backend != "chunked":
+        mine = training_step_gradients(backend, "fp32", device)[1]
+        tol = 1e-2 if backend == "fla" else 1e-4  # fla: TF32 dots (FLA_FP32_TOL)
+        assert ((mine - exact).norm() / exact.norm()).item() < tol
+    (bf16, grads), (_, twin) = training_step_gradients(backend, "bf16", device), \
+        training_step_gradients("chunked", "bf16", device)
     assert abs(bf16 - fp32) < 2e-2 * abs(fp32), (bf16, fp32)
-    assert ((grads - twin).norm() / twin.norm()).item() < 5e-2
+    distance = lambda g: ((g - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert distance(grads) <= 2 * distance(twin) + 1e-3, (distance(grads), distance(twin))
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_training_step_under_autocast_tracks_fp32(backend):
+    _usable(backend)
+    check_training_step_under_autocast(backend, "cuda")
