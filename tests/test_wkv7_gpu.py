@@ -186,10 +186,7 @@ static std::barrier<>* emu_barrier;
 #define __forceinline__ inline
 #define __launch_bounds__(n)
 #define __shared__ static
-#define __align__(n) __attribute__((aligned(n)))
-#define WKV7_DYNAMIC_SHARED(name) static float name[1 << 16] __attribute__((aligned(16)))
-struct float4 { float x, y, z, w; };
-inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+#define WKV7_DYNAMIC_SHARED(name) static float name[1 << 16]
 struct __nv_bfloat16 { uint16_t bits; };
 inline float __bfloat162float(__nv_bfloat16 x) { uint32_t u = uint32_t(x.bits) << 16; float f; std::memcpy(&f, &u, 4); return f; }
 inline __nv_bfloat16 __float2bfloat16(float f) {  // round to nearest even, like the device
