@@ -186,7 +186,10 @@ static std::barrier<>* emu_barrier;
 #define __forceinline__ inline
 #define __launch_bounds__(n)
 #define __shared__ static
-#define WKV7_DYNAMIC_SHARED(name) static float name[1 << 16]
+#define __align__(n) __attribute__((aligned(n)))
+#define WKV7_DYNAMIC_SHARED(name) static float name[1 << 16] __attribute__((aligned(16)))
+struct float4 { float x, y, z, w; };
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 struct __nv_bfloat16 { uint16_t bits; };
 inline float __bfloat162float(__nv_bfloat16 x) { uint32_t u = uint32_t(x.bits) << 16; float f; std::memcpy(&f, &u, 4); return f; }
 inline __nv_bfloat16 __float2bfloat16(float f) {  // round to nearest even, like the device
@@ -395,13 +398,19 @@ def test_missing_tools_are_named(monkeypatch):
 
 
 def test_compile_error_is_reported(tmp_path, monkeypatch):
+    from torch.utils.cpp_extension import JIT_EXTENSION_VERSIONER
     (tmp_path / "wkv7_op.cpp").write_text("this is not C++\n")
     (tmp_path / "wkv7.cu").write_text("neither is this\n")
     (tmp_path / "wkv7.h").write_text("\n")
     monkeypatch.setattr(cuda_mod, "missing_tools", lambda: [])
     monkeypatch.setattr(cuda_mod, "build_dir", lambda cap: tmp_path / "build")
+    ours = cuda_mod.extension_name((9, 0))
+    version_before = JIT_EXTENSION_VERSIONER.get_version(ours)
     with pytest.raises(RuntimeError, match="building the WKV-7 CUDA kernel .* failed"):
         cuda_mod.build_extension((9, 0), csrc=tmp_path)
+    # other sources build under another name: under ours, torch would count them as a change of
+    # our kernel and build it as ours_v1, which every later process then rebuilds as plain ours
+    assert JIT_EXTENSION_VERSIONER.get_version(ours) == version_before
 
 
 def test_stale_lock_is_removed(tmp_path):

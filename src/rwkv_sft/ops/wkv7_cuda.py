@@ -6,6 +6,7 @@ and returns False, so `backend="auto"` falls back to the portable chunked backen
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -27,6 +28,15 @@ def build_dir(capability: tuple[int, int]) -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     tag = f"{torch.__version__}-cu{torch.version.cuda}-sm{capability[0]}{capability[1]}"
     return cache / "rwkv_sft" / "torch_extensions" / tag.replace("+", "_")
+
+
+def extension_name(capability: tuple[int, int], csrc: Path | None = None) -> str:
+    """The module name of a build. torch numbers the builds of one name within a process (a second
+    set of sources under it becomes name_v1), so sources other than ours get a name of their own."""
+    name = f"rwkv_sft_wkv7_sm{capability[0]}{capability[1]}"
+    if csrc is not None and Path(csrc).resolve() != CSRC.resolve():
+        name += "_" + hashlib.sha1(str(Path(csrc).resolve()).encode()).hexdigest()[:10]
+    return name
 
 
 def missing_tools() -> list[str]:
@@ -71,7 +81,7 @@ def build_extension(capability: tuple[int, int], csrc: Path | None = None, verbo
     arch_before = os.environ.get("TORCH_CUDA_ARCH_LIST")
     os.environ["TORCH_CUDA_ARCH_LIST"] = f"{capability[0]}.{capability[1]}"  # this GPU only
     try:
-        return load(name=f"rwkv_sft_wkv7_sm{capability[0]}{capability[1]}",
+        return load(name=extension_name(capability, csrc),
                     sources=[str(s) for s in sources[:2]], build_directory=str(directory),
                     extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-Xptxas=-O3"], verbose=verbose)
     except Exception as e:

@@ -11,26 +11,31 @@
 // Layout: every input is [B,T,H,N] contiguous, the states [B,H,N,N] fp32 row-major (value x key).
 //
 // One block per (batch, head). Each state row is split over ROW_THREADS neighbouring lanes of a
-// warp (thread n * ROW_THREADS + q holds S[n][q + ROW_THREADS * e], e < N / ROW_THREADS), so a
-// sum over a row is a short private loop plus two shuffles, and a block has 8 warps rather than 2.
-// Each chunk's inputs are staged in shared memory first: one coalesced load per CHUNK steps,
-// after which the forward's rows step on without any barrier. All arithmetic is fp32.
+// warp: thread n * ROW_THREADS + q holds S[n][col(q, e)], e < N / ROW_THREADS, so a sum over a row
+// is a short private loop plus two shuffles, and a block has 8 warps rather than 2. A thread's
+// columns come in float4 groups, so it reads its part of a vector with one 16-byte load per group.
+// Each chunk's inputs go through registers into shared memory; the next chunk's loads are issued
+// before this chunk is computed, so their latency is hidden. All arithmetic is fp32.
 #ifndef WKV7_HOST_EMULATION  // the tests also run these kernels on the CPU through a small shim
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
-#define WKV7_DYNAMIC_SHARED(name) extern __shared__ float name[]
+#define WKV7_DYNAMIC_SHARED(name) extern __shared__ __align__(16) float name[]
 #endif
 #include "wkv7.h"
 
 constexpr int CHUNK = 16;       // steps between the state snapshots the forward keeps for the backward
 constexpr int SUB = 8;          // steps whose states the backward holds in shared memory at once
 constexpr int ROW_THREADS = 4;  // threads per state row; block size N * ROW_THREADS
+constexpr int VEC = 4;          // floats per vector load
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <typename F> __device__ __forceinline__ F from_f(float x);
 template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+
+// Column of element e of row part q: group e / VEC of the part starts at VEC * (ROW_THREADS * g + q).
+__device__ __forceinline__ int col(int q, int e) { return VEC * (ROW_THREADS * (e / VEC) + q) + e % VEC; }
 
 // Sum over the ROW_THREADS lanes that share a row; every one of them gets the total.
 __device__ __forceinline__ float row_sum(float x) {
@@ -39,25 +44,59 @@ __device__ __forceinline__ float row_sum(float x) {
     return x;
 }
 
-// Stages COUNT [N]-vectors of the chunk's steps (from t0, `steps` of them, zero past T) into
-// stage[COUNT][CHUNK][N], and the chunk's reset flags.
-template <int COUNT, typename F, int N>
-__device__ __forceinline__ void stage_chunk(float* stage, bool* reset, const F* const (&inputs)[COUNT],
-                                            int bb, int h, int T, int H, int t0, int steps,
-                                            const uint8_t* resets) {
+// Row part q of an [N] vector in shared memory (16-byte aligned): out[e] = vec[col(q, e)].
+template <int E>
+__device__ __forceinline__ void load_part(const float* vec, int q, float (&out)[E]) {
+    const float4* groups = reinterpret_cast<const float4*>(vec);
 #pragma unroll
-    for (int which = 0; which < COUNT; which++) {  // unrolled: inputs[which] stays in registers
-        for (int idx = threadIdx.x; idx < CHUNK * N; idx += blockDim.x) {
-            const int s = idx / N, j = idx % N;
-            stage[which * CHUNK * N + idx] =
-                s < steps ? to_f(inputs[which][((size_t)(bb * T + t0 + s) * H + h) * N + j]) : 0.f;
-        }
+    for (int g = 0; g < E / VEC; g++) {
+        const float4 x = groups[ROW_THREADS * g + q];
+        out[VEC * g] = x.x;
+        out[VEC * g + 1] = x.y;
+        out[VEC * g + 2] = x.z;
+        out[VEC * g + 3] = x.w;
     }
-    for (int s = threadIdx.x; s < CHUNK; s += blockDim.x)
-        reset[s] = resets != nullptr && s < steps && resets[bb * T + t0 + s];
 }
 
-// Snapshots are stored in thread order (element e of thread tid at e * blockDim + tid): coalesced.
+// A thread's share of one chunk's inputs (COUNT tensors [B,T,H,N], CHUNK steps from t0, zero past
+// T) and of its reset flags, held in registers from load() to store(): stage[COUNT][CHUNK][N] in
+// shared memory. The decay's input w (slot `decay`) is stored as d = exp(-exp(w)), and exp(w) too
+// in slot `exp_w` when that is not -1.
+template <int COUNT, typename F, int N>
+struct ChunkInputs {
+    static constexpr int THREADS = N * ROW_THREADS, PER_THREAD = COUNT * CHUNK * N / THREADS;
+    float x[PER_THREAD];
+    bool reset;
+
+    __device__ __forceinline__ void load(const F* const (&inputs)[COUNT], const uint8_t* resets,
+                                         int bb, int h, int T, int H, int t0) {
+#pragma unroll
+        for (int i = 0; i < PER_THREAD; i++) {  // unrolled: inputs[which] is known at compile time
+            const int which = i / (CHUNK * N / THREADS), idx = i * THREADS + threadIdx.x;
+            const int t = t0 + idx / N % CHUNK, j = idx % N;
+            x[i] = t < T ? to_f(inputs[which][((size_t)(bb * T + t) * H + h) * N + j]) : 0.f;
+        }
+        const int t = t0 + threadIdx.x;
+        reset = threadIdx.x < CHUNK && resets != nullptr && t < T && resets[bb * T + t];
+    }
+
+    __device__ __forceinline__ void store(float* stage, bool* reset_flags, int decay, int exp_w) const {
+#pragma unroll
+        for (int i = 0; i < PER_THREAD; i++) {
+            const int which = i / (CHUNK * N / THREADS), idx = i * THREADS + threadIdx.x;
+            if (which == decay) {
+                const float ew = expf(x[i]);
+                stage[idx] = expf(-ew);
+                if (exp_w >= 0) stage[exp_w * CHUNK * N + idx % (CHUNK * N)] = ew;
+            } else {
+                stage[idx] = x[i];
+            }
+        }
+        if (threadIdx.x < CHUNK) reset_flags[threadIdx.x] = reset;
+    }
+};
+
+// Snapshots are stored in thread order (element e of thread tid at e * THREADS + tid): coalesced.
 // They are the raw state before the chunk's first step, and only this file reads them.
 
 template <typename F, int N>
@@ -73,13 +112,15 @@ __global__ void __launch_bounds__(N * ROW_THREADS) wkv7_forward_kernel(
     const int tid = threadIdx.x, n = tid / ROW_THREADS, q = tid % ROW_THREADS;
     const int nchunks = (T + CHUNK - 1) / CHUNK;
     const size_t st = (size_t)bh * N * N;
-    __shared__ float in[6][CHUNK][N];
+    __shared__ __align__(16) float in[6][CHUNK][N];
     __shared__ bool reset[CHUNK];
-    const F* inputs[6] = {r_, w_, k_, v_, a_, b_};
+    const F* const inputs[6] = {r_, w_, k_, v_, a_, b_};
+    ChunkInputs<6, F, N> next;
+    next.load(inputs, resets, bb, h, T, H, 0);
 
-    float S[E];  // S[e] = state[n][q + ROW_THREADS * e]
+    float S[E];  // S[e] = state[n][col(q, e)]
 #pragma unroll
-    for (int e = 0; e < E; e++) S[e] = s0[st + n * N + q + ROW_THREADS * e];
+    for (int e = 0; e < E; e++) S[e] = s0[st + n * N + col(q, e)];
 
     for (int c = 0; c < nchunks; c++) {
         const int t0 = c * CHUNK, steps = min(CHUNK, T - t0);
@@ -89,42 +130,46 @@ __global__ void __launch_bounds__(N * ROW_THREADS) wkv7_forward_kernel(
             for (int e = 0; e < E; e++) snap[e * THREADS + tid] = S[e];
         }
         __syncthreads();  // every row is done with the previous chunk's inputs
-        stage_chunk<6, F, N>(reinterpret_cast<float*>(in), reset, inputs, bb, h, T, H, t0, steps, resets);
+        next.store(&in[0][0][0], reset, D, -1);
         __syncthreads();
-        float* d = reinterpret_cast<float*>(in[D]);  // the chunk's w, flat, turned into d
-        for (int j = tid; j < CHUNK * N; j += THREADS) d[j] = expf(-expf(d[j]));
-        __syncthreads();
+        if (c + 1 < nchunks) next.load(inputs, resets, bb, h, T, H, t0 + CHUNK);  // in flight meanwhile
 
         for (int s = 0; s < steps; s++) {
             if (reset[s]) {  // the same for the whole block: no divergence around the shuffles
 #pragma unroll
-                for (int e = 0; e < E; e++) S[e] = s_reset ? s_reset[st + n * N + q + ROW_THREADS * e] : 0.f;
+                for (int e = 0; e < E; e++) S[e] = s_reset ? s_reset[st + n * N + col(q, e)] : 0.f;
             }
+            float a[E], d[E], b[E], k[E], r[E];
+            load_part(in[A][s], q, a);
             float sa = 0.f;
 #pragma unroll
-            for (int e = 0; e < E; e++) sa += S[e] * in[A][s][q + ROW_THREADS * e];
+            for (int e = 0; e < E; e++) sa += S[e] * a[e];
             sa = row_sum(sa);
+            load_part(in[D][s], q, d);
+            load_part(in[B_][s], q, b);
+            load_part(in[K][s], q, k);
+            load_part(in[R][s], q, r);
             const float vn = in[V][s][n];
             float y = 0.f;
 #pragma unroll
             for (int e = 0; e < E; e++) {
-                const int j = q + ROW_THREADS * e;
-                S[e] = S[e] * in[D][s][j] + sa * in[B_][s][j] + vn * in[K][s][j];
-                y += S[e] * in[R][s][j];
+                S[e] = S[e] * d[e] + sa * b[e] + vn * k[e];
+                y += S[e] * r[e];
             }
             y = row_sum(y);
             if (q == 0) y_[((size_t)(bb * T + t0 + s) * H + h) * N + n] = from_f<F>(y);
         }
     }
 #pragma unroll
-    for (int e = 0; e < E; e++) sT[st + n * N + q + ROW_THREADS * e] = S[e];
+    for (int e = 0; e < E; e++) sT[st + n * N + col(q, e)] = S[e];
 }
 
-// Where the backward keeps S[i][j] of one state in shared memory: row-major with the column XORed
-// by a function of the row, so that both the recomputation's row-wise writes and the backward's
-// column-wise reads hit 32 different banks per warp (with 8 rows x 4 column groups per warp).
+// Where the backward keeps S[i][j] of one state in shared memory: row i, with j's float4 group
+// XORed by a function of i, so that the recomputation's float4 writes along rows and the walk's
+// reads down columns are both free of bank conflicts (for the thread layout above).
 __device__ __forceinline__ int swizzled(int i, int j, int N) {
-    return i * N + (j ^ (8 * (i % 4) + 4 * (i / 4 % 2)));
+    const int groups = 4 * ((i % 2) ^ (i / 4 % 2)) + 2 * (i / 8 % 2);
+    return i * N + (j ^ (VEC * groups));
 }
 
 constexpr int backward_shared_floats(int N) { return 8 * CHUNK * N + SUB * N * N + SUB * N + 2 * N; }
@@ -141,7 +186,7 @@ constexpr int backward_shared_floats(int N) { return 8 * CHUNK * N + SUB * N * N
 //   G       = reset_t ? 0 : G                       (= dL/dS_{t-1})
 // and finally dL/dS_init = G. The sums over j are rows of G, the sums over i are columns: thread
 // (n, q) keeps both its part of row n (Grow[e] = G[n][j]) and of column n (Gcol[e] = G[j][n]),
-// j = q + ROW_THREADS * e, updated by the same rule, so each sum is a private loop plus row_sum.
+// j = col(q, e), updated by the same rule, so each sum is a private loop plus row_sum.
 //
 // P_t comes from recomputation, not from stepping the state backwards by dividing by d_t (the
 // division amplifies rounding): for each chunk, last to first, and each SUB steps of it, last
@@ -157,66 +202,67 @@ __global__ void __launch_bounds__(N * ROW_THREADS) wkv7_backward_kernel(
     F* __restrict__ da_, F* __restrict__ db_, float* __restrict__ ds0, float* __restrict__ ds_reset)
 {
     constexpr int E = N / ROW_THREADS, THREADS = N * ROW_THREADS;
-    enum { R, D, K, V, A, B_, DY, EW };  // EW: exp(w), filled from D's raw w
+    enum { R, D, K, V, A, B_, DY, EW };  // EW: exp(w)
     const int bh = blockIdx.x, bb = bh / H, h = bh % H;
     const int tid = threadIdx.x, n = tid / ROW_THREADS, q = tid % ROW_THREADS;
     const int nchunks = (T + CHUNK - 1) / CHUNK;
     const size_t st = (size_t)bh * N * N;
-    WKV7_DYNAMIC_SHARED(shared);                       // backward_shared_floats(N) floats:
+    WKV7_DYNAMIC_SHARED(shared);                          // backward_shared_floats(N) floats:
     float (*in)[CHUNK][N] = (float (*)[CHUNK][N])shared;  // in[8][CHUNK][N]: the chunk's vectors
-    float* P = shared + 8 * CHUNK * N;                 // P[SUB][N * N], swizzled
-    float (*sa)[N] = (float (*)[N])(P + SUB * N * N);  // sa[SUB][N]
-    float (*dsa)[N] = sa + SUB;                        // dsa[2][N], by the step's parity
+    float* P = shared + 8 * CHUNK * N;                    // P[SUB][N * N], swizzled
+    float (*sa)[N] = (float (*)[N])(P + SUB * N * N);     // sa[SUB][N]
+    float (*dsa)[N] = sa + SUB;                           // dsa[2][N], by the step's parity
     __shared__ bool reset[CHUNK];
-    const F* inputs[7] = {r_, w_, k_, v_, a_, b_, dy_};
+    const F* const inputs[7] = {r_, w_, k_, v_, a_, b_, dy_};
+    ChunkInputs<7, F, N> next;
+    next.load(inputs, resets, bb, h, T, H, (nchunks - 1) * CHUNK);
 
     float Grow[E], Gcol[E];
 #pragma unroll
     for (int e = 0; e < E; e++) {
-        const int j = q + ROW_THREADS * e;
-        Grow[e] = dsT[st + n * N + j];
-        Gcol[e] = dsT[st + j * N + n];
+        Grow[e] = dsT[st + n * N + col(q, e)];
+        Gcol[e] = dsT[st + col(q, e) * N + n];
     }
 
     for (int c = nchunks - 1; c >= 0; c--) {
         const int t0 = c * CHUNK, steps = min(CHUNK, T - t0);
+        const float* snap = snaps + (st * nchunks + (size_t)c * N * N);
         __syncthreads();  // the previous chunk is done with the staged vectors
-        stage_chunk<7, F, N>(reinterpret_cast<float*>(in), reset, inputs, bb, h, T, H, t0, steps, resets);
+        next.store(&in[0][0][0], reset, D, EW);
         __syncthreads();
-        float *d = reinterpret_cast<float*>(in[D]), *exp_w = reinterpret_cast<float*>(in[EW]);  // flat
-        for (int j = tid; j < CHUNK * N; j += THREADS) {
-            exp_w[j] = expf(d[j]);
-            d[j] = expf(-exp_w[j]);
-        }
-        __syncthreads();
+        if (c > 0) next.load(inputs, resets, bb, h, T, H, t0 - CHUNK);  // in flight meanwhile
 
         for (int u0 = (steps - 1) / SUB * SUB; u0 >= 0; u0 -= SUB) {
             const int u1 = min(steps, u0 + SUB);
             {   // 1. recompute the states from the chunk's snapshot, keeping P and sa of steps u0..u1-1
-                const float* snap = snaps + (st * nchunks + (size_t)c * N * N);
                 float S[E];
 #pragma unroll
                 for (int e = 0; e < E; e++) S[e] = snap[e * THREADS + tid];
                 for (int s = 0; s < u1; s++) {
                     if (reset[s]) {
 #pragma unroll
-                        for (int e = 0; e < E; e++) S[e] = s_reset ? s_reset[st + n * N + q + ROW_THREADS * e] : 0.f;
+                        for (int e = 0; e < E; e++) S[e] = s_reset ? s_reset[st + n * N + col(q, e)] : 0.f;
                     }
+                    float a[E], d[E], b[E], k[E];
+                    load_part(in[A][s], q, a);
                     float x = 0.f;
 #pragma unroll
-                    for (int e = 0; e < E; e++) x += S[e] * in[A][s][q + ROW_THREADS * e];
+                    for (int e = 0; e < E; e++) x += S[e] * a[e];
                     x = row_sum(x);
                     if (s >= u0) {
+                        float* Ps = P + (s - u0) * N * N;
 #pragma unroll
-                        for (int e = 0; e < E; e++) P[(s - u0) * N * N + swizzled(n, q + ROW_THREADS * e, N)] = S[e];
+                        for (int g = 0; g < E / VEC; g++)
+                            *reinterpret_cast<float4*>(Ps + swizzled(n, col(q, VEC * g), N)) =
+                                make_float4(S[VEC * g], S[VEC * g + 1], S[VEC * g + 2], S[VEC * g + 3]);
                         if (q == 0) sa[s - u0][n] = x;
                     }
+                    load_part(in[D][s], q, d);
+                    load_part(in[B_][s], q, b);
+                    load_part(in[K][s], q, k);
                     const float vn = in[V][s][n];
 #pragma unroll
-                    for (int e = 0; e < E; e++) {
-                        const int j = q + ROW_THREADS * e;
-                        S[e] = S[e] * in[D][s][j] + x * in[B_][s][j] + vn * in[K][s][j];
-                    }
+                    for (int e = 0; e < E; e++) S[e] = S[e] * d[e] + x * b[e] + vn * k[e];
                 }
             }
             __syncthreads();  // P and sa complete
@@ -224,35 +270,41 @@ __global__ void __launch_bounds__(N * ROW_THREADS) wkv7_backward_kernel(
             // 2. walk these steps backwards
             for (int s = u1 - 1; s >= u0; s--) {
                 const float* Ps = P + (s - u0) * N * N;
-                const float* sas = sa[s - u0];
                 float* dsas = dsa[s & 1];  // by parity: a late reader of the last step's is not overwritten
 
                 // row n of G: dy contribution, then dv_n and dsa_n
+                float r[E], k[E], b[E];
+                load_part(in[R][s], q, r);
+                load_part(in[K][s], q, k);
+                load_part(in[B_][s], q, b);
                 const float dyn = in[DY][s][n];
                 float dv = 0.f, dsan = 0.f;
 #pragma unroll
                 for (int e = 0; e < E; e++) {
-                    const int j = q + ROW_THREADS * e;
-                    Grow[e] += dyn * in[R][s][j];
-                    dv += Grow[e] * in[K][s][j];
-                    dsan += Grow[e] * in[B_][s][j];
+                    Grow[e] += dyn * r[e];
+                    dv += Grow[e] * k[e];
+                    dsan += Grow[e] * b[e];
                 }
                 dv = row_sum(dv);
                 dsan = row_sum(dsan);
                 if (q == 0) dsas[n] = dsan;
 
                 // column n of G: dy contribution, then dk_n, db_n, dd_n; dr_n from column n of S_t
+                float dy[E], v[E], sav[E], p[E];
+                load_part(in[DY][s], q, dy);
+                load_part(in[V][s], q, v);
+                load_part(sa[s - u0], q, sav);
+#pragma unroll
+                for (int e = 0; e < E; e++) p[e] = Ps[swizzled(col(q, e), n, N)];  // P_t[j][n]
                 const float rn = in[R][s][n], dn = in[D][s][n], bn = in[B_][s][n], kn = in[K][s][n];
                 float dk = 0.f, db = 0.f, dd = 0.f, dr = 0.f;
 #pragma unroll
                 for (int e = 0; e < E; e++) {
-                    const int j = q + ROW_THREADS * e;
-                    const float p = Ps[swizzled(j, n, N)], dyj = in[DY][s][j], vj = in[V][s][j];
-                    Gcol[e] += dyj * rn;
-                    dk += Gcol[e] * vj;
-                    db += Gcol[e] * sas[j];
-                    dd += Gcol[e] * p;
-                    dr += dyj * (p * dn + sas[j] * bn + vj * kn);
+                    Gcol[e] += dy[e] * rn;
+                    dk += Gcol[e] * v[e];
+                    db += Gcol[e] * sav[e];
+                    dd += Gcol[e] * p[e];
+                    dr += dy[e] * (p[e] * dn + sav[e] * bn + v[e] * kn);
                 }
                 dk = row_sum(dk);
                 db = row_sum(db);
@@ -260,20 +312,23 @@ __global__ void __launch_bounds__(N * ROW_THREADS) wkv7_backward_kernel(
                 dr = row_sum(dr);
                 __syncthreads();  // dsa complete
 
+                float dsav[E], d[E], a[E];
+                load_part(dsas, q, dsav);
+                load_part(in[D][s], q, d);
+                load_part(in[A][s], q, a);
                 const float an = in[A][s][n];
                 float da = 0.f;
 #pragma unroll
                 for (int e = 0; e < E; e++) {
-                    const int j = q + ROW_THREADS * e;
-                    da += dsas[j] * Ps[swizzled(j, n, N)];
-                    Grow[e] = Grow[e] * in[D][s][j] + dsan * in[A][s][j];
-                    Gcol[e] = Gcol[e] * dn + dsas[j] * an;
+                    da += dsav[e] * p[e];
+                    Grow[e] = Grow[e] * d[e] + dsan * a[e];
+                    Gcol[e] = Gcol[e] * dn + dsav[e] * an;
                 }
                 da = row_sum(da);
                 if (reset[s]) {  // P_t = R: G flows into R, and nothing into the state before
                     if (ds_reset != nullptr) {
 #pragma unroll
-                        for (int e = 0; e < E; e++) ds_reset[st + n * N + q + ROW_THREADS * e] += Grow[e];
+                        for (int e = 0; e < E; e++) ds_reset[st + n * N + col(q, e)] += Grow[e];
                     }
 #pragma unroll
                     for (int e = 0; e < E; e++) Grow[e] = Gcol[e] = 0.f;
@@ -292,7 +347,7 @@ __global__ void __launch_bounds__(N * ROW_THREADS) wkv7_backward_kernel(
         }
     }
 #pragma unroll
-    for (int e = 0; e < E; e++) ds0[st + n * N + q + ROW_THREADS * e] = Grow[e];
+    for (int e = 0; e < E; e++) ds0[st + n * N + col(q, e)] = Grow[e];
 }
 
 #ifndef WKV7_HOST_EMULATION
