@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import shutil
 import subprocess
+import sys
 import sysconfig
 
 import pytest
@@ -372,7 +373,6 @@ def test_kernel_code_trains_the_model_like_chunked(emulated_kernels, monkeypatch
     chunked's; under bf16 autocast it is no further from fp32 than chunked's own bf16 gradient.
     (The GPU twin, test_training_step_under_autocast_tracks_fp32, once failed on a criterion
     that compared two bf16 runs with each other; this reproduces its numbers on the CPU.)"""
-    import sys
     import types
     from rwkv_sft import ops
     module = types.ModuleType("wkv7_emulated_backend")
@@ -423,6 +423,21 @@ def test_stale_lock_is_removed(tmp_path):
     with pytest.warns(UserWarning, match="stale build lock"):
         cuda_mod._remove_stale_lock(tmp_path)
     assert not lock.exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock: POSIX only")
+def test_a_lock_file_left_by_a_killed_build_is_removed_at_once(tmp_path):
+    """torch's lock file from a build that died (however recent) no longer blocks the next build,
+    and while one build holds the folder another cannot take it."""
+    import fcntl
+    (tmp_path / "lock").touch()  # fresh: the age rule alone would keep it and torch would wait
+    with pytest.warns(UserWarning, match="left behind by a build that did not finish"):
+        with cuda_mod._build_lock(tmp_path):
+            assert not (tmp_path / "lock").exists()
+            with open(tmp_path / "build.flock", "w") as other, pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with open(tmp_path / "build.flock", "w") as other:  # released afterwards
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_usable_is_false_when_the_build_fails(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import os
 import shutil
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -61,6 +62,30 @@ def _remove_stale_lock(directory: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
+@contextmanager
+def _build_lock(directory: Path):
+    """One build at a time per build folder. torch's own lock is a plain file: a build killed
+    half-way (Ctrl-C, a timeout) leaves it behind, and every later process waits on it. An OS
+    file lock (flock) dies with its holder, so whoever holds it knows that a torch lock file
+    found is such debris. Without fcntl (Windows) a lock file is debris once 10 minutes old."""
+    try:
+        import fcntl
+    except ImportError:
+        _remove_stale_lock(directory)
+        yield
+        return
+    with open(directory / "build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another process builds
+        try:
+            lock = directory / "lock"
+            if lock.exists():
+                warnings.warn(f"removing {lock}, left behind by a build that did not finish")
+                lock.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def build_extension(capability: tuple[int, int], csrc: Path | None = None, verbose: bool = False):
     """JIT-build (or load the cached build of) the kernel for one GPU architecture.
 
@@ -77,13 +102,13 @@ def build_extension(capability: tuple[int, int], csrc: Path | None = None, verbo
     from torch.utils.cpp_extension import load
     directory = build_dir(capability)
     directory.mkdir(parents=True, exist_ok=True)
-    _remove_stale_lock(directory)
     arch_before = os.environ.get("TORCH_CUDA_ARCH_LIST")
     os.environ["TORCH_CUDA_ARCH_LIST"] = f"{capability[0]}.{capability[1]}"  # this GPU only
     try:
-        return load(name=extension_name(capability, csrc),
-                    sources=[str(s) for s in sources[:2]], build_directory=str(directory),
-                    extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-Xptxas=-O3"], verbose=verbose)
+        with _build_lock(directory):
+            return load(name=extension_name(capability, csrc),
+                        sources=[str(s) for s in sources[:2]], build_directory=str(directory),
+                        extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-Xptxas=-O3"], verbose=verbose)
     except Exception as e:
         # torch puts ninja's whole output in the message: keep the compiler's error lines
         lines = str(e).strip().splitlines() or [type(e).__name__]
