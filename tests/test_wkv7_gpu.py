@@ -138,10 +138,10 @@ def _torch_includes():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 @pytest.mark.slow
-def test_kernel_compiles_for_sm80_and_sm90(tmp_path):
+def test_kernel_compiles_for_sm80_sm86_and_sm90(tmp_path):
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # the flags torch's JIT build adds
-    cmd = ["nvcc", "-c", "-std=c++20", "-O3", *COMMON_NVCC_FLAGS,
-           "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+    cmd = ["nvcc", "-c", "-std=c++20", "-O3", *COMMON_NVCC_FLAGS, "-gencode", "arch=compute_80,code=sm_80",
+           "-gencode", "arch=compute_86,code=sm_86", "-gencode", "arch=compute_90,code=sm_90",
            str(cuda_mod.CSRC / "wkv7.cu"), "-o", str(tmp_path / "wkv7.o")]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -230,14 +230,15 @@ template <typename F> static void fwd(int B, int T, int H, const void* r, const 
     run_blocks(B * H, [&] { wkv7_forward_kernel<F, 64>(T, H, (const F*)r, (const F*)w, (const F*)k, (const F*)v,
         (const F*)a, (const F*)b, s0, resets, s_reset, (F*)y, sT, snaps); });
 }
-template <typename F> static void bwd(int B, int T, int H, const void* r, const void* w, const void* k, const void* v,
-    const void* a, const void* b, const void* dy, const float* dsT, const float* snaps, const uint8_t* resets,
-    const float* s_reset, void* dr, void* dw, void* dk, void* dv, void* da, void* db, float* ds0, float* ds_reset) {
-    run_blocks(B * H, [&] { wkv7_backward_kernel<F, 64>(T, H, (const F*)r, (const F*)w, (const F*)k, (const F*)v,
+template <typename F, int SUB> static void bwd(int B, int T, int H, const void* r, const void* w, const void* k,
+    const void* v, const void* a, const void* b, const void* dy, const float* dsT, const float* snaps,
+    const uint8_t* resets, const float* s_reset, void* dr, void* dw, void* dk, void* dv, void* da, void* db, float* ds0,
+    float* ds_reset) {
+    run_blocks(B * H, [&] { wkv7_backward_kernel<F, 64, SUB>(T, H, (const F*)r, (const F*)w, (const F*)k, (const F*)v,
         (const F*)a, (const F*)b, (const F*)dy, dsT, snaps, resets, s_reset, (F*)dr, (F*)dw, (F*)dk,
         (F*)dv, (F*)da, (F*)db, ds0, ds_reset); });
 }
-#define EMU(SUFFIX, F)                                                                                          \
+#define EMU(SUFFIX, F, SUB)                                                                                     \
 extern "C" void emu_forward_##SUFFIX(int B, int T, int H, const void* r, const void* w, const void* k,           \
     const void* v, const void* a, const void* b, const float* s0, const uint8_t* resets, const float* s_reset,  \
     void* y, float* sT, float* snaps) {                                                                         \
@@ -246,9 +247,11 @@ extern "C" void emu_backward_##SUFFIX(int B, int T, int H, const void* r, const 
     const void* v, const void* a, const void* b, const void* dy, const float* dsT, const float* snaps,          \
     const uint8_t* resets, const float* s_reset, void* dr, void* dw, void* dk, void* dv, void* da, void* db,     \
     float* ds0, float* ds_reset) {                                                                              \
-    bwd<F>(B, T, H, r, w, k, v, a, b, dy, dsT, snaps, resets, s_reset, dr, dw, dk, dv, da, db, ds0, ds_reset); }
-EMU(f32, float)
-EMU(bf16, __nv_bfloat16)
+    bwd<F, SUB>(B, T, H, r, w, k, v, a, b, dy, dsT, snaps, resets, s_reset, dr, dw, dk, dv, da, db, ds0, ds_reset); }
+EMU(f32, float, 8)
+EMU(bf16, __nv_bfloat16, 8)
+EMU(f32_sub4, float, 4)  // the backward a GPU with 99 KB of shared memory per block runs
+EMU(bf16_sub4, __nv_bfloat16, 4)
 """
 
 
@@ -265,7 +268,7 @@ def emulated_kernels(tmp_path_factory):
     return ctypes.CDLL(str(directory / "emu.so"))
 
 
-def run_emulated(lib, inputs, state, resets, dy, dsT, dtype, reset_state=None):
+def run_emulated(lib, inputs, state, resets, dy, dsT, dtype, reset_state=None, sub=8):
     """The forward kernel, then the backward kernel from its snapshots, as the binding calls them;
     with reset_state ([B,H,N,N]) its gradient comes last."""
     B, T, H, N = inputs[0].shape
@@ -283,8 +286,9 @@ def run_emulated(lib, inputs, state, resets, dy, dsT, dtype, reset_state=None):
     suffix = "f32" if dtype == torch.float32 else "bf16"
     getattr(lib, f"emu_forward_{suffix}")(B, T, H, *map(ptr, xs), ptr(s0), ptr(flags), ptr(s_reset), ptr(y),
                                           ptr(sT), ptr(snaps))
-    getattr(lib, f"emu_backward_{suffix}")(B, T, H, *map(ptr, xs), ptr(dy), ptr(dsT), ptr(snaps), ptr(flags),
-                                           ptr(s_reset), *map(ptr, grads), ptr(ds0), ptr(ds_reset))
+    backward = getattr(lib, f"emu_backward_{suffix}" + ("" if sub == 8 else f"_sub{sub}"))
+    backward(B, T, H, *map(ptr, xs), ptr(dy), ptr(dsT), ptr(snaps), ptr(flags), ptr(s_reset), *map(ptr, grads),
+             ptr(ds0), ptr(ds_reset))
     return [y, sT] + grads + [ds0] + ([] if ds_reset is None else [ds_reset])
 
 
@@ -306,10 +310,11 @@ def test_kernel_code_on_cpu_matches_reference(emulated_kernels, T, B, with_state
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_code_on_cpu_with_heads_and_a_reset_state(emulated_kernels, dtype):
+@pytest.mark.parametrize("dtype,sub", [(torch.float32, 8), (torch.bfloat16, 8), (torch.float32, 4)])
+def test_kernel_code_on_cpu_with_heads_and_a_reset_state(emulated_kernels, dtype, sub):
     """Several heads (one block each) and resets that restart from a given state, whose gradient
-    the backward accumulates: the paths the cases above leave out."""
+    the backward accumulates: the paths the cases above leave out; sub=4: the backward of GPUs
+    with 99 KB of shared memory per block (4 steps' states held at once instead of 8)."""
     B, T, H, N = 2, 26, 2, 64
     inputs, state, resets = random_case(B, T, H, N, True, True, dtype=dtype, seed=5)
     restart = torch.randn(B, H, N, N, generator=torch.Generator().manual_seed(6)) * 0.2
@@ -319,7 +324,7 @@ def test_kernel_code_on_cpu_with_heads_and_a_reset_state(emulated_kernels, dtype
     dy, dsT = torch.randn(y.shape, generator=g).double(), torch.randn(sT.shape, generator=g).double()
     torch.autograd.backward((y, sT), (dy, dsT))
     want = [y.detach(), sT.detach()] + [x.grad for x in xs]
-    got = run_emulated(emulated_kernels, inputs, state, resets, dy, dsT, dtype, reset_state=restart)
+    got = run_emulated(emulated_kernels, inputs, state, resets, dy, dsT, dtype, reset_state=restart, sub=sub)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for name, gv, wv in zip(NAMES + ["dreset"], got, want):
         err = ((gv.double() - wv).abs().max() / wv.abs().max().clamp_min(1e-6)).item()

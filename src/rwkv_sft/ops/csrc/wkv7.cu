@@ -24,7 +24,6 @@
 #include "wkv7.h"
 
 constexpr int CHUNK = 16;       // steps between the state snapshots the forward keeps for the backward
-constexpr int SUB = 8;          // steps whose states the backward holds in shared memory at once
 constexpr int ROW_THREADS = 4;  // threads per state row; block size N * ROW_THREADS
 constexpr int VEC = 4;          // floats per vector load
 
@@ -172,7 +171,10 @@ __device__ __forceinline__ int swizzled(int i, int j, int N) {
     return i * N + (j ^ (VEC * groups));
 }
 
-constexpr int backward_shared_floats(int N) { return 8 * CHUNK * N + SUB * N * N + SUB * N + 2 * N; }
+// The backward's shared memory, in floats, when it holds the states of SUB steps at once: SUB = 8
+// takes 163 KB (A100, H100), SUB = 4 98 KB (the 99 KB of consumer GPUs, at 2.5 recomputed steps
+// per step instead of 1.5).
+constexpr int backward_shared_floats(int N, int SUB) { return 8 * CHUNK * N + SUB * N * N + SUB * N + 2 * N; }
 
 // Backward. G = dL/dS_t, seeded with dL/dS_T (the final state's gradient). For t = T-1 .. 0:
 //   G      += dy_t r_t^T                           (y_t = S_t r_t)
@@ -192,7 +194,7 @@ constexpr int backward_shared_floats(int N) { return 8 * CHUNK * N + SUB * N * N
 // division amplifies rounding): for each chunk, last to first, and each SUB steps of it, last
 // first, the states are recomputed from the forward's snapshot and P_t (after any reset) and
 // sa_t of those SUB steps kept in shared memory; then those steps are walked backwards.
-template <typename F, int N>
+template <typename F, int N, int SUB>
 __global__ void __launch_bounds__(N * ROW_THREADS) wkv7_backward_kernel(
     int T, int H, const F* __restrict__ r_, const F* __restrict__ w_, const F* __restrict__ k_,
     const F* __restrict__ v_, const F* __restrict__ a_, const F* __restrict__ b_,
@@ -207,7 +209,7 @@ __global__ void __launch_bounds__(N * ROW_THREADS) wkv7_backward_kernel(
     const int tid = threadIdx.x, n = tid / ROW_THREADS, q = tid % ROW_THREADS;
     const int nchunks = (T + CHUNK - 1) / CHUNK;
     const size_t st = (size_t)bh * N * N;
-    WKV7_DYNAMIC_SHARED(shared);                          // backward_shared_floats(N) floats:
+    WKV7_DYNAMIC_SHARED(shared);                          // backward_shared_floats(N, SUB) floats:
     float (*in)[CHUNK][N] = (float (*)[CHUNK][N])shared;  // in[8][CHUNK][N]: the chunk's vectors
     float* P = shared + 8 * CHUNK * N;                    // P[SUB][N * N], swizzled
     float (*sa)[N] = (float (*)[N])(P + SUB * N * N);     // sa[SUB][N]
@@ -370,6 +372,23 @@ static const char* forward(int B, int T, int H, int N, const void* r, const void
     return last_error();
 }
 
+template <typename F, int SUB>
+static const char* launch_backward(int B, int T, int H, const void* r, const void* w, const void* k,
+                                   const void* v, const void* a, const void* b, const void* dy,
+                                   const float* dsT, const float* snaps, const uint8_t* resets,
+                                   const float* s_reset, void* dr, void* dw, void* dk, void* dv,
+                                   void* da, void* db, float* ds0, float* ds_reset, void* stream) {
+    const int bytes = backward_shared_floats(64, SUB) * (int)sizeof(float);  // over the 48 KB default
+    cudaError_t e = cudaFuncSetAttribute(wkv7_backward_kernel<F, 64, SUB>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (e != cudaSuccess) return cudaGetErrorString(e);
+    wkv7_backward_kernel<F, 64, SUB><<<B * H, 64 * ROW_THREADS, bytes, (cudaStream_t)stream>>>(
+        T, H, (const F*)r, (const F*)w, (const F*)k, (const F*)v, (const F*)a, (const F*)b,
+        (const F*)dy, dsT, snaps, resets, s_reset, (F*)dr, (F*)dw, (F*)dk, (F*)dv, (F*)da,
+        (F*)db, ds0, ds_reset);
+    return last_error();
+}
+
 template <typename F>
 static const char* backward(int B, int T, int H, int N, const void* r, const void* w, const void* k,
                             const void* v, const void* a, const void* b, const void* dy,
@@ -377,15 +396,17 @@ static const char* backward(int B, int T, int H, int N, const void* r, const voi
                             const float* s_reset, void* dr, void* dw, void* dk, void* dv,
                             void* da, void* db, float* ds0, float* ds_reset, void* stream) {
     if (N != 64) return "the WKV-7 CUDA kernel supports head size 64 only";
-    const int bytes = backward_shared_floats(64) * (int)sizeof(float);  // over the 48 KB default
-    cudaError_t e = cudaFuncSetAttribute(wkv7_backward_kernel<F, 64>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (e != cudaSuccess) return cudaGetErrorString(e);
-    wkv7_backward_kernel<F, 64><<<B * H, 64 * ROW_THREADS, bytes, (cudaStream_t)stream>>>(
-        T, H, (const F*)r, (const F*)w, (const F*)k, (const F*)v, (const F*)a, (const F*)b,
-        (const F*)dy, dsT, snaps, resets, s_reset, (F*)dr, (F*)dw, (F*)dk, (F*)dv, (F*)da,
-        (F*)db, ds0, ds_reset);
-    return last_error();
+    int device = 0, optin = 0;  // the most shared memory a block of this GPU may ask for
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    const int fixed = CHUNK;  // the static shared memory (the reset flags)
+    if (optin >= backward_shared_floats(64, 8) * (int)sizeof(float) + fixed)
+        return launch_backward<F, 8>(B, T, H, r, w, k, v, a, b, dy, dsT, snaps, resets, s_reset, dr, dw, dk,
+                                     dv, da, db, ds0, ds_reset, stream);
+    if (optin >= backward_shared_floats(64, 4) * (int)sizeof(float) + fixed)
+        return launch_backward<F, 4>(B, T, H, r, w, k, v, a, b, dy, dsT, snaps, resets, s_reset, dr, dw, dk,
+                                     dv, da, db, ds0, ds_reset, stream);
+    return "the WKV-7 CUDA kernel's backward needs 98 KB of shared memory per block, more than this GPU has";
 }
 
 #define WKV7_LAUNCHERS(SUFFIX, F)                                                                 \
