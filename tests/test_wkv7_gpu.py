@@ -596,6 +596,21 @@ def test_cuda_kernel_matches(T, B, with_state, with_resets, dtype):
 
 @needs_gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [17, 300])
+def test_cuda_kernel_matches_with_the_backward_of_small_gpus(T, dtype, monkeypatch):
+    """The backward that holds 4 steps' states (98 KB of shared memory), which GPUs allowing a
+    block 99 KB run, on this GPU: the launcher reads the limit from the environment."""
+    monkeypatch.setenv("RWKV_SFT_WKV7_SHARED_LIMIT", str(100 * 1024))
+    _compare(cuda_mod.wkv7_cuda, T, 2, True, True, dtype)
+    monkeypatch.setenv("RWKV_SFT_WKV7_SHARED_LIMIT", str(64 * 1024))  # too little for either
+    inputs, state, resets = random_case(1, 5, 1, 64, dtype=dtype, device="cuda")
+    with pytest.raises(RuntimeError, match="needs 98 KB of shared memory"):
+        run_with_grads(cuda_mod.wkv7_cuda, inputs, state, resets)
+
+
+@needs_gpu
+@pytest.mark.gpu
 def test_cuda_kernel_passes_its_self_check():
     assert cuda_mod.cuda_kernel_usable(torch.device("cuda"))
 
