@@ -58,6 +58,36 @@ __device__ __forceinline__ void load_part(const float* vec, int q, float (&out)[
     }
 }
 
+// One step of the state's row n, shared by the forward and the backward's recomputation, as three
+// pieces (the backward keeps P_t and sa_t in between): at a reset the row restarts from R (s_reset,
+// [N,N] of this block) or zero; sa = sum_j S[n][j] a[j]; S[n][j] = S[n][j] d[j] + sa b[j] + v[n] k[j].
+template <int E, int N>
+__device__ __forceinline__ void restart_row(float (&S)[E], const float* R, int n, int q) {
+#pragma unroll
+    for (int e = 0; e < E; e++) S[e] = R != nullptr ? R[n * N + col(q, e)] : 0.f;
+}
+
+template <int E>
+__device__ __forceinline__ float row_dot(const float (&S)[E], const float* vec, int q) {
+    float x[E];
+    load_part(vec, q, x);
+    float sum = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; e++) sum += S[e] * x[e];
+    return row_sum(sum);
+}
+
+template <int E>
+__device__ __forceinline__ void advance_row(float (&S)[E], float sa, const float* d_, const float* b_,
+                                            const float* k_, float vn, int q) {
+    float d[E], b[E], k[E];
+    load_part(d_, q, d);
+    load_part(b_, q, b);
+    load_part(k_, q, k);
+#pragma unroll
+    for (int e = 0; e < E; e++) S[e] = S[e] * d[e] + sa * b[e] + vn * k[e];
+}
+
 // A thread's share of one chunk's inputs (COUNT tensors [B,T,H,N], CHUNK steps from t0, zero past
 // T) and of its reset flags, held in registers from load() to store(): stage[COUNT][CHUNK][N] in
 // shared memory. The decay's input w (slot `decay`) is stored as d = exp(-exp(w)), and exp(w) too
@@ -135,28 +165,10 @@ __global__ void __launch_bounds__(N * ROW_THREADS) wkv7_forward_kernel(
         if (c + 1 < nchunks) next.load(inputs, resets, bb, h, T, H, t0 + CHUNK);  // in flight meanwhile
 
         for (int s = 0; s < steps; s++) {
-            if (reset[s]) {  // the same for the whole block: no divergence around the shuffles
-#pragma unroll
-                for (int e = 0; e < E; e++) S[e] = s_reset ? s_reset[st + n * N + col(q, e)] : 0.f;
-            }
-            float a[E], d[E], b[E], k[E], r[E];
-            load_part(in[A][s], q, a);
-            float sa = 0.f;
-#pragma unroll
-            for (int e = 0; e < E; e++) sa += S[e] * a[e];
-            sa = row_sum(sa);
-            load_part(in[D][s], q, d);
-            load_part(in[B_][s], q, b);
-            load_part(in[K][s], q, k);
-            load_part(in[R][s], q, r);
-            const float vn = in[V][s][n];
-            float y = 0.f;
-#pragma unroll
-            for (int e = 0; e < E; e++) {
-                S[e] = S[e] * d[e] + sa * b[e] + vn * k[e];
-                y += S[e] * r[e];
-            }
-            y = row_sum(y);
+            if (reset[s]) restart_row<E, N>(S, s_reset ? s_reset + st : nullptr, n, q);  // block-uniform
+            const float sa = row_dot(S, in[A][s], q);
+            advance_row(S, sa, in[D][s], in[B_][s], in[K][s], in[V][s][n], q);
+            const float y = row_dot(S, in[R][s], q);
             if (q == 0) y_[((size_t)(bb * T + t0 + s) * H + h) * N + n] = from_f<F>(y);
         }
     }
@@ -242,16 +254,8 @@ __global__ void __launch_bounds__(N * ROW_THREADS) wkv7_backward_kernel(
 #pragma unroll
                 for (int e = 0; e < E; e++) S[e] = snap[e * THREADS + tid];
                 for (int s = 0; s < u1; s++) {
-                    if (reset[s]) {
-#pragma unroll
-                        for (int e = 0; e < E; e++) S[e] = s_reset ? s_reset[st + n * N + col(q, e)] : 0.f;
-                    }
-                    float a[E], d[E], b[E], k[E];
-                    load_part(in[A][s], q, a);
-                    float x = 0.f;
-#pragma unroll
-                    for (int e = 0; e < E; e++) x += S[e] * a[e];
-                    x = row_sum(x);
+                    if (reset[s]) restart_row<E, N>(S, s_reset ? s_reset + st : nullptr, n, q);
+                    const float x = row_dot(S, in[A][s], q);
                     if (s >= u0) {
                         float* Ps = P + (s - u0) * N * N;
 #pragma unroll
@@ -260,12 +264,7 @@ __global__ void __launch_bounds__(N * ROW_THREADS) wkv7_backward_kernel(
                                 make_float4(S[VEC * g], S[VEC * g + 1], S[VEC * g + 2], S[VEC * g + 3]);
                         if (q == 0) sa[s - u0][n] = x;
                     }
-                    load_part(in[D][s], q, d);
-                    load_part(in[B_][s], q, b);
-                    load_part(in[K][s], q, k);
-                    const float vn = in[V][s][n];
-#pragma unroll
-                    for (int e = 0; e < E; e++) S[e] = S[e] * d[e] + x * b[e] + vn * k[e];
+                    advance_row(S, x, in[D][s], in[B_][s], in[K][s], in[V][s][n], q);
                 }
             }
             __syncthreads();  // P and sa complete
