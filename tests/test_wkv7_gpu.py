@@ -332,8 +332,8 @@ def test_kernel_code_on_cpu_with_heads_and_a_reset_state(emulated_kernels, dtype
 
 
 def emulated_backend(lib):
-    """A WKV-7 backend on the CPU that runs the kernels' code through the shim, wrapped as
-    wkv7_cuda wraps the real ones (inputs in r's dtype, dy rounded to it, gradients back)."""
+    """A WKV-7 backend on the CPU that runs the kernels' code through the shim, with the operands
+    wkv7_cuda hands the real ones (kernel_arguments), dy rounded to the inputs' dtype."""
     ptr = lambda t: ctypes.c_void_p(None if t is None or t.numel() == 0 else t.data_ptr())  # noqa: E731
 
     class Emulated(torch.autograd.Function):
@@ -360,14 +360,8 @@ def emulated_backend(lib):
             return *grads, ds0, None, dreset if reset_state.numel() else None
 
     def wkv7_emulated(r, w, k, v, a, b, state=None, resets=None, reset_state=None):
-        B, T, H, N = r.shape
-        dtype = torch.bfloat16 if r.dtype == torch.bfloat16 else torch.float32
-        xs = [x.to(dtype).contiguous() for x in (r, w, k, v, a, b)]
-        state = torch.zeros(B, H, N, N) if state is None else state.float().contiguous()
-        flags = torch.empty(0, dtype=torch.uint8) if resets is None else resets.to(torch.uint8).contiguous()
-        restart = (torch.empty(0) if reset_state is None or resets is None
-                   else reset_state.float().expand(B, H, N, N).contiguous())
-        y, sT = Emulated.apply(*xs, state, flags, restart)
+        xs, *state_flags_restart = cuda_mod.kernel_arguments(r, w, k, v, a, b, state, resets, reset_state)
+        y, sT = Emulated.apply(*xs, *state_flags_restart)
         return y.to(r.dtype), sT
     return wkv7_emulated
 

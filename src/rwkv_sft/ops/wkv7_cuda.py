@@ -217,6 +217,24 @@ class _WKV7(torch.autograd.Function):
         return *grads, None, dreset if reset_state.numel() else None, None
 
 
+def kernel_arguments(r, w, k, v, a, b, state=None, resets=None, reset_state=None):
+    """The operands as the kernel reads them: the six inputs in one dtype (bf16 when r is, else
+    fp32), the state fp32 (zeros when None), resets as uint8 and the reset state one per row, fp32
+    (each empty when absent); all contiguous, on r's device."""
+    B, T, H, N = r.shape
+    dtype = torch.bfloat16 if r.dtype == torch.bfloat16 else torch.float32
+    xs = [x.to(dtype).contiguous() for x in (r, w, k, v, a, b)]
+    state = (torch.zeros(B, H, N, N, dtype=torch.float32, device=r.device) if state is None
+             else state.float().contiguous())
+    flags = (torch.empty(0, dtype=torch.uint8, device=r.device) if resets is None
+             else resets.to(device=r.device, dtype=torch.uint8).contiguous())
+    if reset_state is None or resets is None:
+        reset_state = torch.empty(0, dtype=torch.float32, device=r.device)
+    else:  # one per row, as the kernel reads it; autograd sums a shared state's gradient
+        reset_state = reset_state.float().expand(B, H, N, N).contiguous()
+    return xs, state, flags, reset_state
+
+
 def wkv7_cuda(r, w, k, v, a, b, state=None, resets=None, reset_state=None):
     """WKV-7 with the CUDA kernel; same contract as wkv7_reference (inputs on one GPU)."""
     B, T, H, N = r.shape
@@ -224,19 +242,9 @@ def wkv7_cuda(r, w, k, v, a, b, state=None, resets=None, reset_state=None):
         raise ValueError("the cuda WKV-7 backend needs CUDA tensors; use backend='chunked' on CPU")
     if N not in HEAD_SIZES:
         raise ValueError(f"the cuda WKV-7 backend supports head size {HEAD_SIZES}, got {N}")
-    if state is None:
-        state = torch.zeros(B, H, N, N, dtype=torch.float32, device=r.device)
+    xs, state, flags, reset_state = kernel_arguments(r, w, k, v, a, b, state, resets, reset_state)
     if T == 0:
-        return r.new_zeros(r.shape), state.float()
-    dtype = torch.bfloat16 if r.dtype == torch.bfloat16 else torch.float32
-    xs = [x.to(dtype).contiguous() for x in (r, w, k, v, a, b)]
-    flags = (torch.empty(0, dtype=torch.uint8, device=r.device) if resets is None
-             else resets.to(device=r.device, dtype=torch.uint8).contiguous())
-    state = state.float().contiguous()
-    if reset_state is None or resets is None:
-        reset_state = torch.empty(0, dtype=torch.float32, device=r.device)
-    else:  # one per row, as the kernel reads it; autograd sums a shared state's gradient
-        reset_state = reset_state.float().expand(B, H, N, N).contiguous()
+        return r.new_zeros(r.shape), state
     # the snapshots for the backward cost memory: keep them only when a gradient can be asked for
     keep = torch.is_grad_enabled() and any(x.requires_grad for x in xs + [state, reset_state])
     with torch.cuda.device(r.device):
