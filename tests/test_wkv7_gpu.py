@@ -269,27 +269,15 @@ def emulated_kernels(tmp_path_factory):
 
 
 def run_emulated(lib, inputs, state, resets, dy, dsT, dtype, reset_state=None, sub=8):
-    """The forward kernel, then the backward kernel from its snapshots, as the binding calls them;
-    with reset_state ([B,H,N,N]) its gradient comes last."""
+    """The forward kernel, then the backward kernel from its snapshots (emulated_backend), for the
+    given output gradients; with reset_state ([B,H,N,N]) its gradient comes last."""
     B, T, H, N = inputs[0].shape
-    L = 16  # CHUNK in wkv7.cu
-    xs = [x.to(dtype).contiguous() for x in inputs]
-    dy, dsT = dy.to(dtype).contiguous(), dsT.float().contiguous()  # held: ctypes keeps no reference
-    s0 = (state if state is not None else torch.zeros(B, H, N, N)).float().contiguous()
-    flags = None if resets is None else resets.to(torch.uint8).contiguous()
-    y, sT = torch.empty_like(xs[0]), torch.empty(B, H, N, N)
-    snaps = torch.empty(B * H * -(-T // L) * N * N)
-    grads, ds0 = [torch.empty_like(xs[0]) for _ in range(6)], torch.empty(B, H, N, N)
-    s_reset = None if reset_state is None else reset_state.float().contiguous()
-    ds_reset = None if reset_state is None else torch.zeros(B, H, N, N)
-    ptr = lambda t: ctypes.c_void_p(None if t is None else t.data_ptr())  # noqa: E731
-    suffix = "f32" if dtype == torch.float32 else "bf16"
-    getattr(lib, f"emu_forward_{suffix}")(B, T, H, *map(ptr, xs), ptr(s0), ptr(flags), ptr(s_reset), ptr(y),
-                                          ptr(sT), ptr(snaps))
-    backward = getattr(lib, f"emu_backward_{suffix}" + ("" if sub == 8 else f"_sub{sub}"))
-    backward(B, T, H, *map(ptr, xs), ptr(dy), ptr(dsT), ptr(snaps), ptr(flags), ptr(s_reset), *map(ptr, grads),
-             ptr(ds0), ptr(ds_reset))
-    return [y, sT] + grads + [ds0] + ([] if ds_reset is None else [ds_reset])
+    xs = [x.to(dtype).requires_grad_() for x in inputs]
+    s0 = (state if state is not None else torch.zeros(B, H, N, N)).float().requires_grad_()
+    restart = None if reset_state is None else reset_state.float().requires_grad_()
+    y, sT = emulated_backend(lib, sub)(*xs, state=s0, resets=resets, reset_state=restart)
+    torch.autograd.backward((y, sT), (dy.to(y.dtype), dsT.float()))
+    return [y.detach(), sT.detach()] + [x.grad for x in xs] + [s0.grad] + ([] if restart is None else [restart.grad])
 
 
 @pytest.mark.slow
@@ -331,9 +319,10 @@ def test_kernel_code_on_cpu_with_heads_and_a_reset_state(emulated_kernels, dtype
         assert err < tol, f"{name}: relative error {err:.2e}"
 
 
-def emulated_backend(lib):
+def emulated_backend(lib, sub=8):
     """A WKV-7 backend on the CPU that runs the kernels' code through the shim, with the operands
-    wkv7_cuda hands the real ones (kernel_arguments), dy rounded to the inputs' dtype."""
+    wkv7_cuda hands the real ones (kernel_arguments), dy rounded to the inputs' dtype; sub: the
+    backward's steps held in shared memory (8, or 4 as on GPUs with 99 KB per block)."""
     ptr = lambda t: ctypes.c_void_p(None if t is None or t.numel() == 0 else t.data_ptr())  # noqa: E731
 
     class Emulated(torch.autograd.Function):
@@ -355,8 +344,8 @@ def emulated_backend(lib):
             dy, dsT = dy.to(r.dtype).contiguous(), dsT.float().contiguous()
             grads, ds0 = [torch.empty_like(r) for _ in range(6)], torch.empty(B, H, N, N)
             dreset = torch.zeros_like(reset_state)
-            getattr(lib, f"emu_backward_{suffix}")(B, T, H, *map(ptr, (r, w, k, v, a, b, dy, dsT, snaps, flags,
-                                                   reset_state, *grads, ds0, dreset)))
+            backward = getattr(lib, f"emu_backward_{suffix}" + ("" if sub == 8 else f"_sub{sub}"))
+            backward(B, T, H, *map(ptr, (r, w, k, v, a, b, dy, dsT, snaps, flags, reset_state, *grads, ds0, dreset)))
             return *grads, ds0, None, dreset if reset_state.numel() else None
 
     def wkv7_emulated(r, w, k, v, a, b, state=None, resets=None, reset_state=None):
