@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from conftest import random_model
+from rwkv_sft.infer.step import _step_with_kernels as _with_kernels
 from rwkv_sft.infer.step import decode_step
+from rwkv_sft.ops.decode_cpu import kernels
 
 V = 300
 
@@ -21,9 +23,23 @@ def random_state(model, batch):
     return state
 
 
-@pytest.mark.parametrize("variant", ["plain", "deep_embed", "lora"])
-def test_decode_step_equals_the_normal_forward(one_thread, variant):
+@pytest.fixture(params=["kernels", "pytorch"])
+def step_path(request, monkeypatch):
+    """The decoding step's two paths: the C kernels (ops/csrc/decode_cpu.c) and plain PyTorch."""
+    monkeypatch.setenv("RWKV_SFT_DECODE_KERNELS", "1" if request.param == "kernels" else "0")
+    if request.param == "kernels" and kernels() is None:
+        pytest.skip("no C compiler: the step runs its PyTorch path")
+    return request.param
+
+
+@pytest.mark.parametrize("batch", [3, 1])
+@pytest.mark.parametrize("variant", ["plain", "deep_embed", "lora", "training_layout"])
+def test_decode_step_equals_the_normal_forward(one_thread, step_path, variant, batch, monkeypatch):
     model = random_model(seed=3, n_layer=3, n_embd=128, vocab_size=V, deep_embed=variant == "deep_embed").eval()
+    model.auto_decoding_layout = variant != "training_layout"  # (the C products read either layout)
+    import rwkv_sft.infer.step as step
+    taken = []
+    monkeypatch.setattr(step, "_step_with_kernels", lambda *a: taken.append(1) or _with_kernels(*a))
     if variant == "lora":  # adapted projections are called through their modules
         from rwkv_sft.adapters import add_lora
         add_lora(model, rank=4)
@@ -31,9 +47,9 @@ def test_decode_step_equals_the_normal_forward(one_thread, variant):
             for name, p in model.named_parameters():
                 if name.endswith("lora_B"):
                     p.normal_(0, 0.1)
-    tokens = torch.randint(0, V, (3, 8))
+    tokens = torch.randint(0, V, (batch, 8))
     with torch.no_grad():
-        for state in (None, random_state(model, 3)):
+        for state in (None, random_state(model, batch)):
             fast = slow = state
             for t in range(tokens.shape[1]):
                 want, slow = normal_step(model, tokens[:, t:t + 1], slow)
@@ -41,11 +57,12 @@ def test_decode_step_equals_the_normal_forward(one_thread, variant):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
                 for name in ("att_shift", "wkv", "ffn_shift"):
                     torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=1e-5, atol=1e-5)
+        assert bool(taken) == (step_path == "kernels")
         # plain projections are multiplied as one [3, C, C] stack; adapted ones through their modules
-        assert (model.blocks[1].att.stacked_rkv() is None) == (variant == "lora")
+        assert (model.blocks[1].att.stacked_rkv() is None) == (variant in ("lora", "training_layout"))
         # RWKV7.forward takes this path for one token without gradients; full_output keeps the T axis.
         logits, _ = model(tokens[:, :1], None)
-        assert logits.shape == (3, 1, V)
+        assert logits.shape == (batch, 1, V)
         torch.testing.assert_close(logits[:, 0], normal_step(model, tokens[:, :1], None)[0], rtol=1e-5, atol=1e-5)
         # Feeding a prompt in one call, then stepping, equals stepping all the way.
         _, prefilled = model(tokens[:, :5])
@@ -144,3 +161,90 @@ def test_the_stacked_projections_follow_the_weights(one_thread):
         assert att.stacked_rkv() is None
         torch.testing.assert_close(decode_step(model, tokens, None, full_output=False)[0],
                                    normal_step(model, tokens, None)[0], rtol=1e-5, atol=1e-5)
+
+
+# ---- the C kernels on their own ----
+
+def _matvec(lib, x, w, transposed):
+    y = torch.empty(w.shape[0])
+    stored = w.t().contiguous() if transposed else w.contiguous()
+    lib.rwkv7_matvec(x.data_ptr(), stored.data_ptr(), y.data_ptr(), w.shape[1], w.shape[0], int(transposed))
+    return y
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("transposed", [True, False])
+@pytest.mark.parametrize("shape", [(1100, 37), (53, 70), (16, 16), (1, 5), (2050, 515)])
+def test_matvec_equals_float64(shape, transposed, threads):
+    """Both weight layouts, sizes that are no multiple of the 16-wide sums, the 4-row passes or the
+    512-column blocks, one and two threads (each thread's share of the outputs)."""
+    lib = kernels()
+    if lib is None:
+        pytest.skip("no C compiler")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
+        w, x = torch.randn(shape, generator=g), torch.randn(shape[1], generator=g)
+        want = (w.double() @ x.double()).float()
+        torch.testing.assert_close(_matvec(lib, x, w, transposed), want, rtol=1e-5, atol=1e-5 * shape[1] ** 0.5)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_relu_square_keeps_nan():
+    lib = kernels()
+    if lib is None:
+        pytest.skip("no C compiler")
+    k = torch.tensor([-1.0, 0.0, 2.0, float("nan"), float("inf")])
+    lib.rwkv7_relu_square(k.numel(), k.data_ptr())
+    torch.testing.assert_close(k, torch.relu(torch.tensor([-1.0, 0.0, 2.0, float("nan"), float("inf")])) ** 2,
+                               equal_nan=True)
+
+
+def test_without_a_compiler_the_step_runs_in_pytorch(monkeypatch, tmp_path):
+    """No compiler: no library and no warning. A compiler that fails: one warning naming the
+    error. Either way decoding works (the PyTorch path) and gives the normal forward's logits."""
+    import warnings
+
+    import rwkv_sft.ops.decode_cpu as decode_cpu
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached build to find
+    monkeypatch.setattr(decode_cpu, "_loaded", {})
+    monkeypatch.setattr(decode_cpu, "compiler", lambda: None)
+    model = random_model(seed=2, n_layer=2, n_embd=64, vocab_size=V).eval()
+    tokens = torch.randint(0, V, (1, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            got = model(tokens, full_output=False)[0]
+    assert decode_cpu._loaded == {"lib": None}
+    torch.testing.assert_close(got, normal_step(model, tokens, None)[0], rtol=1e-5, atol=1e-5)
+
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\necho 'decode_cpu.c:1: error: no such thing' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setattr(decode_cpu, "_loaded", {})
+    monkeypatch.setattr(decode_cpu, "compiler", lambda: str(broken))
+    with pytest.warns(UserWarning, match="decoding runs in PyTorch.*error: no such thing"):
+        assert decode_cpu.kernels() is None
+    assert decode_cpu.kernels() is None  # once: the failure is remembered
+    assert not list((tmp_path / "rwkv_sft" / "decode_cpu").glob("*.so"))  # no half-written library left
+
+
+def test_the_kernels_take_odd_inputs_or_leave_them_to_pytorch(one_thread, step_path):
+    """A state whose tensors are views with odd strides, a parameter stored transposed, a float64
+    WKV state: the step still equals the normal forward (C reads a contiguous copy of the state,
+    and leaves a parameter it cannot read as it is to the PyTorch path)."""
+    model = random_model(seed=6, n_layer=2, n_embd=64, vocab_size=V).eval()
+    tokens = torch.randint(0, V, (1, 1))
+    state = random_state(model, 2).select(torch.tensor([1]))
+    state.wkv = state.wkv.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, other strides
+    state.att_shift = state.att_shift[..., :].expand(-1, 1, -1)
+    with torch.no_grad():
+        att = model.blocks[1].att
+        att.w1.data = att.w1.data.t().contiguous().t()
+        for s in (state, type(state)(state.att_shift, state.wkv.double(), state.ffn_shift)):
+            got, new = decode_step(model, tokens, s, full_output=False)
+            want, expected = normal_step(model, tokens, s)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(new.wkv, expected.wkv.to(new.wkv.dtype), rtol=1e-5, atol=1e-5)

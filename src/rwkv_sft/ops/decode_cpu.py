@@ -1,0 +1,86 @@
+"""The CPU decoding step's element-wise kernels (csrc/decode_cpu.c), built on first use.
+
+Why C through ctypes and not a torch C++ extension: the file needs no torch headers, so the
+system compiler builds it in well under a second (a torch extension takes ~30 s), and the
+library does not depend on torch's C++ ABI. `kernels()` returns the loaded library, or None when
+it cannot be had (no C compiler, or a failed build, which warns once); the decoding step then
+runs its plain-PyTorch path, which computes the same thing (as it does with RWKV_SFT_DECODE_KERNELS=0).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+SOURCE = Path(__file__).parent / "csrc" / "decode_cpu.c"
+FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu99", "-fopenmp-simd"]
+THREADS = ["-fopenmp"]  # torch's OpenMP runtime, already loaded; a compiler without OpenMP builds a 1-thread library
+
+_INT, _FLOAT, _LONG, _PTR = ctypes.c_int, ctypes.c_float, ctypes.c_long, ctypes.c_void_p
+_SIGNATURES = {  # function -> argument types, so that ctypes converts and checks every argument
+    "rwkv7_add_norm_mix": [_INT, _INT, _PTR, _PTR, _PTR, _PTR, _FLOAT, _PTR, _PTR, _INT, _PTR, _PTR],
+    "rwkv7_time_mix": [_INT] * 4 + [_PTR] * 7 + [_PTR, _PTR, _INT] * 4 + [_PTR] * 9 + [_FLOAT] + [_PTR] * 4,
+    "rwkv7_relu_square": [_LONG, _PTR],
+    "rwkv7_matvec": [_PTR, _PTR, _PTR, _INT, _INT, _INT],
+}
+_loaded: dict[str, object] = {}  # "lib" -> the library, or None once it failed
+
+
+def compiler() -> str | None:
+    """The C compiler to build with: $CC, else the first of cc, gcc, clang on the PATH."""
+    if os.environ.get("CC"):
+        return shutil.which(os.environ["CC"])
+    return next((path for name in ("cc", "gcc", "clang") if (path := shutil.which(name))), None)
+
+
+def library_path(cc: str) -> Path:
+    """Where the build of this source by this compiler is kept (rebuilt when either changes)."""
+    key = hashlib.sha1(SOURCE.read_bytes() + "\0".join([cc, *FLAGS, *THREADS, platform.machine()]).encode())
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "rwkv_sft" / "decode_cpu" / f"decode_cpu_{key.hexdigest()[:16]}.so"
+
+
+def build(cc: str) -> Path:
+    """Compile the library (atomically: concurrent builds each write their own file, then rename)."""
+    target = library_path(cc)
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            for threads in (THREADS, []):
+                result = subprocess.run([cc, *FLAGS, *threads, str(SOURCE), "-o", partial, "-lm"],
+                                        capture_output=True, text=True)
+                if result.returncode == 0:
+                    break
+            else:
+                lines = result.stderr.strip().splitlines() or ["no output"]
+                raise RuntimeError(f"{cc} could not build {SOURCE}: "
+                                   + next((ln for ln in lines if "error" in ln), lines[0]))
+            os.replace(partial, target)
+        finally:
+            Path(partial).unlink(missing_ok=True)
+    return target
+
+
+def kernels():
+    """The library (ctypes), or None where the plain-PyTorch decoding step must do."""
+    if "lib" not in _loaded:
+        _loaded["lib"] = None
+        cc = compiler()
+        if cc is not None:
+            try:
+                lib = ctypes.CDLL(str(build(cc)))
+                for name, argtypes in _SIGNATURES.items():
+                    getattr(lib, name).argtypes = argtypes
+                    getattr(lib, name).restype = None
+                _loaded["lib"] = lib
+            except (OSError, RuntimeError) as e:
+                warnings.warn(f"the CPU decoding kernels are unavailable, decoding runs in PyTorch: {e}")
+    return _loaded["lib"]
