@@ -82,7 +82,7 @@ def decode_step(model, tokens: torch.Tensor, state: RWKV7State | None = None, fu
 def _kernels_for(model):
     """The C kernels when this model's step can use them: an fp32 model on the CPU, and not
     switched off with RWKV_SFT_DECODE_KERNELS=0 (the plain-PyTorch path computes the same)."""
-    if os.environ.get("RWKV_SFT_DECODE_KERNELS", "1") == "0":
+    if os.environ.get("RWKV_SFT_DECODE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in (model.emb.weight, model.head.weight)):
         return None
