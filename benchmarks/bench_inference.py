@@ -5,6 +5,7 @@ Both load the same random checkpoint (BlinkDL .pth layout). Rows:
   decode    `RWKV7.load` as it is, then `model(token, state, full_output=False)` per token
   generate  `generate()` (greedy, no stop strings) on that model
   cli       what `rwkv-sft generate` runs: the model loaded with `.decoding_layout()`, then `generate()`
+  decode-py the decode row with the C step switched off (RWKV_SFT_DECODE_KERNELS=0): the PyTorch step
 The package side of every decoding row is its own `forward([token], state)` loop with argmax.
 Ours and the package run interleaved, --repeats times; the table shows median tokens/s and the
 median of the per-repeat ratios, which survive a busy machine better than absolute numbers.
@@ -81,6 +82,14 @@ def main():
             for _ in range(n):
                 logits, state = ours(logits.argmax(-1, keepdim=True), state, full_output=False)
 
+    def our_decode_in_pytorch():
+        before = os.environ.get("RWKV_SFT_DECODE_KERNELS", "1")
+        os.environ["RWKV_SFT_DECODE_KERNELS"] = "0"
+        try:
+            our_decode()
+        finally:
+            os.environ["RWKV_SFT_DECODE_KERNELS"] = before
+
     def their_decode():
         logits, state = theirs.forward(ids[:8], None)
         for _ in range(n):
@@ -101,7 +110,8 @@ def main():
     phases = [("prefill", args.prompt, our_prefill, their_prefill),
               ("decode", n, our_decode, their_decode),
               ("generate", n, lambda: our_generate(ours), their_decode),
-              ("cli", n, lambda: our_generate(cli), their_decode)]
+              ("cli", n, lambda: our_generate(cli), their_decode),
+              ("decode-py", n, our_decode_in_pytorch, their_decode)]
     for _, _, mine, ref in phases:  # warm-up (allocator, the package's TorchScript)
         mine()
         ref()
