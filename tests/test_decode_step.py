@@ -248,3 +248,23 @@ def test_the_kernels_take_odd_inputs_or_leave_them_to_pytorch(one_thread, step_p
             want, expected = normal_step(model, tokens, s)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(new.wkv, expected.wkv.to(new.wkv.dtype), rtol=1e-5, atol=1e-5)
+
+
+def test_every_build_variant_compiles_and_computes(tmp_path):
+    """The fallbacks for other toolchains (no OpenMP, no per-CPU clones) build here too and give
+    the same products."""
+    import ctypes
+    import subprocess
+
+    import rwkv_sft.ops.decode_cpu as decode_cpu
+    cc = decode_cpu.compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    w, x = torch.randn(300, 70), torch.randn(70)
+    for i, variant in enumerate(decode_cpu.VARIANTS):
+        out = tmp_path / f"v{i}.so"
+        subprocess.run([cc, *decode_cpu.FLAGS, *variant, str(decode_cpu.SOURCE), "-o", str(out), "-lm"], check=True)
+        lib = ctypes.CDLL(str(out))
+        lib.rwkv7_matvec.argtypes = decode_cpu._SIGNATURES["rwkv7_matvec"]
+        for transposed in (True, False):
+            torch.testing.assert_close(_matvec(lib, x, w, transposed), w @ x, rtol=1e-5, atol=1e-4)

@@ -20,7 +20,9 @@ from pathlib import Path
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_cpu.c"
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu99", "-fopenmp-simd"]
-THREADS = ["-fopenmp"]  # torch's OpenMP runtime, already loaded; a compiler without OpenMP builds a 1-thread library
+# Tried in turn: threads from torch's OpenMP runtime (already loaded); one thread, for a compiler
+# without OpenMP (Apple clang); also no per-CPU clones, for a C library without ifunc (musl).
+VARIANTS = (["-fopenmp"], [], ["-DNO_VECTOR_CLONES"])
 
 _INT, _FLOAT, _LONG, _PTR = ctypes.c_int, ctypes.c_float, ctypes.c_long, ctypes.c_void_p
 _SIGNATURES = {  # function -> argument types, so that ctypes converts and checks every argument
@@ -41,7 +43,7 @@ def compiler() -> str | None:
 
 def library_path(cc: str) -> Path:
     """Where the build of this source by this compiler is kept (rebuilt when either changes)."""
-    key = hashlib.sha1(SOURCE.read_bytes() + "\0".join([cc, *FLAGS, *THREADS, platform.machine()]).encode())
+    key = hashlib.sha1(SOURCE.read_bytes() + "\0".join([cc, *FLAGS, *sum(VARIANTS, []), platform.machine()]).encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "rwkv_sft" / "decode_cpu" / f"decode_cpu_{key.hexdigest()[:16]}.so"
 
@@ -54,8 +56,8 @@ def build(cc: str) -> Path:
         fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            for threads in (THREADS, []):
-                result = subprocess.run([cc, *FLAGS, *threads, str(SOURCE), "-o", partial, "-lm"],
+            for variant in VARIANTS:
+                result = subprocess.run([cc, *FLAGS, *variant, str(SOURCE), "-o", partial, "-lm"],
                                         capture_output=True, text=True)
                 if result.returncode == 0:
                     break

@@ -13,8 +13,9 @@
 #endif
 
 /* The matrix-vector products are bandwidth-bound only with wide vectors: on x86 with GCC, build
- * them for AVX-512, AVX2 and plain x86-64 and pick one at load time (one binary for every CPU). */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+ * them for AVX-512, AVX2 and plain x86-64 and pick one at load time (one binary for every CPU;
+ * NO_VECTOR_CLONES builds plain code where the C library cannot pick, as musl). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(NO_VECTOR_CLONES)
 #define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define VECTOR_CLONES
