@@ -105,10 +105,10 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _step_with_kernels(lib, model, tokens, state):
-    """decode_step with the work between a layer's projections in C (ops/csrc/decode_cpu.c): the
-    residual, layer norm and token-shift mixes on the way into each mix; the time mix's low-rank
-    products, WKV-7 and group norm. The projections (r, k, v, output, the channel mix) stay with
-    torch, through their modules where they are not plain Linear layers (LoRA)."""
+    """decode_step with the work of each layer in C (ops/csrc/decode_cpu.c): the residual, layer
+    norm and token-shift mixes on the way into each mix; the time mix's low-rank products, WKV-7
+    and group norm; the projections through `_project` (C for one row of a plain Linear). Raises
+    _NotForKernels, having changed nothing of the caller's, when a tensor is not as C reads it."""
     B, L, C, f32 = tokens.shape[0], len(model.blocks), model.config.n_embd, torch.float32
     new = RWKV7State(torch.empty(L, B, C, dtype=f32), torch.empty(state.wkv.shape, dtype=f32), torch.empty(L, B, C, dtype=f32))
     # the caller's state as C reads it (references held here, so the memory lives through each call)
