@@ -84,10 +84,11 @@ class TimeMix(nn.Module):
         """Decoding layout: receptance, key and value weights as views into one [3, C, C] tensor
         (each transposed, as decoding_layout stores them), so a decoding step makes one batched
         matrix product of the three (on 2 CPU cores 16 GB/s of weights streamed against 11.5 for
-        three products). Only for plain linear layers of one dtype (not LoRA, not a compact base)."""
+        three products). Only for plain fp32 linear layers (not LoRA, not a compact base, not bf16:
+        see _set_layout)."""
         layers = (self.receptance, self.key, self.value)
         self._rkv = None
-        if on and all(type(m) is nn.Linear for m in layers) and len({m.weight.dtype for m in layers}) == 1:
+        if on and all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in layers):
             self._rkv = torch.stack([m.weight.data.t() for m in layers])  # [3, in, out]
             for m, w in zip(layers, self._rkv):
                 m.weight.data = w.t()
@@ -235,7 +236,8 @@ class RWKV7(nn.Module):
 
         A single-token step multiplies a vector by each weight; on CPU, MKL streams a weight
         stored this way ~1.4x faster (the head at V=65536, C=768: 8.8 vs 12.6 ms), as the `rwkv`
-        package's loader arranges too. A decoding step without gradients switches to it by
+        package's loader arranges too. Weights in other dtypes than fp32 stay as they are (in bf16
+        the transposed weight is the ~10x slower one). A decoding step without gradients switches to it by
         itself on the CPU, and the next forward with gradients switches back (training_layout).
         """
         return self._set_layout(decoding=True)
@@ -250,7 +252,9 @@ class RWKV7(nn.Module):
                 if isinstance(module, nn.Linear):
                     w = module.weight.data
                     wide = module.out_features >= module.in_features  # a narrowing one streams better as it is
-                    module.weight.data = w.t().contiguous().t() if decoding and wide else w.contiguous()
+                    # fp32 only: torch's CPU bf16 matrix-vector product is ~10x slower on a transposed weight
+                    transpose = decoding and wide and w.dtype == torch.float32
+                    module.weight.data = w.t().contiguous().t() if transpose else w.contiguous()
             for block in self.blocks:
                 block.att.stack_rkv(decoding)
         self._decoding_layout = decoding
