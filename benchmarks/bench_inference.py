@@ -6,6 +6,8 @@ Both load the same random checkpoint (BlinkDL .pth layout). Rows:
   generate  `generate()` (greedy, no stop strings) on that model
   cli       what `rwkv-sft generate` runs: the model loaded with `.decoding_layout()`, then `generate()`
   decode-py the decode row with the C step switched off (RWKV_SFT_DECODE_KERNELS=0): the PyTorch step
+  cli-bf16  `rwkv-sft generate --dtype bf16`: the cli row on bf16 weights (half the bytes per token),
+            still against the package in fp32
 The package side of every decoding row is its own `forward([token], state)` loop with argmax.
 Ours and the package run interleaved, --repeats times; the table shows median tokens/s and the
 median of the per-repeat ratios, which survive a busy machine better than absolute numbers.
@@ -61,6 +63,7 @@ def main():
         theirs = RWKV(f"{tmp}/m", "cpu fp32")
         ours = RWKV7.load(f"{tmp}/m.pth")                                  # the default Python path
         cli = RWKV7.load(f"{tmp}/m.pth", dtype=torch.float32).eval().decoding_layout()  # as the CLI loads
+        cli_bf16 = RWKV7.load(f"{tmp}/m.pth", dtype=torch.bfloat16).eval().decoding_layout()
     finally:
         shutil.rmtree(tmp)
     tokenizer = Tokenizer()
@@ -111,7 +114,8 @@ def main():
               ("decode", n, our_decode, their_decode),
               ("generate", n, lambda: our_generate(ours), their_decode),
               ("cli", n, lambda: our_generate(cli), their_decode),
-              ("decode-py", n, our_decode_in_pytorch, their_decode)]
+              ("decode-py", n, our_decode_in_pytorch, their_decode),
+              ("cli-bf16", n, lambda: our_generate(cli_bf16), their_decode)]
     for _, _, mine, ref in phases:  # warm-up (allocator, the package's TorchScript)
         mine()
         ref()

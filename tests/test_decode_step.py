@@ -1,4 +1,6 @@
 """The fused single-token decoding step against the model's normal forward (its slow twin)."""
+import copy
+
 import pytest
 import torch
 
@@ -166,18 +168,24 @@ def test_the_stacked_projections_follow_the_weights(one_thread):
 # ---- the C kernels on their own ----
 
 def _matvec(lib, x, w, transposed):
-    y = torch.empty(w.shape[0])
+    """x [B,in] (or [in]) times w^T [in,out] through C, w stored transposed or as it is."""
+    rows = x.reshape(-1, w.shape[1]).contiguous()
+    y = torch.empty(rows.shape[0], w.shape[0])
     stored = w.t().contiguous() if transposed else w.contiguous()
-    lib.rwkv7_matvec(x.data_ptr(), stored.data_ptr(), y.data_ptr(), w.shape[1], w.shape[0], int(transposed))
-    return y
+    function = getattr(lib, "rwkv7_matvec_" + {torch.float32: "f32", torch.bfloat16: "bf16"}[w.dtype])
+    function(rows.shape[0], rows.data_ptr(), stored.data_ptr(), y.data_ptr(), w.shape[1], w.shape[0], int(transposed))
+    return y.reshape(*x.shape[:-1], w.shape[0])
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("transposed", [True, False])
 @pytest.mark.parametrize("shape", [(1100, 37), (53, 70), (16, 16), (1, 5), (2050, 515)])
-def test_matvec_equals_float64(shape, transposed, threads):
+def test_matvec_equals_float64(shape, transposed, threads, dtype, rows):
     """Both weight layouts, sizes that are no multiple of the 16-wide sums, the 4-row passes or the
-    512-column blocks, one and two threads (each thread's share of the outputs)."""
+    512-column blocks, one and two threads (each thread's share of the outputs); fp32 weights and
+    bf16 ones (read exactly as fp32)."""
     lib = kernels()
     if lib is None:
         pytest.skip("no C compiler")
@@ -185,8 +193,8 @@ def test_matvec_equals_float64(shape, transposed, threads):
     torch.set_num_threads(threads)
     try:
         g = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
-        w, x = torch.randn(shape, generator=g), torch.randn(shape[1], generator=g)
-        want = (w.double() @ x.double()).float()
+        w, x = torch.randn(shape, generator=g).to(dtype), torch.randn(rows, shape[1], generator=g)
+        want = (x.double() @ w.double().t()).float()
         torch.testing.assert_close(_matvec(lib, x, w, transposed), want, rtol=1e-5, atol=1e-5 * shape[1] ** 0.5)
     finally:
         torch.set_num_threads(before)
@@ -265,7 +273,7 @@ def test_every_build_variant_compiles_and_computes(tmp_path):
         out = tmp_path / f"v{i}.so"
         subprocess.run([cc, *decode_cpu.FLAGS, *variant, str(decode_cpu.SOURCE), "-o", str(out), "-lm"], check=True)
         lib = ctypes.CDLL(str(out))
-        lib.rwkv7_matvec.argtypes = decode_cpu._SIGNATURES["rwkv7_matvec"]
+        lib.rwkv7_matvec_f32.argtypes = decode_cpu._SIGNATURES["rwkv7_matvec_f32"]
         for transposed in (True, False):
             torch.testing.assert_close(_matvec(lib, x, w, transposed), w @ x, rtol=1e-5, atol=1e-4)
 
@@ -283,3 +291,37 @@ def test_a_bf16_model_decodes_in_its_stored_layout(one_thread):
     assert model.blocks[0].att.stacked_rkv() is None
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(state.wkv, expected.wkv, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("variant", ["plain", "deep_embed", "lora"])
+def test_a_bf16_model_steps_in_c_like_its_fp32_twin(one_thread, step_path, variant, batch):
+    """C reads bf16 weights as fp32 and keeps activations in fp32, so a bf16 model's step equals
+    the full forward of its fp32 twin (the same weights, converted exactly) from the same state:
+    the WKV state to fp32 rounding, logits and token shifts to bf16 rounding (they come back in
+    bf16). The PyTorch path computes in bf16 and is held to bf16's distance, as are LoRA layers and
+    DeepEmbed's channel mix, which both paths run through their modules in the model's dtype."""
+    model = random_model(seed=9, n_layer=3, n_embd=128, vocab_size=V, deep_embed=variant == "deep_embed").eval()
+    if variant == "lora":
+        from rwkv_sft.adapters import add_lora
+        add_lora(model, rank=4)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("lora_B"):
+                    p.normal_(0, 0.1)
+    model = model.to(torch.bfloat16)
+    twin = copy.deepcopy(model).float()
+    tokens = torch.randint(0, V, (batch, 4))
+    exact = step_path == "kernels" and variant == "plain"
+    tol = dict(rtol=1e-5, atol=1e-5) if exact else dict(rtol=0.1, atol=0.1)  # (bf16 over 3 layers)
+    rounded = dict(rtol=8e-3, atol=1e-5) if exact else tol  # a bf16 result: one bf16 rounding
+    state = random_state(model, batch)
+    with torch.no_grad():
+        for t in range(tokens.shape[1]):
+            got, new = decode_step(model, tokens[:, t:t + 1], state, full_output=False)
+            want, expected = normal_step(twin, tokens[:, t:t + 1], state)
+            assert got.dtype == new.att_shift.dtype == new.ffn_shift.dtype == torch.bfloat16
+            torch.testing.assert_close(new.wkv, expected.wkv, **tol)
+            torch.testing.assert_close(got.float(), want, **rounded)
+            torch.testing.assert_close(new.att_shift.float(), expected.att_shift, **rounded)
+            state = new

@@ -79,12 +79,16 @@ def decode_step(model, tokens: torch.Tensor, state: RWKV7State | None = None, fu
     return (logits.unsqueeze(1) if full_output else logits), new_state
 
 
+_WEIGHT_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}  # weight dtype -> the C functions' suffix
+
+
 def _kernels_for(model):
-    """The C kernels when this model's step can use them: an fp32 model on the CPU, and not
-    switched off with RWKV_SFT_DECODE_KERNELS=0 (the plain-PyTorch path computes the same)."""
+    """The C kernels when this model's step can use them: an fp32 or bf16 model on the CPU, and not
+    switched off with RWKV_SFT_DECODE_KERNELS=0 (the PyTorch path computes the same)."""
     if os.environ.get("RWKV_SFT_DECODE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
-    if any(w.dtype != torch.float32 or w.device.type != "cpu" for w in (model.emb.weight, model.head.weight)):
+    emb, head = model.emb.weight, model.head.weight
+    if emb.dtype not in _WEIGHT_TYPES or head.dtype != emb.dtype or head.device.type != "cpu":
         return None
     from ..ops.decode_cpu import kernels
     return kernels()
@@ -94,12 +98,12 @@ class _NotForKernels(Exception):
     """A tensor the C kernels cannot read as it is; the step runs in PyTorch instead."""
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    """The address of a tensor's data, or NULL. C reads it as contiguous fp32, so that is checked;
-    the caller keeps the tensor alive until the call returns."""
+def _ptr(t: torch.Tensor | None, dtype=torch.float32) -> int | None:
+    """The address of a tensor's data, or NULL. C reads it as contiguous `dtype`, so that is
+    checked; the caller keeps the tensor alive until the call returns."""
     if t is None:
         return None
-    if not t.is_contiguous() or t.dtype != torch.float32 or t.device.type != "cpu":
+    if not t.is_contiguous() or t.dtype != dtype or t.device.type != "cpu":
         raise _NotForKernels
     return t.data_ptr()
 
@@ -107,71 +111,80 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def _step_with_kernels(lib, model, tokens, state):
     """decode_step with the work of each layer in C (ops/csrc/decode_cpu.c): the residual, layer
     norm and token-shift mixes on the way into each mix; the time mix's low-rank products, WKV-7
-    and group norm; the projections through `_project` (C for one row of a plain Linear). Raises
-    _NotForKernels, having changed nothing of the caller's, when a tensor is not as C reads it."""
-    B, L, C, f32 = tokens.shape[0], len(model.blocks), model.config.n_embd, torch.float32
+    and group norm; the projections through `_project` (C for one row of a plain Linear).
+    Activations are fp32 and weights are read as stored (fp32 or bf16); logits and token-shift
+    states come back in the weights' dtype, as from the PyTorch path. Raises _NotForKernels,
+    having changed nothing of the caller's, when a tensor is not as C reads it."""
+    B, L, C, f32, dtype = tokens.shape[0], len(model.blocks), model.config.n_embd, torch.float32, model.emb.weight.dtype
+    add_norm_mix, time_mix = (getattr(lib, f"{name}_{_WEIGHT_TYPES[dtype]}") for name in ("rwkv7_add_norm_mix", "rwkv7_time_mix"))
+    weight = lambda t: _ptr(t, dtype)  # noqa: E731  (a parameter, as stored)
     new = RWKV7State(torch.empty(L, B, C, dtype=f32), torch.empty(state.wkv.shape, dtype=f32), torch.empty(L, B, C, dtype=f32))
     # the caller's state as C reads it (references held here, so the memory lives through each call)
     att_in, wkv_in, ffn_in = (t.to(f32).contiguous() for t in (state.att_shift, state.wkv, state.ffn_shift))
-    x = model.blocks[0].ln0(model.emb(tokens[:, 0]))  # the residual stream, updated in place
+
+    def enter(x, dx, norm, normed, last, mixes, out):
+        """x += dx; normed = norm(x); out[m] = normed + (last - normed) * mixes[m] (in one pass)."""
+        mix_ptrs = (ctypes.c_void_p * max(len(mixes), 1))(*map(weight, mixes))
+        add_norm_mix(B, C, _ptr(x), _ptr(dx), weight(norm.weight), weight(norm.bias), norm.eps, _ptr(normed),
+                     _ptr(last), len(mixes), mix_ptrs, _ptr(out))
+
+    x = torch.empty(B, C, dtype=f32)  # the residual stream, updated in place
+    enter(model.emb(tokens[:, 0]).float(), None, model.blocks[0].ln0, x, None, (), None)
     x_emb = x.clone() if model.config.deep_embed else None
     dx = v_first = None
     for i, block in enumerate(model.blocks):
         att, ffn = block.att, block.ffn
         mixed = torch.empty(6, B, C, dtype=f32)  # r, k, v, w, a, g
-        _enter(lib, x, dx, block.ln1, new.att_shift[i], att_in[i],
-               (att.x_r, att.x_k, att.x_v, att.x_w, att.x_a, att.x_g), mixed)
+        enter(x, dx, block.ln1, new.att_shift[i], att_in[i], (att.x_r, att.x_k, att.x_v, att.x_w, att.x_a, att.x_g), mixed)
         xr, xk, xv, xw, xa, xg = mixed
-        rkv = att.stacked_rkv() if B > 1 else None
+        rkv = att.stacked_rkv() if B > MATVEC_ROWS else None
         if rkv is not None:
             r, k, v = torch.bmm(mixed[:3], rkv)
         else:
-            r, k, v = _project(lib, att.receptance, xr), _project(lib, att.key, xk), _project(lib, att.value, xv)
+            r, k, v = (_project(lib, m, xm, dtype) for m, xm in ((att.receptance, xr), (att.key, xk), (att.value, xv)))
         first = att.layer_id == 0  # it defines v_first, the others mix it in
         v_first = torch.empty(B, C, dtype=f32) if first else v_first
         low_rank = [(att.w1, att.w2), (att.a1, att.a2), (None, None) if first else (att.v1, att.v2), (att.g1, att.g2)]
         out, scratch = torch.empty(B, C, dtype=f32), torch.empty(4, B, C, dtype=f32)
-        lib.rwkv7_time_mix(
+        time_mix(
             B, att.n_head, att.head_size, int(first), *map(_ptr, (r, k, v, xw, xa, xv, xg)),
-            *(arg for down, up in low_rank for arg in (_ptr(down), _ptr(up), 0 if down is None else down.shape[1])),
-            *map(_ptr, (att.w0, att.a0, None if first else att.v0, v_first, att.k_k, att.k_a, att.r_k,
-                        att.ln_x.weight, att.ln_x.bias)), att.ln_x.eps,
+            *(arg for down, up in low_rank for arg in (weight(down), weight(up), 0 if down is None else down.shape[1])),
+            *map(weight, (att.w0, att.a0, None if first else att.v0)), _ptr(v_first),
+            *map(weight, (att.k_k, att.k_a, att.r_k, att.ln_x.weight, att.ln_x.bias)), att.ln_x.eps,
             _ptr(wkv_in[i]), _ptr(new.wkv[i]), _ptr(scratch), _ptr(out))
-        dx = _project(lib, att.output, out)
+        dx = _project(lib, att.output, out, dtype)
         if ffn.deep_embed:
-            _enter(lib, x, dx, block.ln2, new.ffn_shift[i], None, (), None)
-            dx = ffn(new.ffn_shift[i].unsqueeze(1), state.ffn_shift[i], None, tokens, x_emb.unsqueeze(1))[0][:, 0]
+            enter(x, dx, block.ln2, new.ffn_shift[i], None, (), None)
+            dx = ffn(new.ffn_shift[i].to(dtype).unsqueeze(1), state.ffn_shift[i], None, tokens,
+                     x_emb.to(dtype).unsqueeze(1))[0][:, 0].float()
         else:
             mixed = torch.empty(B, C, dtype=f32)
-            _enter(lib, x, dx, block.ln2, new.ffn_shift[i], ffn_in[i], (ffn.x_k,), mixed)
-            k = _project(lib, ffn.key, mixed).contiguous()
+            enter(x, dx, block.ln2, new.ffn_shift[i], ffn_in[i], (ffn.x_k,), mixed)
+            k = _project(lib, ffn.key, mixed, dtype).contiguous()
             lib.rwkv7_relu_square(k.numel(), _ptr(k))
-            dx = _project(lib, ffn.value, k)
+            dx = _project(lib, ffn.value, k, dtype)
     hidden = torch.empty(B, C, dtype=f32)
-    _enter(lib, x, dx, model.ln_out, hidden, None, (), None)
-    return _project(lib, model.head, hidden), new
+    enter(x, dx, model.ln_out, hidden, None, (), None)
+    logits = _project(lib, model.head, hidden, dtype).to(dtype)
+    return logits, RWKV7State(new.att_shift.to(dtype), new.wkv, new.ffn_shift.to(dtype))
 
 
-def _enter(lib, x, dx, norm, normed, last, mixes, out):
-    """x += dx; normed = norm(x); out[m] = normed + (last - normed) * mixes[m] (C, in one pass)."""
-    B, C = x.shape
-    mix_ptrs = (ctypes.c_void_p * max(len(mixes), 1))(*map(_ptr, mixes))
-    lib.rwkv7_add_norm_mix(B, C, _ptr(x), _ptr(dx), _ptr(norm.weight), _ptr(norm.bias), norm.eps, _ptr(normed),
-                           _ptr(last), len(mixes), mix_ptrs, _ptr(out))
+MATVEC_ROWS = 8  # up to this many rows, C streams a weight once for all; above, torch's matrix product
 
 
-def _project(lib, module, x):
-    """module(x) for x [B,in]. A plain fp32 Linear without bias: for one row, C's matrix-vector
-    product (on 2 cores ~20% faster than torch's); for several, F.linear (skips the module call).
-    Other modules (LoRA) are called."""
+def _project(lib, module, x, dtype):
+    """module(x) for x [B,in] fp32, in fp32. A plain Linear without bias: for up to MATVEC_ROWS
+    rows, C's matrix-vector products (on 2 cores ~20% faster than torch's in fp32; bf16 weights
+    read as fp32); for more, F.linear. Other modules (LoRA) are called with x in the model's dtype."""
     if type(module) is not nn.Linear or module.bias is not None:
-        return module(x)
+        return module(x.to(dtype)).float()
     w = module.weight
-    if x.shape[0] == 1 and w.dtype == torch.float32 and (w.is_contiguous() or w.t().is_contiguous()):
-        y = torch.empty(1, w.shape[0], dtype=torch.float32)
-        lib.rwkv7_matvec(_ptr(x), w.data_ptr(), _ptr(y), w.shape[1], w.shape[0], int(not w.is_contiguous()))
+    if x.shape[0] <= MATVEC_ROWS and w.dtype in _WEIGHT_TYPES and (w.is_contiguous() or w.t().is_contiguous()):
+        y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+        getattr(lib, "rwkv7_matvec_" + _WEIGHT_TYPES[w.dtype])(
+            x.shape[0], _ptr(x), w.data_ptr(), _ptr(y), w.shape[1], w.shape[0], int(not w.is_contiguous()))
         return y
-    return F.linear(x, w)
+    return F.linear(x.to(w.dtype), w).float()
 
 
 def _time_mix(att, x, last_x, S, v_first, S_out):

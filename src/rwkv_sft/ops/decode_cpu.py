@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_cpu.c"
+HEADERS = [Path(__file__).parent / "csrc" / "decode_cpu_weights.h"]  # included by SOURCE
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=gnu99", "-fopenmp-simd"]
 # Tried in turn: threads from torch's OpenMP runtime (already loaded); one thread, for a compiler
 # without OpenMP (Apple clang); also no per-CPU clones, for a C library without ifunc (musl).
@@ -26,10 +27,12 @@ VARIANTS = (["-fopenmp"], [], ["-DNO_VECTOR_CLONES"])
 
 _INT, _FLOAT, _LONG, _PTR = ctypes.c_int, ctypes.c_float, ctypes.c_long, ctypes.c_void_p
 _SIGNATURES = {  # function -> argument types, so that ctypes converts and checks every argument
-    "rwkv7_add_norm_mix": [_INT, _INT, _PTR, _PTR, _PTR, _PTR, _FLOAT, _PTR, _PTR, _INT, _PTR, _PTR],
-    "rwkv7_time_mix": [_INT] * 4 + [_PTR] * 7 + [_PTR, _PTR, _INT] * 4 + [_PTR] * 9 + [_FLOAT] + [_PTR] * 4,
     "rwkv7_relu_square": [_LONG, _PTR],
-    "rwkv7_matvec": [_PTR, _PTR, _PTR, _INT, _INT, _INT],
+    **{f"{name}_{weights}": argtypes for weights in ("f32", "bf16") for name, argtypes in {
+        "rwkv7_add_norm_mix": [_INT, _INT, _PTR, _PTR, _PTR, _PTR, _FLOAT, _PTR, _PTR, _INT, _PTR, _PTR],
+        "rwkv7_time_mix": [_INT] * 4 + [_PTR] * 7 + [_PTR, _PTR, _INT] * 4 + [_PTR] * 9 + [_FLOAT] + [_PTR] * 4,
+        "rwkv7_matvec": [_INT, _PTR, _PTR, _PTR, _INT, _INT, _INT],
+    }.items()},
 }
 _loaded: dict[str, object] = {}  # "lib" -> the library, or None once it failed
 
@@ -43,7 +46,7 @@ def compiler() -> str | None:
 
 def library_path(cc: str) -> Path:
     """Where the build of this source by this compiler is kept (rebuilt when either changes)."""
-    key = hashlib.sha1(SOURCE.read_bytes() + "\0".join([cc, *FLAGS, *sum(VARIANTS, []), platform.machine()]).encode())
+    key = hashlib.sha1(b"".join(f.read_bytes() for f in (SOURCE, *HEADERS)) + "\0".join([cc, *FLAGS, *sum(VARIANTS, []), platform.machine()]).encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "rwkv_sft" / "decode_cpu" / f"decode_cpu_{key.hexdigest()[:16]}.so"
 

@@ -1,13 +1,16 @@
-/* One RWKV-7 decoding step on the CPU, fp32: the element-wise parts of a layer in one call.
+/* One RWKV-7 decoding step on the CPU: a layer's work in a few calls, activations in fp32.
  *
- * The matrix-vector products stay with torch (MKL streams the weights as fast as memory allows);
- * what is left of a layer is ~40 small tensor operations whose dispatch costs more than their
- * arithmetic. Each function here does one such group in a single pass over B rows. The math is
- * infer/step.py's Python path (and TimeMix / ChannelMix for T = 1); tests/test_decode_step.py
- * checks the two against each other. Plain C, no torch headers: built in a fraction of a second
- * by the system compiler and called through ctypes (ops/decode_cpu.py).
+ * In PyTorch a layer's step is ~40 small tensor operations whose dispatch costs more than their
+ * arithmetic, and matrix-vector products that stream the weights slower than memory allows. Each
+ * function here does one such group in a single pass. The math is infer/step.py's PyTorch path
+ * (and TimeMix / ChannelMix for T = 1); tests/test_decode_step.py checks the two against each
+ * other. Plain C, no torch headers: built in a second or two by the system compiler and called
+ * through ctypes (ops/decode_cpu.py). The functions that read weights come twice, from
+ * decode_cpu_weights.h: name_f32 for fp32 weights and name_bf16 for bf16 ones (read as fp32).
  */
 #include <math.h>
+#include <stdint.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -26,43 +29,6 @@
 static inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 static inline int max(int a, int b) { return a > b ? a : b; }
 
-/* y[j0:j1] of y = x Wt, Wt [in][out] row-major (a wide Linear's weight as decoding_layout keeps
- * it): for each block of 512 outputs, every row of Wt adds its part, four rows per pass. */
-VECTOR_CLONES static void columns_of_x_wt(const float *restrict x, const float *restrict Wt, float *restrict y,
-                                          int in, int out, int j0, int j1) {
-    for (int jb = j0; jb < j1; jb += 512) {
-        const int width = j1 - jb < 512 ? j1 - jb : 512;
-        float acc[512];
-        for (int j = 0; j < width; j++) acc[j] = 0.0f;
-        int i = 0;
-        for (; i + 4 <= in; i += 4) {
-            const float x0 = x[i], x1 = x[i + 1], x2 = x[i + 2], x3 = x[i + 3];
-            const float *w0 = Wt + (long)i * out + jb, *w1 = w0 + out, *w2 = w1 + out, *w3 = w2 + out;
-            for (int j = 0; j < width; j++) acc[j] += x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j];
-        }
-        for (; i < in; i++) {
-            const float xi = x[i], *w = Wt + (long)i * out + jb;
-            for (int j = 0; j < width; j++) acc[j] += xi * w[j];
-        }
-        for (int j = 0; j < width; j++) y[jb + j] = acc[j];
-    }
-}
-
-/* y[r0:r1] of y = W x, W [out][in] row-major: one dot product per row, in 16 partial sums. */
-VECTOR_CLONES static void rows_of_w_x(const float *restrict x, const float *restrict W, float *restrict y,
-                                      int in, int r0, int r1) {
-    for (int r = r0; r < r1; r++) {
-        const float *w = W + (long)r * in;
-        float part[16] = {0.0f}, sum = 0.0f;
-        int i = 0;
-        for (; i + 16 <= in; i += 16)
-            for (int q = 0; q < 16; q++) part[q] += w[i + q] * x[i + q];
-        for (; i < in; i++) sum += w[i] * x[i];
-        for (int q = 0; q < 16; q++) sum += part[q];
-        y[r] = sum;
-    }
-}
-
 /* This thread's share [*begin, *end) of n items, in multiples of align. */
 static void share(int n, int align, int *begin, int *end) {
     int threads = 1, thread = 0;
@@ -75,21 +41,6 @@ static void share(int n, int align, int *begin, int *end) {
     *end = *begin + per < n ? *begin + per : n;
 }
 
-/* y [out] = W x for one row x [in], W the weight [out][in] of a Linear; stored transposed
- * ([in][out] row-major) when transposed is 1. The threads (torch's OpenMP pool, whose size
- * torch.set_num_threads sets) each take a share of the outputs. */
-void rwkv7_matvec(const float *x, const float *W, float *y, int in, int out, int transposed) {
-#pragma omp parallel
-    {
-        int begin, end;
-        share(out, 16, &begin, &end);
-        if (transposed)
-            columns_of_x_wt(x, W, y, in, out, begin, end);
-        else
-            rows_of_w_x(x, W, y, in, begin, end);
-    }
-}
-
 /* The sum of x[i] y[i]; the pragma lets it vectorise (with -fopenmp-simd) without licence to
  * reorder every other float operation in the file. */
 static inline float dot(const float *x, const float *y, int n) {
@@ -99,129 +50,25 @@ static inline float dot(const float *x, const float *y, int n) {
     return sum;
 }
 
-/* A block's entry to its time mix or channel mix, for every row b of [B,C]:
- *   x += dx (the previous mix's output, when dx is not NULL), normed = layer_norm(x),
- *   out[m] = normed + (last - normed) * mix[m] for m < count (the token-shift mixes). */
-void rwkv7_add_norm_mix(int B, int C, float *x, const float *dx, const float *ln_w, const float *ln_b,
-                        float eps, float *normed, const float *last, int count, const float *const *mix,
-                        float *out) {
-    for (int b = 0; b < B; b++) {
-        float *xb = x + (long)b * C, *nb = normed + (long)b * C;
-        const float *lb = last ? last + (long)b * C : 0;
-        double mean = 0.0, var = 0.0;
-        for (int c = 0; c < C; c++) {
-            if (dx) xb[c] += dx[(long)b * C + c];
-            mean += xb[c];
-        }
-        mean /= C;
-        for (int c = 0; c < C; c++) var += (xb[c] - mean) * (xb[c] - mean);
-        const float m = (float)mean, rstd = (float)(1.0 / sqrt(var / C + eps));
-        for (int c = 0; c < C; c++) nb[c] = (xb[c] - m) * rstd * ln_w[c] + ln_b[c];
-        for (int k = 0; k < count; k++) {
-            float *o = out + ((long)k * B + b) * C;
-            for (int c = 0; c < C; c++) o[c] = nb[c] + (lb[c] - nb[c]) * mix[k][c];
-        }
-    }
+static inline float bf16_to_float(uint16_t b) {
+    const uint32_t bits = (uint32_t)b << 16;  /* bf16 is the top half of an fp32 */
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
 }
 
-/* y = x W for one row x [rows] and W [rows][cols] row-major (as w1, w2, a1, ... are stored):
- * W is streamed once, row by row, and each row's contribution vectorises over cols. */
-static void vec_mat(const float *restrict x, const float *restrict W, int rows, int cols, float *restrict y) {
-    for (int j = 0; j < cols; j++) y[j] = 0.0f;
-    for (int i = 0; i < rows; i++) {
-        const float xi = x[i];
-        const float *restrict w = W + (long)i * cols;
-        for (int j = 0; j < cols; j++) y[j] += xi * w[j];
-    }
-}
+#define WEIGHT float
+#define LOAD(w) (w)
+#define NAME(f) f##_f32
+#include "decode_cpu_weights.h"
+#undef WEIGHT
+#undef LOAD
+#undef NAME
 
-/* The time mix between its projections and its output projection, for every row b and head h:
- *   the low-rank products w_lora = tanh(xw w1) w2, a_lora = (xa a1) a2, v_lora = (xv v1) v2 and
- *   g = sigmoid(xg g1) g2 (written to lora [4,B,C] in that order),
- *   a = sigmoid(a0 + a_lora), kk = normalize(k * k_k), k' = k (1 + (a - 1) k_a),
- *   v' = v (layer 0, which also writes v_first) or lerp(v, v_first, sigmoid(v0 + v_lora)),
- *   S' = S diag(decay) - (S kk) (kk a)^T + v' k'^T, decay = exp(-e^-0.5 sigmoid(w0 + w_lora)),
- *   out = (group_norm(S' r) + (sum r k' r_k) v') * g.
- * S and S_out are [B,H,N,N] (value x key); every vector is [B, C = H N], every parameter [C]
- * or, for the low-rank weights, [C][d] and [d][C]. Layer 0 has no v0, v1, v2 (NULL). */
-void rwkv7_time_mix(int B, int H, int N, int first_layer,
-                    const float *r, const float *k, const float *v,
-                    const float *xw, const float *xa, const float *xv, const float *xg,
-                    const float *w1, const float *w2, int dw, const float *a1, const float *a2, int da,
-                    const float *v1, const float *v2, int dv, const float *g1, const float *g2, int dg,
-                    const float *w0, const float *a0, const float *v0, float *v_first,
-                    const float *k_k, const float *k_a, const float *r_k,
-                    const float *ln_w, const float *ln_b, float ln_eps,
-                    const float *S, float *S_out, float *lora, float *out) {
-    const int C = H * N;
-    const long BC = (long)B * C;
-    float *w_lora = lora, *a_lora = lora + BC, *v_lora = lora + 2 * BC, *g = lora + 3 * BC;
-    for (int b = 0; b < B; b++) {
-        const long o = (long)b * C;
-        float hidden[max(max(dw, da), max(dv, dg))];
-        vec_mat(xw + o, w1, C, dw, hidden);
-        for (int i = 0; i < dw; i++) hidden[i] = tanhf(hidden[i]);
-        vec_mat(hidden, w2, dw, C, w_lora + o);
-        vec_mat(xa + o, a1, C, da, hidden);
-        vec_mat(hidden, a2, da, C, a_lora + o);
-        if (!first_layer) {
-            vec_mat(xv + o, v1, C, dv, hidden);
-            vec_mat(hidden, v2, dv, C, v_lora + o);
-        }
-        vec_mat(xg + o, g1, C, dg, hidden);
-        for (int i = 0; i < dg; i++) hidden[i] = sigmoid(hidden[i]);
-        vec_mat(hidden, g2, dg, C, g + o);
-    }
-    float scratch[5 * N];
-    float *kk = scratch, *kb = scratch + N, *kd = scratch + 2 * N, *decay = scratch + 3 * N, *vd = scratch + 4 * N;
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < H; h++) {
-            const long o = (long)b * C + (long)h * N;  /* this head's slice of a [B,C] vector */
-            const float *rh = r + o, *kh = k + o, *vh = v + o;
-            float norm = 0.0f;
-            for (int n = 0; n < N; n++) {
-                kk[n] = kh[n] * k_k[h * N + n];
-                norm += kk[n] * kk[n];
-            }
-            const float inv = 1.0f / fmaxf(sqrtf(norm), 1e-12f);
-            float bonus = 0.0f;
-            for (int n = 0; n < N; n++) {
-                const float a = sigmoid(a0[h * N + n] + a_lora[o + n]);
-                kk[n] *= inv;
-                kb[n] = kk[n] * a;
-                kd[n] = kh[n] * (1.0f + (a - 1.0f) * k_a[h * N + n]);
-                decay[n] = expf(NEG_EXP_HALF * sigmoid(w0[h * N + n] + w_lora[o + n]));
-                bonus += rh[n] * kd[n] * r_k[h * N + n];
-            }
-            const float *Sh = S + ((long)b * H + h) * N * N;
-            float *Sh_out = S_out + ((long)b * H + h) * N * N, *y = out + o;
-            float mean = 0.0f;
-            for (int j = 0; j < N; j++) {
-                float vj = vh[j];
-                if (first_layer)
-                    v_first[o + j] = vj;
-                else
-                    vj += (v_first[o + j] - vj) * sigmoid(v0[h * N + j] + v_lora[o + j]);
-                const float *row = Sh + (long)j * N;
-                float *row_out = Sh_out + (long)j * N;
-                const float sa = -dot(row, kk, N);
-                for (int n = 0; n < N; n++) row_out[n] = row[n] * decay[n] + sa * kb[n] + vj * kd[n];
-                const float yj = dot(row_out, rh, N);
-                y[j] = yj;
-                mean += yj;
-                vd[j] = vj;
-            }
-            mean /= N;
-            float var = 0.0f;
-            for (int j = 0; j < N; j++) var += (y[j] - mean) * (y[j] - mean);
-            const float rstd = 1.0f / sqrtf(var / N + ln_eps);
-            for (int j = 0; j < N; j++) {
-                const int c = h * N + j;
-                y[j] = ((y[j] - mean) * rstd * ln_w[c] + ln_b[c] + bonus * vd[j]) * g[o + j];
-            }
-        }
-    }
-}
+#define WEIGHT uint16_t
+#define LOAD(w) bf16_to_float(w)
+#define NAME(f) f##_bf16
+#include "decode_cpu_weights.h"
 
 /* The channel mix's hidden activation after its key projection, in place: k = relu(k)^2 (NaN stays NaN). */
 void rwkv7_relu_square(long count, float *k) {
