@@ -7,14 +7,15 @@ exp(-exp(-softplus(-z) - 0.5))), the two rank-1 state updates as in-place multip
 straight into the new state. Projections go through the modules, so wrapped or adapted Linear
 layers keep working. tests/test_decode_step.py checks logits and state against the full forward.
 
-An fp32 model on the CPU takes `_step_with_kernels` instead: the same math with the element-wise
-work of each layer, the time mix's low-rank products and (for one row) the projections' matrix-
-vector products in C (ops/csrc/decode_cpu.c, built on first use by the system compiler). A
-step is then bound by streaming the weights from memory rather than by ~40 small tensor ops per
-layer. Without a compiler, or with RWKV_SFT_DECODE_KERNELS=0, the PyTorch path runs.
+An fp32 or bf16 model on the CPU takes `_step_with_kernels` instead: the same math with the
+element-wise work of each layer, the time mix's low-rank products and (up to 8 rows) the
+projections' matrix-vector products in C (ops/csrc/decode_cpu.c, built on first use by the system
+compiler), activations in fp32. A step is then bound by streaming the weights from memory rather
+than by ~40 small tensor ops per layer. Without a compiler, or with RWKV_SFT_DECODE_KERNELS=0, the
+PyTorch path runs.
 
-On the CPU the model is also switched to `decoding_layout()` (projection matrices transposed in
-memory, same values): a matrix-vector product streams them faster that way. The next
+On the CPU the model is also switched to `decoding_layout()` (fp32 projection matrices transposed
+in memory, same values): a matrix-vector product streams them faster that way. The next
 forward with gradients switches back (`RWKV7.training_layout()`). The trainer turns this off
 (`model.auto_decoding_layout = False`), so the generation of an evaluation during training
 does not copy the weights twice.
