@@ -1,8 +1,9 @@
-"""The CPU decoding step's element-wise kernels (csrc/decode_cpu.c), built on first use.
+"""The CPU decoding step's kernels (csrc/decode_cpu.c: a layer's element-wise work, its low-rank
+products and matrix-vector products on fp32 or bf16 weights), built on first use.
 
 Why C through ctypes and not a torch C++ extension: the file needs no torch headers, so the
-system compiler builds it in well under a second (a torch extension takes ~30 s), and the
-library does not depend on torch's C++ ABI. `kernels()` returns the loaded library, or None when
+system compiler builds it in ~2 s (a torch extension takes ~30 s), and the library does not
+depend on torch's C++ ABI. `kernels()` returns the loaded library, or None when
 it cannot be had (no C compiler, or a failed build, which warns once); the decoding step then
 runs its plain-PyTorch path, which computes the same thing (as it does with RWKV_SFT_DECODE_KERNELS=0).
 """
