@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import random_model
+from rwkv_sft.infer.step import _WEIGHT_TYPES
 from rwkv_sft.infer.step import _step_with_kernels as _with_kernels
 from rwkv_sft.infer.step import decode_step
 from rwkv_sft.ops.decode_cpu import kernels
@@ -174,7 +175,7 @@ def _matvec(lib, x, w, transposed):
     rows = x.reshape(-1, w.shape[1]).contiguous()
     y = torch.empty(rows.shape[0], w.shape[0])
     stored = w.t().contiguous() if transposed else w.contiguous()
-    function = getattr(lib, "rwkv7_matvec_" + {torch.float32: "f32", torch.bfloat16: "bf16"}[w.dtype])
+    function = getattr(lib, "rwkv7_matvec_" + _WEIGHT_TYPES[w.dtype])
     function(rows.shape[0], rows.data_ptr(), stored.data_ptr(), y.data_ptr(), w.shape[1], w.shape[0], int(transposed))
     return y.reshape(*x.shape[:-1], w.shape[0])
 
@@ -212,7 +213,7 @@ def test_relu_square_keeps_nan():
                                equal_nan=True)
 
 
-def test_without_a_compiler_the_step_runs_in_pytorch(monkeypatch, tmp_path):
+def test_without_a_compiler_the_step_runs_in_pytorch(one_thread, monkeypatch, tmp_path):
     """No compiler: no library and no warning. A compiler that fails: one warning naming the
     error. Either way decoding works (the PyTorch path) and gives the normal forward's logits."""
     import warnings
@@ -238,7 +239,7 @@ def test_without_a_compiler_the_step_runs_in_pytorch(monkeypatch, tmp_path):
     with pytest.warns(UserWarning, match="decoding runs in PyTorch.*error: no such thing"):
         assert decode_cpu.kernels() is None
     assert decode_cpu.kernels() is None  # once: the failure is remembered
-    assert not list((tmp_path / "rwkv_sft" / "decode_cpu").glob("*.so"))  # no half-written library left
+    assert not list((tmp_path / "rwkv_sft" / "decode_cpu").iterdir())  # no half-written file left
 
 
 def test_the_kernels_take_odd_inputs_or_leave_them_to_pytorch(one_thread, step_path):
