@@ -112,7 +112,7 @@ def _ptr(t: torch.Tensor | None, dtype=torch.float32) -> int | None:
 def _step_with_kernels(lib, model, tokens, state):
     """decode_step with the work of each layer in C (ops/csrc/decode_cpu.c): the residual, layer
     norm and token-shift mixes on the way into each mix; the time mix's low-rank products, WKV-7
-    and group norm; the projections through `_project` (C for one row of a plain Linear).
+    and group norm; the projections through `_project` (C for up to MATVEC_ROWS rows of a plain Linear).
     Activations are fp32 and weights are read as stored (fp32 or bf16); logits and token-shift
     states come back in the weights' dtype, as from the PyTorch path. Raises _NotForKernels,
     having changed nothing of the caller's, when a tensor is not as C reads it."""
@@ -181,9 +181,11 @@ def _project(lib, module, x, dtype):
         return module(x.to(dtype)).float()
     w = module.weight
     if x.shape[0] <= MATVEC_ROWS and w.dtype in _WEIGHT_TYPES and (w.is_contiguous() or w.t().is_contiguous()):
+        transposed = not w.is_contiguous()  # (stored [in, out], as decoding_layout keeps a wide fp32 weight)
         y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
         getattr(lib, "rwkv7_matvec_" + _WEIGHT_TYPES[w.dtype])(
-            x.shape[0], _ptr(x), w.data_ptr(), _ptr(y), w.shape[1], w.shape[0], int(not w.is_contiguous()))
+            x.shape[0], _ptr(x), _ptr(w.t() if transposed else w, w.dtype), _ptr(y), w.shape[1], w.shape[0],
+            int(transposed))
         return y
     return F.linear(x.to(w.dtype), w).float()
 

@@ -237,8 +237,9 @@ class RWKV7(nn.Module):
         A single-token step multiplies a vector by each weight; on CPU, MKL streams a weight
         stored this way ~1.4x faster (the head at V=65536, C=768: 8.8 vs 12.6 ms), as the `rwkv`
         package's loader arranges too. Weights in other dtypes than fp32 stay as they are (in bf16
-        the transposed weight is the ~10x slower one). A decoding step without gradients switches to it by
-        itself on the CPU, and the next forward with gradients switches back (training_layout).
+        the transposed weight is the ~10x slower one). A decoding step without gradients switches
+        to it by itself on the CPU, and the next forward with gradients switches back
+        (training_layout).
         """
         return self._set_layout(decoding=True)
 

@@ -15,9 +15,10 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import warnings
 from pathlib import Path
+
+from ..utils import atomic_write, cache_home
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_cpu.c"
 HEADERS = [Path(__file__).parent / "csrc" / "decode_cpu_weights.h"]  # included by SOURCE
@@ -47,21 +48,18 @@ def compiler() -> str | None:
 
 def library_path(cc: str) -> Path:
     """Where the build of this source by this compiler is kept (rebuilt when either changes)."""
-    key = hashlib.sha1(b"".join(f.read_bytes() for f in (SOURCE, *HEADERS)) + "\0".join([cc, *FLAGS, *sum(VARIANTS, []), platform.machine()]).encode())
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "rwkv_sft" / "decode_cpu" / f"decode_cpu_{key.hexdigest()[:16]}.so"
+    sources = b"".join(f.read_bytes() for f in (SOURCE, *HEADERS))
+    key = hashlib.sha1(sources + "\0".join([cc, *FLAGS, *sum(VARIANTS, []), platform.machine()]).encode())
+    return cache_home() / "decode_cpu" / f"decode_cpu_{key.hexdigest()[:16]}.so"
 
 
 def build(cc: str) -> Path:
     """Compile the library (atomically: concurrent builds each write their own file, then rename)."""
     target = library_path(cc)
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
+        with atomic_write(target) as partial:
             for variant in VARIANTS:
-                result = subprocess.run([cc, *FLAGS, *variant, str(SOURCE), "-o", partial, "-lm"],
+                result = subprocess.run([cc, *FLAGS, *variant, str(SOURCE), "-o", str(partial), "-lm"],
                                         capture_output=True, text=True)
                 if result.returncode == 0:
                     break
@@ -69,9 +67,6 @@ def build(cc: str) -> Path:
                 lines = result.stderr.strip().splitlines() or ["no output"]
                 raise RuntimeError(f"{cc} could not build {SOURCE}: "
                                    + next((ln for ln in lines if "error" in ln), lines[0]))
-            os.replace(partial, target)
-        finally:
-            Path(partial).unlink(missing_ok=True)
     return target
 
 

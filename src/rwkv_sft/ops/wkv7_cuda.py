@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..utils import cache_home
+
 CSRC = Path(__file__).parent / "csrc"
 HEAD_SIZES = (64,)  # instantiated in wkv7.cu
 _STALE_LOCK_S = 600  # a build holds torch's lock file for a minute or two; older ones are debris
@@ -26,9 +28,8 @@ _usable: dict[int, bool] = {}  # device index -> passed build and self-check
 
 def build_dir(capability: tuple[int, int]) -> Path:
     """One build directory per torch version, CUDA version and GPU architecture."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     tag = f"{torch.__version__}-cu{torch.version.cuda}-sm{capability[0]}{capability[1]}"
-    return cache / "rwkv_sft" / "torch_extensions" / tag.replace("+", "_")
+    return cache_home() / "torch_extensions" / tag.replace("+", "_")
 
 
 def extension_name(capability: tuple[int, int], csrc: Path | None = None) -> str:
