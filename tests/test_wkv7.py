@@ -1,4 +1,6 @@
 """WKV-7 backends against the per-token reference recurrence (itself checked against float64)."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -219,3 +221,50 @@ def test_chunked_creates_nothing_on_another_device():
     (y.sum() + s_out.sum()).backward()
     assert y.device.type == s_out.device.type == "meta" and y.shape == (B, T, H, N)
     assert all(t.grad is not None and t.grad.device.type == "meta" for t in x + [s])
+
+
+def test_auto_backend_is_the_measured_fastest(monkeypatch, tmp_path):
+    """On a GPU with several backends, auto takes the fastest for the shape class by measurement
+    (timings injected here), records it per machine, and later calls and processes measure
+    nothing; a backend that fails to run is left out; a recorded backend no longer installed is
+    measured again."""
+    import rwkv_sft.ops as ops
+    from rwkv_sft.ops import backend_choice
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(backend_choice, "_memory", {})
+    monkeypatch.setattr(backend_choice.torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    usable = {"cuda": True, "fla": True, "chunked": True}
+    monkeypatch.setattr(ops, "_usable", lambda name, device, head_size:
+                        usable[name] and (device.type == "cuda" or name == "chunked"))
+    timings, calls = {"cuda": 0.30, "fla": 0.20, "chunked": 2.0}, []
+
+    def fake_measure(name, B, T, H, N, dtype, device, with_state, with_resets):
+        calls.append((name, T, H))
+        if timings[name] is None:
+            raise RuntimeError("no kernel image for this GPU")
+        return timings[name]
+
+    monkeypatch.setattr(backend_choice, "measure_backend", fake_measure)
+    gpu = torch.device("cuda")
+    pick = lambda T, BH=32, **kw: resolve_backend("auto", gpu, T, 64, batch_heads=BH,  # noqa: E731
+                                                  dtype=torch.bfloat16, **kw)
+    assert pick(4096) == "fla" and sorted(c[0] for c in calls) == ["chunked", "cuda", "fla"]
+    assert calls[0][1:] == (4096, 32)  # timed on the call's own shape
+    assert pick(3000) == "fla" and len(calls) == 3  # same class (T up to 4096): nothing measured
+    timings["cuda"] = 0.1
+    assert pick(512) == "cuda" and len(calls) == 6  # another class: measured
+    assert pick(512, with_state=True) == "cuda" and len(calls) == 9  # a state coming in is another class
+    recorded = json.loads(backend_choice.cache_file().read_text())
+    assert len(recorded) == 3 and all(set(v["seconds"]) == set(usable) for v in recorded.values())
+
+    backend_choice._memory.clear()  # a new process on this machine: read from the file, not measured
+    assert pick(4096) == "fla" and pick(512) == "cuda" and len(calls) == 9
+    usable["fla"] = False  # fla uninstalled: its class is measured again among the rest
+    backend_choice._memory.clear()
+    timings["cuda"] = 0.30
+    assert pick(4096) == "cuda" and len(calls) == 11
+    timings["cuda"] = None  # cuda fails at this shape: left out, with a warning
+    with pytest.warns(UserWarning, match="cuda left out"):
+        assert pick(64, BH=4) == "chunked"
+    cpu = torch.device("cpu")  # the CPU measures nothing
+    assert resolve_backend("auto", cpu, 512, 64, batch_heads=32, dtype=torch.float32) == "chunked"

@@ -681,3 +681,22 @@ def check_training_step_under_autocast(backend, device):
 def test_training_step_under_autocast_tracks_fp32(backend):
     _usable(backend)
     check_training_step_under_autocast(backend, "cuda")
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_state", [False, True])
+def test_auto_takes_the_fastest_measured_on_this_gpu(tmp_path, monkeypatch, with_state):
+    """auto on a real GPU: each usable backend timed at the call's shape, the fastest recorded and
+    returned (never one slower than another by the recorded timings)."""
+    import json
+
+    from rwkv_sft.ops import backend_choice, resolve_backend
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(backend_choice, "_memory", {})
+    name = resolve_backend("auto", torch.device("cuda"), 512, 64, batch_heads=16 * 12, dtype=torch.bfloat16,
+                           with_state=with_state)
+    (entry,) = json.loads(backend_choice.cache_file().read_text()).values()
+    seconds = entry["seconds"]
+    assert "chunked" in seconds and all(t > 0 for t in seconds.values())
+    assert entry["backend"] == name == min(seconds, key=seconds.get)

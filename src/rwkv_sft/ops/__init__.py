@@ -25,25 +25,53 @@ def _load_backend(name):
 
 
 def resolve_backend(backend: str, device: torch.device, seq_len: int | None = None,
-                    head_size: int | None = None) -> str:
-    """'auto' -> the CUDA kernel on a GPU when it built and passed its self-check, else 'chunked';
-    a single step on the CPU (token-by-token decoding) is cheapest as the plain recurrence."""
+                    head_size: int | None = None, *, batch_heads: int | None = None, dtype=None,
+                    with_state: bool = False, with_resets: bool = False) -> str:
+    """'auto' -> on a GPU, the fastest usable backend for the shape, measured once per machine
+    (ops/backend_choice.py); on the CPU 'chunked', and the plain recurrence for a single step
+    (token-by-token decoding). Without the shape (batch_heads, dtype) a GPU gets the first usable
+    of cuda, fla, chunked."""
     if backend != "auto":
         return backend
     if seq_len == 1 and device.type == "cpu":
         return "reference"
-    if device.type == "cuda":
-        try:
-            from .wkv7_cuda import HEAD_SIZES, cuda_kernel_usable
-            if head_size in (None, *HEAD_SIZES) and cuda_kernel_usable(device):
-                return "cuda"
-        except ImportError:
-            pass
-    try:
-        importlib.import_module(_BACKENDS["chunked"][0])
-        return "chunked"
-    except ImportError:
+    candidates = [name for name in ("cuda", "fla", "chunked") if _usable(name, device, head_size)]
+    if not candidates:
         return "reference"
+    if (len(candidates) == 1 or batch_heads is None or dtype is None or seq_len is None
+            or torch.compiler.is_compiling() or _capturing(device)):
+        return candidates[0]
+    from . import backend_choice
+    # timed as one row of batch x heads heads: every backend's work splits over (batch, head) alike
+    shape = (1, seq_len, batch_heads, head_size or 64)
+    key = backend_choice.shape_key(device, *shape, dtype, with_state, with_resets)
+    return backend_choice.choose(key, candidates, lambda name: backend_choice.measure_backend(
+        name, *shape, dtype, device, with_state, with_resets))
+
+
+def _capturing(device: torch.device) -> bool:
+    """Inside a CUDA graph capture, where nothing may be timed."""
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _usable(name: str, device: torch.device, head_size: int | None) -> bool:
+    """Whether backend `name` is installed and runs on `device` (the CUDA kernel: built and
+    self-checked, for its head sizes)."""
+    if name in ("cuda", "fla") and device.type != "cuda":
+        return False
+    try:
+        if name == "cuda":
+            from .wkv7_cuda import HEAD_SIZES, cuda_kernel_usable
+            return head_size in (None, *HEAD_SIZES) and cuda_kernel_usable(device)
+        if name == "fla":
+            import os
+            os.environ.setdefault("FLA_CACHE_RESULTS", "1")  # fla keeps its Triton autotuning across runs
+            importlib.import_module("fla.ops.rwkv7")
+            return True
+        importlib.import_module(_BACKENDS[name][0])
+        return True
+    except ImportError:
+        return False
 
 
 def check_backend(backend: str, device: torch.device) -> None:
@@ -86,7 +114,9 @@ def wkv7(r, w, k, v, a, b, state=None, backend="auto", resets=None, reset_state=
     - returned: y in r's dtype, the state in fp32 (fp64 as just said), each gradient in its
       input's dtype.
     """
-    name = resolve_backend(backend, r.device, r.shape[1], r.shape[-1])
+    B, T, H, N = r.shape
+    name = resolve_backend(backend, r.device, T, N, batch_heads=B * H, dtype=r.dtype,
+                           with_state=state is not None, with_resets=resets is not None)
     xs = (r, w, k, v, a, b)
     wide = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
     if wide == torch.float64:
