@@ -37,28 +37,22 @@ def test_without_cuda_one_line_and_exit_2(tmp_path):
 
 
 def test_tiny_run_on_cpu(gpu_check, tmp_path, capsys):
-    """Environment, a checkpoint made by a child process, the train steps through the real CLI (or a
-    clear 'unavailable' where this build lacks their flags; a feature that fails is a 'fail' row
-    and the check goes on), FSDP skipped for want of GPUs."""
+    """Environment, a checkpoint made by a child process, the train steps through the real CLI, each
+    a pass with a finite loss (a broken LoRA, state or segmented step fails this test), FSDP
+    skipped for want of GPUs."""
     steps = ["install", "environment", "checkpoint", "lora", "state-tuning", "segmented", "fsdp"]
     rc = gpu_check.main(["--allow-cpu", "--tiny", "--no-install", "--out", str(tmp_path), "--only", *steps])
     printed = capsys.readouterr().out
     rows = {r["step"]: r for r in _rows(tmp_path)}
     assert list(rows) == steps, printed
-    assert rc == (1 if any(r["status"] == "fail" for r in rows.values()) else 0)
+    assert rc == 0, printed
     assert rows["environment"]["status"] == "pass" and rows["environment"]["info"]["torch"]
     assert rows["install"]["status"] == "skipped"
     assert rows["checkpoint"]["status"] == "pass", rows["checkpoint"]
-    known = gpu_check._train_flags(type("Ctx", (), {"train_flags": None})())
     for step in ("lora", "state-tuning", "segmented"):
         row = rows[step]
-        if row["status"] == "unavailable":  # named flags really are absent from `rwkv-sft train --help`
-            named = row["detail"].split(" has no ")[1].split(", ")
-            assert named and not set(named) & known, row
-        elif row["status"] == "pass":
-            assert math.isfinite(float(row["detail"].split("loss ")[1].split(";")[0]))
-        else:
-            assert row["status"] == "fail" and row["detail"], row
+        assert row["status"] == "pass", row
+        assert math.isfinite(float(row["detail"].split("loss ")[1].split(";")[0]))
     assert rows["fsdp"]["status"] == "skipped" and "2 or more GPUs" in rows["fsdp"]["detail"]
     assert all(gpu_check._format_row(r) in printed for r in rows.values())  # the printed table is the JSON's
 
