@@ -21,6 +21,8 @@ the quick ones first:
   fsdp           one FSDP step over all GPUs (needs 2 or more)
   wkv-bench      benchmarks/bench_wkv.py: cuda vs fla vs chunked, fwd+bwd, T=4096, bf16, H=32 (C=2048)
   fla-tests      tests/test_wkv7_gpu.py's fla tests: fla against the reference and chunked
+  gpu-bench      benchmarks/bench_gpu.py: our training step beside fla's RWKV7ForCausalLM (0.1B, 1.5B,
+                 LoRA on 1.5B; checkpointing off/on), and the WKV-7 kernels at three shapes
 
 Each row is pass, fail, skipped or unavailable (a feature this build lacks), with a reason. The
 table is printed and written, after every step, to OUT/gpu_check.json (OUT: --out, else $OUT, else
@@ -47,7 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 WHEEL_DIR = ROOT / ".whl"
 # What the GPU machine's image lacks (it has torch, triton, transformers, einops, tokenizers, numpy,
 # safetensors, tqdm, matplotlib, pyyaml, pytest, hypothesis, ninja): pinned, one version each.
-WHEELS = ["pyrwkv-tokenizer==0.9.1", "rwkv==0.8.32", "flash-linear-attention==0.6.0", "fla-core==0.6.0"]
+WHEELS = ["pyrwkv-tokenizer==0.9.1", "rwkv==0.8.32", "flash-linear-attention==0.6.0", "fla-core==0.6.0",
+          "peft==0.17.1", "accelerate==1.10.1"]  # peft: the LoRA row of fla's model in bench_gpu.py
 WHEEL_PYTHON = "3.12"
 WHEEL_PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
                    "manylinux2014_x86_64", "manylinux1_x86_64"]
@@ -278,6 +281,38 @@ def step_wkv_bench(ctx: Context):
     ctx.report.add("wkv-bench", status, detail, seconds, bench=res)
 
 
+def step_gpu_bench(ctx: Context):
+    """Targets: ours >= 1.3x fla's tokens/s at no more peak memory in every full fine-tuning row,
+    the same step-0 loss (within 1e-2), and `auto`'s WKV-7 no slower than fla's kernels."""
+    cmd = [sys.executable, "benchmarks/bench_gpu.py", "--device", ctx.device]
+    if ctx.args.tiny:
+        cmd += ["--tiny", "--trainers", "ours", "--steps", "1", "--repeats", "1"]
+    rc, out, seconds = ctx.run("gpu-bench", cmd, 420)
+    last = out.strip().splitlines()[-1:] or [""]
+    if rc != 0 or not last[0].startswith("{"):
+        return ctx.report.add("gpu-bench", "fail", "timed out" if rc is None else _last_line(out), seconds)
+    res, misses, cells = json.loads(last[0]), [], []
+    for r in res["train"]:
+        if "error" in r:
+            misses.append(f"{r['row']} {r['trainer']}: {r['error']}")
+        elif "speedup" in r:
+            cells.append(f"{r['row']}{' ckpt' if r['checkpointing'] else ''} {r['speedup']:.2f}x")
+            if r["loss0_diff"] > 1e-2:
+                misses.append(f"{r['row']} step-0 loss differs by {r['loss0_diff']:.3f}")
+            if not r["row"].startswith("lora") and r["speedup"] < 1.3:
+                misses.append(f"{r['row']} {r['speedup']:.2f}x < 1.3x")
+    for r in res["wkv"]:
+        if r["kernel"] == "ours-auto" and "ms" in r:
+            fla = [o["ms"] for o in res["wkv"] if o["kernel"].startswith("fla") and "ms" in o
+                   and (o["B"], o["T"], o["H"], o["state"]) == (r["B"], r["T"], r["H"], r["state"])]
+            if fla and r["ms"] > min(fla):
+                misses.append(f"WKV T={r['T']} H={r['H']}{' state' if r['state'] else ''} "
+                              f"{r['ms'] / min(fla):.2f}x fla")
+    detail = "tokens/s vs fla: " + (", ".join(cells) or "no fla rows") + "".join(f"; {m}" for m in misses)
+    status = "fail" if misses or (ctx.device == "cuda" and not cells) else "pass"
+    ctx.report.add("gpu-bench", status, detail, seconds, bench=res)
+
+
 def step_demo(ctx: Context):
     s = _sizes(ctx.args.tiny)
     rc, result, out, seconds = ctx.child("demo", "demo", 150, device=ctx.device, steps=s["demo_steps"],
@@ -388,7 +423,8 @@ def step_fsdp(ctx: Context):
 # starve them; fla's tests last, with whatever budget is left.
 STEPS = {"install": step_install, "environment": step_environment, "cuda-tests": step_cuda_tests,
          "demo": step_demo, "checkpoint": step_checkpoint, "lora": step_lora, "state-tuning": step_state_tuning,
-         "segmented": step_segmented, "fsdp": step_fsdp, "wkv-bench": step_wkv_bench, "fla-tests": step_fla_tests}
+         "segmented": step_segmented, "fsdp": step_fsdp, "wkv-bench": step_wkv_bench, "fla-tests": step_fla_tests,
+         "gpu-bench": step_gpu_bench}
 MIN_START_S = 20  # a step is not started with less of the budget left
 
 
