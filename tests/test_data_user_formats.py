@@ -248,7 +248,8 @@ def test_g1_function_call_templates_exactly(tmp_path):
                  "attendees": {"type": "array", "items": {"type": "string"}}}}]
     call = {"id": "call_1", "type": "function", "function": {"name": "find_free_slots", "arguments": json.dumps(
         {"date": "2026-05-08", "duration_minutes": 30, "time_window": "afternoon"})}}
-    output = '{"free_slots":[{"start":"2026-05-08T15:00:00+09:00","end":"2026-05-08T15:30:00+09:00"}],"bob_email":"bob@example.com"}'
+    output = ('{"free_slots":[{"start":"2026-05-08T15:00:00+09:00","end":"2026-05-08T15:30:00+09:00"}],'
+              '"bob_email":"bob@example.com"}')
     messages = [{"role": "user", "content": "Schedule a 30-minute sync with Bob on 2026-05-08 afternoon."},
                 {"role": "assistant", "content": None, "tool_calls": [call]},
                 {"role": "tool", "tool_call_id": "call_1", "content": output}]
@@ -256,22 +257,25 @@ def test_g1_function_call_templates_exactly(tmp_path):
     assert "".join(prompt_segments({"tools": tools, "messages": messages})) + " ```json" == G1_TOOLS_JSON
     signatures = ("- get_weather(location: string, unit?: \"celsius\" | \"fahrenheit\")\n- get_stock_price(ticker: string)"
                   "\n- translate_text(text: string, target_language: string)")
-    asking = {"tools": signatures, "messages": [{"role": "user", "content": "Translate \"Will it rain tomorrow?\" into Japanese."}]}
+    question = "Translate \"Will it rain tomorrow?\" into Japanese."
+    asking = {"tools": signatures, "messages": [{"role": "user", "content": question}]}
     assert "".join(prompt_segments(asking)) + " ```json" == G1_TOOLS_SIGNATURES
     # In training data the calls carry loss like any reply, the tool list and outputs none.
-    second = {"name": "create_calendar_event", "arguments": {"title": "Sync", "start_time": "2026-05-08T15:00:00+09:00",
-                                                             "end_time": "2026-05-08T15:30:00+09:00", "attendees": ["bob@example.com"]}}
+    second = {"name": "create_calendar_event", "arguments": {
+        "title": "Sync", "start_time": "2026-05-08T15:00:00+09:00", "end_time": "2026-05-08T15:30:00+09:00",
+        "attendees": ["bob@example.com"]}}
     record = {"tools": tools, "messages": messages + [{"role": "assistant", "tool_calls": [{"function": second}]}]}
     path = write(tmp_path / "tools.jsonl", json.dumps(record))
     ex = prep(tmp_path, [path], tokenizer=tok).train
     reply = " ```json\n" + json.dumps(second, separators=(",", ":")) + "\n```\n\n"
     assert tok.decode(ex.tokens(0).tolist()) == G1_TOOLS_JSON[:-len(" ```json")] + reply
-    assert parts(ex, 0, tok)[1] == G1_TOOLS_JSON[G1_TOOLS_JSON.index(" ```json\n{"):G1_TOOLS_JSON.index("\n\nUser: Function")] + "\n\n" + reply
+    first_call = G1_TOOLS_JSON[G1_TOOLS_JSON.index(" ```json\n{"):G1_TOOLS_JSON.index("\n\nUser: Function")] + "\n\n"
+    assert parts(ex, 0, tok)[1] == first_call + reply
     # A system prompt comes before the tool list, in the one System turn.
     with_system = {"tools": signatures, "messages": [{"role": "system", "content": "Be brief."}] + asking["messages"]}
     assert "".join(prompt_segments(with_system)).startswith("System: Be brief.\nTools:\n- get_weather(")
-    bad = write(tmp_path / "bad.jsonl", json.dumps({"messages": [
-        {"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}]}))
+    broken = {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}
+    bad = write(tmp_path / "bad.jsonl", json.dumps({"messages": [{"role": "user", "content": "x"}, broken]}))
     with pytest.raises(UserError, match=rf"^{bad}:1: messages item 1: the arguments of 'f' are not valid JSON$"):
         prep(tmp_path, [bad])
 

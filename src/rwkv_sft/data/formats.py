@@ -396,7 +396,8 @@ def _tools_text(record) -> str:
 def _tool_call(calls, where) -> str:
     """An assistant's tool call as G1's template writes it: ```json\\n{"name":...,"arguments":{...}}\\n```."""
     if not isinstance(calls, list) or len(calls) != 1:
-        raise Invalid("bad tool call", f"{where}: 'tool_calls' must hold one call (G1's template has one JSON call per reply)")
+        raise Invalid("bad tool call", f"{where}: 'tool_calls' must hold one call (G1's template has one JSON call "
+                      "per reply)")
     call = calls[0]
     fn = call.get("function", call) if isinstance(call, dict) else None  # OpenAI's {"function": {...}} or bare
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or "arguments" not in fn:

@@ -29,7 +29,8 @@ def add_arguments(p):
     chat = p.add_argument_group("chat (RWKV-7 G1 templates: docs/formats.md)")
     chat.add_argument("--chat", action="store_true",
                       help=f"wrap the prompt as {chat_prompt('PROMPT')!r}, as chat training data is rendered")
-    chat.add_argument("--system", type=unescape, metavar="TEXT", help="system prompt, first in the conversation (implies --chat)")
+    chat.add_argument("--system", type=unescape, metavar="TEXT",
+                      help="system prompt, first in the conversation (implies --chat)")
     chat.add_argument("--think", action="store_true",
                       help=f"open the reply with {THINK_OPEN!r}: G1's think mode (implies --chat)")
     p.add_argument("--output", metavar="FILE", help="with --prompts: write the JSON lines to FILE instead of stdout")

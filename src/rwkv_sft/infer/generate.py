@@ -301,4 +301,5 @@ def _encode_all(tokenizer, prompts: Sequence[str | Sequence[int]]) -> list[list[
     return [next(encoded) if isinstance(p, str) else [int(i) for i in p] for p in prompts]
 
 
-__all__ = ["Generation", "complete_batch", "continue_iter", "generate", "generate_iter", "greedy_batch", "greedy_complete", "sample_next", "filter_logits", "prefill"]
+__all__ = ["Generation", "complete_batch", "continue_iter", "filter_logits", "generate", "generate_iter", "greedy_batch",
+           "greedy_complete", "prefill", "sample_next"]
