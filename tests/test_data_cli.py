@@ -71,3 +71,17 @@ def test_bad_input_one_line_error(tmp_path, capsys):
     assert out.returncode == 0 and json.loads(out.stdout)["skipped"] == {"non-string field": 1}
     out = inspect_here(tmp_path, capsys, str(tmp_path / "missing.jsonl"))
     assert out.returncode == 2 and "missing.jsonl: no such file" in out.stderr
+
+
+def test_counts_per_format_when_a_file_mixes_them(tmp_path, capsys):
+    path = data_file(tmp_path, json.dumps({"instruction": "Say hi.", "output": "Hi!"}) + "\n")
+    out = inspect_here(tmp_path, capsys, path, "--show", "0")
+    assert out.returncode == 0, out.stderr
+    assert f"files: {path} (4 examples: 2 completion, 1 alpaca, 1 chat)" in out.stdout
+    assert "formats: 2 completion, 1 alpaca, 1 chat" in out.stdout
+    stats = json.loads(inspect_here(tmp_path, capsys, path, "--json").stdout)
+    assert stats["formats"] == stats["files"][0]["formats"] == {"completion": 2, "chat": 1, "alpaca": 1}
+    single = tmp_path / "one.jsonl"
+    single.write_text(json.dumps(ROWS[0]) + "\n")
+    out = inspect_here(tmp_path, capsys, str(single), "--show", "0")
+    assert f"files: {single} (1 examples)" in out.stdout and "formats: 1 completion" in out.stdout

@@ -70,7 +70,12 @@ def test_chat_loss_on_every_assistant_turn(tmp_path):
                          {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"},
                          {"role": "assistant", "content": "ciao"}, {"role": "user", "content": "ignored"}]}
     path = write(tmp_path / "c.jsonl", json.dumps(chat))
-    ex = prep(tmp_path, [path]).train
+    # The user turn after the last reply teaches nothing: refused, or counted when allowed.
+    with pytest.raises(UserError, match=rf"^{path}:1: the turns after the last reply hold text that the chat format"):
+        prep(tmp_path, [path])
+    data = prep(tmp_path, [path], allow_unused_fields=True)
+    assert data.report["unused_fields"] == {"turns after the last reply": 1}
+    ex = data.train
     # Turns end with "\n\n" as in RWKV's chat front-ends; the end marker follows the last reply only.
     want = expected([(enc("System: Be brief.\n\n"), False), (enc("User: hi\n\n"), False), (enc("Assistant:"), False),
                      (enc(" hello\n\n"), True), (enc("User: bye\n\n"), False),
@@ -80,7 +85,7 @@ def test_chat_loss_on_every_assistant_turn(tmp_path):
     assert completion.tolist() == enc(" ciao\n\n") + [0]
     assert prompt.tolist() == want[0][:len(want[0]) - len(completion)]
     # With "\n\n" as the end marker nothing follows the last reply's own "\n\n".
-    ex = prep(tmp_path, [path], end_marker="\n\n").train
+    ex = prep(tmp_path, [path], end_marker="\n\n", allow_unused_fields=True).train
     text = TOK.decode(ex.tokens(0).tolist())
     assert text == "System: Be brief.\n\nUser: hi\n\nAssistant: hello\n\nUser: bye\n\nAssistant: ciao\n\n"
     flags = ex.loss_positions(0)

@@ -273,3 +273,99 @@ def test_cli_prompt_sources(tmp_path, monkeypatch):
     f.write_bytes(b"\xff\xfe bad")
     with pytest.raises(UserError, match="not UTF-8"):
         read_prompt(SimpleNamespace(prompt=None, prompt_file=str(f)))
+
+
+# --- chat, many prompts ----------------------------------------------------------------------------
+
+def segment_ids(tok, segments):
+    return [i for s in segments for i in tok.encode(s)]
+
+
+@pytest.mark.parametrize("think", [False, True])
+def test_chat_session_carries_the_state_of_the_whole_conversation(model, tok, think):
+    """Each reply equals generating from the whole conversation so far, rendered as chat training
+    data (the slow twin), and the final state is that rendering's."""
+    from rwkv_sft.data.formats import chat_prompt_segments, chat_segments, clean_text
+    from rwkv_sft.infer.chat import ChatSession
+    greedy = dict(max_new_tokens=7, temperature=0, stop=("\n\n",))
+    session = ChatSession(model, tok, system="Be\r\n\r\nbrief.", think=think, **greedy)
+    turns = [("system", "Be\nbrief.")]
+    for message in ("Hello there", "你好\n\nagain", "x"):
+        reply = session.reply(message)
+        turns.append(("user", clean_text(message)))
+        alone = generate(model, tok, segment_ids(tok, chat_prompt_segments(turns, think)), **greedy)
+        assert reply == clean_text(("<think" if think else "") + alone.text)
+        turns.append(("assistant", reply))
+    assert session.turns == turns
+    whole, _ = prefill(model, segment_ids(tok, [t for t, _ in chat_segments(turns)]))
+    carried, _ = prefill(model, segment_ids(tok, session.pending), session.state)
+    torch.testing.assert_close(carried, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_chat_system_think(model, tok, saved_model, capsys):
+    from rwkv_sft.cli import main
+    prompt = "System: Be brief.\n\nUser: Hi\n\nAssistant: <think"
+    expected = generate(model, tok, prompt, max_new_tokens=8, temperature=0).text
+    assert main(["generate", "--model", str(saved_model), "--prompt", "Hi", "--system", "Be brief.", "--think",
+                 "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == "<think" + expected + "\n"
+
+
+def test_cli_interactive_reads_turns_from_stdin(model, tok, saved_model):
+    from rwkv_sft.infer.chat import ChatSession
+    greedy = dict(max_new_tokens=6, temperature=0, stop=("\n\n",))
+    session = ChatSession(model, tok, system="Be brief.", **greedy)
+    expected = ""
+    for message in ("Hello world", "And then?"):
+        session.reply(message)
+        expected += session.last.text.lstrip() + "\n\n"
+    r = run_cli("--model", str(saved_model), "--interactive", "--system", "Be brief.", "--max-new-tokens", "6",
+                "--temperature", "0", stdin="Hello world\n\n   \nAnd then?\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == expected and r.stderr == ""
+
+
+def test_cli_prompts_file_one_json_line_per_prompt(model, tok, saved_model, tmp_path, capsys):
+    """Lines or records; greedy in batches (the fast path) and sampled one by one, each equal to
+    `generate` on that prompt alone."""
+    import json
+
+    from rwkv_sft.cli import main
+    lines = tmp_path / "p.txt"
+    lines.write_text("Hello world\n\n你好\r\nx\n", encoding="utf-8")
+    records = tmp_path / "p.jsonl"
+    records.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "Hello world", "id": 7},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+                      {"role": "user", "content": "Bye"}]},
+        {"instruction": "Add.", "input": "2 and 3"}]) + "\n")
+    want_lines = [(1, "Hello world"), (3, "你好"), (4, "x")]
+    want_records = [(1, "Hello world"), (2, "User: Hi\n\nAssistant: Yo\n\nUser: Bye\n\nAssistant:"),
+                    (3, "Instruction: Add.\n\nInput: 2 and 3\n\nResponse:")]
+    chat = [(n, f"System: S\n\nUser: {p}\n\nAssistant:") for n, p in want_lines]
+    for path, extra, want in ((lines, [], want_lines), (records, [], want_records), (lines, ["--chat", "--system", "S"], chat)):
+        for sampling in (["--temperature", "0", "--batch-size", "2"], ["--temperature", "0.9", "--seed", "3"]):
+            assert main(["generate", "--model", str(saved_model), "--prompts", str(path), "--max-new-tokens", "6",
+                         *extra, *sampling]) == 0
+            got = [json.loads(s) for s in capsys.readouterr().out.splitlines()]
+            temperature = float(sampling[1])
+            for (line, prompt), g in zip(want, got, strict=True):
+                alone = generate(model, tok, prompt, max_new_tokens=6, temperature=temperature, seed=3)
+                assert g == {"line": line, "prompt": prompt, "completion": alone.text,
+                             "finish_reason": alone.finish_reason}
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--model", str(saved_model), "--prompts", str(lines), "--output", str(out),
+                 "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == "" and len(out.read_text().splitlines()) == 3
+    # Bad input: one line naming file and line, before the model is read.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"question": "?"}) + "\n")
+    ends = tmp_path / "ends.jsonl"
+    ends.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}))
+    for args, message in ((["--prompts", str(bad)], f"{bad}:2: no prompt"),
+                          (["--prompts", str(ends)], f"{ends}:1: the conversation ends with an assistant turn"),
+                          (["--prompts", str(lines), "--output", str(lines)], "is the prompts file itself"),
+                          (["--prompt", "x", "--output", str(out)], "--output goes with --prompts")):
+        assert main(["generate", "--model", str(tmp_path / "missing.pth"), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UserError
-from .formats import END, Invalid, check_file, make_renderer, read_records
+from .formats import END, Invalid, check_file, make_renderer, read_records, unused_problem
 
-CACHE_VERSION = 2  # 2: chat turns end with "\n\n", Alpaca, ShareGPT
+CACHE_VERSION = 3  # 2: chat turns end with "\n\n", Alpaca, ShareGPT; 3: G1 tools and cleaning, formats counted
 CHUNK = 2048  # records rendered and tokenized together
 _PROBE = "Hello, World! 你好 123 \n\n\t ünïcödé 🙂 User: Assistant:"
 
@@ -63,7 +63,7 @@ class Shard:
     index: np.ndarray   # [n, 3] int64: start, context length, stop
     lines: np.ndarray   # [n] int64
     meta: dict          # skipped {reason: n}, first_error ("line: problem"), empty_context, cached,
-                        # unused_fields {name: rows}, first_unused ("line: problem")
+                        # unused_fields {name: rows}, first_unused ("line: problem"), formats {kind: rows}
 
 
 # -- tokenizing ---------------------------------------------------------------------------------
@@ -84,7 +84,7 @@ def tokenize_bytes(path, data, tokenizer, *, fmt="auto", context_field=None, com
     dtype = np.uint16 if getattr(tokenizer, "vocab_size", 1 << 16) <= (1 << 16) else np.int32
     ids, flags, index, lines = [], [], [], []  # per chunk: numpy arrays / lists
     skipped, first_error, empty_context, total = {}, None, 0, 0
-    unused, first_unused = {}, None
+    unused, first_unused, formats = {}, None, {}
     total_lines, done_lines = data.count(b"\n") + 1, 0
 
     def invalid(line, e):
@@ -138,9 +138,9 @@ def tokenize_bytes(path, data, tokenizer, *, fmt="auto", context_field=None, com
         except Invalid as e:
             invalid(line, e)
             continue
+        formats[rendered.kind] = formats.get(rendered.kind, 0) + 1
         if rendered.unused:
-            problem = (f"{line}: field {rendered.unused[0]!r} holds text that the {rendered.kind} format does not "
-                       "read (--allow-unused-fields ignores such fields)")
+            problem = f"{line}: {unused_problem(rendered.unused[0], rendered.kind)}"
             if not allow_unused_fields:
                 raise UserError(f"{path}:{problem}")
             first_unused = first_unused or problem
@@ -158,7 +158,7 @@ def tokenize_bytes(path, data, tokenizer, *, fmt="auto", context_field=None, com
     return Shard(path, np.concatenate(ids), np.concatenate(flags), np.asarray(index, dtype=np.int64).reshape(-1, 3),
                  np.asarray(lines, dtype=np.int64), {"skipped": skipped, "first_error": first_error,
                                                      "empty_context": empty_context, "unused_fields": unused,
-                                                     "first_unused": first_unused})
+                                                     "first_unused": first_unused, "formats": formats})
 
 
 # -- the cache ----------------------------------------------------------------------------------

@@ -47,8 +47,14 @@ def render_example(examples, i, tokenizer, color: bool) -> str:
 
 def _stats_text(report) -> str:
     train, cuts = report["train"], report["truncated"]
-    lines = ["files: " + ", ".join(f"{f['path']} ({f['examples']} examples)" for f in report["files"]),
-             f"examples: {train['examples']}"]
+    from .prepare import format_counts, format_unused
+
+    def file_text(f):  # a file that mixes formats says how many rows of each
+        mixed = f": {format_counts(f['formats'])}" if len(f["formats"]) > 1 else ""
+        return f"{f['path']} ({f['examples']} examples{mixed})"
+
+    lines = ["files: " + ", ".join(map(file_text, report["files"])), f"examples: {train['examples']}",
+             f"formats: {format_counts(report['formats'])}"]
     skipped = report["skipped"]
     lines.append(f"skipped: {sum(skipped.values())}" + (" (" + ", ".join(f"{n} {r}" for r, n in sorted(skipped.items())) + ")"
                                                        if skipped else ""))
@@ -65,7 +71,6 @@ def _stats_text(report) -> str:
     lines.append(f"truncated: {cuts['context_trimmed']} context trimmed, {cuts['completion_cut']} completion cut, "
                  f"{cuts['empty_context']} empty contexts (became token 0)")
     if report["unused_fields"]:
-        from .prepare import format_unused
         lines.append(f"ignored text fields: {format_unused(report['unused_fields'])}")
     return "\n".join(lines)
 

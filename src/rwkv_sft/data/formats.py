@@ -7,21 +7,27 @@ Each segment is tokenized on its own, so a loss boundary is always a token bound
 prompt tokenized alone at inference time matches what the model saw in training.
 
 Chat ({"messages": [{"role", "content"}, ...]} or ShareGPT's {"conversations": [{"from",
-"value"}, ...]}) is the text RWKV chat front-ends (ChatRWKV, RWKV-Runner) feed the model:
+"value"}, ...]}) is the text RWKV-7 G1's templates and the chat front-ends (ChatRWKV,
+RWKV-Runner) feed the model (docs/formats.md has the rules and their sources):
     System: ...\\n\\nUser: ...\\n\\nAssistant: ...\\n\\nUser: ...\\n\\nAssistant: ...\\n\\n<END>
 Each reply ends with "\\n\\n" (where the front-ends stop); loss is on " " + reply + "\\n\\n" of
 EVERY assistant turn ("Assistant:" itself carries none), and the end marker follows the last
-reply only (none is added when the end marker is "\\n\\n" itself). Turns after the last assistant
-turn teach nothing and are left out. The last assistant reply is the "completion" for
-truncation; everything before it is the "context" (earlier replies keep their loss).
+reply only (none is added when the end marker is "\\n\\n" itself). The last assistant reply is
+the "completion" for truncation; everything before it is the "context" (earlier replies keep
+their loss). Turns after the last reply teach nothing: they are reported like unused fields.
+A reply's thinking (`<think>...</think>` in its text, or a `reasoning_content` field) is part of
+the reply and carries loss. Tools (G1's function-call template): a record's `tools` list goes
+into the System turn, an assistant's `tool_calls` become a ```json block, a `tool` message
+becomes "User: Function output:\\n...".
 Alpaca ({"instruction", "input", "output"}) uses the RWKV instruction prompt
     Instruction: ...\\n\\nInput: ...\\n\\nResponse:     (the Input part only when input is not empty)
 with " " + output + END as the completion. In chat and Alpaca every text is cleaned as the
-front-ends clean it (`clean_text`). Plain text ({"text": ...}) is text + END with loss on every
-token after the first.
+G1 templates clean it (`clean_text`). Plain text ({"text": ...}) is text + END with loss on
+every token after the first.
 
-A record's string field that holds text and that its format does not read is reported in
-`Rendered.unused`: the caller refuses it or counts it, never drops it unseen.
+A record's string field that holds text and that its format does not read (also a message's,
+and the turns after the last reply) is reported in `Rendered.unused`: the caller refuses it or
+counts it, never drops it unseen.
 """
 from __future__ import annotations
 
@@ -40,8 +46,14 @@ CONTEXT_FIELDS = ("context", "prompt", "input")
 COMPLETION_FIELDS = ("completion", "response", "output")
 CHAT_FIELDS = ("messages", "conversations")          # OpenAI-style, ShareGPT
 ALPACA_FIELDS = ("instruction", "input", "output")
-ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
-ROLE_ALIASES = {"human": "user", "gpt": "assistant"}  # ShareGPT's "from" values
+ROLES = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "User"}  # role -> the turn's name
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "observation": "tool"}  # ShareGPT's "from" values
+# G1's function-call template (RWKV-LM RWKV-v7/RWKV7-G1x-templates.txt): the tool list in the System
+# turn, a call as a ```json block, the result back as a User turn.
+TOOLS_OPEN, TOOLS_CLOSE = "Tools:\n", "\nReturn only a JSON function call."
+TOOL_OUTPUT = "Function output:\n"
+THINK_OPEN = "<think"  # `generate --think` opens the reply with it (G1's think mode)
+TRAILING_TURNS = "turns after the last reply"  # the name under which they are counted as unused
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
@@ -220,14 +232,38 @@ def _parquet_records(path: str):
 # -- records -> segments ------------------------------------------------------------------------
 
 def clean_text(text: str) -> str:
-    """Text of a chat turn or an Alpaca field as RWKV's chat front-ends send it: CRLF -> LF, blank
-    lines collapsed to one newline ("\\n\\n" ends a turn), surrounding whitespace stripped."""
-    return re.sub(r"\n{2,}", "\n", text.replace("\r\n", "\n").replace("\r", "\n")).strip()
+    """Text of a turn or an Alpaca field as RWKV-7 G1's templates clean it: CRLF -> LF, runs of
+    newlines -> one ("\\n\\n" ends a turn), surrounding whitespace stripped. Exactly `clean_txt` of
+    BlinkDL/RWKV-LM RWKV-v7/RWKV7-G1x-templates.txt (a lone CR is kept, as there)."""
+    return re.sub(r"\n{2,}", "\n", text.replace("\r\n", "\n")).strip()
 
 
-def chat_prompt(message: str) -> str:
-    """A single user message as a chat prompt, ready for the model to continue with its reply."""
-    return f"User: {clean_text(message)}\n\nAssistant:"
+def chat_prompt(message: str, system: str | None = None, think: bool = False) -> str:
+    """A user message (after an optional system prompt) as a chat prompt, ready for the model to
+    continue with its reply; `think` opens the reply with "<think" (G1's think mode)."""
+    return "".join(chat_prompt_segments(cli_turns(message, system), think))
+
+
+def cli_turns(message: str, system: str | None = None) -> list:
+    """[(role, cleaned text)] of a prompt typed as text: the system prompt (if any), the user turn."""
+    return ([("system", clean_text(system))] if system else []) + [("user", clean_text(message))]
+
+
+def chat_segments(turns) -> list:
+    """[(text, loss)] of rendered turns: an assistant turn is "Assistant:" and its reply " ...\\n\\n"
+    (with loss); any other is "Role: ...\\n\\n"."""
+    out = []
+    for role, text in turns:
+        if role == "assistant":
+            out += [("Assistant:", False), (" " + text + "\n\n", True)]
+        else:
+            out.append((f"{ROLES[role]}: {text}\n\n", False))
+    return out
+
+
+def chat_prompt_segments(turns, think: bool = False) -> list[str]:
+    """The text segments of a generation prompt: the turns, then "Assistant:" (and " <think")."""
+    return [t for t, _ in chat_segments(turns)] + ["Assistant:"] + [" " + THINK_OPEN] * think
 
 
 def _string(record, name):
@@ -242,6 +278,12 @@ def _string(record, name):
 def unused_text_fields(record: dict, used) -> tuple:
     """Fields holding non-blank text that a format reading only `used` would lose."""
     return tuple(k for k, v in record.items() if k not in used and isinstance(v, str) and v.strip())
+
+
+def unused_problem(name: str, kind: str) -> str:
+    """The one-line complaint about unused text `name` (a field, or TRAILING_TURNS)."""
+    what = f"the {TRAILING_TURNS} hold" if name == TRAILING_TURNS else f"field {name!r} holds"
+    return f"{what} text that the {kind} format does not read (--allow-unused-fields ignores such fields)"
 
 
 def make_renderer(fmt: str = "auto", context_field=None, completion_field=None, end_is_separator: bool = False):
@@ -275,6 +317,7 @@ def make_renderer(fmt: str = "auto", context_field=None, completion_field=None, 
         if not isinstance(record, dict):
             raise Invalid("not an object", f"expected a JSON object, got {type(record).__name__}")
         kind = detect(record) if fmt == "auto" else fmt
+        unused = ()
         if kind == "completion":
             used = (pick(record, context_fields), pick(record, completion_fields))
             context, completion = (_string(record, name) for name in used)
@@ -290,8 +333,10 @@ def make_renderer(fmt: str = "auto", context_field=None, completion_field=None, 
         elif kind == "alpaca":
             used, r = ALPACA_FIELDS, _render_alpaca(record)
         else:
-            used, r = (_chat_field(record),), _render_chat(record, end_is_separator)
-        r.unused, r.kind = unused_text_fields(record, used), kind
+            turns, unused = chat_turns(record)
+            used, r = (_chat_field(record), "system", "tools"), _render_chat(turns, end_is_separator)
+            unused += r.unused  # the turns after the last reply
+        r.unused, r.kind = unused_text_fields(record, used) + unused, kind
         return r
 
     return render
@@ -302,25 +347,78 @@ def render(record, fmt="auto", context_field=None, completion_field=None, end_is
     return make_renderer(fmt, context_field, completion_field, end_is_separator)(record)
 
 
-def _render_alpaca(record) -> Rendered:
+def alpaca_prompt(instruction: str, inp: str = "") -> str:
+    """The RWKV instruction prompt (texts already cleaned), ready for " " + output."""
+    return f"Instruction: {instruction}\n\n" + (f"Input: {inp}\n\n" if inp else "") + "Response:"
+
+
+def _alpaca_fields(record) -> tuple[str, str]:
     instruction = clean_text(_string(record, "instruction"))
     given = record.get("input")
     inp = "" if given is None else clean_text(_string(record, "input"))  # optional; null = none
-    output = clean_text(_string(record, "output"))
     if not instruction:
         raise Invalid("empty instruction")
+    return instruction, inp
+
+
+def _render_alpaca(record) -> Rendered:
+    instruction, inp = _alpaca_fields(record)
+    output = clean_text(_string(record, "output"))
     if not output:
         raise Invalid("empty completion")
-    prompt = f"Instruction: {instruction}\n\n" + (f"Input: {inp}\n\n" if inp else "") + "Response:"
-    return Rendered([(prompt, False)], [(" " + output, True), (END, True)])
+    return Rendered([(alpaca_prompt(instruction, inp), False)], [(" " + output, True), (END, True)])
 
+
+# -- chat ---------------------------------------------------------------------------------------
 
 def _chat_field(record):
     return next((f for f in CHAT_FIELDS if f in record), None)
 
 
-def _chat_turns(record) -> list:
-    """[(role, text)] of an OpenAI-style "messages" or a ShareGPT "conversations" list."""
+def _compact(value) -> str:
+    """JSON on one line without spaces, as in G1's function-call template."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _tools_text(record) -> str:
+    """The System turn's tool list: a list of tool objects one per line ("[\\n{...},\\n{...}\\n]", as
+    in G1's template), or a string (e.g. "- name(arg: type)" lines) as written."""
+    tools = record["tools"]
+    if isinstance(tools, str):
+        body = clean_text(tools)
+    elif isinstance(tools, list) and tools:
+        body = "[\n" + ",\n".join(map(_compact, tools)) + "\n]"
+    else:
+        raise Invalid("bad tools", "'tools' must be a non-empty list (or a string)")
+    return TOOLS_OPEN + body + TOOLS_CLOSE
+
+
+def _tool_call(calls, where) -> str:
+    """An assistant's tool call as G1's template writes it: ```json\\n{"name":...,"arguments":{...}}\\n```."""
+    if not isinstance(calls, list) or len(calls) != 1:
+        raise Invalid("bad tool call", f"{where}: 'tool_calls' must hold one call (G1's template has one JSON call "
+                      "per reply)")
+    call = calls[0]
+    fn = call.get("function", call) if isinstance(call, dict) else None  # OpenAI's {"function": {...}} or bare
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or "arguments" not in fn:
+        raise Invalid("bad tool call", f"{where}: a tool call needs a 'name' and 'arguments'")
+    args = fn["arguments"]
+    if isinstance(args, str):  # OpenAI sends the arguments as JSON text
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            raise Invalid("bad tool call", f"{where}: the arguments of {fn['name']!r} are not valid JSON") from None
+    return "```json\n" + _compact({"name": fn["name"], "arguments": args}) + "\n```"
+
+
+# Message fields the chat format reads besides role and text, by role: a reply's tool call and
+# thinking; the link of a tool's result to its call (structure, not text: G1 links them by order).
+MESSAGE_FIELDS = {"assistant": frozenset({"tool_calls", "reasoning_content"}), "tool": frozenset({"tool_call_id"})}
+
+
+def chat_turns(record) -> tuple[list, tuple]:
+    """([(role, cleaned text)], unused message fields) of an OpenAI-style "messages" or a ShareGPT
+    "conversations" list, with a record's `system` and `tools` in the first System turn."""
     key = _chat_field(record)
     if key is None:
         raise Invalid("missing field", "missing field 'messages' (or 'conversations')")
@@ -328,34 +426,78 @@ def _chat_turns(record) -> list:
     if not isinstance(messages, list):
         raise Invalid("bad messages", f"{key!r} must be a list")
     role_key, text_key = ("role", "content") if key == "messages" else ("from", "value")
-    turns = []
+    turns, unused = [], set()
     for k, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get(role_key), str) or not isinstance(m.get(text_key), str):
+        if not isinstance(m, dict) or not isinstance(m.get(role_key), str):
             raise Invalid("bad messages", f"{key} item {k} must be an object with string {role_key!r} and {text_key!r}")
-        role = m[role_key].lower()
-        role = ROLE_ALIASES.get(role, role)
+        role = ROLE_ALIASES.get(m[role_key].lower(), m[role_key].lower())
         if role not in ROLES:
             raise Invalid("bad messages", f"{key} item {k} has unknown {role_key} {m[role_key]!r} "
-                          "(expected system, user/human, assistant/gpt)")
-        turns.append((role, clean_text(m[text_key])))
-    return turns
+                          "(expected system, user/human, assistant/gpt, tool/observation)")
+        calls = m.get("tool_calls") if role == "assistant" else None
+        text = m.get(text_key)
+        if not (isinstance(text, str) or (text is None and calls)):  # a call may come without text
+            raise Invalid("bad messages", f"{key} item {k} must be an object with string {role_key!r} and {text_key!r}")
+        text = clean_text(text or "")
+        if role == "assistant":
+            thinking = m.get("reasoning_content")
+            if thinking is not None:  # G1 writes thinking "<think>\n...\n</think>\n" before the answer
+                thinking = clean_text(_string(m, "reasoning_content"))
+                text = "<think>\n" + (thinking + "\n" if thinking else "") + "</think>\n" + text
+            if calls:
+                text = (text + "\n" if text else "") + _tool_call(calls, f"{key} item {k}")
+        elif role == "tool":
+            text = TOOL_OUTPUT + text
+        turns.append((role, text))
+        read = MESSAGE_FIELDS.get(role, frozenset()) | {role_key, text_key}
+        unused.update(f"{key}[].{f}" for f in unused_text_fields(m, read))
+    # One System turn first: the record's system prompt (else the conversation's), then the tool list.
+    system = [clean_text(_string(record, "system"))] if record.get("system") is not None else []
+    if record.get("tools") is not None:
+        if not system and turns and turns[0][0] == "system":
+            system = [turns.pop(0)[1]]
+        system.append(_tools_text(record))
+    if any(system):
+        turns.insert(0, ("system", "\n".join(t for t in system if t)))
+    return turns, tuple(sorted(unused))
 
 
-def _render_chat(record, end_is_separator: bool) -> Rendered:
-    turns = _chat_turns(record)
+def _render_chat(turns, end_is_separator: bool) -> Rendered:
+    """Rendered turns up to the last reply; `unused` is non-empty when turns follow it."""
     last = max((k for k, (role, _) in enumerate(turns) if role == "assistant"), default=None)
     if last is None:
         raise Invalid("no assistant turn", "chat has no assistant turn")
-    segments, split = [], 0
-    for k, (role, content) in enumerate(turns[:last + 1]):
-        if role != "assistant":
-            segments.append((f"{ROLES[role]}: {content}\n\n", False))
-            continue
-        if not content:
+    for k, (role, text) in enumerate(turns[:last + 1]):
+        if role == "assistant" and not text:
             raise Invalid("empty completion", f"assistant message {k} is empty")
-        if k == last:
-            split = len(segments) + 1
-        segments += [("Assistant:", False), (" " + content + "\n\n", True)]
+    segments = chat_segments(turns[:last + 1])
+    split = len(segments) - 1  # the last reply is the completion
     if not end_is_separator:  # the reply's own "\n\n" already is the end marker otherwise
         segments.append((END, True))
-    return Rendered(segments[:split], segments[split:])
+    trailing = any(text for _, text in turns[last + 1:])
+    return Rendered(segments[:split], segments[split:], unused=(TRAILING_TURNS,) * trailing)
+
+
+def prompt_segments(record, chat: bool = False, system: str | None = None, think: bool = False) -> list[str]:
+    """The text segments of a generation prompt from a record of a prompts file: a conversation
+    (messages / conversations, ending before the reply to write), an Alpaca instruction, or a
+    prompt / context / input / text field (a user turn when `chat`)."""
+    if not isinstance(record, dict):
+        raise Invalid("not an object", f"expected a JSON object, got {type(record).__name__}")
+    if _chat_field(record) is not None:
+        turns, _ = chat_turns(record)
+        if not turns or turns[-1][0] == "assistant":
+            raise Invalid("bad messages", "the conversation ends with an assistant turn: nothing to reply to")
+        if system and turns[0][0] != "system":
+            turns.insert(0, ("system", clean_text(system)))
+        return chat_prompt_segments(turns, think)
+    if "instruction" in record:
+        if system or think:
+            raise Invalid("not a chat", "--system and --think apply to chat prompts, not to an Alpaca instruction")
+        return [alpaca_prompt(*_alpaca_fields(record))]
+    name = next((f for f in CONTEXT_FIELDS + ("text",) if f in record), None)
+    if name is None:
+        raise Invalid("missing field", "no prompt (expected a prompt, context, input, text, instruction, "
+                      "messages or conversations field)")
+    text = _string(record, name)
+    return chat_prompt_segments(cli_turns(text, system), think) if chat else [text]

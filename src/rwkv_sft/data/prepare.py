@@ -11,7 +11,7 @@ from ..errors import UserError
 from .cache import default_cache_dir, load_or_tokenize, tokenizer_identity
 from .config import DataConfig, parse_file_spec
 from .examples import TokenizedExamples
-from .formats import check_file
+from .formats import TRAILING_TURNS, check_file
 from .truncate import truncate
 
 
@@ -126,7 +126,12 @@ def format_report(report: dict, role: str = "train") -> str:
 
 
 def format_unused(counts: dict) -> str:
-    return ", ".join(f"{name!r} in {n} rows" for name, n in sorted(counts.items()))
+    return ", ".join(f"{name if name == TRAILING_TURNS else repr(name)} in {n} rows" for name, n in sorted(counts.items()))
+
+
+def format_counts(counts: dict) -> str:
+    """{"chat": 3, "completion": 2} -> "3 chat, 2 completion" (most first)."""
+    return ", ".join(f"{n} {name}" for name, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def prepare_data(config: DataConfig, tokenizer=None, cache_dir=None, show_progress=True,
@@ -155,16 +160,16 @@ def prepare_data(config: DataConfig, tokenizer=None, cache_dir=None, show_progre
         evaluation.weights[:] = 1.0
     if len(train) == 0:
         raise UserError(f"no valid training examples in {', '.join(s.path for s in train_specs)}")
-    skipped, unused = {}, {}
+    skipped, unused, formats = {}, {}, {}
     for shard in shards:
-        for reason, n in shard.meta["skipped"].items():
-            skipped[reason] = skipped.get(reason, 0) + n
-        for name, n in shard.meta["unused_fields"].items():
-            unused[name] = unused.get(name, 0) + n
+        for total, part in ((skipped, shard.meta["skipped"]), (unused, shard.meta["unused_fields"]),
+                            (formats, shard.meta["formats"])):
+            for name, n in part.items():
+                total[name] = total.get(name, 0) + n
     report = {"train": _stats(train), "eval": _stats(evaluation), "truncated": counts, "skipped": skipped,
-              "unused_fields": unused, "max_len": config.max_len,
+              "unused_fields": unused, "formats": formats, "max_len": config.max_len,
               "files": [{"path": s.path, "examples": len(s.index), "skipped": s.meta["skipped"],
-                         "cached": s.meta.get("cached", False)} for s in shards]}
+                         "formats": s.meta["formats"], "cached": s.meta.get("cached", False)} for s in shards]}
     if (show_progress if show_report is None else show_report) and (_distributed_rank() or 0) == 0:  # once per run
         print(f"data: {format_report(report, role)}", file=sys.stderr)
     return PreparedData(train, evaluation, report)

@@ -2,8 +2,9 @@
 
 `generate` samples one continuation (greedy with temperature 0; top-k, then top-p, then a
 seeded draw otherwise), stopping at a stop string, the end-of-text token or a length limit.
-`generate_iter` is the same as a generator of text pieces. `greedy_batch` / `greedy_complete`
-decode many prompts greedily as a batch (exact-match evaluation).
+`generate_iter` is the same as a generator of text pieces (`continue_iter` after a prefill done
+elsewhere). `greedy_batch` / `complete_batch` / `greedy_complete` decode many prompts greedily as
+a batch (exact-match evaluation, `generate --prompts`).
 """
 from __future__ import annotations
 
@@ -158,10 +159,23 @@ def generate_iter(model, tokenizer, prompt: str | Sequence[int], max_new_tokens:
     """
     _check_sampling(max_new_tokens, temperature, top_p, top_k, stop)
     ids = _prompt_ids(tokenizer, prompt, state)
-    out = Generation("", [], "length", len(ids))
+    if max_new_tokens == 0:
+        return Generation("", [], "length", len(ids))
+    logits, state = prefill(model, ids, state)
+    return (yield from continue_iter(model, tokenizer, logits, state, len(ids), max_new_tokens, temperature, top_p,
+                                     top_k, seed, stop, stop_at_eos))
+
+
+@torch.inference_mode()
+def continue_iter(model, tokenizer, logits: torch.Tensor, state: RWKV7State, prompt_tokens: int,
+                  max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                  seed: int | None = None, stop: Sequence[str] = ("\n\n",), stop_at_eos: bool = True) -> Iterator[str]:
+    """`generate_iter` after the prompt's prefill: from its last logits [1,V] and state (a chat keeps
+    the state of a conversation and prefills each turn itself)."""
+    _check_sampling(max_new_tokens, temperature, top_p, top_k, stop)
+    out = Generation("", [], "length", prompt_tokens)
     if max_new_tokens == 0:
         return out
-    logits, state = prefill(model, ids, state)
     generator = torch.Generator(device=logits.device)
     if seed is None:
         generator.seed()
@@ -246,29 +260,46 @@ def greedy_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
         logits, state = model(tokens.unsqueeze(1), state=state, full_output=False)
 
 
-def greedy_complete(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256,
-                    stop: Sequence[str] = ("\n\n",), stop_at_eos: bool = True) -> list[str]:
-    """Greedy continuations of many prompts, decoded together as one batch (`greedy_batch`).
-    Same results as `generate` with temperature 0 on each prompt."""
+def complete_batch(model, tokenizer, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 256,
+                   stop: Sequence[str] = ("\n\n",), stop_at_eos: bool = True) -> list[Generation]:
+    """Greedy continuations of many prompts (texts or token ids), decoded together as one batch
+    (`greedy_batch`). Same results as `generate` with temperature 0 on each prompt."""
     _check_sampling(max_new_tokens, 0.0, 1.0, 0, stop)
     all_ids = [_prompt_ids(tokenizer, p, None) for p in _encode_all(tokenizer, prompts)]
     conts = [_Continuation(tokenizer, stop) for _ in all_ids]
+    outs = [Generation("", [], "length", len(ids)) for ids in all_ids]
 
     def accept(p: int, t: int) -> bool:
-        return not ((t == tokenizer.eos_id and stop_at_eos) or conts[p].add(t))
+        if t == tokenizer.eos_id and stop_at_eos:
+            outs[p].finish_reason = "eos"
+            return False
+        outs[p].tokens.append(t)
+        if conts[p].add(t):
+            outs[p].finish_reason = "stop"
+            return False
+        return True
 
     greedy_batch(model, all_ids, max_new_tokens, accept)
-    for c in conts:
+    for c, out in zip(conts, outs):
         c.finish()
-    return [c.text for c in conts]
+        out.text = c.text
+    return outs
 
 
-def _encode_all(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of many prompts (one parallel call where the tokenizer offers it)."""
+def greedy_complete(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256,
+                    stop: Sequence[str] = ("\n\n",), stop_at_eos: bool = True) -> list[str]:
+    """The texts of `complete_batch`."""
+    return [g.text for g in complete_batch(model, tokenizer, prompts, max_new_tokens, stop, stop_at_eos)]
+
+
+def _encode_all(tokenizer, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
+    """Token ids of many prompts: texts encoded (one parallel call where the tokenizer offers it),
+    token ids as they are."""
     prompts = list(prompts)
-    if hasattr(tokenizer, "encode_batch"):
-        return tokenizer.encode_batch(prompts)
-    return [tokenizer.encode(p) for p in prompts]
+    texts = [p for p in prompts if isinstance(p, str)]
+    encoded = iter(tokenizer.encode_batch(texts) if hasattr(tokenizer, "encode_batch") else map(tokenizer.encode, texts))
+    return [next(encoded) if isinstance(p, str) else [int(i) for i in p] for p in prompts]
 
 
-__all__ = ["Generation", "generate", "generate_iter", "greedy_batch", "greedy_complete", "sample_next", "filter_logits", "prefill"]
+__all__ = ["Generation", "complete_batch", "continue_iter", "filter_logits", "generate", "generate_iter", "greedy_batch",
+           "greedy_complete", "prefill", "sample_next"]
