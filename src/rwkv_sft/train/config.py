@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 
@@ -116,6 +117,8 @@ class TrainConfig:
         need(set(self.export) <= {"pth", "safetensors", "hf"}, f"export must list pth, safetensors and/or hf, got {self.export}")
         need(set(self.report_to) <= {"tensorboard", "wandb", "none"} and ("none" not in self.report_to or len(self.report_to) == 1),
              f"report_to must list tensorboard and/or wandb, or be none; got {self.report_to}")
+        need("wandb" not in self.report_to or importlib.util.find_spec("wandb") is not None,
+             "--report-to wandb: the wandb package is not installed (pip install 'rwkv-sft[wandb]')")
         need(self.lora_rank >= 0, f"lora_rank must be >= 0 (0: no LoRA), got {self.lora_rank}")
         if not self.lora_rank:
             given = [k for k, default in (("lora_alpha", None), ("lora_dropout", 0.0), ("lora_init", "lora"),
