@@ -275,3 +275,38 @@ def test_merge_to_hf(tmp_path, model):
     merged = torch.load(tmp_path / "m.pth", weights_only=True)
     assert_same_weights(merged, torch.load(tmp_path / "back.pth", weights_only=True))
     assert not torch.equal(merged["blocks.0.att.key.weight"], model.blocks[0].att.key.weight)  # the LoRA is in it
+
+
+def _llama_cpp_names(names, n_layer):
+    """The GGUF tensors llama.cpp's convert_hf_to_gguf.py (class Rwkv7Model) makes of these HF
+    names: its name unification restated, then gguf's own TensorNameMap for RWKV7."""
+    gguf = pytest.importorskip("gguf")
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.RWKV7, n_layer)
+    out = set()
+    for name in names:
+        n = name.replace("blocks", "layers").replace("ffn", "feed_forward").replace("attn", "attention")
+        n = n.replace("feed_forward_norm", "ln2").replace("g_norm", "ln_x")
+        n = n.replace("_lora.lora.0.weight", "1.weight").replace("_lora.lora.2.weight", "2.weight")
+        n = n.replace("_lora.lora.2.bias", "0.weight")
+        bid = int(re.search(r"layers\.(\d+)\.", n)[1]) if "layers." in n else None
+        if "attention.x_" in n:
+            out.add(f"blk.{bid}.time_mix_lerp_fused")
+            continue
+        new = tmap.get_name(n, try_suffixes=(".weight", ".bias"))
+        assert new is not None, f"llama.cpp has no GGUF name for {name}"
+        out.add(re.sub(r"\.(weight|bias)$", "", new))
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["fla", "rwkv"])
+def test_every_tensor_llama_cpp_needs_has_a_source(tmp_path, model, scheme):
+    import gguf
+    from safetensors import safe_open
+    model.save(tmp_path / "a.pth")
+    main(["convert", str(tmp_path / "a.pth"), str(tmp_path / "hf"), "--to", "hf", "--hf-scheme", scheme])
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        made = _llama_cpp_names(list(f.keys()), 2)
+    made |= {"blk.0.time_mix_v0", "blk.0.time_mix_v1", "blk.0.time_mix_v2"}  # it copies layer 0's a0/a1/a2 there
+    needed = {gguf.TENSOR_NAMES[t].format(bid=b) for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.RWKV7]
+              for b in range(2)}
+    assert needed <= made, sorted(needed - made)
