@@ -213,7 +213,12 @@ def test_broken_directories_are_one_line_errors(tmp_path, model):
     wrong = dict(tensors)
     wrong["model.layers.1.attn.g_lora.lora.2.weight"] = torch.zeros(128, 96)
     bad = hf_dir(tmp_path / "shape", wrong, config)
-    _one_line_error(lambda: RWKV7.load(bad), r"'model.layers.1.attn.g_lora.lora.2.weight' has shape")
+    _one_line_error(lambda: RWKV7.load(bad), r"'model.layers.1.attn.g_lora.lora.2.weight' has shape \[128, 96\], "
+                    r"expected \[128, 160\]")
+
+    short = {k: v for k, v in tensors.items() if k != "model.layers.1.ffn.x_k"}
+    incomplete = hf_dir(tmp_path / "incomplete", short, config)
+    _one_line_error(lambda: RWKV7.load(incomplete), "no tensor for blocks.1.ffn.x_k", "'model.layers.1.ffn.x_k'")
 
     mismatch = hf_dir(tmp_path / "config", tensors, {"model_type": "rwkv7", "num_hidden_layers": 3})
     _one_line_error(lambda: RWKV7.load(mismatch), "num_hidden_layers is 3", "2 layers")

@@ -108,9 +108,13 @@ def infer_config(sd: dict[str, torch.Tensor], source="checkpoint") -> RWKV7Confi
 
 
 def state_dict_to_model(sd: dict[str, torch.Tensor], source="checkpoint", dtype=None, device=None, origin=None):
-    """`origin`: our key -> the tensor's name in the file, for messages (Hugging Face names)."""
+    """`origin`: our key -> (the tensor's name in the file, whether it is stored transposed), for
+    messages about Hugging Face directories."""
     from .rwkv7 import RWKV7
-    name = (origin or {}).get
+    origin = origin or {}
+
+    def name(key):
+        return origin.get(key, (key,))[0]
     config = infer_config(sd, source)
     dtype = dtype or sd["emb.weight"].dtype
     if not dtype.is_floating_point:
@@ -122,18 +126,26 @@ def state_dict_to_model(sd: dict[str, torch.Tensor], source="checkpoint", dtype=
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     if missing:
-        raise UserError(f"{source}: missing key '{missing[0]}'" + (" (Hugging Face layout)" if origin else "") + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        if origin:  # a Hugging Face directory: say what the tensor is called there
+            from .hf import hf_name
+            raise UserError(f"{source}: no tensor for {missing[0]} ('{hf_name(missing[0], 'fla')[0]}' in fla's "
+                            f"names, '{hf_name(missing[0], 'rwkv')[0]}' in BlinkDL's){more}")
+        raise UserError(f"{source}: missing key '{missing[0]}'{more}")
     unexpected = [k for k in sd if k not in expected and k not in _OPTIONAL_IN_LAYER0]
     if unexpected:
-        raise UserError(f"{source}: unexpected key '{name(unexpected[0], unexpected[0])}' for an RWKV-7 model of {config.n_layer} layers"
+        raise UserError(f"{source}: unexpected key '{name(unexpected[0])}' for an RWKV-7 model of {config.n_layer} layers"
                         + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
     tensors = {}
     for key, ref in expected.items():
         t = sd[key]
         if t.shape != ref.shape:
             if t.numel() != ref.numel() or ref.dim() == 2 and t.dim() == 2:
-                raise UserError(f"{source}: '{name(key, key)}' has shape {list(t.shape)}, expected {list(ref.shape)}"
-                               + (f" (as {key})" if name(key, key) != key else ""))
+                got, want = list(t.shape), list(ref.shape)
+                if origin.get(key, ("", False))[1]:
+                    got, want = got[::-1], want[::-1]  # as the file stores it
+                raise UserError(f"{source}: '{name(key)}' has shape {got}, expected {want}"
+                                + (f" (for {key})" if name(key) != key else ""))
             t = t.reshape(ref.shape)  # e.g. a [C] vector stored for a [1,1,C] one
         tensors[key] = t.to(device=device or "cpu", dtype=ref.dtype)
     # assign: the parameters are the file's tensors where no conversion was needed (a `.pth` stays

@@ -270,9 +270,10 @@ def _first_line(e: Exception) -> str:
     return lines[0][:200] if lines else type(e).__name__
 
 
-def read_hf(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(BlinkDL-named tensors, BlinkDL key -> HF tensor name) of the Hugging Face directory `path`.
-    Shapes are checked against config.json here and against each other by the model loader."""
+def read_hf(path) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, bool]]]:
+    """(BlinkDL-named tensors, BlinkDL key -> (HF tensor name, stored transposed)) of the Hugging
+    Face directory `path`. Shapes are checked against config.json here and against each other by
+    the model loader, whose messages name the HF tensor in the file's orientation."""
     path = Path(path)
     try:
         cfg = json.loads((path / CONFIG).read_text(encoding="utf-8"))
@@ -281,7 +282,7 @@ def read_hf(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise UserError(f"{path / CONFIG}: not a JSON object") from None
     if cfg.get("model_type") not in (None, "rwkv7"):
         raise UserError(f"{path / CONFIG}: model_type {cfg['model_type']!r}; rwkv-sft loads RWKV-7 (rwkv7) models only")
-    sd, origin = {}, {}
+    sd, origin, flipped = {}, {}, set()
     for name, t in _Shards(path).tensors():
         key, how = _blink_key(name)
         if how == "x_x":
@@ -295,13 +296,14 @@ def read_hf(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             if t.dim() != 2:
                 raise UserError(f"{path}: '{name}' has shape {list(t.shape)}, expected a matrix")
             t = t.t().contiguous()
+            flipped.add(key)
         if key in sd:
             raise UserError(f"{path}: '{name}' and '{origin[key]}' are the same weight ({key})")
         sd[key], origin[key] = t, name
     _check_config(path, cfg, sd, origin)
     if "head.weight" not in sd and cfg.get("tie_word_embeddings") and "emb.weight" in sd:
         sd["head.weight"], origin["head.weight"] = sd["emb.weight"], origin["emb.weight"]
-    return sd, origin
+    return sd, {k: (name, k in flipped) for k, name in origin.items()}
 
 
 def _check_config(path: Path, cfg: dict, sd: dict, origin: dict) -> None:
