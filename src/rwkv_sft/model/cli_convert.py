@@ -21,7 +21,7 @@ def add_format_arguments(p) -> None:
     p.add_argument("--to", choices=FORMATS, help="output format (default: from the extension); hf: a Hugging Face "
                    "directory (config.json, model.safetensors, the World vocabulary) for transformers + fla "
                    "and llama.cpp's convert_hf_to_gguf.py")
-    p.add_argument("--hf-scheme", choices=("fla", "rwkv"), default="fla",
+    p.add_argument("--hf-scheme", choices=("fla", "rwkv"),
                    help="tensor names of --to hf: fla (fla-hub, loads in transformers; default) or rwkv (BlinkDL's names)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (--to hf)")
 
@@ -30,6 +30,8 @@ def output_format(target: str, args) -> str:
     """The format to write, with one-line errors for a target that does not fit it (checked before
     anything is loaded)."""
     to = args.to
+    if args.hf_scheme and to != "hf":
+        raise UserError("--hf-scheme names the tensors of a Hugging Face directory: give --to hf with it")
     if to is None:
         if not target.endswith((".pth", ".safetensors")):
             raise UserError(f"{target}: the output must end in .pth or .safetensors (or give --to hf for a "
@@ -53,7 +55,7 @@ def output_format(target: str, args) -> str:
 def write(model, target: str, fmt: str, args, dtype=None) -> None:
     if fmt == "hf":
         from .checkpoint import save_model
-        save_model(model, target, dtype=dtype, hf_scheme=args.hf_scheme, overwrite=args.overwrite)
+        save_model(model, target, dtype=dtype, hf_scheme=args.hf_scheme or "fla", overwrite=args.overwrite)
     else:
         model.save(target, dtype=dtype)
 
