@@ -61,17 +61,18 @@ def run(cmd, **kw):
     subprocess.run([str(c) for c in cmd], check=True, **kw)
 
 
-def find_lib(llama: Path) -> Path:
+def find_lib(build: Path) -> Path:
     for name in ("libllama.so", "libllama.dylib"):
-        hits = sorted(llama.glob(f"build/**/{name}"))
+        hits = sorted(build.glob(f"**/{name}"))
         if hits:
             return hits[0]
-    sys.exit(f"no libllama.so under {llama}/build: build llama.cpp with -DBUILD_SHARED_LIBS=ON first")
+    sys.exit(f"no libllama.so under {build}: build llama.cpp with -DBUILD_SHARED_LIBS=ON first")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp checkout, built with shared libraries")
+    p.add_argument("--build-dir", type=Path, help="where llama.cpp was built (default LLAMA_CPP/build)")
     p.add_argument("--work", type=Path, default=Path("gguf_check_work"))
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
@@ -90,7 +91,7 @@ def main() -> int:
     run([sys.executable, "-m", "rwkv_sft", "convert", work / "model.pth", hf, "--to", "hf", "--overwrite"])
     run([sys.executable, llama / "convert_hf_to_gguf.py", hf, "--outfile", gguf, "--outtype", "f32"])
 
-    lib = find_lib(llama)
+    lib = find_lib((args.build_dir or llama / "build").resolve())
     (work / "logits.c").write_text(HARNESS)
     run(["cc", "-O2", work / "logits.c", "-o", work / "logits", f"-I{llama / 'include'}", f"-I{llama / 'ggml' / 'include'}",
          f"-L{lib.parent}", "-lllama", f"-Wl,-rpath,{lib.parent}"])
