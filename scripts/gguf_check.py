@@ -75,6 +75,7 @@ def main() -> int:
     p.add_argument("--build-dir", type=Path, help="where llama.cpp was built (default LLAMA_CPP/build)")
     p.add_argument("--work", type=Path, default=Path("gguf_check_work"))
     p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--hf-scheme", choices=("fla", "rwkv"), default="fla")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     llama, work = args.llama_cpp.resolve(), args.work.resolve()
@@ -88,7 +89,7 @@ def main() -> int:
             t.add_(torch.randn_like(t) * 0.1)
     model.save(work / "model.pth")
     hf, gguf = work / "model-hf", work / "model-f32.gguf"
-    run([sys.executable, "-m", "rwkv_sft", "convert", work / "model.pth", hf, "--to", "hf", "--overwrite"])
+    run([sys.executable, "-m", "rwkv_sft", "convert", work / "model.pth", hf, "--to", "hf", "--hf-scheme", args.hf_scheme, "--overwrite"])
     run([sys.executable, llama / "convert_hf_to_gguf.py", hf, "--outfile", gguf, "--outtype", "f32"])
 
     lib = find_lib((args.build_dir or llama / "build").resolve())
