@@ -226,6 +226,11 @@ def test_broken_directories_are_one_line_errors(tmp_path, model):
     other = hf_dir(tmp_path / "llama", tensors, {"model_type": "llama"})
     _one_line_error(lambda: RWKV7.load(other), "model_type 'llama'")
 
+    (missing / "model.safetensors.index.json").write_text("[]")
+    _one_line_error(lambda: RWKV7.load(missing), "not a safetensors index")
+    (missing / "config.json").write_text("{not json")
+    _one_line_error(lambda: RWKV7.load(missing), r"config.json: not a JSON object")
+
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text("{}")
     _one_line_error(lambda: RWKV7.load(tmp_path / "empty"), "needs model.safetensors")

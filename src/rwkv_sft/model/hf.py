@@ -223,9 +223,10 @@ class _Shards:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                assert isinstance(weight_map, dict)
-            except (ValueError, KeyError, TypeError, AssertionError):
-                raise UserError(f"{index}: not a safetensors index (expected a JSON object with a 'weight_map')") from None
+            except (ValueError, KeyError, TypeError):
+                weight_map = None
+            if not isinstance(weight_map, dict):
+                raise UserError(f"{index}: not a safetensors index (expected a JSON object with a 'weight_map')")
             files = sorted(set(weight_map.values()))
         elif (path / WEIGHTS).is_file():
             weight_map, files = None, [WEIGHTS]
@@ -277,9 +278,10 @@ def read_hf(path) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, bool]]]
     path = Path(path)
     try:
         cfg = json.loads((path / CONFIG).read_text(encoding="utf-8"))
-        assert isinstance(cfg, dict)
-    except (ValueError, OSError, AssertionError):
-        raise UserError(f"{path / CONFIG}: not a JSON object") from None
+    except (ValueError, OSError):
+        cfg = None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path / CONFIG}: not a JSON object")
     if cfg.get("model_type") not in (None, "rwkv7"):
         raise UserError(f"{path / CONFIG}: model_type {cfg['model_type']!r}; rwkv-sft loads RWKV-7 (rwkv7) models only")
     sd, origin, flipped = {}, {}, set()
