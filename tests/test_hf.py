@@ -290,7 +290,7 @@ def test_merge_to_hf(tmp_path, model):
 def _llama_cpp_names(names, n_layer):
     """The GGUF tensors llama.cpp's convert_hf_to_gguf.py (class Rwkv7Model) makes of these HF
     names: its name unification restated, then gguf's own TensorNameMap for RWKV7."""
-    gguf = pytest.importorskip("gguf")
+    import gguf  # the test extra installs it
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.RWKV7, n_layer)
     out = set()
     for name in names:
