@@ -23,10 +23,23 @@ _OPTIONAL_IN_LAYER0 = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
 
 
 def read_state_dict(path) -> dict[str, torch.Tensor]:
-    """The raw tensors of a `.pth` or `.safetensors` file, with one-line errors for bad files."""
+    """The raw tensors (BlinkDL names) of a `.pth` or `.safetensors` file or a Hugging Face
+    directory, with one-line errors for bad files."""
+    return _read(path)[0]
+
+
+def _read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, our key -> the file's own name where it differs)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
+    from .hf import is_hf_dir, read_hf
+    if is_hf_dir(path):
+        return read_hf(path)
+    return _read_file(path), {}
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
     if path.is_dir():  # a training checkpoint, OUT/checkpoints/step_N
         from ..train.checkpoint import model_weights
         return model_weights(path)
@@ -94,8 +107,14 @@ def infer_config(sd: dict[str, torch.Tensor], source="checkpoint") -> RWKV7Confi
         raise UserError(f"{source}: inconsistent shapes: {e}") from None
 
 
-def state_dict_to_model(sd: dict[str, torch.Tensor], source="checkpoint", dtype=None, device=None):
+def state_dict_to_model(sd: dict[str, torch.Tensor], source="checkpoint", dtype=None, device=None, origin=None):
+    """`origin`: our key -> (the tensor's name in the file, whether it is stored transposed), for
+    messages about Hugging Face directories."""
     from .rwkv7 import RWKV7
+    origin = origin or {}
+
+    def name(key):
+        return origin.get(key, (key,))[0]
     config = infer_config(sd, source)
     dtype = dtype or sd["emb.weight"].dtype
     if not dtype.is_floating_point:
@@ -107,17 +126,26 @@ def state_dict_to_model(sd: dict[str, torch.Tensor], source="checkpoint", dtype=
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     if missing:
-        raise UserError(f"{source}: missing key '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        if origin:  # a Hugging Face directory: say what the tensor is called there
+            from .hf import hf_name
+            raise UserError(f"{source}: no tensor for {missing[0]} ('{hf_name(missing[0], 'fla')[0]}' in fla's "
+                            f"names, '{hf_name(missing[0], 'rwkv')[0]}' in BlinkDL's){more}")
+        raise UserError(f"{source}: missing key '{missing[0]}'{more}")
     unexpected = [k for k in sd if k not in expected and k not in _OPTIONAL_IN_LAYER0]
     if unexpected:
-        raise UserError(f"{source}: unexpected key '{unexpected[0]}' for an RWKV-7 model of {config.n_layer} layers"
+        raise UserError(f"{source}: unexpected key '{name(unexpected[0])}' for an RWKV-7 model of {config.n_layer} layers"
                         + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
     tensors = {}
     for key, ref in expected.items():
         t = sd[key]
         if t.shape != ref.shape:
             if t.numel() != ref.numel() or ref.dim() == 2 and t.dim() == 2:
-                raise UserError(f"{source}: '{key}' has shape {list(t.shape)}, expected {list(ref.shape)}")
+                got, want = list(t.shape), list(ref.shape)
+                if origin.get(key, ("", False))[1]:
+                    got, want = got[::-1], want[::-1]  # as the file stores it
+                raise UserError(f"{source}: '{name(key)}' has shape {got}, expected {want}"
+                                + (f" (for {key})" if name(key) != key else ""))
             t = t.reshape(ref.shape)  # e.g. a [C] vector stored for a [1,1,C] one
         tensors[key] = t.to(device=device or "cpu", dtype=ref.dtype)
     # assign: the parameters are the file's tensors where no conversion was needed (a `.pth` stays
@@ -127,7 +155,8 @@ def state_dict_to_model(sd: dict[str, torch.Tensor], source="checkpoint", dtype=
 
 
 def load_model(path, dtype=None, device=None):
-    return state_dict_to_model(read_state_dict(path), source=str(path), dtype=dtype, device=device)
+    sd, origin = _read(path)
+    return state_dict_to_model(sd, source=str(path), dtype=dtype, device=device, origin=origin)
 
 
 def export_state_dict(model, dtype=None) -> dict[str, torch.Tensor]:
@@ -141,14 +170,19 @@ def export_state_dict(model, dtype=None) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_model(model, path, dtype=None) -> None:
-    write_state_dict(export_state_dict(model, dtype), path, model.config)
+def save_model(model, path, dtype=None, hf_scheme=None, overwrite=True) -> None:
+    write_state_dict(export_state_dict(model, dtype), path, model.config, hf_scheme=hf_scheme, overwrite=overwrite)
 
 
-def write_state_dict(sd: dict[str, torch.Tensor], path, config) -> None:
-    """`.pth` (BlinkDL layout) or `.safetensors` (by extension, with `config` as metadata), atomically."""
+def write_state_dict(sd: dict[str, torch.Tensor], path, config, hf_scheme: str | None = None,
+                     overwrite: bool = True) -> None:
+    """`.pth` (BlinkDL layout) or `.safetensors` (by extension, with `config` as metadata), atomically;
+    a Hugging Face directory with `hf_scheme` or for a path ending in `.hf` (a run's `model.hf`)."""
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if hf_scheme or path.suffix == ".hf":
+        from .hf import write_hf
+        write_hf(sd, path, config, scheme=hf_scheme or "fla", overwrite=overwrite)
+    elif path.suffix == ".safetensors":
         from safetensors.torch import save_file
         metadata = {k: str(v) for k, v in config.to_dict().items()}
         with atomic_write(path) as tmp:

@@ -1,26 +1,73 @@
-"""`rwkv-sft convert IN OUT`: between .pth (BlinkDL layout) and .safetensors, optionally changing dtype."""
+"""`rwkv-sft convert IN OUT`: between .pth (BlinkDL layout), .safetensors and a Hugging Face
+directory (`--to hf`), optionally changing dtype."""
 from __future__ import annotations
 
 from ..errors import UserError
 
 DTYPES = ("bf16", "fp16", "fp32")
+FORMATS = ("pth", "safetensors", "hf")
 
 
 def add_arguments(p):
-    p.add_argument("source", help="input checkpoint (.pth or .safetensors)")
-    p.add_argument("target", help="output file; the extension picks the format (.pth or .safetensors)")
+    p.add_argument("source", help="input checkpoint (.pth, .safetensors or a Hugging Face directory)")
+    p.add_argument("target", help="output file; the extension picks the format (.pth or .safetensors), "
+                                  "or a directory with --to hf")
     p.add_argument("--dtype", choices=DTYPES, help="store the weights in this dtype (default: unchanged)")
+    add_format_arguments(p)
+
+
+def add_format_arguments(p) -> None:
+    """--to / --hf-scheme / --overwrite, shared by convert and merge."""
+    p.add_argument("--to", choices=FORMATS, help="output format (default: from the extension); hf: a Hugging Face "
+                   "directory (config.json, model.safetensors, the World vocabulary) for transformers + fla "
+                   "and llama.cpp's convert_hf_to_gguf.py")
+    p.add_argument("--hf-scheme", choices=("fla", "rwkv"),
+                   help="tensor names of --to hf: fla (fla-hub, loads in transformers; default) or rwkv (BlinkDL's names)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (--to hf)")
+
+
+def output_format(target: str, args) -> str:
+    """The format to write, with one-line errors for a target that does not fit it (checked before
+    anything is loaded)."""
+    to = args.to
+    if args.hf_scheme and to != "hf":
+        raise UserError("--hf-scheme names the tensors of a Hugging Face directory: give --to hf with it")
+    if to is None:
+        if not target.endswith((".pth", ".safetensors")):
+            raise UserError(f"{target}: the output must end in .pth or .safetensors (or give --to hf for a "
+                            "Hugging Face directory)")
+        return target.rsplit(".", 1)[1]
+    if to != "hf" and not target.endswith("." + to):
+        raise UserError(f"{target}: --to {to} writes a .{to} file")
+    if to == "hf" and target.endswith((".pth", ".safetensors")):
+        raise UserError(f"{target}: --to hf writes a directory; give a name without .pth/.safetensors")
+    if to == "hf":
+        from pathlib import Path
+
+        from .hf import check_target
+        inputs = [getattr(args, a, None) for a in ("source", "model", "adapter")]
+        if any(i and Path(i).resolve() == Path(target).resolve() for i in inputs):
+            raise UserError(f"{target}: is the input; write the output somewhere else")
+        check_target(target, args.overwrite)
+    return to
+
+
+def write(model, target: str, fmt: str, args, dtype=None) -> None:
+    if fmt == "hf":
+        from .checkpoint import save_model
+        save_model(model, target, dtype=dtype, hf_scheme=args.hf_scheme or "fla", overwrite=args.overwrite)
+    else:
+        model.save(target, dtype=dtype)
 
 
 def run(args) -> int:
-    if not args.target.endswith((".pth", ".safetensors")):
-        raise UserError(f"{args.target}: the output must end in .pth or .safetensors")
+    fmt = output_format(args.target, args)
     import torch
 
     from .rwkv7 import RWKV7
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
     model = RWKV7.load(args.source)
-    model.save(args.target, dtype=dtype)
+    write(model, args.target, fmt, args, dtype=dtype)
     print(f"wrote {args.target}")
     return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..errors import UserError
+from .cli_convert import add_format_arguments, output_format, write
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -12,6 +13,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, metavar="MERGED",
                    help="output .pth (BlinkDL layout, loads in the rwkv package) or .safetensors")
     p.add_argument("--dtype", choices=DTYPES, help="store the weights in this dtype (default: the base's)")
+    add_format_arguments(p)
 
 
 def run(args) -> int:
@@ -20,8 +22,7 @@ def run(args) -> int:
     from ..model import RWKV7
     from ..adapters import apply_adapter
 
-    if not args.out.endswith((".pth", ".safetensors")):
-        raise UserError(f"{args.out}: the output must end in .pth or .safetensors")
+    fmt = output_format(args.out, args)
     model = RWKV7.load(args.model)  # memory-mapped; merged one weight at a time while writing
     settings = apply_adapter(model, args.adapter)
     if not settings.lora_rank:
@@ -31,7 +32,7 @@ def run(args) -> int:
         for block in model.blocks:  # a BlinkDL checkpoint has no place for it
             del block.att.time_state
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
-    model.save(args.out, dtype=dtype or model.emb.weight.dtype)
+    write(model, args.out, fmt, args, dtype=dtype or model.emb.weight.dtype)
     print(f"wrote {args.out}: {args.model} + {settings.describe()}")
     if settings.state_tuning:
         print(f"note: the learned initial state is not part of a merged checkpoint; it stays in {args.adapter} "

@@ -107,7 +107,8 @@ def model_weights(path) -> dict:
     """The model's tensors (BlinkDL names) in the training checkpoint directory `path`."""
     if not is_checkpoint(path):
         raise UserError(f"{path}: is a directory but not a training checkpoint (expected {STATE_FILE} and {MARKER}, "
-                        f"as in OUT/checkpoints/step_000100), nor a .pth or .safetensors file")
+                        f"as in OUT/checkpoints/step_000100), nor a Hugging Face directory (config.json), "
+                        "nor a .pth or .safetensors file")
     state = load_checkpoint(path)
     if state.get("adapter") is not None:  # a parameter-efficient run saves only what it trains
         raise UserError(f"{path}: a checkpoint of a parameter-efficient run holds only the adapter: use "

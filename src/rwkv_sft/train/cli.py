@@ -93,6 +93,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", dest="c:overwrite", action="store_true", default=S,
                    help="start a new run in an --out that holds one (deletes its checkpoints, metrics and model)")
     g.add_argument("--no-progress", dest="c:progress", action="store_false", default=S)
+    g.add_argument("--export", dest="c:export", nargs="+", choices=["pth", "safetensors", "hf"], default=S,
+                   metavar="FORMAT", help="what the run writes at the end: pth, safetensors (default both), hf "
+                   "(OUT/model.hf, a Hugging Face directory for transformers + fla and llama.cpp)")
+    g.add_argument("--report-to", dest="c:report_to", nargs="+", choices=["tensorboard", "wandb", "none"], default=S,
+                   metavar="WHERE", help="mirror metrics.jsonl to tensorboard (default) and/or wandb "
+                   "(pip install 'rwkv-sft[wandb]'; WANDB_MODE=offline honoured), or none")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="any setting, e.g. --set eval_every=50 --set data.anchor_fraction=0.5 (a bare text value "
                         "takes the escapes of text flags)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 
@@ -73,6 +74,7 @@ class TrainConfig:
     export: list[str] = field(default_factory=lambda: ["pth", "safetensors"])
     progress: bool = True
     tensorboard: bool = True              # also log to TensorBoard when it is installed
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb | none
     dist_timeout_s: int = 1800            # collectives (and process-group start) give up after this
     parallel: str = "ddp"                 # several processes: ddp (whole model in each) | fsdp (sharded)
     fsdp_unsharded_accumulation: bool | None = None  # fsdp, several micro-batches per step: keep
@@ -112,7 +114,11 @@ class TrainConfig:
         need(self.dist_timeout_s >= 1, f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}")
         need(not (self.overwrite and self.resume), "overwrite starts a new run and resume continues one: give one of them")
         need(self.parallel in PARALLEL, f"unknown parallel {self.parallel!r}; choose from {', '.join(PARALLEL)}")
-        need(set(self.export) <= {"pth", "safetensors"}, f"export must list pth and/or safetensors, got {self.export}")
+        need(set(self.export) <= {"pth", "safetensors", "hf"}, f"export must list pth, safetensors and/or hf, got {self.export}")
+        need(set(self.report_to) <= {"tensorboard", "wandb", "none"} and ("none" not in self.report_to or len(self.report_to) == 1),
+             f"report_to must list tensorboard and/or wandb, or be none; got {self.report_to}")
+        need("wandb" not in self.report_to or importlib.util.find_spec("wandb") is not None,
+             "--report-to wandb: the wandb package is not installed (pip install 'rwkv-sft[wandb]')")
         need(self.lora_rank >= 0, f"lora_rank must be >= 0 (0: no LoRA), got {self.lora_rank}")
         if not self.lora_rank:
             given = [k for k, default in (("lora_alpha", None), ("lora_dropout", 0.0), ("lora_init", "lora"),

@@ -253,7 +253,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
 
     if d.is_main and state is not None:
         _trim_metrics(out / "metrics.jsonl", step)
-    metrics = MetricsLogger(out, enabled=d.is_main, tensorboard=config.tensorboard)
+    metrics = MetricsLogger(out, enabled=d.is_main, tensorboard=config.tensorboard, report_to=config.report_to, run_config=config.to_dict())
     has_eval = data.eval is not None and len(data.eval) > 0
     if has_eval and tokenizer is None:
         from ..tokenizer import Tokenizer

@@ -1,7 +1,9 @@
-"""Metrics: one JSON object per line in out_dir/metrics.jsonl (mirrored to TensorBoard), and a plot.
+"""Metrics: one JSON object per line in out_dir/metrics.jsonl (mirrored to TensorBoard and/or
+Weights & Biases), and a plot.
 
-The JSON Lines file is the record a run keeps; TensorBoard is a convenience that needs the
-optional `tensorboard` package. `plot_metrics` draws the loss curves from the JSON Lines alone.
+The JSON Lines file is the record a run keeps; TensorBoard (the optional `tensorboard` package) and
+W&B (the optional `wandb` package, `pip install rwkv-sft[wandb]`) are conveniences chosen with
+`--report-to`. `plot_metrics` draws the loss curves from the JSON Lines alone.
 """
 from __future__ import annotations
 
@@ -10,23 +12,29 @@ import math
 import time
 from pathlib import Path
 
+from ..errors import UserError
+
 
 class MetricsLogger:
     """`log(kind, step, **values)` appends {"kind", "step", "time", **values} to metrics.jsonl.
 
     Disabled loggers (processes other than rank 0) accept every call and write nothing.
-    Numeric values also go to TensorBoard as "<kind>/<name>" when `torch.utils.tensorboard` imports.
+    Numeric values also go as "<kind>/<name>" to TensorBoard (when `torch.utils.tensorboard`
+    imports) and to W&B, as `report_to` lists them (None: TensorBoard as `tensorboard` says).
     """
 
-    def __init__(self, out_dir, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, out_dir, enabled: bool = True, tensorboard: bool = True, report_to=None, run_config=None):
         self.enabled = enabled
         self.path = Path(out_dir) / "metrics.jsonl"
-        self._file = self._writer = None
+        self._file = self._writer = self._wandb = None
         if not enabled:
             return
+        report_to = ["tensorboard"] if report_to is None else report_to
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if "wandb" in report_to:
+            self._wandb = _start_wandb(Path(out_dir), run_config)
         self._file = open(self.path, "a", encoding="utf-8")
-        if tensorboard:
+        if tensorboard and "tensorboard" in report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # torch raises ImportError when the tensorboard package is missing
@@ -42,10 +50,13 @@ class MetricsLogger:
         # allow_nan: a non-finite loss is worth recording (Python's json writes NaN / Infinity)
         self._file.write(json.dumps(record, default=float) + "\n")
         self._file.flush()
+        scalars = {f"{kind}/{name}": value for name, value in values.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
         if self._writer is not None:
-            for name, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._writer.add_scalar(f"{kind}/{name}", value, int(step))
+            for name, value in scalars.items():
+                self._writer.add_scalar(name, value, int(step))
+        if self._wandb is not None and scalars:
+            self._wandb.log(scalars, step=int(step))
 
     def close(self) -> None:
         if self._file is not None:
@@ -54,12 +65,33 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _start_wandb(out_dir: Path, run_config):
+    """A W&B run named after the output directory, its files under out_dir/wandb. WANDB_MODE
+    (offline, disabled), WANDB_PROJECT and the other WANDB_* variables apply as wandb reads them;
+    a resumed run continues the same W&B run (its id is kept in out_dir/wandb/run_id)."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--report-to wandb: the wandb package is not installed (pip install 'rwkv-sft[wandb]')") from None
+    id_file = out_dir / "wandb" / "run_id"
+    run_id = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else None
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    import os
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "rwkv-sft", name=out_dir.resolve().name,
+                     dir=str(out_dir), config=run_config, id=run_id, resume="allow" if run_id else None)
+    id_file.write_text(str(run.id), encoding="utf-8")
+    return run
 
 
 def read_metrics(path) -> list[dict]:

@@ -25,7 +25,7 @@ from . import checkpoint as ckpt
 LOCK_FILE = ".lock"
 # what a run writes into its directory (everything --overwrite deletes)
 RUN_FILES = ("checkpoints", "metrics.jsonl", "metrics.png", "tensorboard", "config.yaml", "model.pth",
-             "model.safetensors", "adapter.safetensors", "state.pth")
+             "model.safetensors", "model.hf", "wandb", "adapter.safetensors", "state.pth")
 # settings a resume cannot change: the model's shape and its trainable parts, and the batches of every
 # step (the data itself is compared by fingerprint; a --model file by its shapes when the checkpoint's
 # weights load, or, for an adapter, by the base's fingerprint); everything else (epochs, max_steps,
