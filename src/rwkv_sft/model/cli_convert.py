@@ -10,11 +10,14 @@ def add_arguments(p):
     p.add_argument("source", help="input checkpoint (.pth or .safetensors)")
     p.add_argument("target", help="output file; the extension picks the format (.pth or .safetensors)")
     p.add_argument("--dtype", choices=DTYPES, help="store the weights in this dtype (default: unchanged)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists (never the input)")
 
 
 def run(args) -> int:
     if not args.target.endswith((".pth", ".safetensors")):
         raise UserError(f"{args.target}: the output must end in .pth or .safetensors")
+    from ..utils import refuse_overwrite
+    refuse_overwrite([args.source], args.target, args.overwrite)
     import torch
 
     from .rwkv7 import RWKV7

@@ -12,6 +12,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, metavar="MERGED",
                    help="output .pth (BlinkDL layout, loads in the rwkv package) or .safetensors")
     p.add_argument("--dtype", choices=DTYPES, help="store the weights in this dtype (default: the base's)")
+    p.add_argument("--overwrite", action="store_true", help="replace MERGED if it exists (never the base or adapter)")
 
 
 def run(args) -> int:
@@ -19,9 +20,11 @@ def run(args) -> int:
 
     from ..model import RWKV7
     from ..adapters import apply_adapter
+    from ..utils import refuse_overwrite
 
     if not args.out.endswith((".pth", ".safetensors")):
         raise UserError(f"{args.out}: the output must end in .pth or .safetensors")
+    refuse_overwrite([args.model, args.adapter], args.out, args.overwrite)
     model = RWKV7.load(args.model)  # memory-mapped; merged one weight at a time while writing
     settings = apply_adapter(model, args.adapter)
     if not settings.lora_rank:

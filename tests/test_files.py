@@ -1,0 +1,118 @@
+"""The files the tool writes: never over its own input, with the mode the umask gives, and only
+its own deleted by --overwrite."""
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+from conftest import random_model
+from test_train_helpers import VOCAB, tiny_config, tiny_data
+
+from rwkv_sft import RWKV7
+from rwkv_sft import adapters
+from rwkv_sft.cli import main
+from rwkv_sft.train import train
+from rwkv_sft.utils import atomic_write
+
+SHAPE = dict(n_layer=2, n_embd=64, vocab_size=VOCAB)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    yield
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for a test, and put the old one back."""
+    old = os.umask(0o022)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+def _cli_error(capsys, *argv) -> str:
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    return err
+
+
+def _base_and_adapter(tmp_path):
+    base = random_model(seed=1, **SHAPE)
+    base_path = tmp_path / "base.pth"
+    base.save(base_path)
+    settings = adapters.AdapterSettings(lora_rank=4, lora_alpha=8.0)
+    info = adapters.base_info(base)
+    adapters.attach(base, settings)
+    adapter = adapters.save_adapter(tmp_path / "adapter.safetensors", adapters.adapter_state_dict(base), settings, info)
+    return base_path, adapter
+
+
+# -- merge and convert never replace their input, nor an existing file unless asked -------------------
+
+def test_merge_and_convert_refuse_their_input_and_existing_outputs(tmp_path, capsys):
+    base, adapter = _base_and_adapter(tmp_path)
+    (tmp_path / "link.pth").symlink_to(base)
+    os.link(base, tmp_path / "hard.pth")
+    original = base.read_bytes()
+    for out in (base, tmp_path / "link.pth", tmp_path / "hard.pth"):
+        for overwrite in ([], ["--overwrite"]):
+            err = _cli_error(capsys, "merge", "--model", base, "--adapter", adapter, "--out", out, *overwrite)
+            assert f"{out}: is the input {base}" in err
+            err = _cli_error(capsys, "convert", base, out, "--dtype", "bf16", *overwrite)
+            assert f"{out}: is the input {base}" in err
+    assert "is the input" in _cli_error(capsys, "merge", "--model", base, "--adapter", adapter, "--out", adapter,
+                                        "--overwrite")
+    assert base.read_bytes() == original and RWKV7.load(base).emb.weight.dtype == torch.float32
+
+    merged, converted = tmp_path / "merged.pth", tmp_path / "converted.safetensors"
+    assert main(["merge", "--model", str(base), "--adapter", str(adapter), "--out", str(merged)]) == 0
+    assert main(["convert", str(base), str(converted)]) == 0
+    for argv in (["merge", "--model", base, "--adapter", adapter, "--out", merged], ["convert", merged, converted]):
+        before = {p: p.read_bytes() for p in (merged, converted)}
+        assert "already exists; give --overwrite" in _cli_error(capsys, *argv)
+        assert {p: p.read_bytes() for p in (merged, converted)} == before
+        assert main([str(a) for a in argv] + ["--overwrite"]) == 0
+    assert RWKV7.load(converted).emb.weight.dtype == torch.float32  # now the merged model's copy
+    torch.testing.assert_close(RWKV7.load(converted).state_dict(), RWKV7.load(merged).state_dict(), atol=0, rtol=0)
+
+
+# -- modes ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_atomic_write_gives_the_mode_the_umask_gives(tmp_path, umask, mask, mode):
+    umask(mask)
+    with atomic_write(tmp_path / "f") as tmp:
+        tmp.write_text("x")
+    with open(tmp_path / "plain", "w"):
+        pass
+    assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == mode == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+
+
+def _modes(root) -> dict[str, int]:
+    return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in root.rglob("*")
+            if p.is_file() and not p.is_symlink()}
+
+
+def test_every_file_a_run_merge_and_convert_write_is_readable_as_the_umask_says(tmp_path, umask):
+    umask(0o022)
+    full = tmp_path / "full"
+    train(tiny_config(full, max_steps=3, save_every=1, export=["pth", "safetensors"]), data=tiny_data())
+    train(tiny_config(full, max_steps=4, resume="auto", export=["pth", "safetensors"]), data=tiny_data())  # trims metrics.jsonl
+    base = tmp_path / "base.pth"
+    random_model(seed=1, **SHAPE).save(base)
+    peft = tmp_path / "peft"
+    train(tiny_config(peft, model_config=None, model=str(base), lora_rank=4, state_tuning=True, max_steps=2,
+                      save_every=1), data=tiny_data())
+    assert main(["merge", "--model", str(base), "--adapter", str(peft / "adapter.safetensors"),
+                 "--out", str(tmp_path / "merged.safetensors")]) == 0
+    assert main(["convert", str(full / "model.pth"), str(tmp_path / "converted.pth"), "--dtype", "bf16"]) == 0
+    modes = {**_modes(tmp_path)}
+    for name in ("full/model.pth", "full/model.safetensors", "full/config.yaml", "full/metrics.jsonl",
+                 "peft/adapter.safetensors", "peft/state.pth", "peft/config.yaml", "merged.safetensors",
+                 "converted.pth"):
+        assert name in modes
+    assert any(name.startswith("full/checkpoints/step_") for name in modes)
+    assert {name: mode for name, mode in modes.items() if mode != 0o644} == {}
