@@ -116,3 +116,27 @@ def test_every_file_a_run_merge_and_convert_write_is_readable_as_the_umask_says(
         assert name in modes
     assert any(name.startswith("full/checkpoints/step_") for name in modes)
     assert {name: mode for name, mode in modes.items() if mode != 0o644} == {}
+
+
+# -- --overwrite deletes the run's files only ------------------------------------------------------------
+
+def test_overwrite_deletes_only_what_the_run_wrote(tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(out, max_steps=3, save_every=1, keep_last=3, export=["pth"]), data=tiny_data())
+    mine = {out / "notes.txt": "mine", out / "checkpoints" / "mine.txt": "mine too",
+            out / "checkpoints" / "step_best" / "w.pth": "kept", out / "tensorboard" / "notes.txt": "also"}
+    for path, text in mine.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    (out / "checkpoints" / ".tmp_step_000009_1").mkdir()  # an interrupted save's leftovers are the run's
+    train(tiny_config(out, max_steps=1, overwrite=True, export=[]), data=tiny_data(seed=4))
+    assert {path: path.read_text() for path in mine} == mine
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["mine.txt", "step_000001", "step_best"]
+    assert not (out / "model.pth").exists()
+
+    # a folder holding only the user's files is not a run: nothing to refuse, nothing deleted
+    other = tmp_path / "other"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "checkpoints" / "mine.txt").write_text("mine")
+    train(tiny_config(other, max_steps=1, export=[]), data=tiny_data())
+    assert (other / "checkpoints" / "mine.txt").read_text() == "mine"

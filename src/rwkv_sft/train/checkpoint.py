@@ -65,6 +65,11 @@ def save_checkpoint(root, step: int, payload: dict, keep_last: int, tmp: Path | 
     return final
 
 
+def is_step_dir(name: str) -> bool:
+    """The name of a checkpoint directory, step_N."""
+    return _STEP_DIR.fullmatch(name) is not None
+
+
 def list_checkpoints(root) -> list[Path]:
     """Complete checkpoint directories under root, oldest first (partial ones are ignored)."""
     root = Path(root)
