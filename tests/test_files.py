@@ -12,6 +12,7 @@ from test_train_helpers import VOCAB, tiny_config, tiny_data
 
 from rwkv_sft import RWKV7
 from rwkv_sft import adapters
+from rwkv_sft.adapters.state import load_state, save_state
 from rwkv_sft.cli import main
 from rwkv_sft.train import train
 from rwkv_sft.utils import atomic_write
@@ -140,3 +141,58 @@ def test_overwrite_deletes_only_what_the_run_wrote(tmp_path):
     (other / "checkpoints" / "mine.txt").write_text("mine")
     train(tiny_config(other, max_steps=1, export=[]), data=tiny_data())
     assert (other / "checkpoints" / "mine.txt").read_text() == "mine"
+
+
+# -- every step checkpoint of a PEFT run is usable as it is ----------------------------------------------
+
+def _logits(model):
+    with torch.no_grad():
+        return model(torch.arange(1, 24).view(1, -1) % VOCAB)[0]
+
+
+def test_each_peft_checkpoint_holds_and_serves_its_own_steps_adapter(tmp_path, capsys):
+    base = tmp_path / "base.pth"
+    random_model(seed=1, **SHAPE).save(base)
+    out = tmp_path / "run"
+    train(tiny_config(out, model_config=None, model=str(base), lora_rank=4, state_tuning=True, lr=1e-2,
+                      max_steps=4, save_every=2, keep_last=2), data=tiny_data())
+    step2, step4 = out / "checkpoints" / "step_000002", out / "checkpoints" / "step_000004"
+    (latest, settings, info), (mine, settings4, info4) = (adapters.read_adapter(out / "adapter.safetensors"),
+                                                          adapters.read_adapter(step4 / "adapter.safetensors"))
+    torch.testing.assert_close(latest, mine, atol=0, rtol=0)
+    assert (settings, info) == (settings4, info4)
+    torch.testing.assert_close(torch.load(out / "state.pth", weights_only=True),
+                               torch.load(step4 / "state.pth", weights_only=True), atol=0, rtol=0)
+    at = {step: _logits(RWKV7.load(base, adapter=step)) for step in (step2, step4)}
+    assert (at[step2] - at[step4]).abs().max() > 1e-3  # two different steps
+    torch.testing.assert_close(at[step4], _logits(RWKV7.load(base, adapter=out / "adapter.safetensors")), atol=0, rtol=0)
+    # the step's adapter is the one its state.pt trained: a checkpoint without the file (older
+    # versions wrote none) reads the same tensors from state.pt
+    (step2 / "adapter.safetensors").unlink()
+    torch.testing.assert_close(_logits(RWKV7.load(base, adapter=step2)), at[step2], atol=0, rtol=0)
+    with_state = RWKV7.load(base)
+    load_state(with_state, step4)  # --state STEP_DIR: that step's state.pth
+    torch.testing.assert_close(with_state.learned_state(), RWKV7.load(base, adapter=step4).learned_state())
+
+    # --model STEP_DIR: the advice names this step and the run's base, never OUT/adapter.safetensors
+    err = _cli_error(capsys, "generate", "--model", step2, "--prompt", "x", "--max-new-tokens", "1")
+    assert f"--model {base} --adapter {step2}" in err and "OUT/adapter" not in err
+    capsys.readouterr()
+    assert main(["generate", "--model", str(base), "--adapter", str(step2), "--prompt", "x", "--max-new-tokens", "1"]) == 0
+    assert main(["merge", "--model", str(base), "--adapter", str(step4), "--out", str(tmp_path / "m.pth")]) == 0
+    assert (_logits(RWKV7.load(tmp_path / "m.pth")) - _logits(RWKV7.load(base))).abs().max() > 1e-3
+
+
+def test_a_wrong_file_as_adapter_says_what_it_is(tmp_path, capsys):
+    base, adapter = _base_and_adapter(tmp_path)
+    model = RWKV7.load(base)
+    model.enable_state_tuning()
+    save_state(model, tmp_path / "state.pth")
+    run_full = tmp_path / "full"
+    train(tiny_config(run_full, max_steps=1), data=tiny_data())
+    for path, says in ((tmp_path / "state.pth", "a learned-state file (give it with --state), not an adapter"),
+                       (base, "a PyTorch checkpoint (a model goes to --model), not an adapter"),
+                       (run_full / "checkpoints" / "step_000001", "full fine-tuning run holds a whole model"),
+                       (run_full, "neither an adapter file nor a training checkpoint")):
+        err = _cli_error(capsys, "merge", "--model", base, "--adapter", path, "--out", tmp_path / "m.pth")
+        assert says in err and "header too large" not in err

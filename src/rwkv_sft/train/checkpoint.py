@@ -5,6 +5,8 @@
                                                so torch.load(weights_only=True) reads it)
     out_dir/checkpoints/step_000100/shards/    an fsdp run's model and optimizer instead, one file per
                                                process (torch.distributed.checkpoint)
+    out_dir/checkpoints/step_000100/adapter.safetensors, state.pth   a PEFT run's adapter (and learned
+                                               state) of this step, as in out_dir (--adapter takes the folder)
     out_dir/checkpoints/step_000100/COMPLETE   written last, inside the temporary directory
 
 A save writes into a hidden temporary directory, fsyncs every file, then renames it into place:
@@ -53,6 +55,11 @@ def save_checkpoint(root, step: int, payload: dict, keep_last: int, tmp: Path | 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     torch.save(payload, tmp / STATE_FILE)
+    if payload.get("adapter") is not None:  # a PEFT step: its own adapter (and state) file, usable as it is
+        from ..adapters.files import AdapterSettings
+        from ..adapters.training import write_outputs
+        saved = payload["adapter"]
+        write_outputs(tmp, payload["model"], AdapterSettings(**saved["settings"]), saved["base"])
     (tmp / MARKER).write_text(f"{step}\n")
     for f in sorted(tmp.rglob("*"), key=lambda f: f.name == MARKER) + [tmp]:  # every file, the marker last
         _fsync(f)
@@ -115,8 +122,9 @@ def model_weights(path) -> dict:
                         f"as in OUT/checkpoints/step_000100), nor a .pth or .safetensors file")
     state = load_checkpoint(path)
     if state.get("adapter") is not None:  # a parameter-efficient run saves only what it trains
-        raise UserError(f"{path}: a checkpoint of a parameter-efficient run holds only the adapter: use "
-                        f"--model BASE --adapter OUT/adapter.safetensors (written with every checkpoint)")
+        base = state.get("config", {}).get("model") or "BASE"
+        raise UserError(f"{path}: a checkpoint of a parameter-efficient run holds only this step's adapter: "
+                        f"use --model {base} --adapter {path}")
     return _sharded_model(path) if state.get("sharded") else state["model"]
 
 
