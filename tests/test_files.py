@@ -196,3 +196,56 @@ def test_a_wrong_file_as_adapter_says_what_it_is(tmp_path, capsys):
                        (run_full, "neither an adapter file nor a training checkpoint")):
         err = _cli_error(capsys, "merge", "--model", base, "--adapter", path, "--out", tmp_path / "m.pth")
         assert says in err and "header too large" not in err
+
+
+# -- resume: a finished run is left alone; the token count continues -------------------------------------
+
+def _snapshot(root) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob("*")
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_resuming_a_finished_run_says_so_once_and_touches_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    for export in ([], ["pth"]):
+        train(tiny_config(out, max_steps=3, save_every=1, export=export, overwrite=True), data=tiny_data())
+        before = _snapshot(out)
+        capsys.readouterr()
+        r = train(tiny_config(out, max_steps=3, resume="auto", export=export), data=tiny_data())
+        printed = capsys.readouterr().out
+        assert printed.count("nothing to train") == 1 and "training finished" not in printed
+        assert "tokens/s" not in printed and printed.count("\n") == 1
+        assert _snapshot(out) == before
+        assert r.steps == 3 and not r.interrupted and r.checkpoint.name == "step_000003"
+    assert r.exports == {"pth": out / "model.pth"}
+
+
+def test_peft_run_resumed_when_finished_touches_nothing(tmp_path, capsys):
+    base = tmp_path / "base.pth"
+    random_model(seed=1, **SHAPE).save(base)
+    config = dict(model_config=None, model=str(base), state_tuning=True, max_steps=2, save_every=1)
+    train(tiny_config(tmp_path / "run", **config), data=tiny_data())
+    before = _snapshot(tmp_path / "run")
+    r = train(tiny_config(tmp_path / "run", resume="auto", **config), data=tiny_data())
+    assert _snapshot(tmp_path / "run") == before and set(r.exports) == {"adapter", "state"}
+
+
+def _train_tokens(out) -> list[tuple[int, int]]:
+    from test_train_helpers import metric_lines
+    return [(m["step"], m["tokens"]) for m in metric_lines(out) if m["kind"] == "train"]
+
+
+@pytest.mark.parametrize("old_checkpoint", [False, True])
+def test_cumulative_tokens_continue_from_the_resumed_step(tmp_path, old_checkpoint):
+    train(tiny_config(tmp_path / "straight", max_steps=5), data=tiny_data())
+    straight = _train_tokens(tmp_path / "straight")
+    assert [s for s, _ in straight] == [1, 2, 3, 4, 5] and straight[0][1] < straight[-1][1]
+    out = tmp_path / "resumed"
+    train(tiny_config(out, max_steps=2, save_every=1), data=tiny_data())
+    if old_checkpoint:  # written before checkpoints held the count: it comes from metrics.jsonl
+        path = out / "checkpoints" / "step_000002" / "state.pt"
+        state = torch.load(path, weights_only=True)
+        del state["metrics"]["tokens"]
+        torch.save(state, path)
+    train(tiny_config(out, max_steps=5, resume="auto"), data=tiny_data())
+    assert _train_tokens(out) == straight

@@ -177,6 +177,15 @@ def check_resume_steps(step: int, total: int, source: Path, config, announce: bo
               f"continue)", flush=True)
 
 
+def finished(out: Path, resume_from: Path, exports) -> bool:
+    """Is a resume at the end of its plan one that has nothing to write? It resumes the newest
+    checkpoint of `out` and the run's `exports` (model.pth, ...) are there; otherwise (an older
+    checkpoint, an export that a signal prevented) it writes what the run's end writes."""
+    newest = ckpt.list_checkpoints(out / "checkpoints")
+    return (bool(newest) and newest[-1].resolve() == resume_from.resolve()
+            and all((out / f"model.{kind}").is_file() for kind in exports))
+
+
 def check_vocab(data, vocab_size: int) -> None:
     """Every token id the run will feed must exist in the model's vocabulary."""
     for examples in (data.train, data.eval):
