@@ -249,3 +249,29 @@ def test_cumulative_tokens_continue_from_the_resumed_step(tmp_path, old_checkpoi
         torch.save(state, path)
     train(tiny_config(out, max_steps=5, resume="auto"), data=tiny_data())
     assert _train_tokens(out) == straight
+
+
+def test_a_sharded_checkpoint_as_model_loads_without_torchs_warnings(tmp_path):
+    """A checkpoint of an fsdp run (shards written with torch.distributed.checkpoint), read whole
+    by one process: the same weights, and nothing on stderr."""
+    import subprocess
+    import sys
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from rwkv_sft.train import checkpoint as ckpt
+    model = random_model(seed=3, **SHAPE)
+    tmp = ckpt.temp_dir(tmp_path, 1)
+    tmp.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": model.state_dict()}, checkpoint_id=tmp / ckpt.SHARDS, no_dist=True)
+    step = ckpt.save_checkpoint(tmp_path, 1, {"sharded": True, "step": 1}, keep_last=1, tmp=tmp)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = RWKV7.load(step)
+    assert [str(w.message) for w in caught] == []
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict(), atol=0, rtol=0)
+    proc = subprocess.run([sys.executable, "-m", "rwkv_sft", "info", str(step)], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == "" and "n_layer: 2" in proc.stdout

@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +139,9 @@ def _sharded_model(path) -> dict:
         entries = reader.read_metadata().state_dict_metadata
         model = {k.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype) for k, m in entries.items()
                  if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
-        dcp.load({"model": model}, storage_reader=reader, no_dist=True)
+        with warnings.catch_warnings():  # its notes on loading without a process group: meant, not news
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed")
+            dcp.load({"model": model}, storage_reader=reader, no_dist=True)
     except Exception as e:  # noqa: BLE001 - a missing or damaged shard is a bad checkpoint for the user
         raise UserError(f"{path}: cannot read the sharded checkpoint ({str(e).splitlines()[0][:200]})") from None
     return model
