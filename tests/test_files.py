@@ -275,3 +275,47 @@ def test_a_sharded_checkpoint_as_model_loads_without_torchs_warnings(tmp_path):
     torch.testing.assert_close(loaded.state_dict(), model.state_dict(), atol=0, rtol=0)
     proc = subprocess.run([sys.executable, "-m", "rwkv_sft", "info", str(step)], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stderr == "" and "n_layer: 2" in proc.stdout
+
+
+# -- the run header says what runs ----------------------------------------------------------------------
+
+def _header(capsys) -> str:
+    return next(line for line in capsys.readouterr().out.splitlines() if line.startswith("rwkv-sft train: "))
+
+
+def test_the_header_shows_the_frozen_dtype_and_the_segments(tmp_path, capsys):
+    base = tmp_path / "base.pth"
+    random_model(seed=1, **SHAPE).save(base)
+    for dtype in ("bf16", "fp32"):
+        train(tiny_config(tmp_path / dtype, model_config=None, model=str(base), lora_rank=4, base_dtype=dtype,
+                          max_steps=1), data=tiny_data())
+        assert f"M frozen in {dtype}, " in _header(capsys)
+    data = tiny_data()  # examples of 6..20 tokens
+    longest = int(data.train.lengths.max()) - 1
+    train(tiny_config(tmp_path / "s8", max_steps=1, segment_len=8), data=data)
+    assert "fp32, rows in segments of 8 tokens (" in _header(capsys)
+    train(tiny_config(tmp_path / "auto", max_steps=1, batch_tokens=16), data=data)  # auto: rows over 16 tokens
+    header = _header(capsys)
+    assert longest > 16 and "rows in segments of 16 tokens (" in header
+    for settings in (dict(segment_len=0, batch_tokens=16), dict(batch_tokens=64)):  # never / no row that long
+        train(tiny_config(tmp_path / "none", max_steps=1, overwrite=True, **settings), data=data)
+        assert "segments" not in _header(capsys)
+
+
+def _fsdp_header(rank, port, out):
+    import contextlib
+    import sys
+
+    from test_train_fsdp import _start
+    _start(rank, port)
+    with open(f"{out}.rank{rank}", "w") as f, contextlib.redirect_stdout(f):
+        train(tiny_config(out, max_steps=1, parallel="fsdp", dist_timeout_s=60), data=tiny_data())
+    sys.stdout.flush()
+
+
+def test_the_header_shows_fsdp(tmp_path):
+    import torch.multiprocessing as mp
+    from test_train_dist import _free_port
+    mp.spawn(_fsdp_header, args=(_free_port(), str(tmp_path / "run")), nprocs=2, join=True)
+    header = (tmp_path / "run.rank0").read_text().splitlines()[0]
+    assert "2 process(es) (fsdp) on cpu" in header, header

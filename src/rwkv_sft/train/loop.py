@@ -30,6 +30,7 @@ from .config import TrainConfig
 from .loss import L2WRAP, CompletionLoss
 from .optim import freeze, lr_at, make_optimizer, set_lr
 from .plan import plan_steps, step_plan
+from .plan import segment_lengths as plan_segments
 
 OOM_GRACE_STEPS = 3  # an out-of-memory error in the first steps is a setting to lower, not a bug
 
@@ -300,12 +301,21 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
 
     if d.is_main:
         n_params = sum(p.numel() for p in model.parameters())
+        held = {}  # frozen elements by dtype in memory (--base-dtype: the matrices; vectors stay fp32)
+        for p in model.parameters():
+            if not p.requires_grad:
+                held[p.dtype] = held.get(p.dtype, 0) + p.numel()
+        frozen_in = str(max(held, key=held.get)).removeprefix("torch.").replace("bfloat16", "bf16").replace(
+            "float32", "fp32") if held else ""
+        segments = plan_segments(loader, config.segment_len, config.batch_tokens)
         print(f"rwkv-sft train: {model.config.n_layer} layers x {model.config.n_embd}, {n_params / 1e6:.1f}M parameters"
-              f"{f' ({frozen / 1e6:.1f}M frozen, {(n_params - frozen) / 1e6:.2f}M trained)' if frozen else ''}"
+              f"{f' ({frozen / 1e6:.1f}M frozen in {frozen_in}, {(n_params - frozen) / 1e6:.2f}M trained)' if frozen else ''}"
               f"{f'; {peft.describe()}' if peft else ''}; "
               f"{len(data.train)} examples; {d.world_size} "
-              f"process(es) on {device.type}, {precision}"
-              f"{', activation checkpointing' if config.activation_checkpointing else ''}; {total_steps} steps"
+              f"process(es){f' ({par.mode})' if d.enabled else ''} on {device.type}, {precision}"
+              f"{', activation checkpointing' if config.activation_checkpointing else ''}"
+              + (f", rows in segments of {'/'.join(map(str, sorted(segments)))} tokens ({sum(segments.values())} of "
+                 f"{len(loader.plan(0))} batches)" if segments else "") + f"; {total_steps} steps"
               + (f"; resuming from {resume_from} (step {step})" if resume_from else ""), flush=True)
     from tqdm.auto import tqdm
     bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
