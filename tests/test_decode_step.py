@@ -1,5 +1,6 @@
 """The fused single-token decoding step against the model's normal forward (its slow twin)."""
 import copy
+import re
 
 import pytest
 import torch
@@ -213,12 +214,14 @@ def test_relu_square_keeps_nan():
                                equal_nan=True)
 
 
-def test_without_a_compiler_the_step_runs_in_pytorch(one_thread, monkeypatch, tmp_path):
-    """No compiler: no library and no warning. A compiler that fails: one warning naming the
-    error. Either way decoding works (the PyTorch path) and gives the normal forward's logits."""
+def test_without_a_compiler_the_step_runs_in_pytorch(one_thread, monkeypatch, tmp_path, capsys):
+    """No compiler: no library and no message. A compiler that fails, or a $CC that is not there:
+    one line on stderr naming the reason. Either way decoding works (the PyTorch path) and gives
+    the normal forward's logits."""
     import warnings
 
     import rwkv_sft.ops.decode_cpu as decode_cpu
+    real_compiler = decode_cpu.compiler
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no cached build to find
     monkeypatch.setattr(decode_cpu, "_loaded", {})
     monkeypatch.setattr(decode_cpu, "compiler", lambda: None)
@@ -229,6 +232,7 @@ def test_without_a_compiler_the_step_runs_in_pytorch(one_thread, monkeypatch, tm
         with torch.no_grad():
             got = model(tokens, full_output=False)[0]
     assert decode_cpu._loaded == {"lib": None}
+    assert capsys.readouterr().err == ""
     torch.testing.assert_close(got, normal_step(model, tokens, None)[0], rtol=1e-5, atol=1e-5)
 
     broken = tmp_path / "cc"
@@ -236,10 +240,21 @@ def test_without_a_compiler_the_step_runs_in_pytorch(one_thread, monkeypatch, tm
     broken.chmod(0o755)
     monkeypatch.setattr(decode_cpu, "_loaded", {})
     monkeypatch.setattr(decode_cpu, "compiler", lambda: str(broken))
-    with pytest.warns(UserWarning, match="decoding runs in PyTorch.*error: no such thing"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         assert decode_cpu.kernels() is None
     assert decode_cpu.kernels() is None  # once: the failure is remembered
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.fullmatch(r"rwkv-sft: .*decoding runs in PyTorch .*error: no such thing\)\n", err)
     assert not list((tmp_path / "rwkv_sft" / "decode_cpu").iterdir())  # no half-written file left
+
+    for cc, says in (("/nonexistent", "CC=/nonexistent: no such command"), ("/bin/false", "/bin/false could not")):
+        monkeypatch.setenv("CC", cc)
+        monkeypatch.setattr(decode_cpu, "_loaded", {})
+        monkeypatch.setattr(decode_cpu, "compiler", real_compiler)  # reads $CC
+        assert decode_cpu.kernels() is None and decode_cpu.kernels() is None
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("rwkv-sft: ") and says in err, err
 
 
 def test_the_kernels_take_odd_inputs_or_leave_them_to_pytorch(one_thread, step_path):

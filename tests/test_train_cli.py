@@ -90,3 +90,17 @@ def test_missing_data_and_model_are_user_errors(capsys):
     assert "no data" in capsys.readouterr().err
     assert main(["train", "--data", "x.jsonl"]) == 2
     assert "no model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("item, message", [
+    ("lr=abc", "--set lr=abc: expected float | None, got 'abc'"),
+    ("lrr=1", "--set lrr=1: unknown setting 'lrr' (did you mean 'lr'?)"),
+    ("data.max_len=abc", "--set data.max_len=abc: expected int, got 'abc'"),
+    ("betas=[0.9, x]", "--set betas=[0.9, x]: expected float, got 'x'"),
+])
+def test_a_bad_set_value_is_blamed_on_set_not_on_the_config_file(tmp_path, capsys, item, message):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1.0e-4\ndata:\n  train_files: [a.jsonl]\nmodel_config: {n_layer: 1, n_embd: 64}\n")
+    assert main(["train", "--config", str(path), "--set", item]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"rwkv-sft train: error: {message}"

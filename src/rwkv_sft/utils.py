@@ -21,7 +21,9 @@ def cache_home() -> Path:
 def atomic_write(path):
     """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
 
-    A crash at any moment leaves either the old file or the new one, never a partial file.
+    A crash at any moment leaves either the old file or the new one, never a partial file. The
+    file gets the mode the umask gives, as open() would: mkstemp's is 0600 (owner only), and some
+    writers (safetensors) replace the file they are given with another of that mode.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,6 +31,7 @@ def atomic_write(path):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -40,6 +43,25 @@ def atomic_write(path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0o077)  # the only way to read it is to set it; put it back at once
+    os.umask(mask)
+    return mask
+
+
+def refuse_overwrite(sources, target, overwrite: bool) -> None:
+    """A command that writes `target` from `sources` never replaces one of them (the same file,
+    also through a symbolic or hard link), and replaces another existing file only if asked."""
+    target = Path(target)
+    if not target.exists():
+        return
+    for source in sources:
+        if source is not None and Path(source).exists() and os.path.samefile(source, target):
+            raise UserError(f"{target}: is the input {source}; write the output to another file")
+    if not overwrite:
+        raise UserError(f"{target}: already exists; give --overwrite to replace it")
 
 
 def set_heap_policy(low_memory: bool) -> bool:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -100,8 +102,14 @@ def read_adapter(path) -> tuple[dict[str, torch.Tensor], AdapterSettings, dict]:
     """(tensors, settings, base info) of an adapter file; one-line errors for anything wrong."""
     from safetensors import SafetensorError, safe_open
     path = Path(path)
+    if path.is_dir():  # a step checkpoint of a PEFT run, OUT/checkpoints/step_N
+        if (path / "adapter.safetensors").is_file():
+            return read_adapter(path / "adapter.safetensors")
+        return _checkpoint_adapter(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such adapter file" + (" (a directory)" if path.is_dir() else ""))
+        raise UserError(f"{path}: no such adapter file")
+    if zipfile.is_zipfile(path):  # torch.save's format: not an adapter, say what it is
+        raise UserError(f"{path}: {_torch_file_kind(path)}, not an adapter (adapter.safetensors)")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -125,6 +133,30 @@ def read_adapter(path) -> tuple[dict[str, torch.Tensor], AdapterSettings, dict]:
     if unknown:
         raise UserError(f"{path}: unexpected tensor {unknown[0]!r} in an adapter")
     return tensors, settings, base
+
+
+def _checkpoint_adapter(path: Path) -> tuple[dict[str, torch.Tensor], AdapterSettings, dict]:
+    """The adapter inside a training checkpoint that holds no adapter file (written before they did)."""
+    from ..train.checkpoint import is_checkpoint, load_checkpoint
+    if not is_checkpoint(path):
+        raise UserError(f"{path}: a directory, neither an adapter file nor a training checkpoint")
+    state = load_checkpoint(path)
+    saved = state.get("adapter")
+    if saved is None:
+        raise UserError(f"{path}: a checkpoint of a full fine-tuning run holds a whole model, not an adapter: "
+                        f"give it as --model")
+    return state["model"], AdapterSettings(**saved["settings"]), saved["base"]
+
+
+def _torch_file_kind(path: Path) -> str:
+    """What a torch.save file given as an adapter is: a learned state (--state) or a model (--model)."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - only naming the kind of a wrong file
+        return "a PyTorch file"
+    if isinstance(sd, dict) and sd and all(re.fullmatch(r"blocks\.\d+\.att\.time_state", str(k)) for k in sd):
+        return "a learned-state file (give it with --state)"
+    return "a PyTorch checkpoint (a model goes to --model)"
 
 
 def check_base(path, base: dict, model) -> None:

@@ -43,6 +43,8 @@ def read_state(path, config) -> list[torch.Tensor]:
     """Each layer's [H,N,N] state from a `state.pth` (or `.safetensors`) for a model of `config`;
     one-line errors for anything else (a model checkpoint, another model's state, NaN...)."""
     from ..model.checkpoint import read_state_dict
+    if Path(path).is_dir() and (Path(path) / "state.pth").is_file():  # a PEFT run's step checkpoint
+        path = Path(path) / "state.pth"
     sd = read_state_dict(path)
     L, H, N = config.n_layer, config.n_head, config.head_size
     layers = {}

@@ -23,7 +23,7 @@ def add_format_arguments(p) -> None:
                    "and llama.cpp's convert_hf_to_gguf.py")
     p.add_argument("--hf-scheme", choices=("fla", "rwkv"),
                    help="tensor names of --to hf: fla (fla-hub, loads in transformers; default) or rwkv (BlinkDL's names)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (--to hf)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output if it exists (never an input)")
 
 
 def output_format(target: str, args) -> str:
@@ -36,18 +36,15 @@ def output_format(target: str, args) -> str:
         if not target.endswith((".pth", ".safetensors")):
             raise UserError(f"{target}: the output must end in .pth or .safetensors (or give --to hf for a "
                             "Hugging Face directory)")
-        return target.rsplit(".", 1)[1]
-    if to != "hf" and not target.endswith("." + to):
+        to = target.rsplit(".", 1)[1]
+    elif to != "hf" and not target.endswith("." + to):
         raise UserError(f"{target}: --to {to} writes a .{to} file")
-    if to == "hf" and target.endswith((".pth", ".safetensors")):
+    elif to == "hf" and target.endswith((".pth", ".safetensors")):
         raise UserError(f"{target}: --to hf writes a directory; give a name without .pth/.safetensors")
+    from ..utils import refuse_overwrite
+    refuse_overwrite([getattr(args, a, None) for a in ("source", "model", "adapter")], target, args.overwrite)
     if to == "hf":
-        from pathlib import Path
-
         from .hf import check_target
-        inputs = [getattr(args, a, None) for a in ("source", "model", "adapter")]
-        if any(i and Path(i).resolve() == Path(target).resolve() for i in inputs):
-            raise UserError(f"{target}: is the input; write the output somewhere else")
         check_target(target, args.overwrite)
     return to
 

@@ -9,7 +9,8 @@ DTYPES = ("fp32", "bf16", "fp16")
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, metavar="BASE", help="the base checkpoint the adapter was trained on")
-    p.add_argument("--adapter", required=True, metavar="FILE", help="adapter.safetensors of a LoRA run")
+    p.add_argument("--adapter", required=True, metavar="FILE",
+                   help="adapter.safetensors of a LoRA run, or one of its checkpoints OUT/checkpoints/step_N")
     p.add_argument("--out", required=True, metavar="MERGED",
                    help="output .pth (BlinkDL layout, loads in the rwkv package) or .safetensors")
     p.add_argument("--dtype", choices=DTYPES, help="store the weights in this dtype (default: the base's)")

@@ -4,7 +4,8 @@ products and matrix-vector products on fp32 or bf16 weights), built on first use
 Why C through ctypes and not a torch C++ extension: the file needs no torch headers, so the
 system compiler builds it in ~2 s (a torch extension takes ~30 s), and the library does not
 depend on torch's C++ ABI. `kernels()` returns the loaded library, or None when
-it cannot be had (no C compiler, or a failed build, which warns once); the decoding step then
+it cannot be had (no C compiler; a failed build or a $CC that is not there says so once, in one
+line on stderr); the decoding step then
 runs its plain-PyTorch path, which computes the same thing (as it does with RWKV_SFT_DECODE_KERNELS=0).
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import platform
 import shutil
 import subprocess
-import warnings
+import sys
 from pathlib import Path
 
 from ..utils import atomic_write, cache_home
@@ -75,7 +76,9 @@ def kernels():
     if "lib" not in _loaded:
         _loaded["lib"] = None
         cc = compiler()
-        if cc is not None:
+        if cc is None and os.environ.get("CC"):  # asked for, so its absence is news
+            _unavailable(f"CC={os.environ['CC']}: no such command")
+        elif cc is not None:
             try:
                 lib = ctypes.CDLL(str(build(cc)))
                 for name, argtypes in _SIGNATURES.items():
@@ -83,5 +86,11 @@ def kernels():
                     getattr(lib, name).restype = None
                 _loaded["lib"] = lib
             except (OSError, RuntimeError) as e:
-                warnings.warn(f"the CPU decoding kernels are unavailable, decoding runs in PyTorch: {e}")
+                _unavailable(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
     return _loaded["lib"]
+
+
+def _unavailable(reason: str) -> None:
+    """One line on stderr (once per process: kernels() remembers the failure)."""
+    print(f"rwkv-sft: the CPU decoding kernels are unavailable, decoding runs in PyTorch ({reason})",
+          file=sys.stderr, flush=True)

@@ -5,6 +5,8 @@
                                                so torch.load(weights_only=True) reads it)
     out_dir/checkpoints/step_000100/shards/    an fsdp run's model and optimizer instead, one file per
                                                process (torch.distributed.checkpoint)
+    out_dir/checkpoints/step_000100/adapter.safetensors, state.pth   a PEFT run's adapter (and learned
+                                               state) of this step, as in out_dir (--adapter takes the folder)
     out_dir/checkpoints/step_000100/COMPLETE   written last, inside the temporary directory
 
 A save writes into a hidden temporary directory, fsyncs every file, then renames it into place:
@@ -17,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +56,11 @@ def save_checkpoint(root, step: int, payload: dict, keep_last: int, tmp: Path | 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     torch.save(payload, tmp / STATE_FILE)
+    if payload.get("adapter") is not None:  # a PEFT step: its own adapter (and state) file, usable as it is
+        from ..adapters.files import AdapterSettings
+        from ..adapters.training import write_outputs
+        saved = payload["adapter"]
+        write_outputs(tmp, payload["model"], AdapterSettings(**saved["settings"]), saved["base"])
     (tmp / MARKER).write_text(f"{step}\n")
     for f in sorted(tmp.rglob("*"), key=lambda f: f.name == MARKER) + [tmp]:  # every file, the marker last
         _fsync(f)
@@ -63,6 +71,11 @@ def save_checkpoint(root, step: int, payload: dict, keep_last: int, tmp: Path | 
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def is_step_dir(name: str) -> bool:
+    """The name of a checkpoint directory, step_N."""
+    return _STEP_DIR.fullmatch(name) is not None
 
 
 def list_checkpoints(root) -> list[Path]:
@@ -111,8 +124,9 @@ def model_weights(path) -> dict:
                         "nor a .pth or .safetensors file")
     state = load_checkpoint(path)
     if state.get("adapter") is not None:  # a parameter-efficient run saves only what it trains
-        raise UserError(f"{path}: a checkpoint of a parameter-efficient run holds only the adapter: use "
-                        f"--model BASE --adapter OUT/adapter.safetensors (written with every checkpoint)")
+        base = state.get("config", {}).get("model") or "BASE"
+        raise UserError(f"{path}: a checkpoint of a parameter-efficient run holds only this step's adapter: "
+                        f"use --model {base} --adapter {path}")
     return _sharded_model(path) if state.get("sharded") else state["model"]
 
 
@@ -126,7 +140,9 @@ def _sharded_model(path) -> dict:
         entries = reader.read_metadata().state_dict_metadata
         model = {k.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype) for k, m in entries.items()
                  if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
-        dcp.load({"model": model}, storage_reader=reader, no_dist=True)
+        with warnings.catch_warnings():  # its notes on loading without a process group: meant, not news
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed")
+            dcp.load({"model": model}, storage_reader=reader, no_dist=True)
     except Exception as e:  # noqa: BLE001 - a missing or damaged shard is a bad checkpoint for the user
         raise UserError(f"{path}: cannot read the sharded checkpoint ({str(e).splitlines()[0][:200]})") from None
     return model

@@ -163,14 +163,15 @@ def _set(d: dict, key: str, value) -> None:
 
 
 def build_config(args):
-    from .config import TrainConfig
+    from .config import TrainConfig, check_setting
     source = args.config or "command line"
     d = load_config_file(args.config) if args.config else {}
     for dest, value in vars(args).items():
         if dest.startswith("c:"):
             _set(d, dest[2:], value)
     for item in args.sets:
-        _set(d, *split_set(item))
+        key, value = split_set(item)
+        _set(d, key, check_setting(key, value, f"--set {item}"))
     if d.get("model") and "model_config" in d and not d["model_config"]:
         d.pop("model_config")
     return TrainConfig.from_dict(d, source=source).validate()

@@ -170,6 +170,17 @@ def data_config_from_dict(data: dict, source: str = "config") -> DataConfig:
         raise UserError(f"{source}: {e}") from None
 
 
+def check_setting(key: str, value, where: str):
+    """One setting given as KEY=VALUE (--set): its name and type checked on its own, so that an
+    error names `where` and not the config file it overrides. Returns the value as the field takes it."""
+    cls, name = (DataConfig, key[len("data."):]) if key.startswith("data.") else (TrainConfig, key)
+    if "." in name:  # inside a mapping (model_config.n_layer): checked where it is used
+        return value
+    _check_keys({name: value}, cls, where)
+    value = _coerce(value, _field_types(cls)[name], where)
+    return [_coerce(b, "float", where) for b in value] if name == "betas" and cls is TrainConfig else value
+
+
 def _check_keys(d: dict, cls, where: str) -> None:
     import difflib
     names = [f.name for f in dataclasses.fields(cls)]

@@ -30,6 +30,7 @@ from .config import TrainConfig
 from .loss import L2WRAP, CompletionLoss
 from .optim import freeze, lr_at, make_optimizer, set_lr
 from .plan import plan_steps, step_plan
+from .plan import segment_lengths as plan_segments
 
 OOM_GRACE_STEPS = 3  # an out-of-memory error in the first steps is a setting to lower, not a bug
 
@@ -149,20 +150,25 @@ def _my_batches(loader, step, d: distributed.Dist):
     return mine + [loader.zero_weight(step[0][2])] * (-(-len(step) // d.world_size) - len(mine))
 
 
-def _trim_metrics(path: Path, step: int) -> None:
-    """On resume, drop the log lines of steps after the checkpoint (they will be redone)."""
+def _trim_metrics(path: Path, step: int) -> int:
+    """On resume, drop the log lines of steps after the checkpoint (they will be redone). Returns
+    the cumulative `tokens` of the last train line kept (for checkpoints that do not hold it)."""
     if not path.is_file():
-        return
-    keep = []
+        return 0
+    keep, tokens = [], 0
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line).get("step", 0) > step:
+            record = json.loads(line)
+            if record.get("step", 0) > step:
                 continue
+            if record.get("kind") == "train" and isinstance(record.get("tokens"), int):
+                tokens = record["tokens"]
         except (ValueError, AttributeError):
             pass
         keep.append(line)
     with atomic_write(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in keep))
+    return tokens
 
 
 def train(config: TrainConfig, *, model: RWKV7 | None = None, data=None, tokenizer=None) -> TrainResult:
@@ -243,6 +249,8 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
         epoch, batch_index = state["data"]["epoch"], state["data"]["batch"]
         history = list(state["metrics"]["history"])
         rundir.check_resume_steps(step, total_steps, resume_from, config, announce=d.is_main)
+        if step == total_steps and rundir.finished(out, resume_from, config.export if peft is None else ()):
+            return _finished(model, state, out, resume_from)  # said so; nothing is written
     if d.is_main:
         rundir.write_config(out, config)  # only now: the run is known to start
     lr_final = config.lr / 10 if config.lr_final is None else config.lr_final
@@ -251,9 +259,13 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     epochs = math.inf if config.max_steps else config.epochs
     plan = step_plan(loader, epochs, epoch, batch_index, config.step_tokens, d.world_size)
 
+    tokens_before = (state or {}).get("metrics", {}).get("tokens")  # positions trained before this session
     if d.is_main and state is not None:
-        _trim_metrics(out / "metrics.jsonl", step)
-    metrics = MetricsLogger(out, enabled=d.is_main, tensorboard=config.tensorboard, report_to=config.report_to, run_config=config.to_dict())
+        logged = _trim_metrics(out / "metrics.jsonl", step)
+        tokens_before = logged if tokens_before is None else tokens_before  # an older checkpoint: from the log
+    tokens_before = tokens_before or 0
+    metrics = MetricsLogger(out, enabled=d.is_main, tensorboard=config.tensorboard, report_to=config.report_to,
+                            run_config=config.to_dict())
     has_eval = data.eval is not None and len(data.eval) > 0
     if has_eval and tokenizer is None:
         from ..tokenizer import Tokenizer
@@ -277,7 +289,8 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
         payload = {
             "version": 1, "step": step, "scheduler": {"step": step, "total_steps": total_steps},
             "rng": ckpt.rng_state(), "data": {"epoch": epoch, "batch": batch_index, "fingerprint": fingerprint},
-            "config": config.to_dict(), "metrics": {"history": history, "bad_steps": bad_total},
+            "config": config.to_dict(),
+            "metrics": {"history": history, "bad_steps": bad_total, "tokens": tokens_before + tokens},
         }
         if peft is not None:  # only what trains; the frozen base is the run's --model
             payload.update(peft_run.checkpoint_entries(model, peft, base))
@@ -289,12 +302,21 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
 
     if d.is_main:
         n_params = sum(p.numel() for p in model.parameters())
+        held = {}  # frozen elements by dtype in memory (--base-dtype: the matrices; vectors stay fp32)
+        for p in model.parameters():
+            if not p.requires_grad:
+                held[p.dtype] = held.get(p.dtype, 0) + p.numel()
+        frozen_in = str(max(held, key=held.get)).removeprefix("torch.").replace("bfloat16", "bf16").replace(
+            "float32", "fp32") if held else ""
+        segments = plan_segments(loader, config.segment_len, config.batch_tokens)
         print(f"rwkv-sft train: {model.config.n_layer} layers x {model.config.n_embd}, {n_params / 1e6:.1f}M parameters"
-              f"{f' ({frozen / 1e6:.1f}M frozen, {(n_params - frozen) / 1e6:.2f}M trained)' if frozen else ''}"
+              f"{f' ({frozen / 1e6:.1f}M frozen in {frozen_in}, {(n_params - frozen) / 1e6:.2f}M trained)' if frozen else ''}"
               f"{f'; {peft.describe()}' if peft else ''}; "
               f"{len(data.train)} examples; {d.world_size} "
-              f"process(es) on {device.type}, {precision}"
-              f"{', activation checkpointing' if config.activation_checkpointing else ''}; {total_steps} steps"
+              f"process(es){f' ({par.mode})' if d.enabled else ''} on {device.type}, {precision}"
+              f"{', activation checkpointing' if config.activation_checkpointing else ''}"
+              + (f", rows in segments of {'/'.join(map(str, sorted(segments)))} tokens ({sum(segments.values())} of "
+                 f"{len(loader.plan(0))} batches)" if segments else "") + f"; {total_steps} steps"
               + (f"; resuming from {resume_from} (step {step})" if resume_from else ""), flush=True)
     from tqdm.auto import tqdm
     bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
@@ -347,7 +369,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
                     f"stopped at step {step}: the loss or a gradient was not finite in {bad_run} steps in a row "
                     f"(lower lr, check the data, or use --precision fp32); last good checkpoint: {last_saved or 'none'}")
             if step % config.log_every == 0 or step == total_steps:
-                metrics.log("train", step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens,
+                metrics.log("train", step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens_before + tokens,
                             loss_tokens=count, tokens_per_s=tokens / elapsed, bad_steps=bad_total, epoch=epoch)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:,.0f}", refresh=False)
             bar.update(1)
@@ -393,6 +415,21 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     if d.is_main:
         print(summary(result, stop.signum), flush=True)
     return result
+
+
+def _finished(model, state: dict, out: Path, checkpoint: Path) -> TrainResult:
+    """The result of a resume that found its run finished: what the run left, no work done."""
+    recent = [h["loss"] for h in state["metrics"]["history"][-10:]]
+    exports = {kind: out / name for kind, name in (("pth", "model.pth"), ("safetensors", "model.safetensors"),
+                                                   ("adapter", "adapter.safetensors"), ("state", "state.pth"))
+               if (out / name).is_file()}
+    model.auto_decoding_layout = True
+    return TrainResult(model=model, steps=state["scheduler"]["step"], tokens=0, loss_tokens=0, time_s=0.0,
+                       tokens_per_s=0.0, train_loss=sum(recent) / len(recent) if recent else None, eval=None,
+                       bad_steps=state["metrics"].get("bad_steps", 0), interrupted=False, out_dir=out,
+                       checkpoint=checkpoint, exports=exports,
+                       metrics_path=out / "metrics.jsonl" if (out / "metrics.jsonl").is_file() else None,
+                       plot_path=out / "metrics.png" if (out / "metrics.png").is_file() else None)
 
 
 def summary(r: TrainResult, signum=None) -> str:

@@ -54,3 +54,15 @@ def plan_steps(config, loader) -> int:
         raise UserError(f"epochs={config.epochs:g} is less than one micro-batch ({len(loader.plan(0))} per epoch): "
                         f"no optimizer step to run; raise --epochs or give --max-steps")
     return total
+
+
+def segment_lengths(loader, segment_len: int | None, batch_tokens: int, epoch: int = 0) -> dict[int, int]:
+    """{segment length: number of batches} of the batches of `epoch` whose rows run in segments
+    (model/segments.segment_len_for decides, from each batch's shape)."""
+    from ..model.segments import segment_len_for
+    found: dict[int, int] = {}
+    for rows in loader.plan(epoch):
+        S = segment_len_for((len(rows), loader.positions_of(rows) // len(rows)), segment_len, batch_tokens)
+        if S is not None:
+            found[S] = found.get(S, 0) + 1
+    return found

@@ -23,7 +23,7 @@ from ..utils import atomic_write
 from . import checkpoint as ckpt
 
 LOCK_FILE = ".lock"
-# what a run writes into its directory (everything --overwrite deletes)
+# what a run writes into its directory (--overwrite deletes these, and in the folders only its own files)
 RUN_FILES = ("checkpoints", "metrics.jsonl", "metrics.png", "tensorboard", "config.yaml", "model.pth",
              "model.safetensors", "model.hf", "wandb", "adapter.safetensors", "state.pth")
 # settings a resume cannot change: the model's shape and its trainable parts, and the batches of every
@@ -79,12 +79,19 @@ def locked(out: Path, enabled: bool = True):
         yield  # closing the file releases the lock; the file stays (removing it would race)
 
 
+def _owned(folder: Path) -> list[Path]:
+    """What a run wrote into one of its folders: checkpoints (and interrupted saves) in
+    checkpoints/, TensorBoard's event files in tensorboard/; anything else there is the user's."""
+    if not folder.is_dir():
+        return []
+    if folder.name == "checkpoints":
+        return [p for p in folder.iterdir() if ckpt.is_step_dir(p.name) or p.name.startswith(".tmp_step_")]
+    return list(folder.glob("events.out.tfevents.*"))
+
+
 def run_files(out: Path) -> list[str]:
     """The files of a run present in `out`."""
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    if "checkpoints" in found and not any((out / "checkpoints").iterdir()):
-        found.remove("checkpoints")
-    return found
+    return [name for name in RUN_FILES if (out / name).is_file() or _owned(out / name)]
 
 
 def _describe(out: Path, found: list[str]) -> str:
@@ -93,9 +100,16 @@ def _describe(out: Path, found: list[str]) -> str:
 
 
 def _clear(out: Path, found: list[str]) -> None:
+    """Delete the run's own files, nothing a user put beside them (a folder goes once it is empty)."""
     for name in found:
         path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if not path.is_dir():
+            path.unlink()
+            continue
+        for p in _owned(path):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if not any(path.iterdir()):
+            path.rmdir()
 
 
 def start(config, out: Path, is_main: bool) -> Path | None:
@@ -161,6 +175,15 @@ def check_resume_steps(step: int, total: int, source: Path, config, announce: bo
     if step == total and announce:
         print(f"rwkv-sft train: {source} already finished all {total} steps; nothing to train ({more} to "
               f"continue)", flush=True)
+
+
+def finished(out: Path, resume_from: Path, exports) -> bool:
+    """Is a resume at the end of its plan one that has nothing to write? It resumes the newest
+    checkpoint of `out` and the run's `exports` (model.pth, ...) are there; otherwise (an older
+    checkpoint, an export that a signal prevented) it writes what the run's end writes."""
+    newest = ckpt.list_checkpoints(out / "checkpoints")
+    return (bool(newest) and newest[-1].resolve() == resume_from.resolve()
+            and all((out / f"model.{kind}").is_file() for kind in exports))
 
 
 def check_vocab(data, vocab_size: int) -> None:
