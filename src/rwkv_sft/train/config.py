@@ -75,9 +75,8 @@ class TrainConfig:
     tensorboard: bool = True              # also log to TensorBoard when it is installed
     dist_timeout_s: int = 1800            # collectives (and process-group start) give up after this
     parallel: str = "ddp"                 # several processes: ddp (whole model in each) | fsdp (sharded)
-    fsdp_unsharded_accumulation: bool | None = None  # fsdp, several micro-batches per step: keep
-                                          # weights gathered and gradients whole between them
-                                          # (communicate once per step); None -> on CPU only
+    offload: str | None = None            # "cpu" (fsdp on a GPU): parameters, gradients and AdamW's
+                                          # state in CPU memory; one process needs no torchrun
 
     def validate(self) -> "TrainConfig":
         """One-line UserErrors for settings that cannot work."""
@@ -112,6 +111,9 @@ class TrainConfig:
         need(self.dist_timeout_s >= 1, f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}")
         need(not (self.overwrite and self.resume), "overwrite starts a new run and resume continues one: give one of them")
         need(self.parallel in PARALLEL, f"unknown parallel {self.parallel!r}; choose from {', '.join(PARALLEL)}")
+        need(self.offload in (None, "cpu"), f"offload must be cpu, got {self.offload!r}")
+        need(self.offload is None or self.parallel == "fsdp",
+             "offload cpu shards the model with FSDP: give --parallel fsdp with --offload cpu")
         need(set(self.export) <= {"pth", "safetensors"}, f"export must list pth and/or safetensors, got {self.export}")
         need(self.lora_rank >= 0, f"lora_rank must be >= 0 (0: no LoRA), got {self.lora_rank}")
         if not self.lora_rank:
