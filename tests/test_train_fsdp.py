@@ -67,8 +67,9 @@ def _runs(rank, port, tmp):
     # bf16: blocks gathered in bf16, and an evaluation in the dtype they compute in
     for mode in ("ddp", "fsdp"):
         train(_config(f"{tmp}/{mode}_bf16", parallel=mode, **BF16), data=_with_eval())
-    # LoRA and a learned state on a sharded, frozen base
-    train(_config(f"{tmp}/fsdp_peft", parallel="fsdp", **PEFT), data=tiny_data())
+    # LoRA and a learned state on a sharded (or replicated), frozen base
+    for mode in ("ddp", "fsdp"):
+        train(_config(f"{tmp}/{mode}_peft", parallel=mode, **PEFT), data=tiny_data())
 
 
 def _three(rank, port, tmp):
@@ -131,11 +132,13 @@ def test_fsdp_matches_ddp_and_resumes_on_another_number_of_processes(tmp_path):
 
     (ddp_eval,), (fsdp_eval,) = _evals(tmp_path / "ddp_bf16"), _evals(tmp_path / "fsdp_bf16")
     assert fsdp_eval["exact_match_n"] == 2 and fsdp_eval["loss"] == pytest.approx(ddp_eval["loss"], rel=1e-2)
+    assert _losses(tmp_path / "fsdp_bf16") == pytest.approx(_losses(tmp_path / "ddp_bf16"), rel=1e-2)
 
     # PEFT: the adapter and state files of one process, and a sharded run's checkpoint (whole, as
     # the adapter is small) continues in one process (2 -> 1) as the uninterrupted run did
     peft_reference = _losses(tmp_path / "one_peft")
-    torch.testing.assert_close(_losses(tmp_path / "fsdp_peft"), peft_reference, rtol=RTOL, atol=0)
+    for mode in ("ddp", "fsdp"):
+        torch.testing.assert_close(_losses(tmp_path / f"{mode}_peft"), peft_reference, rtol=RTOL, atol=0, msg=mode)
     for name in ("adapter.safetensors", "state.pth"):
         ours, theirs = (read_state_dict(tmp_path / run / name) for run in ("fsdp_peft", "one_peft"))
         assert ours.keys() == theirs.keys() and len(ours) > 0
