@@ -40,7 +40,7 @@ def test_tiny_run_on_cpu(gpu_check, tmp_path, capsys):
     """Environment, a checkpoint made by a child process, the train steps through the real CLI (or a
     clear 'unavailable' where this build lacks their flags; a feature that fails is a 'fail' row
     and the check goes on), FSDP skipped for want of GPUs."""
-    steps = ["install", "environment", "checkpoint", "lora", "state-tuning", "segmented", "fsdp"]
+    steps = ["install", "environment", "checkpoint", "lora", "state-tuning", "segmented", "fsdp", "offload"]
     rc = gpu_check.main(["--allow-cpu", "--tiny", "--no-install", "--out", str(tmp_path), "--only", *steps])
     printed = capsys.readouterr().out
     rows = {r["step"]: r for r in _rows(tmp_path)}
@@ -60,6 +60,7 @@ def test_tiny_run_on_cpu(gpu_check, tmp_path, capsys):
         else:
             assert row["status"] == "fail" and row["detail"], row
     assert rows["fsdp"]["status"] == "skipped" and "2 or more GPUs" in rows["fsdp"]["detail"]
+    assert rows["offload"]["status"] == "skipped" and "needs a GPU" in rows["offload"]["detail"]
     assert all(gpu_check._format_row(r) in printed for r in rows.values())  # the printed table is the JSON's
 
 

@@ -95,13 +95,16 @@ def wrap(loss_module, d: Dist, mode: str, precision: str, offload: bool = False)
 
 
 def check_device(config, d: Dist) -> None:
-    """What this run's device allows: on CPU the C heap's policy (utils.set_heap_policy,
-    `--low-memory`'s or the default); `--offload cpu` only where the model would be elsewhere."""
+    """What this run's device allows: `--offload cpu` only where the model would be elsewhere;
+    on CPU the C heap's policy (utils.set_heap_policy). fsdp takes `--low-memory`'s: the [V, C]
+    tables it gathers and reduce-scatters (several 256 MiB buffers at 1024 x 65536) would stay in
+    the heap; at 8 x 1024 on 2 gloo processes the largest process peaks at 3.55 instead of 4.82 GiB
+    (benchmarks/bench_parallel.py)."""
     if config.offload and d.device.type != "cuda":
         raise UserError(f"--offload cpu keeps a GPU run's weights in CPU memory; this run is on {d.device.type}, "
                         f"where they are already: drop --offload")
     if d.device.type == "cpu":
-        utils.set_heap_policy(config.low_memory)
+        utils.set_heap_policy(config.low_memory or (config.parallel == "fsdp" and d.enabled))
     elif config.low_memory and d.is_main:
         print(f"rwkv-sft train: --low-memory shapes the CPU heap only; it changes nothing on {d.device}", flush=True)
 
