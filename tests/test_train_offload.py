@@ -24,6 +24,7 @@ def test_offload_without_a_gpu_or_fsdp_is_a_one_line_error(tmp_path, capsys, fla
     assert main(args + flags) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err and message in err, err
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
 
 
 def _losses(out_dir):

@@ -172,6 +172,7 @@ def train(config: TrainConfig, *, model: RWKV7 | None = None, data=None, tokeniz
     d = distributed.setup(config.device, config.dist_timeout_s, own_group=config.offload is not None)
     finished = False
     try:
+        parallel.check_device(config, d)  # before the run folder is made
         with rundir.locked(Path(config.out_dir), enabled=d.is_main):
             result = _train(config, d, model, data, tokenizer)
         finished = True
@@ -191,7 +192,6 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     from .metrics import MetricsLogger, plot_metrics
 
     device, out = d.device, Path(config.out_dir)
-    parallel.check_device(config, d)
     precision = resolve_precision(config.precision, device)
     check_backend(config.wkv_backend, device)
     ckpt_root = out / "checkpoints"
