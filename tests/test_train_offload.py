@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
-from test_train_helpers import metric_lines, tiny_config, tiny_data
+from test_train_helpers import metric_lines, tiny_config, tiny_data, tiny_examples
 
 from rwkv_sft.cli import main
 
@@ -42,9 +43,13 @@ def test_offload_trains_as_one_process_and_resumes(tmp_path):
         return tiny_config(out, device="cuda", precision="fp32", wkv_backend="chunked", step_tokens=24,
                            batch_tokens=48, save_every=3, keep_last=4, export=["pth"], **kw)
 
-    one = train(config(tmp_path / "one"), data=tiny_data())
-    off = train(config(tmp_path / "off", parallel="fsdp", offload="cpu"), data=tiny_data())
+    data = SimpleNamespace(train=tiny_examples(24), eval=tiny_examples(6, seed=5), report={})
+    one = train(config(tmp_path / "one", eval_exact_match=3), data=data)
+    off = train(config(tmp_path / "off", parallel="fsdp", offload="cpu", eval_exact_match=3), data=data)
     torch.testing.assert_close(_losses(tmp_path / "off"), _losses(tmp_path / "one"), rtol=1e-5, atol=0)
+    # the evaluation (greedy generation included) runs on the GPU too
+    (ev_one,), (ev_off,) = ([m for m in metric_lines(tmp_path / r) if m["kind"] == "eval"] for r in ("one", "off"))
+    assert ev_off["exact_match_n"] == 3 and ev_off["loss"] == pytest.approx(ev_one["loss"], rel=1e-5)
     # the shards (and so AdamW's state) live in CPU memory; the blocks ran on the GPU
     assert all(isinstance(p, DTensor) and p.to_local().device.type == "cpu" for p in off.model.parameters())
     exported = torch.load(tmp_path / "off" / "model.pth", weights_only=True)

@@ -142,12 +142,15 @@ def clip_grad_norm(params, max_norm: float) -> float:
 @contextlib.contextmanager
 def whole_root(par: Parallel):
     """Run the bare model (evaluation, generation) in an fsdp run: every process must take part,
-    with the root's and the head's parameters gathered for the duration (evaluation reads the
-    head's weight); the embedding and the blocks gather themselves when they run."""
+    with the root's, the embedding's and the head's parameters gathered for the duration
+    (evaluation reads the head's weight, generation takes its device from the embedding's, which
+    offload would leave in CPU memory); the blocks gather themselves when they run."""
     if not par.sharded:
         yield
         return
-    units = (par.module, par.module.model.head)
+    model = par.module.model
+    units = (par.module, model.emb, model.head)
+    model.emb.set_reshard_after_forward(False)
     for unit in units:
         unit.unshard()
     try:
@@ -155,6 +158,7 @@ def whole_root(par: Parallel):
     finally:
         for unit in units:
             unit.reshard()
+        model.emb.set_reshard_after_forward(True)
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
