@@ -8,7 +8,8 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# torch is pinned on its own first so that nothing can pull a newer (CUDA) build.
+	# torch 2.13.0 first, for a reproducible venv (the tested release); the package asks for torch>=2.7,
+	# so the editable install keeps it, as it keeps a torch a user already has.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@

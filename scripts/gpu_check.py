@@ -19,6 +19,7 @@ the quick ones first:
   state-tuning   one state-tuning step, likewise
   segmented      one LoRA step at T=4096 in segments of 1024, likewise
   fsdp           one FSDP step over all GPUs (needs 2 or more)
+  offload        one full fine-tuning step with --parallel fsdp --offload cpu, one process, peak GPU memory
   wkv-bench      benchmarks/bench_wkv.py: cuda vs fla vs chunked, fwd+bwd, T=4096, bf16, H=32 (C=2048)
   fla-tests      tests/test_wkv7_gpu.py's fla tests: fla against the reference and chunked
   gpu-bench      benchmarks/bench_gpu.py: our training step beside fla's RWKV7ForCausalLM (0.1B, 1.5B,
@@ -418,13 +419,20 @@ def step_fsdp(ctx: Context):
     _train_step(ctx, "fsdp", ["--parallel", "fsdp"], _sizes(ctx.args.tiny)["T"], nproc=n)
 
 
+def step_offload(ctx: Context):
+    if ctx.device != "cuda":
+        return ctx.report.add("offload", "skipped", "needs a GPU (a CPU run has nothing to offload)")
+    # full fine-tuning with the weights, gradients and AdamW's state in CPU memory, one process
+    _train_step(ctx, "offload", ["--parallel", "fsdp", "--offload", "cpu"], _sizes(ctx.args.tiny)["T"])
+
+
 # The install first (the environment row then sees the installed fla), our kernel's tests and the
 # quick steps next, so that a slow Triton compile (fla's kernels, minutes on first use) cannot
 # starve them; fla's tests last, with whatever budget is left.
 STEPS = {"install": step_install, "environment": step_environment, "cuda-tests": step_cuda_tests,
          "demo": step_demo, "checkpoint": step_checkpoint, "lora": step_lora, "state-tuning": step_state_tuning,
-         "segmented": step_segmented, "fsdp": step_fsdp, "wkv-bench": step_wkv_bench, "fla-tests": step_fla_tests,
-         "gpu-bench": step_gpu_bench}
+         "segmented": step_segmented, "fsdp": step_fsdp, "offload": step_offload, "wkv-bench": step_wkv_bench,
+         "fla-tests": step_fla_tests, "gpu-bench": step_gpu_bench}
 MIN_START_S = 20  # a step is not started with less of the budget left
 
 

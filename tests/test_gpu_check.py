@@ -39,8 +39,8 @@ def test_without_cuda_one_line_and_exit_2(tmp_path):
 def test_tiny_run_on_cpu(gpu_check, tmp_path, capsys):
     """Environment, a checkpoint made by a child process, the train steps through the real CLI, each
     a pass with a finite loss (a broken LoRA, state or segmented step fails this test), FSDP
-    skipped for want of GPUs."""
-    steps = ["install", "environment", "checkpoint", "lora", "state-tuning", "segmented", "fsdp"]
+    skipped for want of GPUs, offload for want of one."""
+    steps = ["install", "environment", "checkpoint", "lora", "state-tuning", "segmented", "fsdp", "offload"]
     rc = gpu_check.main(["--allow-cpu", "--tiny", "--no-install", "--out", str(tmp_path), "--only", *steps])
     printed = capsys.readouterr().out
     rows = {r["step"]: r for r in _rows(tmp_path)}
@@ -54,6 +54,7 @@ def test_tiny_run_on_cpu(gpu_check, tmp_path, capsys):
         assert row["status"] == "pass", row
         assert math.isfinite(float(row["detail"].split("loss ")[1].split(";")[0]))
     assert rows["fsdp"]["status"] == "skipped" and "2 or more GPUs" in rows["fsdp"]["detail"]
+    assert rows["offload"]["status"] == "skipped" and "needs a GPU" in rows["offload"]["detail"]
     assert all(gpu_check._format_row(r) in printed for r in rows.values())  # the printed table is the JSON's
 
 

@@ -64,3 +64,15 @@ def test_the_command_line_puts_large_tensors_on_huge_pages_unless_told_not_to():
     assert huge_kib() >= 128 << 10  # most of the 256 MiB tensor
     if _thp_mode() == "madvise":  # ("always" gives huge pages to everything)
         assert huge_kib(THP_MEM_ALLOC_ENABLE="0") < 64 << 10  # the user's choice is kept
+
+
+def test_fsdp_on_several_cpu_processes_takes_the_low_memory_policy(monkeypatch):
+    from types import SimpleNamespace
+
+    from rwkv_sft.train import parallel
+    from rwkv_sft.train.distributed import Dist
+    chosen = []
+    monkeypatch.setattr(parallel.utils, "set_heap_policy", chosen.append)
+    for mode, world, low in (("fsdp", 2, False), ("ddp", 2, False), ("fsdp", 1, False), ("ddp", 2, True)):
+        parallel.check_device(SimpleNamespace(offload=None, low_memory=low, parallel=mode), Dist(world_size=world))
+    assert chosen == [True, False, False, True]

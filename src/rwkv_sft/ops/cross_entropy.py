@@ -101,14 +101,11 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def logit_grads(hidden, weight, targets, lse, grad_loss, chunk_size, dtype, need_h, need_w,
-                l2wrap=0.0, maxv=None, argmax=None, has_target=None, has_max=None, weight_scale=1.0):
+                l2wrap=0.0, maxv=None, argmax=None):
     """The backward of rows -> per-row loss through `hidden @ weight.T`, `chunk_size` rows at a time.
 
-    lse [N]: each row's log-sum-exp over the whole vocabulary. `weight` may be a slice of the
-    vocabulary's rows (vocabulary-parallel): then `targets`/`argmax` are indices into it, and
-    only the rows in `has_target` / `has_max` (bool [N]; None: all) have their target / their
-    maximum there. Returns (grad_hidden in hidden's dtype, grad_weight times `weight_scale` in the
-    accumulation dtype), each None when not needed.
+    lse [N]: each row's log-sum-exp over the vocabulary. Returns (grad_hidden in hidden's dtype,
+    grad_weight in the accumulation dtype), each None when not needed.
     """
     n, acc = hidden.shape[0], lse.dtype
     h, w = hidden.to(dtype), weight.to(dtype)
@@ -120,19 +117,17 @@ def logit_grads(hidden, weight, targets, lse, grad_loss, chunk_size, dtype, need
         rows = torch.arange(e - s, device=hidden.device)
         # d loss_i / d logits_i = softmax_i - onehot(target_i), scaled by the upstream gradient
         d = (h[s:e] @ w.T).to(acc).sub_(lse[s:e, None]).exp_()
-        t = rows if has_target is None else rows[has_target[s:e]]
-        d[t, targets[s:e][t]] -= 1.0
+        d[rows, targets[s:e]] -= 1.0
         d.mul_(grad_loss[s:e, None])
         if l2wrap != 0.0:  # upstream L2Wrap: independent of grad_output and reduction
-            m = rows if has_max is None else rows[has_max[s:e]]
-            d[m, argmax[s:e][m]] += l2wrap * maxv[s:e][m]
+            d[rows, argmax[s:e]] += l2wrap * maxv[s:e]
         d = d.to(dtype)
         if need_h:
             grad_h[s:e] = d @ w
         if need_w and d.dtype == acc:
-            grad_w.addmm_(d.T, h[s:e], alpha=weight_scale)
+            grad_w.addmm_(d.T, h[s:e])
         elif need_w:  # bf16/fp16: matmul in the input dtype, sum over chunks in fp32
-            grad_w.add_((d.T @ h[s:e]).to(acc), alpha=weight_scale)
+            grad_w.add_((d.T @ h[s:e]).to(acc))
         del d
     return grad_h, grad_w
 

@@ -68,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--parallel", dest="c:parallel", choices=["ddp", "fsdp"], default=S,
                    help="under torchrun: ddp (default; every process holds the whole model) or fsdp (parameters, "
                         "gradients and optimizer state sharded across processes)")
+    g.add_argument("--offload", dest="c:offload", choices=["cpu"], default=S,
+                   help="with --parallel fsdp on a GPU: parameters, gradients and optimizer state in CPU memory, "
+                        "each block brought to the GPU as it runs (a model larger than the GPU; no torchrun needed)")
     g = p.add_argument_group("parameter-efficient fine-tuning (the base stays frozen; OUT/adapter.safetensors)")
     g.add_argument("--lora-rank", dest="c:lora_rank", type=int, default=S, metavar="R", help="train LoRA of rank R (e.g. 16)")
     g.add_argument("--lora-alpha", dest="c:lora_alpha", type=float, default=S, metavar="A", help="LoRA scale is A/R (default A = R)")

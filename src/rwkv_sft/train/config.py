@@ -77,9 +77,8 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard | wandb | none
     dist_timeout_s: int = 1800            # collectives (and process-group start) give up after this
     parallel: str = "ddp"                 # several processes: ddp (whole model in each) | fsdp (sharded)
-    fsdp_unsharded_accumulation: bool | None = None  # fsdp, several micro-batches per step: keep
-                                          # weights gathered and gradients whole between them
-                                          # (communicate once per step); None -> on CPU only
+    offload: str | None = None            # "cpu" (fsdp on a GPU): parameters, gradients and AdamW's
+                                          # state in CPU memory; one process needs no torchrun
 
     def validate(self) -> "TrainConfig":
         """One-line UserErrors for settings that cannot work."""
@@ -114,6 +113,9 @@ class TrainConfig:
         need(self.dist_timeout_s >= 1, f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}")
         need(not (self.overwrite and self.resume), "overwrite starts a new run and resume continues one: give one of them")
         need(self.parallel in PARALLEL, f"unknown parallel {self.parallel!r}; choose from {', '.join(PARALLEL)}")
+        need(self.offload in (None, "cpu"), f"offload must be cpu, got {self.offload!r}")
+        need(self.offload is None or self.parallel == "fsdp",
+             "offload cpu shards the model with FSDP: give --parallel fsdp with --offload cpu")
         need(set(self.export) <= {"pth", "safetensors", "hf"}, f"export must list pth, safetensors and/or hf, got {self.export}")
         need(set(self.report_to) <= {"tensorboard", "wandb", "none"} and ("none" not in self.report_to or len(self.report_to) == 1),
              f"report_to must list tensorboard and/or wandb, or be none; got {self.report_to}")

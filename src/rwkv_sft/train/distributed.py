@@ -36,19 +36,23 @@ class Dist:
         return self.world_size > 1
 
 
-def setup(device: str, timeout_s: float) -> Dist:
-    """Join the process group when launched by torchrun (or one already started); else one process."""
+def setup(device: str, timeout_s: float, own_group: bool = False) -> Dist:
+    """Join the process group when launched by torchrun (or one already started); else one process,
+    in a process group of its own on a GPU when `own_group` (FSDP's CPU offload needs one)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world <= 1 and not dist.is_initialized():
-        return Dist(device=resolve_device(device))
     dev = resolve_device(device, local_rank)
+    if world <= 1 and not dist.is_initialized() and not (own_group and dev.type == "cuda"):
+        return Dist(device=dev)
     owns = False
     if not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method="env://",
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        backend, timeout = "nccl" if dev.type == "cuda" else "gloo", datetime.timedelta(seconds=timeout_s)
+        if world <= 1 and "MASTER_ADDR" not in os.environ:  # no torchrun: a store in this process
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend, init_method="env://", timeout=timeout)
         owns = True
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns)
 

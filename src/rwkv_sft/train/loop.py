@@ -122,8 +122,7 @@ def build_model(config: TrainConfig) -> RWKV7:
 
 
 def accumulate_gradients(loss_module, batches, *, device, global_count: int, world_size: int = 1,
-                         wrapped=None, precision: str = "fp32", l2wrap: bool = True,
-                         unsharded_accumulation: bool = False) -> float:
+                         wrapped=None, precision: str = "fp32", l2wrap: bool = True) -> float:
     """Forward/backward every micro-batch; gradients end as d(sum of token losses / global_count).
 
     `wrapped`: the loss module under DDP or FSDP, which average gradients over processes, hence
@@ -135,7 +134,7 @@ def accumulate_gradients(loss_module, batches, *, device, global_count: int, wor
     total = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):
         b = batch.to(device)
-        with parallel.micro_batch(wrapped, i == len(batches) - 1, unsharded_accumulation):
+        with parallel.micro_batch(wrapped, i == len(batches) - 1):
             with autocast(device, precision):
                 loss_sum = runner(b.tokens, b.targets, b.loss_mask, b.resets, coef)
             (loss_sum * scale).backward()
@@ -176,9 +175,10 @@ def train(config: TrainConfig, *, model: RWKV7 | None = None, data=None, tokeniz
     config would load. In a multi-process run a failure on any process ends every process: the
     failing one prints the error and exits (code 2 for a UserError, 1 otherwise)."""
     config.validate()
-    d = distributed.setup(config.device, config.dist_timeout_s)
+    d = distributed.setup(config.device, config.dist_timeout_s, own_group=config.offload is not None)
     finished = False
     try:
+        parallel.check_device(config, d)  # before the run folder is made
         with rundir.locked(Path(config.out_dir), enabled=d.is_main):
             result = _train(config, d, model, data, tokenizer)
         finished = True
@@ -198,7 +198,6 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     from .metrics import MetricsLogger, plot_metrics
 
     device, out = d.device, Path(config.out_dir)
-    parallel.set_heap_policy(config, d)
     precision = resolve_precision(config.precision, device)
     check_backend(config.wkv_backend, device)
     ckpt_root = out / "checkpoints"
@@ -221,7 +220,8 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     peft = peft_run.settings_from(config)  # None: full fine-tuning
     base = peft_run.prepare(model, peft, seed=config.seed, initialize=state is None)
     freeze(model, config.freeze)
-    model = peft_run.compact(model, config.base_dtype).to(device)
+    # offload: the model stays in CPU memory; fully_shard moves one unit at a time through the GPU
+    model = peft_run.compact(model, config.base_dtype).to("cpu" if config.offload else device)
     if state is not None and not state.get("sharded"):  # a sharded checkpoint loads after wrapping
         try:
             peft_run.restore(model, state, peft, base, resume_from)
@@ -235,7 +235,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     model.train()
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     loss_module = CompletionLoss(model, config.loss_chunk_size, config.segment_len, config.batch_tokens)
-    par = parallel.wrap(loss_module, d, config.parallel, precision, config.fsdp_unsharded_accumulation)
+    par = parallel.wrap(loss_module, d, config.parallel, precision, offload=config.offload == "cpu")
     optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps)
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -344,8 +344,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
             with _oom_advice(step - start_step < OOM_GRACE_STEPS, step, config, precision):
                 local_loss = accumulate_gradients(loss_module, batches, device=device, global_count=count,
                                                   world_size=d.world_size, wrapped=par.module, precision=precision,
-                                                  l2wrap=config.l2wrap,
-                                                  unsharded_accumulation=par.unsharded_accumulation)
+                                                  l2wrap=config.l2wrap)
                 loss_total = distributed.all_sum(d, [local_loss])[0]
                 grad_norm = parallel.clip_grad_norm(params, config.grad_clip or math.inf)
                 loss = loss_total / count if count else 0.0

@@ -27,8 +27,8 @@ class CompletionLoss(nn.Module):
         self.chunk_size = chunk_size
         self.segment_len, self.batch_tokens = segment_len, batch_tokens  # see segment_len_for
         self.lockstep_segments = False  # every process runs as many segments (set for sharded blocks)
-        # The head's loss as a method of the head module, so that an fsdp run can put the loss
-        # over a head split by vocabulary rows in its place (vocab_parallel.shard).
+        # The head's loss as a method of the head module: an fsdp run gathers the head around it
+        # as around a forward (parallel.wrap).
         model.head.completion_loss = functools.partial(head_loss, model.head)
 
     def forward(self, tokens, targets, loss_mask, resets=None, l2wrap: float = 0.0):

@@ -3,12 +3,14 @@ micro-batches, clipping over shards, sharded checkpoints and the full export.
 
 - ddp: every process holds the whole model, its gradients and AdamW's state; gradients are
   all-reduced once per step.
-- fsdp: `torch.distributed.fsdp.fully_shard` on every block and on the root (ln_out): each
-  process keeps 1/N of the parameters, gradients and AdamW state, and a block's parameters are
-  gathered just before it runs and freed after it. The embedding and the head are split by
-  vocabulary rows and never gathered (vocab_parallel.py). With bf16 precision the
-  gathered parameters are bf16 (half the traffic); gradients are reduced and kept in fp32, and
-  the sharded master weights stay fp32. Frozen parameters are sharded too and get no gradient.
+- fsdp: `torch.distributed.fsdp.fully_shard` on the embedding, on every block, on the head and on
+  the root (ln0, ln_out): each process keeps 1/N of the parameters, gradients and AdamW state; a
+  unit's parameters are gathered just before it runs and freed after it, its gradients
+  reduce-scattered after its backward (FSDP2's own collectives, on any backend). With bf16
+  precision the gathered parameters are bf16 (half the traffic); gradients are reduced and kept
+  in fp32, and the sharded master weights stay fp32. Frozen parameters are sharded too and get
+  no gradient. With `offload` (a GPU run) the shards, their gradients and AdamW's state live in
+  CPU memory (CPUOffloadPolicy) and the optimizer steps there; one process runs it too.
 
 Checkpoints of an fsdp run hold the model and optimizer as torch.distributed.checkpoint shards
 (every process writes its own, in parallel) beside the usual state.pt; they load into any
@@ -17,6 +19,7 @@ number of processes, in either mode or in one process without torchrun.
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -28,16 +31,15 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      get_state_dict, set_optimizer_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter  # FSDP2's custom-collective hooks
-from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllocMixin
+from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                    register_fsdp_forward_method)
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import utils
+from ..errors import UserError
 from ..model.checkpoint import export_state_dict
 from . import checkpoint as ckpt
-from . import exchange, vocab_parallel
 from .distributed import Dist
 
 MODES = ("ddp", "fsdp")
@@ -52,134 +54,111 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 class Parallel:
     mode: str                   # "none" (one process), "ddp" or "fsdp"
     module: torch.nn.Module     # what runs a micro-batch: the loss module, wrapped
-    unsharded_accumulation: bool = False  # fsdp: keep gathered weights and full gradients between micro-batches
 
     @property
     def sharded(self) -> bool:
         return self.mode == "fsdp"
 
 
-def wrap(loss_module, d: Dist, mode: str, precision: str, unsharded_accumulation: bool | None = None) -> Parallel:
-    """Wrap `loss_module` (a CompletionLoss) for `mode`; one process runs it as it is.
+def wrap(loss_module, d: Dist, mode: str, precision: str, offload: bool = False) -> Parallel:
+    """Wrap `loss_module` (a CompletionLoss) for `mode`; one process runs it as it is, unless
+    `offload` (fsdp with CPUOffloadPolicy, in a process group of any size).
 
     Call before making the optimizer: fully_shard replaces the parameters with sharded ones.
-    `unsharded_accumulation` (None: on CPU yes, on GPU no): with several micro-batches per step,
-    keep the gathered parameters and unreduced full gradients from one micro-batch to the next,
-    so a step communicates once like DDP, at the price of one full copy of both. On a GPU, where
-    the gathers overlap the compute and memory is what FSDP is for, every micro-batch gathers and
-    reduce-scatters instead.
     """
-    if not d.enabled:
+    if mode not in MODES:
+        raise ValueError(f"unknown parallel mode {mode!r}")
+    if offload and mode != "fsdp":
+        raise ValueError("offload needs fsdp")
+    if not (d.enabled or offload):
         return Parallel("none", loss_module)
     if mode == "ddp":
-        # frozen weights come from the same file in every process: nothing to broadcast or reduce
-        DDP._set_params_and_buffers_to_ignore_for_model(
-            loss_module, [n for n, p in loss_module.named_parameters() if not p.requires_grad])
-        return Parallel("ddp", DDP(loss_module, device_ids=[d.device.index] if d.device.type == "cuda" else None))
-    if mode != "fsdp":
-        raise ValueError(f"unknown parallel mode {mode!r}")
+        # every process loads or initialises the same weights (same file, same seed): nothing to broadcast
+        return Parallel("ddp", DDP(loss_module, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                                   init_sync=False))
     # The inputs keep their dtype: the recurrent state must stay fp32 whatever the weights are.
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
                                   reduce_dtype=torch.float32, cast_forward_inputs=False)
-    # Units: each block and the root (ln_out). The embedding and the head are split by vocabulary
-    # rows instead and never gathered (vocab_parallel.py). Measured at 8 x 1024, V 65536, 2 gloo
-    # processes (bench_parallel.py, the same heap policy): peak 3.46 -> 3.01 GiB, 45 -> 61 tokens/s
-    # (best step) against FSDP units of their own.
+    shard = functools.partial(fully_shard, mesh=init_device_mesh(d.device.type, (dist.get_world_size(),)),
+                              mp_policy=policy, offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
     model = loss_module.model
-    mesh = init_device_mesh(d.device.type, (d.world_size,))
-    vocab_parallel.shard(model, mesh, policy.param_dtype)
-    for unit in _fsdp_units(loss_module):  # the root last
-        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=True, ignored_params={model.emb.weight, model.head.weight})
-        if dist.get_backend() == "gloo":
-            unit.set_custom_all_gather(PairwiseAllGather())
-            unit.set_custom_reduce_scatter(PairwiseReduceScatter())
+    shard(model.emb)
+    for block in model.blocks:
+        shard(block)
+    # The head runs as the loss (completion_loss, not forward); its backward follows at once, so it
+    # stays gathered from one to the other (torchtitan's choice for its output layer).
+    shard(model.head, reshard_after_forward=False)
+    register_fsdp_forward_method(model.head, "completion_loss")
+    shard(loss_module)  # the root: ln0, ln_out
     loss_module.lockstep_segments = True  # blocks gather per call: as many segments in every process
-    if unsharded_accumulation is None:
-        unsharded_accumulation = d.device.type == "cpu"
-    return Parallel("fsdp", loss_module, unsharded_accumulation)
+    return Parallel("fsdp", loss_module)
 
 
-def _fsdp_units(loss_module) -> list:
-    model = loss_module.model
-    return [*model.blocks, loss_module]
-
-
-class PairwiseAllGather(DefaultAllocMixin, AllGather):
-    """FSDP's all-gather on gloo as one send and one receive per pair of processes, all started
-    together (exchange.py: gloo's own all_gather_into_tensor moves the same bytes 2-3x slower,
-    440 -> 145 ms for 256 MB on 2 processes). Runs to completion before returning."""
-
-    def __call__(self, output_tensor, input_tensor, group, async_op=False):
-        exchange.all_gather_rows(input_tensor, [input_tensor.shape[0]] * group.size(), group, out=output_tensor)
-        return None
-
-
-class PairwiseReduceScatter(DefaultAllocMixin, ReduceScatter):
-    """FSDP's reduce-scatter on gloo in n - 1 rounds: send the chunk a process owns to it, receive
-    one of ours, add. gloo's own reduce_scatter_tensor: 120 -> 40 ms for a 52 MB block on 2
-    processes. One extra chunk of memory; the sum is in a fixed order, so runs repeat exactly."""
-
-    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
-        if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
-            raise ValueError(f"reduce-scatter: only SUM and AVG, got {op}")
-        exchange.reduce_scatter_rows(input_tensor, [output_tensor.shape[0]] * group.size(), group, out=output_tensor)
-        if op == dist.ReduceOp.AVG:
-            output_tensor.div_(group.size())
-        return None
-
-
-def set_heap_policy(config, d: Dist) -> None:
-    """On CPU, the C heap's policy for this run (utils.set_heap_policy): `--low-memory`'s or the
-    default, in every mode. (fsdp used to need the low-memory one: the [V, C] tables it gathered
-    and reduce-scattered stayed in the heap. Split by vocabulary rows they are never gathered, and
-    at 8 x 1024, V 65536, 2 gloo processes the default policy costs 2.88 -> 3.04 GiB and gives
-    59 -> 80 tokens/s, the median step.)"""
+def check_device(config, d: Dist) -> None:
+    """What this run's device allows: `--offload cpu` only where the model would be elsewhere;
+    on CPU the C heap's policy (utils.set_heap_policy). fsdp takes `--low-memory`'s: the [V, C]
+    tables it gathers and reduce-scatters (several 256 MiB buffers at 1024 x 65536) would stay in
+    the heap; at 8 x 1024 on 2 gloo processes the largest process peaks at 3.55 instead of 4.82 GiB
+    (benchmarks/bench_parallel.py)."""
+    if config.offload and d.device.type != "cuda":
+        raise UserError(f"--offload cpu keeps a GPU run's weights in CPU memory; this run is on {d.device.type}, "
+                        f"where they are already: drop --offload")
     if d.device.type == "cpu":
-        utils.set_heap_policy(config.low_memory)
+        utils.set_heap_policy(config.low_memory or (config.parallel == "fsdp" and d.enabled))
     elif config.low_memory and d.is_main:
         print(f"rwkv-sft train: --low-memory shapes the CPU heap only; it changes nothing on {d.device}", flush=True)
 
 
 @contextlib.contextmanager
-def micro_batch(wrapped, last: bool, unsharded_accumulation: bool = False):
-    """Around one micro-batch's forward and backward: gradients are reduced across processes on
-    the step's last micro-batch only (DDP), or on every one unless `unsharded_accumulation` (FSDP)."""
+def micro_batch(wrapped, last: bool):
+    """Around one micro-batch's forward and backward: DDP all-reduces gradients on the step's last
+    micro-batch only; FSDP reduce-scatters them after every one (whole gradients are not kept)."""
     if isinstance(wrapped, DDP) and not last:
         with wrapped.no_sync():
             yield
-    elif isinstance(wrapped, FSDPModule) and unsharded_accumulation:
-        wrapped.set_requires_gradient_sync(last)
-        wrapped.set_reshard_after_backward(last)
-        yield
     else:
         yield
 
 
+@torch.no_grad()
 def clip_grad_norm(params, max_norm: float) -> float:
-    """clip_grad_norm_ that also works on sharded gradients (the norm is over the whole model)."""
+    """clip_grad_norm_ that also works on sharded gradients: the norm is over the whole model,
+    summed over every process's shards where they are (also in CPU memory, with offload)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    norm = torch.nn.utils.get_total_norm(grads)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    norm = torch.nn.utils.get_total_norm(local)
+    if isinstance(grads[0], DTensor):
+        squares = norm.double().square().to(grads[0].device_mesh.device_type)
+        dist.all_reduce(squares, group=grads[0].device_mesh.get_group())
+        norm = squares.sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # as clip_grads_with_norm_
+    for g in local:
+        g.mul_(scale.to(g.device, g.dtype))
     return float(norm)
 
 
 @contextlib.contextmanager
 def whole_root(par: Parallel):
     """Run the bare model (evaluation, generation) in an fsdp run: every process must take part,
-    with the root's, the embedding's and the head's parameters gathered for the duration."""
+    with the root's, the embedding's and the head's parameters gathered for the duration
+    (evaluation reads the head's weight, generation takes its device from the embedding's, which
+    offload would leave in CPU memory); the blocks gather themselves when they run."""
     if not par.sharded:
         yield
         return
-    par.module.unshard()  # the root; the blocks gather themselves when they run
+    model = par.module.model
+    units = (par.module, model.emb, model.head)
+    model.emb.set_reshard_after_forward(False)
+    for unit in units:
+        unit.unshard()
     try:
-        with vocab_parallel.gathered(par.module.model):
-            yield
+        yield
     finally:
-        par.module.reshard()
+        for unit in units:
+            unit.reshard()
+        model.emb.set_reshard_after_forward(True)
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
@@ -212,7 +191,8 @@ def save_checkpoint(par: Parallel, d: Dist, root, step: int, payload: dict, keep
 
 def whole_tensors(tensors: dict) -> dict:
     """`tensors` with every shard (DTensor) gathered whole; every process of an fsdp run must call."""
-    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in tensors.items()}
+    return {k: v.to(v.device_mesh.device_type).full_tensor() if isinstance(v, DTensor) else v
+            for k, v in tensors.items()}
 
 
 def _whole_optimizer_state(par: Parallel, model, optimizer) -> dict:
@@ -263,6 +243,6 @@ def full_state_dict(par: Parallel, d: Dist, model) -> dict | None:
     return export_state_dict(model) if d.is_main else None
 
 
-__all__ = ["MODES", "Parallel", "wrap", "set_heap_policy", "micro_batch", "clip_grad_norm", "whole_root", "save_checkpoint",
+__all__ = ["MODES", "Parallel", "wrap", "check_device", "micro_batch", "clip_grad_norm", "whole_root", "save_checkpoint",
            "whole_tensors",
            "load_optimizer", "full_state_dict"]
