@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from . import distributed, parallel, rundir
 from .config import TrainConfig
 from .loss import L2WRAP, CompletionLoss
-from .optim import freeze, lr_at, make_optimizer, set_lr
+from .optim import freeze, lr_at, make_optimizer, set_lr, warmup_for
 from .plan import plan_steps, step_plan
 
 OOM_GRACE_STEPS = 3  # an out-of-memory error in the first steps is a setting to lower, not a bug
@@ -246,8 +246,10 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     if d.is_main:
         rundir.write_config(out, config)  # only now: the run is known to start
     lr_final = config.lr / 10 if config.lr_final is None else config.lr_final
-    schedule = dict(lr=config.lr, lr_final=lr_final, warmup=config.warmup_steps, total=total_steps,
-                    schedule=config.schedule)
+    warmup, notice = warmup_for(total_steps, config.warmup_steps, config.warmup_ratio)  # of this run's total
+    if notice and d.is_main:
+        print(f"rwkv-sft train: {notice}", flush=True)
+    schedule = dict(lr=config.lr, lr_final=lr_final, warmup=warmup, total=total_steps, schedule=config.schedule)
     epochs = math.inf if config.max_steps else config.epochs
     plan = step_plan(loader, epochs, epoch, batch_index, config.step_tokens, d.world_size)
 
@@ -275,7 +277,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     def save() -> Path:
         nonlocal last_saved
         payload = {
-            "version": 1, "step": step, "scheduler": {"step": step, "total_steps": total_steps},
+            "version": 1, "step": step, "scheduler": {"step": step, "total_steps": total_steps, "warmup": warmup},
             "rng": ckpt.rng_state(), "data": {"epoch": epoch, "batch": batch_index, "fingerprint": fingerprint},
             "config": config.to_dict(), "metrics": {"history": history, "bad_steps": bad_total},
         }

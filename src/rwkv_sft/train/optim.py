@@ -49,17 +49,34 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
         group.update(mine)
 
 
+DEFAULT_WARMUP = 10  # steps, but at most a tenth of the run
+
+
+def warmup_for(total: int, steps: int | None = None, ratio: float | None = None) -> tuple[int, str | None]:
+    """The warmup of a run of `total` steps and a notice when it had to be shortened: `steps`, or
+    `ratio` of the run, or by default DEFAULT_WARMUP steps but at most a tenth of the run. Warmup
+    takes at most half the run, so that the schedule has room to decay to lr_final."""
+    if steps is None:
+        return (int(ratio * total) if ratio is not None else min(DEFAULT_WARMUP, total // 10)), None
+    fit = total // 2
+    if steps <= fit:
+        return steps, None
+    return fit, f"warmup_steps {steps} does not fit a run of {total} steps: warming up over {fit} (at most half the run)"
+
+
 def lr_at(step: int, *, lr: float, lr_final: float, warmup: int, total: int, schedule: str) -> float:
     """Linear warmup over `warmup` steps, then cosine / linear / constant from lr to lr_final:
-    step `total - 1`, the last of the run, uses lr_final."""
+    step `total - 1`, the last of the run, uses exactly lr_final (constant: lr). Needs
+    warmup < total for that (warmup_for keeps it to half the run)."""
     if step < warmup:
         return lr * (step + 1) / warmup
     if schedule == "constant":
         return lr
-    progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+    span = total - 1 - warmup  # steps from the peak to the last one
+    left = 1.0 - min(1.0, (step - warmup) / span) if span > 0 else 0.0  # 1 -> 0, exactly 0 at the end
     if schedule == "linear":
-        return lr + (lr_final - lr) * progress
-    return lr_final + (lr - lr_final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return lr_final + (lr - lr_final) * left
+    return lr_final + (lr - lr_final) * 0.5 * (1.0 - math.cos(math.pi * left))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
