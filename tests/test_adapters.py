@@ -129,6 +129,12 @@ def test_adapter_errors_are_one_line(tmp_path, capsys):
         adapters.add_lora(random_model(**SHAPE), targets=["att.keys"])
     with pytest.raises(UserError, match="'head' cannot take LoRA"):
         adapters.add_lora(random_model(**SHAPE), targets=["head"])
+    # "*": every linear layer of the blocks (the head is not eligible), the default targets here
+    every = adapters.add_lora(random_model(**SHAPE), targets=["*"])
+    assert every == adapters.match_targets(random_model(**SHAPE), adapters.DEFAULT_TARGETS) and len(every) == 12
+    assert adapters.add_lora(random_model(**SHAPE), targets=["blocks.1.*"]) == [n for n in every if n.startswith("blocks.1.")]
+    with pytest.raises(UserError, match="'he\\*' matches no linear layer of the blocks"):
+        adapters.add_lora(random_model(**SHAPE), targets=["he*"])
     assert adapters.add_lora(random_model(**SHAPE), targets=["blocks.1.att.key,ffn.value"]) == [
         "blocks.0.ffn.value", "blocks.1.att.key", "blocks.1.ffn.value"]
 
@@ -237,6 +243,10 @@ def test_resume_of_a_pissa_run_is_bit_identical(tmp_path, monkeypatch):
 
     with pytest.raises(UserError, match="other adapter settings.*lora_rank=4"):
         train(tiny_config(tmp_path / "b", resume="auto", **{**settings, "lora_rank": 8}), data=tiny_data())
+    # dropout is a training setting like lr: a resume may change it (the adapter's shape and meaning stay)
+    more = train(tiny_config(tmp_path / "b", resume="auto", **{**settings, "lora_dropout": 0.3, "max_steps": 7}),
+                 data=tiny_data())
+    assert more.steps == 7 and adapters.read_adapter(tmp_path / "b" / "adapter.safetensors")[1].lora_dropout == 0.3
     other = tmp_path / "other.pth"
     random_model(seed=2, **SHAPE).save(other)
     with pytest.raises(UserError, match="another base"):
