@@ -85,6 +85,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="lora: B = 0; pissa: the principal singular directions (the model is unchanged at step 0)")
     g.add_argument("--state-tuning", dest="c:state_tuning", action="store_true", default=S,
                    help="learn each layer's initial WKV state (with --lora-rank: both)")
+    g.add_argument("--state-lr", dest="c:state_lr", type=float, default=S, metavar="LR",
+                   help="with --lora-rank and --state-tuning: the learned state's lr (default "
+                        f"{LR_DEFAULTS['state']:g}; it follows the schedule, scaled by STATE_LR / --lr)")
     g.add_argument("--base-dtype", dest="c:base_dtype", choices=["auto", "bf16", "fp32"], default=S,
                    help="frozen weights in memory (auto: bf16 when the checkpoint is bf16); compute stays fp32 on CPU")
     g = p.add_argument_group("evaluation, checkpoints, output")

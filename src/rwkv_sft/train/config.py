@@ -59,6 +59,8 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_init: str = "lora"               # lora | pissa
     state_tuning: bool = False            # learn each layer's initial WKV state
+    state_lr: float | None = None         # LoRA and a learned state together: the state's peak lr (it follows
+                                          # the same schedule, scaled by state_lr / lr); None -> LR_DEFAULTS["state"]
     base_dtype: str = "auto"              # frozen weights: bf16 | fp32 | auto (bf16 when the checkpoint is bf16)
     loss_chunk_size: int | None = None    # rows per chunk of the linear cross-entropy (None -> ~32 MiB of logits)
     # evaluation, checkpoints, logging
@@ -129,6 +131,12 @@ class TrainConfig:
         need(self.lora_init in ("lora", "pissa"), f"lora_init must be lora or pissa, got {self.lora_init!r}")
         need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be positive, got {self.lora_alpha}")
+        both = bool(self.lora_rank) and self.state_tuning
+        need(self.state_lr is None or both, "state_lr applies when LoRA and a learned state train together "
+             "(lora_rank with state_tuning); with state tuning alone, lr is the state's learning rate")
+        if both and self.state_lr is None:
+            self.state_lr = LR_DEFAULTS["state"]
+        need(self.state_lr is None or self.state_lr > 0, f"state_lr must be positive, got {self.state_lr}")
         need(self.base_dtype in BASE_DTYPES, f"unknown base_dtype {self.base_dtype!r}; choose from {', '.join(BASE_DTYPES)}")
         return self
 

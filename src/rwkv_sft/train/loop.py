@@ -230,7 +230,8 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     loss_module = CompletionLoss(model, config.loss_chunk_size, config.segment_len, config.batch_tokens)
     par = parallel.wrap(loss_module, d, config.parallel, precision, config.fsdp_unsharded_accumulation)
-    optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps)
+    optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps,
+                               state_lr=config.state_lr)
     params = [p for p in model.parameters() if p.requires_grad]
 
     loader = BatchLoader(data.train, batch_tokens=config.batch_tokens, packing=config.packing, seed=config.seed,
