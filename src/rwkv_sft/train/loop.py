@@ -354,7 +354,9 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
                             loss_tokens=count, tokens_per_s=tokens / elapsed, bad_steps=bad_total, epoch=epoch)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:,.0f}", refresh=False)
             bar.update(1)
-            if distributed.all_sum(d, [float(stop.signum is not None)])[0]:  # any process signalled
+            ints, terms = distributed.all_sum(d, [float(stop.signum == signal.SIGINT), float(stop.signum == signal.SIGTERM)])
+            if ints or terms:  # any process signalled: all stop as by that signal (same summary and exit code)
+                stop.signum = stop.signum or (signal.SIGINT if ints else signal.SIGTERM)
                 interrupted = True
                 break
             if config.eval_every and step % config.eval_every == 0 and step < total_steps:
