@@ -6,6 +6,7 @@ import signal
 
 import pytest
 import torch
+import yaml
 import torch.nn.functional as F
 from conftest import random_model, rwkv_package_model
 from test_train_helpers import VOCAB, tiny_config, tiny_data
@@ -129,6 +130,12 @@ def test_adapter_errors_are_one_line(tmp_path, capsys):
         adapters.add_lora(random_model(**SHAPE), targets=["att.keys"])
     with pytest.raises(UserError, match="'head' cannot take LoRA"):
         adapters.add_lora(random_model(**SHAPE), targets=["head"])
+    # "*": every linear layer of the blocks (the head is not eligible), the default targets here
+    every = adapters.add_lora(random_model(**SHAPE), targets=["*"])
+    assert every == adapters.match_targets(random_model(**SHAPE), adapters.DEFAULT_TARGETS) and len(every) == 12
+    assert adapters.add_lora(random_model(**SHAPE), targets=["blocks.1.*"]) == [n for n in every if n.startswith("blocks.1.")]
+    with pytest.raises(UserError, match="'he\\*' matches no linear layer of the blocks"):
+        adapters.add_lora(random_model(**SHAPE), targets=["he*"])
     assert adapters.add_lora(random_model(**SHAPE), targets=["blocks.1.att.key,ffn.value"]) == [
         "blocks.0.ffn.value", "blocks.1.att.key", "blocks.1.ffn.value"]
 
@@ -237,6 +244,10 @@ def test_resume_of_a_pissa_run_is_bit_identical(tmp_path, monkeypatch):
 
     with pytest.raises(UserError, match="other adapter settings.*lora_rank=4"):
         train(tiny_config(tmp_path / "b", resume="auto", **{**settings, "lora_rank": 8}), data=tiny_data())
+    # dropout is a training setting like lr: a resume may change it (the adapter's shape and meaning stay)
+    more = train(tiny_config(tmp_path / "b", resume="auto", **{**settings, "lora_dropout": 0.3, "max_steps": 7}),
+                 data=tiny_data())
+    assert more.steps == 7 and adapters.read_adapter(tmp_path / "b" / "adapter.safetensors")[1].lora_dropout == 0.3
     other = tmp_path / "other.pth"
     random_model(seed=2, **SHAPE).save(other)
     with pytest.raises(UserError, match="another base"):
@@ -297,3 +308,37 @@ def test_lora_and_state_compose_with_accumulation_checkpointing_segments_and_bf1
         # atol: Adam turns a gradient that is ~0 up to rounding into a step of ~lr of either sign
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4, msg=k)
     assert bf16.bad_steps == 0
+
+
+def _record_group_lrs(monkeypatch):
+    """Patch AdamW.step to record, per call, (the learned states' lr, the other groups' lrs)."""
+    original, seen = torch.optim.AdamW.step, []
+
+    def step(self, *a, **k):
+        is_state = [all(p.dim() == 3 for p in g["params"]) for g in self.param_groups]  # time_state: [H, N, N]
+        seen.append(([g["lr"] for g, s in zip(self.param_groups, is_state) if s],
+                     {g["lr"] for g, s in zip(self.param_groups, is_state) if not s}))
+        return original(self, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return seen
+
+
+def test_lora_and_state_train_at_their_own_learning_rates_recorded_and_resumable(tmp_path, monkeypatch):
+    settings = dict(model_config=None, model=str(_base_file(tmp_path)), state_tuning=True, lr=1e-3, lr_final=1e-4,
+                    warmup_steps=0, **{**LORA_RUN, "max_steps": 3})
+    seen = _record_group_lrs(monkeypatch)
+    train(tiny_config(tmp_path / "run", state_lr=5e-3, **settings), data=tiny_data())
+    assert len(seen) == 3 and all(len(state) == 1 and len(other) == 1 for state, other in seen)
+    assert [s[0] for s, _ in seen] == [pytest.approx(5 * next(iter(o))) for _, o in seen]  # same schedule, scaled
+    assert seen[0][0] == [pytest.approx(5e-3)] and seen[-1][0] == [pytest.approx(5e-4)]
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["state_lr"] == 5e-3
+    # a resume may change it, like lr
+    seen.clear()
+    train(tiny_config(tmp_path / "run", resume="auto", state_lr=2e-3, **{**settings, "max_steps": 5}), data=tiny_data())
+    assert len(seen) == 2 and all(s[0] == pytest.approx(2 * next(iter(o))) for s, o in seen)
+    assert seen[-1][0] == [pytest.approx(2e-4)]
+    # the default: the state method's lr; and it means nothing without both adapters
+    from rwkv_sft.train.config import LR_DEFAULTS
+    assert tiny_config(tmp_path / "x", **settings).validate().state_lr == LR_DEFAULTS["state"]
+    with pytest.raises(UserError, match="state_lr applies when LoRA and a learned state train together"):
+        tiny_config(tmp_path / "x", model_config=None, model="m.pth", state_tuning=True, state_lr=1e-2).validate()

@@ -10,6 +10,7 @@ import yaml
 
 from rwkv_sft import RWKV7
 from rwkv_sft.cli import main
+from rwkv_sft.errors import UserError
 from rwkv_sft.train.cli import add_arguments, build_config
 
 
@@ -65,6 +66,20 @@ def test_config_file_then_flags_then_set(tmp_path):
     out = tmp_path / "again.yaml"
     out.write_text(yaml.safe_dump(c.to_dict()))
     assert build_config(_parse(["--config", str(out)])) == c
+
+
+def test_a_warmup_flag_replaces_the_files_warmup_of_the_other_kind(tmp_path):
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("warmup_steps: 5\nmodel_config: {n_layer: 1, n_embd: 64}\ndata: {train_files: [a.jsonl]}\n")
+    c = build_config(_parse(["--config", str(cfg), "--warmup-ratio", "0.1"]))
+    assert (c.warmup_steps, c.warmup_ratio) == (None, 0.1)
+    cfg.write_text("warmup_ratio: 0.2\nmodel_config: {n_layer: 1, n_embd: 64}\ndata: {train_files: [a.jsonl]}\n")
+    c = build_config(_parse(["--config", str(cfg), "--set", "warmup_steps=3"]))
+    assert (c.warmup_steps, c.warmup_ratio) == (3, None)
+    with pytest.raises(SystemExit):  # both on one command line: argparse says they exclude each other
+        _parse(["--warmup-steps", "3", "--warmup-ratio", "0.1"])
+    with pytest.raises(UserError, match="warmup_ratio must be in"):
+        build_config(_parse(["--config", str(cfg), "--warmup-ratio", "0.7"]))
 
 
 @pytest.mark.parametrize("name, text, message", [

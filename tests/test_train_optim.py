@@ -10,7 +10,8 @@ from test_train_helpers import VOCAB, tiny_config, tiny_data
 
 from rwkv_sft.errors import UserError
 from rwkv_sft.train import train
-from rwkv_sft.train.optim import freeze, lr_at, make_optimizer
+from rwkv_sft.train.optim import freeze, lr_at, make_optimizer, warmup_for
+from test_train_helpers import metric_lines
 
 
 def _model():
@@ -42,6 +43,58 @@ def test_schedule_warmup_and_end(schedule):
     mid = lr_at(12, **kw)
     expected = {"cosine": 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)), "linear": 0.55, "constant": 1.0}
     assert math.isclose(mid, expected[schedule])
+
+
+def test_warmup_default_ratio_and_clamp():
+    assert [warmup_for(t)[0] for t in (1, 6, 19, 20, 55, 100, 1000)] == [0, 0, 1, 2, 5, 10, 10]
+    assert warmup_for(200, ratio=0.05) == (10, None) and warmup_for(7, ratio=0.5) == (3, None)
+    assert warmup_for(6, steps=3) == (3, None)
+    w, notice = warmup_for(6, steps=10)
+    assert w == 3 and notice == "warmup_steps 10 does not fit a run of 6 steps: warming up over 3 (at most half the run)"
+    assert warmup_for(1, steps=5)[0] == 0
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_the_last_step_runs_at_exactly_lr_final_whatever_the_warmup_and_length(schedule):
+    for total in range(1, 40):
+        for asked in (None, 0, 1, 3, 10, 100):
+            warmup = warmup_for(total, steps=asked)[0]
+            lrs = [lr_at(s, lr=1e-3, lr_final=1e-4, warmup=warmup, total=total, schedule=schedule)
+                   for s in range(total)]
+            assert lrs[-1] == 1e-4, (total, asked)
+            top = max(range(total), key=lambda s: lrs[s])  # up to lr, then down to lr_final, never up again
+            assert lrs[top] == (1e-3 if total > 1 else 1e-4) and top == max(0, warmup - 1), (total, asked)
+            assert all(a >= b for a, b in zip(lrs[top:], lrs[top + 1:])), (total, asked)
+
+
+def _train_lrs(out):
+    return [m["lr"] for m in metric_lines(out) if m["kind"] == "train"]
+
+
+def test_a_short_run_reaches_lr_and_ends_at_lr_final(tmp_path, capsys):
+    train(tiny_config(tmp_path / "a", max_steps=6, warmup_steps=None, lr=1e-3), data=tiny_data())
+    lrs = _train_lrs(tmp_path / "a")
+    assert lrs[0] == 1e-3 and lrs[-1] == 1e-3 / 10 and len(lrs) == 6  # default warmup: none in 6 steps
+    train(tiny_config(tmp_path / "b", max_steps=6, warmup_steps=10, lr=1e-3, lr_final=2e-4), data=tiny_data())
+    assert "rwkv-sft train: warmup_steps 10 does not fit a run of 6 steps: warming up over 3" in capsys.readouterr().out
+    lrs = _train_lrs(tmp_path / "b")
+    assert [round(x, 12) for x in lrs[:3]] == [round(1e-3 * k / 3, 12) for k in (1, 2, 3)] and lrs[-1] == 2e-4
+    train(tiny_config(tmp_path / "c", max_steps=6, warmup_steps=None, schedule="constant"), data=tiny_data())
+    assert _train_lrs(tmp_path / "c") == [1e-3] * 6  # constant: lr throughout, no lr_final
+    with pytest.raises(UserError, match="lr_final applies to cosine and linear only"):
+        tiny_config(tmp_path / "d", schedule="constant", lr_final=1e-4).validate()
+    with pytest.raises(UserError, match="not both"):
+        tiny_config(tmp_path / "d", warmup_steps=2, warmup_ratio=0.1).validate()
+
+
+@pytest.mark.parametrize("longer", [dict(max_steps=9), dict(max_steps=None, epochs=2)])
+def test_a_resume_with_another_length_still_ends_at_lr_final(tmp_path, longer):
+    settings = dict(warmup_steps=None, warmup_ratio=0.3, lr=1e-3, lr_final=5e-5)
+    train(tiny_config(tmp_path, max_steps=4, **settings), data=tiny_data())
+    assert _train_lrs(tmp_path)[-1] == 5e-5
+    r = train(tiny_config(tmp_path, resume="auto", **{**settings, "max_steps": None, **longer}), data=tiny_data())
+    lrs = _train_lrs(tmp_path)
+    assert len(lrs) == r.steps > 4 and lrs[-1] == 5e-5
 
 
 def test_freeze_patterns():

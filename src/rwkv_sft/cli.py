@@ -18,6 +18,8 @@ COMMANDS = {
     "convert": ("rwkv_sft.model.cli_convert", "convert a checkpoint between .pth and .safetensors / dtypes"),
     "merge": ("rwkv_sft.model.cli_merge", "fold a LoRA adapter into its base model and write a plain checkpoint"),
     "demo": ("rwkv_sft.demo", "train the bundled demo model and show that it learned"),
+    "launch": ("rwkv_sft.train.launch", "several processes: torchrun's options, then a command (train ...); "
+                                        "exits 130/143 when interrupted, without torchrun's traceback"),
 }
 
 
@@ -34,7 +36,8 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
         description="Fine-tune RWKV-7 models on context -> completion data; generate, evaluate, export.",
         epilog="Text flags (--prompt, --stop, --end-marker, bare --set values) understand the escapes \\n "
                "(newline), \\t, \\r and \\\\ (one backslash: \\\\n is a backslash and an n). "
-               "Multi-process: torchrun --nproc-per-node N -m rwkv_sft train ...")
+               "Multi-process: rwkv-sft launch --nproc-per-node N train ... (or torchrun --nproc-per-node N "
+               "-m rwkv_sft train ...)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = None

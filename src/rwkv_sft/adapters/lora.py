@@ -117,29 +117,32 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 def match_targets(model: nn.Module, targets) -> list[str]:
     """Names of the linear layers that `targets` choose. A target is a layer name relative to a
-    block ("att.key", "ffn.value"), a full name ("blocks.3.att.key") or a glob ("blocks.1?.att.*")."""
+    block ("att.key", "ffn.value"), a full name ("blocks.3.att.key") or a glob ("blocks.1?.att.*",
+    "*" for every eligible layer). Eligible: every linear layer inside the blocks; the head is not
+    (the loss reads its weight directly), so a glob never picks it and naming it is an error."""
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    eligible = [n for n in linears if n.startswith("blocks.")]
     targets = [t.strip() for entry in targets for t in entry.split(",") if t.strip()]  # "att.key,ffn.key" too
     if not targets:
         raise UserError("lora_targets is empty: name at least one linear layer (e.g. att.key)")
     chosen = set()
     for target in targets:
-        hits = [n for n in linears if n == target or n.endswith("." + target) or fnmatch.fnmatchcase(n, target)]
-        if target == "head" or "head" in hits:
-            raise UserError("lora_targets: 'head' cannot take LoRA (the loss reads its weight directly); "
-                            f"choose among {', '.join(_relative_names(linears))}")
+        if target in linears and target not in eligible:
+            raise UserError(f"lora_targets: {target!r} cannot take LoRA (the loss reads its weight directly); "
+                            f"choose among {', '.join(_relative_names(eligible))}")
+        hits = [n for n in eligible if n == target or n.endswith("." + target) or fnmatch.fnmatchcase(n, target)]
         if not hits:
-            raise UserError(f"lora_targets: {target!r} matches no linear layer; the model has "
-                            f"{', '.join(_relative_names(linears))} (in every block)")
+            raise UserError(f"lora_targets: {target!r} matches no linear layer of the blocks; the model has "
+                            f"{', '.join(_relative_names(eligible))} (in every block)")
         chosen.update(hits)
-    return [n for n in linears if n in chosen]
+    return [n for n in eligible if n in chosen]
 
 
 def _relative_names(linears) -> list[str]:
     seen = []
     for n in linears:
-        rel = n.split(".", 2)[2] if n.startswith("blocks.") else n
-        if rel not in seen and rel != "head":
+        rel = n.split(".", 2)[2]
+        if rel not in seen:
             seen.append(rel)
     return seen
 

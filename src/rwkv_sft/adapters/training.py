@@ -12,6 +12,9 @@ from .files import AdapterSettings, base_info, save_adapter
 from .lora import DEFAULT_TARGETS, compact_frozen
 
 BASE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# adapter settings a resume may change, like lr: they act in training only (the adapter's tensors,
+# their shapes and what they compute at inference do not depend on them)
+TRAINING_ONLY = ("lora_dropout",)
 
 
 def settings_from(config) -> AdapterSettings | None:
@@ -79,8 +82,9 @@ def restore(model, state: dict, settings: AdapterSettings | None, base: dict | N
     if saved["base"]["fingerprint"] != base["fingerprint"]:
         raise UserError(f"{source}: checkpoint of a run on another base model (fingerprint "
                         f"{saved['base']['fingerprint']}, this base {base['fingerprint']})")
-    if saved["settings"] != asdict(settings):
-        was = {k: saved["settings"].get(k) for k, v in asdict(settings).items() if saved["settings"].get(k) != v}
+    was = {k: saved["settings"].get(k) for k, v in asdict(settings).items()
+           if saved["settings"].get(k) != v and k not in TRAINING_ONLY}
+    if was:
         raise UserError(f"{source}: checkpoint of a run with other adapter settings "
                         f"({', '.join(f'{k}={v!r}' for k, v in was.items())}); resume with those")
     load_adapter_state(model, state["model"], source)

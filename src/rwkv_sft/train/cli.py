@@ -15,6 +15,7 @@ from ..cli_args import add_data_arguments, split_set
 from ..errors import UserError
 
 S = argparse.SUPPRESS  # flags the user did not give do not override the file
+EXCLUSIVE = (("warmup_steps", "warmup_ratio"),)  # settings that replace each other
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,8 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "0: never)")
     g.add_argument("--lr", dest="c:lr", type=float, default=S,
                    help="default by method: " + ", ".join(f"{k} {v:g}" for k, v in LR_DEFAULTS.items()))
-    g.add_argument("--lr-final", dest="c:lr_final", type=float, default=S, help="default lr/10")
-    g.add_argument("--warmup-steps", dest="c:warmup_steps", type=int, default=S)
+    g.add_argument("--lr-final", dest="c:lr_final", type=float, default=S,
+                   help="the last step's lr (default lr/10; cosine and linear schedules)")
+    w = g.add_mutually_exclusive_group()
+    w.add_argument("--warmup-steps", dest="c:warmup_steps", type=int, default=S,
+                   help="linear warmup steps (default 10, at most a tenth of the run; never more than half the run)")
+    w.add_argument("--warmup-ratio", dest="c:warmup_ratio", type=float, default=S, metavar="F",
+                   help="warmup as a fraction of the run's steps (0 .. 0.5)")
     g.add_argument("--schedule", dest="c:schedule", choices=["cosine", "linear", "constant"], default=S)
     g.add_argument("--weight-decay", dest="c:weight_decay", type=float, default=S)
     g.add_argument("--grad-clip", dest="c:grad_clip", type=float, default=S)
@@ -82,6 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="lora: B = 0; pissa: the principal singular directions (the model is unchanged at step 0)")
     g.add_argument("--state-tuning", dest="c:state_tuning", action="store_true", default=S,
                    help="learn each layer's initial WKV state (with --lora-rank: both)")
+    g.add_argument("--state-lr", dest="c:state_lr", type=float, default=S, metavar="LR",
+                   help="with --lora-rank and --state-tuning: the learned state's lr (default "
+                        f"{LR_DEFAULTS['state']:g}; it follows the schedule, scaled by STATE_LR / --lr)")
     g.add_argument("--base-dtype", dest="c:base_dtype", choices=["auto", "bf16", "fp32"], default=S,
                    help="frozen weights in memory (auto: bf16 when the checkpoint is bf16); compute stays fp32 on CPU")
     g = p.add_argument_group("evaluation, checkpoints, output")
@@ -169,6 +178,11 @@ def build_config(args):
     from .config import TrainConfig, check_setting
     source = args.config or "command line"
     d = load_config_file(args.config) if args.config else {}
+    given = {dest[2:] for dest in vars(args) if dest.startswith("c:")} | {split_set(i)[0] for i in args.sets}
+    for one, other in EXCLUSIVE:  # a flag replaces the file's setting of the other kind
+        for a, b in ((one, other), (other, one)):
+            if a in given and b not in given:
+                d.pop(b, None)
     for dest, value in vars(args).items():
         if dest.startswith("c:"):
             _set(d, dest[2:], value)

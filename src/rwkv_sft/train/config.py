@@ -36,8 +36,10 @@ class TrainConfig:
                                           # None -> automatic (a row longer than batch_tokens is split), 0 -> never
     # optimisation (DESIGN.md §5.4)
     lr: float | None = None               # None -> the method's default (LR_DEFAULTS)
-    lr_final: float | None = None         # None -> lr / 10
-    warmup_steps: int = 10
+    lr_final: float | None = None         # None -> lr / 10 (cosine and linear; constant stays at lr)
+    warmup_steps: int | None = None       # None -> warmup_ratio, or 10 steps but at most a tenth of the run;
+                                          # at most half the run (longer is shortened with a notice)
+    warmup_ratio: float | None = None     # warmup as a fraction of the run's steps (0 .. 0.5)
     schedule: str = "cosine"              # cosine | linear | constant
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.99)
@@ -58,6 +60,8 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_init: str = "lora"               # lora | pissa
     state_tuning: bool = False            # learn each layer's initial WKV state
+    state_lr: float | None = None         # LoRA and a learned state together: the state's peak lr (it follows
+                                          # the same schedule, scaled by state_lr / lr); None -> LR_DEFAULTS["state"]
     base_dtype: str = "auto"              # frozen weights: bf16 | fp32 | auto (bf16 when the checkpoint is bf16)
     loss_chunk_size: int | None = None    # rows per chunk of the linear cross-entropy (None -> ~32 MiB of logits)
     # evaluation, checkpoints, logging
@@ -99,8 +103,14 @@ class TrainConfig:
             self.activation_checkpointing = self.method != "full"
         need(self.lr > 0, f"lr must be positive, got {self.lr}")
         need(self.lr_final is None or self.lr_final >= 0, f"lr_final must be >= 0, got {self.lr_final}")
-        need(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        need(self.warmup_steps is None or self.warmup_ratio is None,
+             "give warmup_steps or warmup_ratio, not both")
+        need(self.warmup_steps is None or self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        need(self.warmup_ratio is None or 0 <= self.warmup_ratio <= 0.5,
+             f"warmup_ratio must be in [0, 0.5] (warmup takes at most half the run), got {self.warmup_ratio}")
         need(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        need(self.schedule != "constant" or self.lr_final is None,
+             "schedule constant keeps lr after the warmup: lr_final applies to cosine and linear only")
         need(self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}")
         need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two numbers in [0, 1), got {self.betas}")
         need(self.grad_clip >= 0 and self.weight_decay >= 0 and self.eps > 0, "grad_clip and weight_decay must be >= 0, eps > 0")
@@ -129,6 +139,12 @@ class TrainConfig:
         need(self.lora_init in ("lora", "pissa"), f"lora_init must be lora or pissa, got {self.lora_init!r}")
         need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be positive, got {self.lora_alpha}")
+        both = bool(self.lora_rank) and self.state_tuning
+        need(self.state_lr is None or both, "state_lr applies when LoRA and a learned state train together "
+             "(lora_rank with state_tuning); with state tuning alone, lr is the state's learning rate")
+        if both and self.state_lr is None:
+            self.state_lr = LR_DEFAULTS["state"]
+        need(self.state_lr is None or self.state_lr > 0, f"state_lr must be positive, got {self.state_lr}")
         need(self.base_dtype in BASE_DTYPES, f"unknown base_dtype {self.base_dtype!r}; choose from {', '.join(BASE_DTYPES)}")
         return self
 

@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from . import distributed, parallel, rundir
 from .config import TrainConfig
 from .loss import L2WRAP, CompletionLoss
-from .optim import freeze, lr_at, make_optimizer, set_lr
+from .optim import freeze, lr_at, make_optimizer, set_lr, warmup_for
 from .plan import plan_steps, step_plan
 from .plan import segment_lengths as plan_segments
 
@@ -236,7 +236,8 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     loss_module = CompletionLoss(model, config.loss_chunk_size, config.segment_len, config.batch_tokens)
     par = parallel.wrap(loss_module, d, config.parallel, precision, offload=config.offload == "cpu")
-    optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps)
+    optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps,
+                               state_lr=config.state_lr)
     params = [p for p in model.parameters() if p.requires_grad]
 
     loader = BatchLoader(data.train, batch_tokens=config.batch_tokens, packing=config.packing, seed=config.seed,
@@ -254,8 +255,10 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     if d.is_main:
         rundir.write_config(out, config)  # only now: the run is known to start
     lr_final = config.lr / 10 if config.lr_final is None else config.lr_final
-    schedule = dict(lr=config.lr, lr_final=lr_final, warmup=config.warmup_steps, total=total_steps,
-                    schedule=config.schedule)
+    warmup, notice = warmup_for(total_steps, config.warmup_steps, config.warmup_ratio)  # of this run's total
+    if notice and d.is_main:
+        print(f"rwkv-sft train: {notice}", flush=True)
+    schedule = dict(lr=config.lr, lr_final=lr_final, warmup=warmup, total=total_steps, schedule=config.schedule)
     epochs = math.inf if config.max_steps else config.epochs
     plan = step_plan(loader, epochs, epoch, batch_index, config.step_tokens, d.world_size)
 
@@ -287,7 +290,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     def save() -> Path:
         nonlocal last_saved
         payload = {
-            "version": 1, "step": step, "scheduler": {"step": step, "total_steps": total_steps},
+            "version": 1, "step": step, "scheduler": {"step": step, "total_steps": total_steps, "warmup": warmup},
             "rng": ckpt.rng_state(), "data": {"epoch": epoch, "batch": batch_index, "fingerprint": fingerprint},
             "config": config.to_dict(),
             "metrics": {"history": history, "bad_steps": bad_total, "tokens": tokens_before + tokens},
@@ -372,7 +375,9 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
                             loss_tokens=count, tokens_per_s=tokens / elapsed, bad_steps=bad_total, epoch=epoch)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:,.0f}", refresh=False)
             bar.update(1)
-            if distributed.all_sum(d, [float(stop.signum is not None)])[0]:  # any process signalled
+            ints, terms = distributed.all_sum(d, [float(stop.signum == signal.SIGINT), float(stop.signum == signal.SIGTERM)])
+            if ints or terms:  # any process signalled: all stop as by that signal (same summary and exit code)
+                stop.signum = stop.signum or (signal.SIGINT if ints else signal.SIGTERM)
                 interrupted = True
                 break
             if config.eval_every and step % config.eval_every == 0 and step < total_steps:
