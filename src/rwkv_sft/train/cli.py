@@ -165,7 +165,7 @@ def build_config(args):
             _set(d, dest[2:], value)
     for item in args.sets:
         key, value = split_set(item)
-        _set(d, key, check_setting(key, value, f"--set {item}"))
+        _set(d, key, check_setting(key, value, f"--set {key}"))
     if d.get("model") and "model_config" in d and not d["model_config"]:
         d.pop("model_config")
     return TrainConfig.from_dict(d, source=source).validate()
