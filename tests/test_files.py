@@ -101,7 +101,8 @@ def test_every_file_a_run_merge_and_convert_write_is_readable_as_the_umask_says(
     umask(0o022)
     full = tmp_path / "full"
     train(tiny_config(full, max_steps=3, save_every=1, export=["pth", "safetensors"]), data=tiny_data())
-    train(tiny_config(full, max_steps=4, resume="auto", export=["pth", "safetensors"]), data=tiny_data())  # trims metrics.jsonl
+    # the resume rewrites metrics.jsonl (trimmed to its checkpoint) through atomic_write
+    train(tiny_config(full, max_steps=4, resume="auto", export=["pth", "safetensors"]), data=tiny_data())
     base = tmp_path / "base.pth"
     random_model(seed=1, **SHAPE).save(base)
     peft = tmp_path / "peft"
@@ -110,7 +111,7 @@ def test_every_file_a_run_merge_and_convert_write_is_readable_as_the_umask_says(
     assert main(["merge", "--model", str(base), "--adapter", str(peft / "adapter.safetensors"),
                  "--out", str(tmp_path / "merged.safetensors")]) == 0
     assert main(["convert", str(full / "model.pth"), str(tmp_path / "converted.pth"), "--dtype", "bf16"]) == 0
-    modes = {**_modes(tmp_path)}
+    modes = _modes(tmp_path)
     for name in ("full/model.pth", "full/model.safetensors", "full/config.yaml", "full/metrics.jsonl",
                  "peft/adapter.safetensors", "peft/state.pth", "peft/config.yaml", "merged.safetensors",
                  "converted.pth"):

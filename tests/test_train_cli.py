@@ -108,10 +108,10 @@ def test_missing_data_and_model_are_user_errors(capsys):
 
 
 @pytest.mark.parametrize("item, message", [
-    ("lr=abc", "--set lr=abc: expected float | None, got 'abc'"),
-    ("lrr=1", "--set lrr=1: unknown setting 'lrr' (did you mean 'lr'?)"),
-    ("data.max_len=abc", "--set data.max_len=abc: expected int, got 'abc'"),
-    ("betas=[0.9, x]", "--set betas=[0.9, x]: expected float, got 'x'"),
+    ("lr=abc", "--set lr: expected float | None, got 'abc'"),
+    ("lrr=1", "--set lrr: unknown setting 'lrr' (did you mean 'lr'?)"),
+    ("data.max_len=abc", "--set data.max_len: expected int, got 'abc'"),
+    ("betas=[0.9, x]", "--set betas: expected float, got 'x'"),
 ])
 def test_a_bad_set_value_is_blamed_on_set_not_on_the_config_file(tmp_path, capsys, item, message):
     path = tmp_path / "c.yaml"

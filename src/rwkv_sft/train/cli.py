@@ -100,7 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-last", dest="c:keep_last", type=int, default=S)
     g.add_argument("--resume", dest="c:resume", nargs="?", const="auto", default=S, metavar="auto|DIR",
                    help="continue from the newest checkpoint in --out (or from DIR); a resume may change epochs, "
-                        "max_steps, lr, the schedule, evaluation, checkpoints, precision and device, not the model size, "
+                        "max_steps, lr, state_lr, the warmup and schedule, lora_dropout, evaluation, checkpoints, precision and device, not the model size, "
                         "freeze, data, batch_tokens, step_tokens, packing or seed")
     g.add_argument("--overwrite", dest="c:overwrite", action="store_true", default=S,
                    help="start a new run in an --out that holds one (deletes its checkpoints, metrics and model)")
@@ -188,7 +188,7 @@ def build_config(args):
             _set(d, dest[2:], value)
     for item in args.sets:
         key, value = split_set(item)
-        _set(d, key, check_setting(key, value, f"--set {item}"))
+        _set(d, key, check_setting(key, value, f"--set {key}"))
     if d.get("model") and "model_config" in d and not d["model_config"]:
         d.pop("model_config")
     return TrainConfig.from_dict(d, source=source).validate()

@@ -10,7 +10,8 @@ def add_arguments(p) -> None:
     from .cli import _segment_len
 
     p.add_argument("--model", required=True, metavar="CKPT", help=".pth (BlinkDL layout), .safetensors, or a training checkpoint OUT/checkpoints/step_N")
-    p.add_argument("--adapter", metavar="FILE", help="adapter.safetensors of a parameter-efficient run on --model, or one of its checkpoints OUT/checkpoints/step_N")
+    p.add_argument("--adapter", metavar="FILE",
+                   help="adapter.safetensors of a parameter-efficient run on --model, or its OUT/checkpoints/step_N")
     p.add_argument("--state", metavar="FILE", help="learned initial state (state.pth of a state-tuning run) to start from")
     p.add_argument("--data", required=True, action="append", metavar="FILE",
                    help="examples to evaluate (JSONL/JSON, same formats as training); repeat for several")

@@ -65,7 +65,7 @@ class _StopRequest:
     def __call__(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum = self.signum or signum  # the first signal names the stop (torchrun follows a second Ctrl-C with SIGTERM)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
