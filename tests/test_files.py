@@ -281,7 +281,8 @@ def test_a_sharded_checkpoint_as_model_loads_without_torchs_warnings(tmp_path):
 # -- the run header says what runs ----------------------------------------------------------------------
 
 def _header(capsys) -> str:
-    return next(line for line in capsys.readouterr().out.splitlines() if line.startswith("rwkv-sft train: "))
+    return next(line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("rwkv-sft train: ") and " layers x " in line)
 
 
 def test_the_header_shows_the_frozen_dtype_and_the_segments(tmp_path, capsys):
@@ -318,5 +319,5 @@ def test_the_header_shows_fsdp(tmp_path):
     import torch.multiprocessing as mp
     from test_train_dist import _free_port
     mp.spawn(_fsdp_header, args=(_free_port(), str(tmp_path / "run")), nprocs=2, join=True)
-    header = (tmp_path / "run.rank0").read_text().splitlines()[0]
+    header = next(line for line in (tmp_path / "run.rank0").read_text().splitlines() if " layers x " in line)
     assert "2 process(es) (fsdp) on cpu" in header, header
