@@ -19,7 +19,7 @@ STEPS, SAVE_EVERY = 6, 3
 RTOL = 1e-5  # fp32 losses: only the order of the sums differs
 UNEVEN = dict(packing=False, segment_len=3, save_every=0, freeze=[])  # the embedding trains too
 BF16 = dict(precision="bf16", max_steps=2, save_every=0, eval_exact_match=2)
-PEFT = dict(lora_rank=4, state_tuning=True, base_dtype="bf16", freeze=[])
+PEFT = dict(lora_rank=4, state_tuning=True, state_lr=1e-3, base_dtype="bf16", freeze=[])  # state_lr = lr: 10x would amplify rounding 10x
 
 
 def _config(out_dir, **overrides):
