@@ -196,3 +196,113 @@ def test_lora_reference_is_the_model_with_adapters_disabled(batch):
         logp = module.logps(batch)[0]
     chosen = 0.1 * (logp[0::2] - expected[0::2])
     torch.testing.assert_close(stats[1], chosen.sum().to(stats.dtype), rtol=1e-5, atol=1e-5)
+
+
+# -- runs of `train` -----------------------------------------------------------------------------
+
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+
+
+def _date_pairs(n, seed):
+    """Prefer '5 March 1999' to 'March 5 1999': the same tokens in another order."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        d, m, y = int(rng.integers(1, 29)), int(rng.integers(0, 12)), int(rng.integers(1900, 2100))
+        out.append({"prompt": f"Date {y}-{m + 1:02d}-{d:02d} in words:", "chosen": f" {d} {MONTHS[m]} {y}",
+                    "rejected": f" {MONTHS[m]} {d} {y}"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def date_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dates")
+    return _write(root / "train.jsonl", _date_pairs(48, 0)), _write(root / "eval.jsonl", _date_pairs(24, 1))
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RWKV_SFT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-identical needs the same reduction order in every run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _config(out, files, **kw):
+    from rwkv_sft.train import TrainConfig
+    settings = dict(data=DataConfig(files[0], eval_files=[files[1]]), out_dir=str(out), max_steps=6,
+                    model_config=dict(n_layer=2, n_embd=64, head_size=64),
+                    batch_tokens=256, lr=3e-3, warmup_steps=0, progress=False, tensorboard=False, export=[],
+                    wkv_backend="chunked", objective="dpo")
+    settings.update(kw)
+    return TrainConfig(**settings)
+
+
+def _fresh(seed=0):
+    from rwkv_sft import RWKV7, RWKV7Config
+    torch.manual_seed(seed)
+    return RWKV7(RWKV7Config(n_layer=2, n_embd=64, head_size=64))
+
+
+def _lines(out, kind="train"):
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_dpo_with_lora_starts_at_log2_and_leaves_the_base_bit_identical(tmp_path, date_files):
+    from rwkv_sft.train import train
+    model = _fresh()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(_config(tmp_path, date_files, lora_rank=4, max_steps=3), model=model)
+    first = _lines(tmp_path)[0]
+    assert abs(first["loss"] - math.log(2)) < 1e-6  # the adapter starts at zero: policy == reference
+    assert first["margin"] == 0.0 and first["reward_accuracy"] == 0.0
+    after = result.model.state_dict()
+    for k, v in base.items():
+        assert torch.equal(after[k], v), k
+    assert any("lora_B" in k and after[k].abs().max() > 0 for k in after)  # and the adapter did train
+    assert {"reward_chosen", "reward_rejected", "margin", "reward_accuracy",
+            "preference_accuracy"} <= set(_lines(tmp_path, "eval")[-1])
+
+
+def test_full_dpo_precomputes_the_reference_once_and_held_out_accuracy_rises(tmp_path, date_files):
+    from rwkv_sft.data.pairs import prepare_pairs
+    from rwkv_sft.train import train
+    held_out = prepare_pairs(DataConfig(date_files[1]), show_report=False).train
+    before = pref.evaluate_pairs(_fresh(), held_out, objective="dpo")["preference_accuracy"]
+    result = train(_config(tmp_path / "run", date_files), model=_fresh())
+    assert abs(_lines(tmp_path / "run")[0]["loss"] - math.log(2)) < 1e-6  # the reference is the starting model
+    cached = list((tmp_path / "cache").glob("reference-logps-*.npy"))
+    assert len(cached) == 2  # train and eval pairs, beside the tokenized data
+    assert before < 0.75 and result.eval["preference_accuracy"] >= 0.9, (before, result.eval)
+
+
+@pytest.mark.parametrize("objective", ["orpo", "simpo"])
+def test_orpo_and_simpo_train_and_report(tmp_path, date_files, objective):
+    from rwkv_sft.data.pairs import prepare_pairs
+    from rwkv_sft.train import train
+    held_out = prepare_pairs(DataConfig(date_files[1]), show_report=False).train
+    before = pref.evaluate_pairs(_fresh(), held_out, objective=objective)
+    result = train(_config(tmp_path, date_files, objective=objective, max_steps=4), model=_fresh())
+    lines = _lines(tmp_path)
+    assert all(math.isfinite(r["loss"]) for r in lines) and lines[-1]["loss"] < lines[0]["loss"]
+    assert result.eval["loss"] < before["loss"]
+    assert result.eval["preference_accuracy"] > before["preference_accuracy"], (before, result.eval)
+
+
+def test_resume_is_bit_identical(tmp_path, date_files, one_thread):
+    from rwkv_sft.train import train
+    kw = dict(step_tokens=200, schedule="constant")  # the schedule does not depend on max_steps then
+    straight = train(_config(tmp_path / "a", date_files, max_steps=4, **kw), model=_fresh())
+    train(_config(tmp_path / "b", date_files, max_steps=2, **kw), model=_fresh())
+    resumed = train(_config(tmp_path / "b", date_files, max_steps=4, resume="auto", **kw), model=_fresh())
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["loss"] for r in _lines(tmp_path / "a")] == [r["loss"] for r in _lines(tmp_path / "b")]

@@ -415,8 +415,12 @@ def summary(r: TrainResult, signum=None) -> str:
             ("train loss", "n/a" if r.train_loss is None else f"{r.train_loss:.4f} (mean of the last steps)")]
     if r.eval:
         num = lambda key, fmt: "n/a" if r.eval.get(key) is None else format(r.eval[key], fmt)  # noqa: E731
-        rows.append(("eval", f"loss {num('loss', '.4f')}, perplexity {num('perplexity', '.2f')}, token accuracy "
-                             f"{num('token_accuracy', '.3f')}, exact match {num('exact_match', '.3f')}"))
+        if "preference_accuracy" in r.eval:
+            rows.append(("eval", f"loss {num('loss', '.4f')}, margin {num('margin', '.3f')}, reward accuracy "
+                                 f"{num('reward_accuracy', '.3f')}, preference accuracy {num('preference_accuracy', '.3f')}"))
+        else:
+            rows.append(("eval", f"loss {num('loss', '.4f')}, perplexity {num('perplexity', '.2f')}, token accuracy "
+                                 f"{num('token_accuracy', '.3f')}, exact match {num('exact_match', '.3f')}"))
     rows.append(("checkpoint", str(r.checkpoint)))
     if r.exports:
         rows.append(("model", ", ".join(str(p) for p in r.exports.values())))
