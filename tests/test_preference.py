@@ -306,3 +306,57 @@ def test_resume_is_bit_identical(tmp_path, date_files, one_thread):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert [r["loss"] for r in _lines(tmp_path / "a")] == [r["loss"] for r in _lines(tmp_path / "b")]
+
+
+def test_eval_and_inspect_data_on_a_pairs_file(tmp_path, date_files, capsys):
+    from rwkv_sft.cli import main
+    model = _fresh()
+    model.save(tmp_path / "m.pth")
+    held_out = prepare_pairs(DataConfig(date_files[1]), show_report=False).train
+    expected = pref.evaluate_pairs(model, held_out)["preference_accuracy"]
+    assert main(["eval", "--model", str(tmp_path / "m.pth"), "--data", date_files[1], "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["pairs"] == 24 and out["preference_accuracy"] == expected
+    assert main(["inspect-data", date_files[0], "--show", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "48 train pairs" in text and "chosen:   ⟦" in text and "rejected: ⟦" in text and "<eos>⟧" in text
+
+
+def _ddp_worker(rank, port, out_dir, files, result_file, cache):
+    import os
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), RWKV_SFT_CACHE=cache)
+    torch.set_num_threads(1)
+    from rwkv_sft.train import train
+    r = train(_config(out_dir, files, max_steps=None, epochs=1, step_tokens=10**6, batch_tokens=128), model=_fresh())
+    if rank == 0:
+        torch.save({"steps": r.steps, "weights": r.model.state_dict()}, result_file)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_train_like_one(tmp_path, date_files):
+    """Full-fine-tuning DPO (the reference precomputed by the main process) over one step that
+    spans the epoch, split across two gloo processes, equals the same step in one process."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from rwkv_sft.train import train
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = tmp_path / "rank0.pt"
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path / "ddp"), date_files, str(result), str(tmp_path / "cache")),
+             nprocs=2, join=True)
+    got = torch.load(result, weights_only=True)
+    single = train(_config(tmp_path / "one", date_files, max_steps=None, epochs=1, step_tokens=10**6,
+                           batch_tokens=128), model=_fresh())
+    assert got["steps"] == single.steps == 1
+    first = _lines(tmp_path / "one")[0]
+    assert abs(first["loss"] - math.log(2)) < 1e-6
+    ddp = _lines(tmp_path / "ddp")[0]
+    assert ddp["loss"] == pytest.approx(first["loss"], rel=1e-6)
+    assert ddp["grad_norm"] == pytest.approx(first["grad_norm"], rel=1e-5)  # the gradient's scale and size
+    for k, v in single.model.state_dict().items():  # AdamW's first step is nearly sign(gradient) * lr:
+        err = (got["weights"][k] - v).abs().max().item()  # a gradient near zero may round either way
+        assert err <= 0.01 * 3e-3 + 1e-5 * v.abs().max().item(), k

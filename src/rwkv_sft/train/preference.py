@@ -63,7 +63,8 @@ def sequence_logps(model, batch, chunk_size=None, segment_len=None, batch_tokens
     scored, comps = batch.scored, batch.completions
     last = torch.zeros_like(batch.context_resets)
     last[:, -1] = True
-    h_last, state = _hidden(model, batch.context, None, batch.context_resets, last,
+    resets = None if bool(batch.context_resets[:, 0].all()) else batch.context_resets  # no padding: no reset
+    h_last, state = _hidden(model, batch.context, None, resets, last,
                             segment_len_for((B, Tc), segment_len, batch_tokens))
     seq = torch.arange(n, device=comps.device)
     hidden = [h_last.repeat_interleave(2, 0)[scored[:, 0]]]  # the first tokens: from the context's end
