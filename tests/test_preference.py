@@ -132,6 +132,7 @@ def test_forked_logps_and_gradients_equal_running_both_full_sequences(batch, set
         _assert_rel(forked[name], unforked[name], 1e-5)
 
 
+@torch.no_grad()
 def _independent_logps(model, batch):
     """Each sequence alone, full logits, float64 log-softmax: nothing shared with the code under test."""
     tokens, targets, mask = batch.full_sequences()
@@ -167,7 +168,7 @@ def test_each_objective_matches_its_formula_from_per_sequence_logps(batch, objec
     expected = _formula(objective, seqs, ref, beta, gamma)
     module = pref.PreferenceLoss(model, objective, beta, gamma)
     loss_sum, stats = module(*pref.as_inputs(batch)[:-1], torch.tensor(ref, dtype=torch.float64))
-    assert abs(float(loss_sum) - sum(expected)) <= 1e-9 * sum(expected)
+    assert abs(loss_sum.item() - sum(expected)) <= 1e-9 * sum(expected)
     assert abs(float(stats[0]) - sum(expected)) <= 1e-9 * sum(expected)
     logp, count = pref.sequence_logps(model, batch)
     losses, _, _ = pref.pair_losses(objective, logp, count, torch.tensor(ref, dtype=torch.float64), beta, gamma)
@@ -269,6 +270,12 @@ def test_dpo_with_lora_starts_at_log2_and_leaves_the_base_bit_identical(tmp_path
     assert any("lora_B" in k and after[k].abs().max() > 0 for k in after)  # and the adapter did train
     assert {"reward_chosen", "reward_rejected", "margin", "reward_accuracy",
             "preference_accuracy"} <= set(_lines(tmp_path, "eval")[-1])
+
+
+def test_dpo_in_bf16_starts_at_log2_and_logs_fp32_means(tmp_path, date_files):
+    from rwkv_sft.train import train
+    train(_config(tmp_path, date_files, state_tuning=True, precision="bf16", max_steps=1), model=_fresh())
+    assert abs(_lines(tmp_path)[0]["loss"] - math.log(2)) < 1e-6
 
 
 def test_full_dpo_precomputes_the_reference_once_and_held_out_accuracy_rises(tmp_path, date_files):

@@ -159,8 +159,8 @@ class PreferenceLoss(nn.Module):
         losses, chosen, rejected = pair_losses(self.objective, logp, count, ref, self.beta, self.gamma)
         w = pair_weight.to(losses.dtype)
         stats = torch.stack([losses.detach(), chosen, rejected, (chosen > rejected).to(w.dtype),
-                             (logp[0::2] > logp[1::2]).detach().to(w.dtype), torch.ones_like(w)]) @ w
-        return (losses * w).sum(), stats
+                             (logp[0::2] > logp[1::2]).detach().to(w.dtype), torch.ones_like(w)])
+        return (losses * w).sum(), (stats * w).sum(1)  # (not a matmul: autocast would make it bf16)
 
 
 def as_inputs(batch, ref_table=None):
@@ -266,7 +266,8 @@ def evaluate_pairs(model, examples, *, objective="dpo", beta=None, gamma=DEFAULT
                     logp, _ = loss_module.logps(b)
                     ones = torch.ones(b.num_pairs, dtype=torch.float64, device=logp.device)
                     stats = torch.stack([ones * 0, ones * 0, ones * 0, ones * 0,
-                                         (logp[0::2] > logp[1::2]).double(), ones]) @ b.pair_weight.double()
+                                         (logp[0::2] > logp[1::2]).double(), ones]) * b.pair_weight.double()
+                    stats = stats.sum(1)
             total += stats.double().cpu().numpy()
     finally:
         model.train(was_training)
