@@ -236,10 +236,6 @@ class PairLoader(BatchLoader):
         k = self.examples.kept[ids]
         return len(ids) * int(k[:, 0].max()) + 2 * len(ids) * int(np.maximum(k[:, 1:] - 1, 0).max())
 
-    @staticmethod
-    def pairs_of(rows) -> int:
-        return sum(len(row) for row in rows)
-
 
 # -- reading files --------------------------------------------------------------------------------
 
