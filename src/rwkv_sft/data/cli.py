@@ -83,6 +83,10 @@ def run(args) -> int:
 
     config = data_config(args, args.files)
     tokenizer = Tokenizer()
+    from .config import parse_file_spec
+    from .pairs import is_pairs_file
+    if is_pairs_file(parse_file_spec(config.train_files[0]).path):
+        return _inspect_pairs(args, config, tokenizer)
     data = prepare_data(config, tokenizer, cache_dir=args.cache_dir, show_progress=False)
     examples = data.train
     if args.json:
@@ -102,4 +106,44 @@ def run(args) -> int:
         legend = "loss tokens in green" if color else f"loss tokens inside {LOSS_OPEN}{LOSS_CLOSE}"
         print(f"\n--- example {i} ({path}:{line}; {examples.length(i)} tokens, {n_loss} with loss; {legend}) ---")
         print(render_example(examples, i, tokenizer, color))
+    return 0
+
+
+class _Marked:
+    """One token sequence with its loss flags, as render_example reads an example."""
+
+    def __init__(self, ids, flags):
+        self.ids, self.flags = ids, flags
+
+    def tokens(self, i):
+        return self.ids
+
+    def loss_positions(self, i):
+        return self.flags
+
+
+def _inspect_pairs(args, config, tokenizer) -> int:
+    """Preference pairs: counts, then each shown pair's context and both completions, scored tokens marked."""
+    import numpy as np
+
+    from .pairs import format_pair_report, prepare_pairs
+    data = prepare_pairs(config, tokenizer, show_report=False)
+    pairs = data.train
+    if args.json:
+        print(json.dumps(data.report, indent=2))
+        return 0
+    print(format_pair_report(data.report).replace("; ", "\n"))
+    if args.example is not None and not 0 <= args.example < len(pairs):
+        raise UserError(f"--example {args.example}: there are {len(pairs)} pairs (0..{len(pairs) - 1})")
+    chosen = [args.example] if args.example is not None else range(min(args.show, len(pairs)))
+    color = sys.stdout.isatty()
+    legend = "scored tokens in green" if color else f"scored tokens inside {LOSS_OPEN}{LOSS_CLOSE}"
+    for i in chosen:
+        path, line = pairs.origin(i)
+        context, good, bad = pairs.parts(i)
+        print(f"\n--- pair {i} ({path}:{line}; context {len(context)} tokens, chosen {len(good[0])} / rejected "
+              f"{len(bad[0])} tokens, {int(good[1].sum())} / {int(bad[1].sum())} scored; {legend}) ---")
+        print("context:  " + render_example(_Marked(context, np.zeros(len(context), bool)), 0, tokenizer, color))
+        for name, (ids, flags) in (("chosen", good), ("rejected", bad)):
+            print(f"{name + ':':<10}" + render_example(_Marked(ids, flags), 0, tokenizer, color))
     return 0

@@ -77,6 +77,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--offload", dest="c:offload", choices=["cpu"], default=S,
                    help="with --parallel fsdp on a GPU: parameters, gradients and optimizer state in CPU memory, "
                         "each block brought to the GPU as it runs (a model larger than the GPU; no torchrun needed)")
+    g = p.add_argument_group("preference training (pairs {\"prompt\", \"chosen\", \"rejected\"}; docs/preference.md)")
+    g.add_argument("--objective", dest="c:objective", choices=["sft", "dpo", "orpo", "simpo"], default=S,
+                   help="sft (default) or a preference objective on chosen/rejected pairs")
+    g.add_argument("--beta", dest="c:beta", type=float, default=S, metavar="B",
+                   help="DPO's and SimPO's beta, ORPO's lambda (defaults: dpo 0.1, orpo 0.1, simpo 2)")
+    g.add_argument("--simpo-gamma", dest="c:simpo_gamma", type=float, default=S, metavar="G",
+                   help="SimPO's reward margin (default 1)")
     g = p.add_argument_group("parameter-efficient fine-tuning (the base stays frozen; OUT/adapter.safetensors)")
     g.add_argument("--lora-rank", dest="c:lora_rank", type=int, default=S, metavar="R", help="train LoRA of rank R (e.g. 16)")
     g.add_argument("--lora-alpha", dest="c:lora_alpha", type=float, default=S, metavar="A", help="LoRA scale is A/R (default A = R)")

@@ -63,6 +63,10 @@ class TrainConfig:
     state_lr: float | None = None         # LoRA and a learned state together: the state's peak lr (it follows
                                           # the same schedule, scaled by state_lr / lr); None -> LR_DEFAULTS["state"]
     base_dtype: str = "auto"              # frozen weights: bf16 | fp32 | auto (bf16 when the checkpoint is bf16)
+    # preference training on {"prompt", "chosen", "rejected"} pairs (train/preference.py)
+    objective: str = "sft"                # sft | dpo | orpo | simpo
+    beta: float | None = None             # DPO's and SimPO's beta, ORPO's lambda; None -> the objective's default
+    simpo_gamma: float | None = None      # SimPO's reward margin; None -> 1.0
     loss_chunk_size: int | None = None    # rows per chunk of the linear cross-entropy (None -> ~32 MiB of logits)
     # evaluation, checkpoints, logging
     eval_every: int = 0                   # steps; 0 -> only at the end
@@ -145,8 +149,13 @@ class TrainConfig:
         if both and self.state_lr is None:
             self.state_lr = LR_DEFAULTS["state"]
         need(self.state_lr is None or self.state_lr > 0, f"state_lr must be positive, got {self.state_lr}")
+        _validate_objective(self, need)
         need(self.base_dtype in BASE_DTYPES, f"unknown base_dtype {self.base_dtype!r}; choose from {', '.join(BASE_DTYPES)}")
         return self
+
+    @property
+    def preference(self) -> bool:
+        return self.objective != "sft"
 
     @property
     def method(self) -> str:
@@ -244,3 +253,20 @@ def _coerce(value, annotation: str, where: str):
     if not any(isinstance(value, t) for t in allowed):
         raise UserError(f"{where}: expected {annotation}, got {value!r}")
     return float(value) if "float" in annotation and isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _validate_objective(c: TrainConfig, need) -> None:
+    from .preference import DEFAULT_BETA, DEFAULT_SIMPO_GAMMA, OBJECTIVES
+    need(c.objective in OBJECTIVES, f"unknown objective {c.objective!r}; choose from {', '.join(OBJECTIVES)}")
+    if c.objective == "sft":
+        need(c.beta is None and c.simpo_gamma is None, "beta / simpo_gamma set but the objective is sft: give "
+             "--objective dpo|orpo|simpo")
+        return
+    need(c.objective == "simpo" or c.simpo_gamma is None, f"simpo_gamma is SimPO's; the objective is {c.objective}")
+    if c.beta is None:
+        c.beta = DEFAULT_BETA[c.objective]
+    if c.objective == "simpo" and c.simpo_gamma is None:
+        c.simpo_gamma = DEFAULT_SIMPO_GAMMA
+    need(math.isfinite(c.beta) and c.beta > 0, f"beta must be a positive number, got {c.beta}")
+    need(c.simpo_gamma is None or math.isfinite(c.simpo_gamma), f"simpo_gamma must be a finite number, got {c.simpo_gamma}")
+    need(c.parallel != "fsdp", "preference objectives run on one process or under --parallel ddp, not fsdp")

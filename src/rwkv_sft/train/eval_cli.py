@@ -55,12 +55,20 @@ def run(args) -> int:
     precision = resolve_precision(args.precision, device)
     check_backend(args.wkv_backend, device)
     tokenizer = Tokenizer()
-    data = prepare_data(config, tokenizer=tokenizer, show_progress=not args.json, role="eval")
+    from ..data.config import parse_file_spec
+    from ..data.pairs import is_pairs_file, prepare_pairs
+    pairs = is_pairs_file(parse_file_spec(config.train_files[0]).path)
+    if pairs:
+        data = prepare_pairs(config, tokenizer, show_report=not args.json, role="eval")
+    else:
+        data = prepare_data(config, tokenizer=tokenizer, show_progress=not args.json, role="eval")
     model = RWKV7.load(args.model, dtype=torch.float32, device=device, adapter=args.adapter)
     if args.state:
         from ..adapters.state import load_state
         load_state(model, args.state)
     model.wkv_backend = args.wkv_backend
+    if pairs:
+        return _report_pairs(args, model, data.train, device, precision)
     result = evaluate(model, data.train, tokenizer, batch_tokens=args.batch_tokens,
                       exact_match_samples=args.exact_match, max_new_tokens=args.max_new_tokens,
                       device=device, precision=precision, segment_len=args.segment_len)
@@ -81,4 +89,18 @@ def run(args) -> int:
     for s in samples[:args.samples]:
         print(f"\n--- {'match' if s['match'] else 'MISMATCH'}\ncontext:   {s['prompt']!r}\n"
               f"reference: {s['reference']!r}\ngenerated: {s['generated']!r}")
+    return 0
+
+
+def _report_pairs(args, model, pairs, device, precision) -> int:
+    """A file of preference pairs: how often the model prefers the chosen completion."""
+    from .preference import evaluate_pairs
+    result = evaluate_pairs(model, pairs, objective="dpo", batch_tokens=args.batch_tokens, device=device,
+                            precision=precision, segment_len=args.segment_len)
+    if args.json:
+        print(json.dumps({"model": args.model, "adapter": args.adapter, "state": args.state, "data": args.data,
+                          **result}))
+    else:
+        print(f"pairs                  {result['pairs']}\n"
+              f"preference accuracy    {result['preference_accuracy']:.2%} (log p(chosen) > log p(rejected))")
     return 0

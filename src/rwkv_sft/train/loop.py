@@ -7,6 +7,7 @@ any backward, so every token of the step weighs the same: loss = sum of token lo
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -206,7 +207,10 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     if state is not None:
         rundir.check_resume(state["config"], config, resume_from)
 
-    if data is None:
+    if data is None and config.preference:
+        from ..data.pairs import prepare_pairs
+        data = prepare_pairs(config.data, tokenizer, show_report=d.is_main)
+    elif data is None:
         data = prepare_data(config.data, tokenizer=tokenizer, show_progress=d.is_main and config.progress,
                             show_report=d.is_main)  # --no-progress hides bars, never the data report
     if len(data.train) == 0:
@@ -222,6 +226,10 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     freeze(model, config.freeze)
     # offload: the model stays in CPU memory; fully_shard moves one unit at a time through the GPU
     model = peft_run.compact(model, config.base_dtype).to("cpu" if config.offload else device)
+    pref = None  # a preference run (train/preference.py); its reference is the model as it starts
+    if config.preference:
+        from .preference import Run
+        pref = Run(config, model, data, device=device, precision=precision, d=d, data_fingerprint=fingerprint)
     if state is not None and not state.get("sharded"):  # a sharded checkpoint loads after wrapping
         try:
             peft_run.restore(model, state, peft, base, resume_from)
@@ -234,14 +242,15 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     model.auto_decoding_layout = False  # an evaluation's generation must not re-lay the weights it trains
     model.train()
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    loss_module = CompletionLoss(model, config.loss_chunk_size, config.segment_len, config.batch_tokens)
+    loss_module = pref.loss_module(model) if pref else CompletionLoss(model, config.loss_chunk_size, config.segment_len,
+                                                                      config.batch_tokens)
     par = parallel.wrap(loss_module, d, config.parallel, precision, offload=config.offload == "cpu")
     optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps,
                                state_lr=config.state_lr)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    loader = BatchLoader(data.train, batch_tokens=config.batch_tokens, packing=config.packing, seed=config.seed,
-                         rank=d.rank, world_size=d.world_size, shuffle=True)
+    loader = (pref.loader if pref else functools.partial(BatchLoader, data.train, packing=config.packing))(
+        batch_tokens=config.batch_tokens, seed=config.seed, rank=d.rank, world_size=d.world_size, shuffle=True)
     step, epoch, batch_index, history = 0, 0, 0, []
     total_steps = plan_steps(config, loader)
     if state is not None:
@@ -279,7 +288,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
         if has_eval and (d.is_main or par.sharded):  # a sharded model needs every process
             from .evaluate import evaluate  # switches the model to eval mode and back
             with parallel.whole_root(par):
-                result = evaluate(model, data.eval, tokenizer, batch_tokens=config.batch_tokens, segment_len=config.segment_len,
+                result = pref.evaluate(model) if pref else evaluate(model, data.eval, tokenizer, batch_tokens=config.batch_tokens, segment_len=config.segment_len,
                                   exact_match_samples=config.eval_exact_match, device=device, precision=precision)
             metrics.log("eval", step, **{k: v for k, v in result.items() if isinstance(v, (int, float))})
         distributed.barrier(d)
@@ -345,18 +354,20 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
             # 2. forward/backward, clip, update unless something was not finite
             set_lr(optimizer, lr := lr_at(step, **schedule))
             with _oom_advice(step - start_step < OOM_GRACE_STEPS, step, config, precision):
-                local_loss = accumulate_gradients(loss_module, batches, device=device, global_count=count,
-                                                  world_size=d.world_size, wrapped=par.module, precision=precision,
-                                                  l2wrap=config.l2wrap)
-                loss_total = distributed.all_sum(d, [local_loss])[0]
+                if pref:  # the mean over the step's pairs, and the rewards users watch
+                    loss, watched = pref.step(loss_module, batches, planned, d=d, wrapped=par.module)
+                else:
+                    watched, local_loss = {}, accumulate_gradients(
+                        loss_module, batches, device=device, global_count=count, world_size=d.world_size,
+                        wrapped=par.module, precision=precision, l2wrap=config.l2wrap)
+                    loss = distributed.all_sum(d, [local_loss])[0] / count if count else 0.0
                 grad_norm = parallel.clip_grad_norm(params, config.grad_clip or math.inf)
-                loss = loss_total / count if count else 0.0
                 finite = math.isfinite(loss) and math.isfinite(grad_norm)
                 if count and finite:
                     optimizer.step()
             if count and finite:
                 bad_run = 0
-                history.append({"step": step + 1, "loss": loss, "lr": lr})
+                history.append({"step": step + 1, "loss": loss, "lr": lr, **watched})
             elif count:
                 bad_total, bad_run = bad_total + 1, bad_run + 1
                 if d.is_main:
@@ -372,8 +383,9 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
                     f"(lower lr, check the data, or use --precision fp32); last good checkpoint: {last_saved or 'none'}")
             if step % config.log_every == 0 or step == total_steps:
                 metrics.log("train", step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens_before + tokens,
-                            loss_tokens=count, tokens_per_s=tokens / elapsed, bad_steps=bad_total, epoch=epoch)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:,.0f}", refresh=False)
+                            loss_tokens=count, tokens_per_s=tokens / elapsed, bad_steps=bad_total, epoch=epoch, **watched)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:,.0f}", refresh=False,
+                            **{k: f"{watched[k]:.3f}" for k in ("margin", "reward_accuracy") if k in watched})
             bar.update(1)
             ints, terms = distributed.all_sum(d, [float(stop.signum == signal.SIGINT), float(stop.signum == signal.SIGTERM)])
             if ints or terms:  # any process signalled: all stop as by that signal (same summary and exit code)
@@ -443,8 +455,12 @@ def summary(r: TrainResult, signum=None) -> str:
             ("train loss", "n/a" if r.train_loss is None else f"{r.train_loss:.4f} (mean of the last steps)")]
     if r.eval:
         num = lambda key, fmt: "n/a" if r.eval.get(key) is None else format(r.eval[key], fmt)  # noqa: E731
-        rows.append(("eval", f"loss {num('loss', '.4f')}, perplexity {num('perplexity', '.2f')}, token accuracy "
-                             f"{num('token_accuracy', '.3f')}, exact match {num('exact_match', '.3f')}"))
+        if "preference_accuracy" in r.eval:
+            rows.append(("eval", f"loss {num('loss', '.4f')}, margin {num('margin', '.3f')}, reward accuracy "
+                                 f"{num('reward_accuracy', '.3f')}, preference accuracy {num('preference_accuracy', '.3f')}"))
+        else:
+            rows.append(("eval", f"loss {num('loss', '.4f')}, perplexity {num('perplexity', '.2f')}, token accuracy "
+                                 f"{num('token_accuracy', '.3f')}, exact match {num('exact_match', '.3f')}"))
     rows.append(("checkpoint", str(r.checkpoint)))
     if r.exports:
         rows.append(("model", ", ".join(str(p) for p in r.exports.values())))

@@ -30,7 +30,8 @@ RUN_FILES = ("checkpoints", "metrics.jsonl", "metrics.png", "tensorboard", "conf
 # step (the data itself is compared by fingerprint; a --model file by its shapes when the checkpoint's
 # weights load, or, for an adapter, by the base's fingerprint); everything else (epochs, max_steps,
 # lr, schedule, evaluation, checkpoints, precision, device, ...) takes the new value
-RESUME_FIXED = ("model_config", "freeze", "batch_tokens", "packing", "step_tokens", "seed")
+RESUME_FIXED = ("model_config", "freeze", "batch_tokens", "packing", "step_tokens", "seed", "objective", "beta",
+                "simpo_gamma")
 
 
 def make_out_dir(out: Path) -> None:

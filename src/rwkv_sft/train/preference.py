@@ -1,0 +1,328 @@
+"""Preference objectives (DPO, ORPO, SimPO) over completion pairs, with the shared context run once.
+
+The forked forward: each pair's context runs once; both completions start from its final state
+(per layer: WKV state and both token-shift states, repeated for the two branches), and the first
+completion token of each is predicted from the context's last hidden row. Autograd carries the
+gradients of both branches back through the shared context, so they are exactly those of running
+the two full sequences (`sequence_logps_unforked` is that twin, and the tests compare them).
+Log-probabilities come from the per-row form of the chunked linear cross-entropy: no full logits.
+
+Per pair, with log pi(y) the sum and avg log pi(y) the mean of the scored tokens' log-probs:
+  DPO    -log s(beta [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))])
+  ORPO   -avg log pi(y_w) - lambda log s(log odds(y_w) - log odds(y_l)), odds = p / (1 - p),
+         p = exp(avg log pi); lambda is --beta
+  SimPO  -log s(beta avg log pi(y_w) - beta avg log pi(y_l) - gamma)
+Rewards (what users watch): DPO beta (log pi - log ref); ORPO and SimPO beta avg log pi.
+
+DPO's reference: with LoRA or state tuning the base itself with the adapters switched off (no
+second copy of the model); with full fine-tuning the starting model's log-probs, computed once
+before training and cached beside the tokenized data (TRL's precompute_ref_log_probs).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..model.segments import hidden_rows, segment_len_for
+from ..ops import linear_cross_entropy
+
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
+DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0}  # TRL's defaults (SimPO: the paper's)
+DEFAULT_SIMPO_GAMMA = 1.0  # the SimPO paper's gamma / beta = 0.5 at its beta = 2
+STATS = ("loss", "reward_chosen", "reward_rejected", "reward_accuracy", "preference_accuracy", "pairs")
+
+
+# -- log-probabilities ---------------------------------------------------------------------------
+
+def _hidden(model, tokens, state, resets, rows, S):
+    """(forward_hidden(tokens, state, resets)[0][rows], final state), segment by segment when S splits."""
+    if S is not None and S < tokens.shape[1]:
+        return model.forward_hidden(tokens, state, resets, segment_len=S, rows=rows)
+    hidden, state = model.forward_hidden(tokens, state, resets)
+    return hidden[rows], state
+
+
+def _sum_per_sequence(model, hidden, targets, seq, n_seq, chunk_size):
+    """Summed log-prob of `targets` per sequence id `seq`, fp32 (fp64 for an fp64 model)."""
+    nll = linear_cross_entropy(hidden, model.head.weight, targets, reduction="none", chunk_size=chunk_size)
+    return -torch.zeros(n_seq, dtype=nll.dtype, device=nll.device).index_add(0, seq, nll)
+
+
+def sequence_logps(model, batch, chunk_size=None, segment_len=None, batch_tokens=None):
+    """The forked forward: (log pi [2B] summed over each completion's scored tokens, their count [2B])."""
+    B, Tc = batch.context.shape
+    n, Tp = batch.completions.shape
+    scored, comps = batch.scored, batch.completions
+    last = torch.zeros_like(batch.context_resets)
+    last[:, -1] = True
+    resets = None if bool(batch.context_resets[:, 0].all()) else batch.context_resets  # no padding: no reset
+    h_last, state = _hidden(model, batch.context, None, resets, last,
+                            segment_len_for((B, Tc), segment_len, batch_tokens))
+    seq = torch.arange(n, device=comps.device)
+    hidden = [h_last.repeat_interleave(2, 0)[scored[:, 0]]]  # the first tokens: from the context's end
+    targets, seqs = [comps[:, 0][scored[:, 0]]], [seq[scored[:, 0]]]
+    if Tp > 1:
+        h_rest, _ = _hidden(model, comps[:, :-1], state.repeat(2), None, scored[:, 1:],
+                            segment_len_for((n, Tp - 1), segment_len, batch_tokens))
+        hidden.append(h_rest)
+        targets.append(comps[:, 1:][scored[:, 1:]])
+        seqs.append(seq[:, None].expand(n, Tp - 1)[scored[:, 1:]])
+    logp = _sum_per_sequence(model, torch.cat(hidden), torch.cat(targets), torch.cat(seqs), n, chunk_size)
+    return logp, scored.sum(1)
+
+
+def sequence_logps_unforked(model, batch, chunk_size=None, segment_len=None):
+    """The twin: each completion after its context as one full sequence (what SFT would run)."""
+    device = batch.context.device
+    tokens, targets, mask = (t.to(device) for t in batch.full_sequences())
+    S = segment_len if segment_len and segment_len < tokens.shape[1] else None
+    hidden = hidden_rows(model, tokens, None, mask, S)
+    n = tokens.shape[0]
+    seq = torch.arange(n, device=device)[:, None].expand_as(mask)[mask]
+    return _sum_per_sequence(model, hidden, targets[mask], seq, n, chunk_size), mask.sum(1)
+
+
+# -- objectives ----------------------------------------------------------------------------------
+
+def _log1mexp(x):
+    """log(1 - exp(x)) for x < 0, accurate on both sides of -log 2."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def pair_losses(objective: str, logp, count, ref=None, beta: float = 0.1, gamma: float = DEFAULT_SIMPO_GAMMA):
+    """Per pair (loss [B], chosen reward [B], rejected reward [B]) from the interleaved [2B] sums."""
+    pc, pr = logp[0::2], logp[1::2]
+    count = count.to(logp.dtype).clamp(min=1)
+    ac, ar = pc / count[0::2], pr / count[1::2]
+    if objective == "dpo":
+        if ref is None:
+            raise ValueError("dpo needs the reference log-probs")
+        chosen, rejected = beta * (pc - ref[0::2]), beta * (pr - ref[1::2])
+        return -F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach()
+    if objective == "orpo":
+        log_odds = (ac - ar) - (_log1mexp(ac) - _log1mexp(ar))
+        return -ac - beta * F.logsigmoid(log_odds), beta * ac.detach(), beta * ar.detach()
+    if objective == "simpo":
+        return -F.logsigmoid(beta * (ac - ar) - gamma), beta * ac.detach(), beta * ar.detach()
+    raise ValueError(f"unknown preference objective {objective!r}")
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """The frozen base alone: every LoRA layer computes its base weight only and every learned
+    initial state is left out (no copy of anything; restored on exit)."""
+    from ..adapters.lora import FrozenLinear, lora_modules
+    loras = list(lora_modules(model).values())
+    states = [(b.att, b.att.time_state) for b in model.blocks if b.att.time_state is not None]
+    try:
+        for m in loras:
+            m.forward = functools.partial(FrozenLinear.forward, m)
+        for att, _ in states:
+            att.time_state = None
+        yield model
+    finally:
+        for m in loras:
+            del m.forward
+        for att, p in states:
+            att.time_state = p
+
+
+class PreferenceLoss(nn.Module):
+    """Wraps the model so that DDP sees one forward: the batch's summed pair loss (weighted by
+    pair_weight) and the summed statistics (detached) in STATS order."""
+
+    def __init__(self, model, objective: str, beta: float, gamma: float, chunk_size=None, segment_len=None,
+                 batch_tokens=None, reference: str | None = None):
+        super().__init__()
+        self.model, self.objective, self.beta, self.gamma = model, objective, beta, gamma
+        self.chunk_size, self.segment_len, self.batch_tokens = chunk_size, segment_len, batch_tokens
+        self.reference = reference  # "adapters" | "cached" | None (dpo only)
+
+    def logps(self, batch):
+        return sequence_logps(self.model, batch, self.chunk_size, self.segment_len, self.batch_tokens)
+
+    def forward(self, context, context_resets, completions, scored, pair_weight, ref=None):
+        from ..data.pairs import PairBatch
+        batch = PairBatch(context, context_resets, completions, scored, pair_weight)
+        if self.objective == "dpo" and self.reference == "adapters":
+            with torch.no_grad(), adapters_off(self.model):
+                ref = self.logps(batch)[0]
+        logp, count = self.logps(batch)
+        losses, chosen, rejected = pair_losses(self.objective, logp, count, ref, self.beta, self.gamma)
+        w = pair_weight.to(losses.dtype)
+        stats = torch.stack([losses.detach(), chosen, rejected, (chosen > rejected).to(w.dtype),
+                             (logp[0::2] > logp[1::2]).detach().to(w.dtype), torch.ones_like(w)])
+        return (losses * w).sum(), (stats * w).sum(1)  # (not a matmul: autocast would make it bf16)
+
+
+def as_inputs(batch, ref_table=None):
+    """The forward's arguments for a PairBatch (with the cached reference rows when given)."""
+    ref = None
+    if ref_table is not None:
+        ref = torch.from_numpy(ref_table[list(batch.example_ids)].reshape(-1)).to(batch.context.device)
+    return batch.context, batch.context_resets, batch.completions, batch.scored, batch.pair_weight, ref
+
+
+def accumulate(loss_module, batches, *, device, global_pairs: int, world_size: int = 1, wrapped=None,
+               precision="fp32", ref_table=None):
+    """Forward/backward every micro-batch; gradients end as d(sum of pair losses / global_pairs).
+    Returns this process's summed STATS (float64 numpy)."""
+    from .loop import autocast
+    from . import parallel
+    runner = wrapped if wrapped is not None else loss_module
+    total = torch.zeros(len(STATS), dtype=torch.float64, device=device)
+    for i, batch in enumerate(batches):
+        b = batch.to(device)
+        with parallel.micro_batch(wrapped, i == len(batches) - 1):
+            with autocast(device, precision):
+                loss_sum, stats = runner(*as_inputs(b, ref_table))
+            (loss_sum * (world_size / max(1, global_pairs))).backward()
+        total += stats.double()
+    return total.cpu().numpy()
+
+
+def summarize(stats) -> dict:
+    """Summed STATS -> the means users watch."""
+    stats = dict(zip(STATS, (float(x) for x in stats)))
+    n = max(1.0, stats.pop("pairs"))
+    out = {k: v / n for k, v in stats.items()}
+    out["margin"] = out["reward_chosen"] - out["reward_rejected"]
+    return out
+
+
+# -- the reference of a full fine-tuning DPO run -------------------------------------------------
+
+@torch.no_grad()
+def reference_table(model, examples, *, batch_tokens, device, precision="fp32", chunk_size=None, segment_len=None):
+    """[n, 2] float32 (chosen, rejected) summed log-probs of every pair under `model`."""
+    from ..data.pairs import PairLoader
+    from .loop import autocast
+    loader = PairLoader(examples.unweighted(), batch_tokens=batch_tokens, shuffle=False)
+    table = np.zeros((len(examples), 2), np.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        for rows in loader.plan(0):
+            b = loader.collate(rows).to(device)
+            with autocast(device, precision):
+                logp, _ = sequence_logps(model, b, chunk_size, segment_len, batch_tokens)
+            table[list(b.example_ids)] = logp.float().view(-1, 2).cpu().numpy()
+    finally:
+        model.train(was_training)
+    return table
+
+
+def cached_reference(model, examples, data_fingerprint: str, *, cache_dir, is_main=True, barrier=lambda: None, **kw):
+    """reference_table, computed once and cached in `cache_dir` under the data's and the model's
+    fingerprints (the main process computes it; the others wait, then read it)."""
+    from ..adapters.files import fingerprint
+    from ..utils import atomic_write
+    key = hashlib.blake2b(f"{data_fingerprint}:{fingerprint(model.state_dict())}:{kw.get('precision')}".encode(),
+                          digest_size=12).hexdigest()
+    path = os.path.join(cache_dir, f"reference-logps-{key}.npy")
+    if is_main and not os.path.exists(path):
+        table = reference_table(model, examples, **kw)
+        os.makedirs(cache_dir, exist_ok=True)
+        with atomic_write(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, table)
+    barrier()
+    table = np.load(path, allow_pickle=False)
+    if table.shape != (len(examples), 2):
+        raise UserError(f"{path}: a cached reference of another shape ({table.shape}); delete the file")
+    return table
+
+
+@torch.no_grad()
+def evaluate_pairs(model, examples, *, objective="dpo", beta=None, gamma=DEFAULT_SIMPO_GAMMA, batch_tokens=4096,
+                   device="cpu", precision="fp32", reference: str | None = None, ref_table=None, segment_len=None,
+                   chunk_size=None) -> dict:
+    """Held-out pairs: mean loss, rewards, margin, reward accuracy and preference accuracy
+    (log pi(y_w) > log pi(y_l)). Without a reference (DPO), the loss and rewards are left out."""
+    from ..data.pairs import PairLoader
+    from .loop import autocast
+    beta = DEFAULT_BETA.get(objective, 0.1) if beta is None else beta
+    loss_module = PreferenceLoss(model, objective, beta, gamma, chunk_size, segment_len, batch_tokens, reference)
+    loader = PairLoader(examples.unweighted(), batch_tokens=batch_tokens, shuffle=False)
+    has_ref = objective != "dpo" or reference == "adapters" or ref_table is not None
+    total = np.zeros(len(STATS))
+    was_training = model.training
+    model.eval()
+    try:
+        for rows in loader.plan(0):
+            b = loader.collate(rows).to(device)
+            with autocast(device, precision):
+                if has_ref:
+                    stats = loss_module(*as_inputs(b, ref_table))[1]
+                else:  # preference accuracy only
+                    logp, _ = loss_module.logps(b)
+                    ones = torch.ones(b.num_pairs, dtype=torch.float64, device=logp.device)
+                    stats = torch.stack([ones * 0, ones * 0, ones * 0, ones * 0,
+                                         (logp[0::2] > logp[1::2]).double(), ones]) * b.pair_weight.double()
+                    stats = stats.sum(1)
+            total += stats.double().cpu().numpy()
+    finally:
+        model.train(was_training)
+    out = summarize(total)
+    out["pairs"] = len(examples)
+    if not has_ref:
+        out = {k: out[k] for k in ("preference_accuracy", "pairs")}
+    return out
+
+
+# -- what the training loop calls ----------------------------------------------------------------
+
+class Run:
+    """A preference run's pieces for the loop: its loss module, loader, step, and evaluation."""
+
+    def __init__(self, config, model, data, *, device, precision, d, data_fingerprint: str):
+        from ..data.cache import default_cache_dir
+        self.config, self.data, self.device, self.precision = config, data, device, precision
+        kw = dict(batch_tokens=config.batch_tokens, device=device, precision=precision,
+                  chunk_size=config.loss_chunk_size, segment_len=config.segment_len)
+        self.reference, self.ref_train, self.ref_eval = None, None, None
+        if config.objective == "dpo" and config.method != "full":
+            self.reference = "adapters"
+        elif config.objective == "dpo":  # before any checkpoint is restored: the starting model
+            from . import distributed
+            self.reference = "cached"
+            barrier = functools.partial(distributed.barrier, d)
+            self.ref_train = cached_reference(model, data.train, data_fingerprint, cache_dir=default_cache_dir(),
+                                              is_main=d.is_main, barrier=barrier, **kw)
+            if data.eval is not None and len(data.eval):
+                from .rundir import data_fingerprint as fp
+                self.ref_eval = cached_reference(model, data.eval, fp(data.eval), cache_dir=default_cache_dir(),
+                                                 is_main=d.is_main, barrier=barrier, **kw)
+
+    def loss_module(self, model):
+        c = self.config
+        return PreferenceLoss(model, c.objective, c.beta, c.simpo_gamma, c.loss_chunk_size, c.segment_len,
+                              c.batch_tokens, self.reference)
+
+    def loader(self, **kw):
+        from ..data.pairs import PairLoader
+        return PairLoader(self.data.train, **kw)
+
+    def step(self, loss_module, batches, planned, *, d, wrapped):
+        """One step's forward/backward: (mean pair loss, the other means users watch)."""
+        from . import distributed
+        pairs = sum(len(row) for _, _, rows in planned for row in rows)
+        local = accumulate(loss_module, batches, device=self.device, global_pairs=pairs, world_size=d.world_size,
+                           wrapped=wrapped, precision=self.precision, ref_table=self.ref_train)
+        watched = summarize(distributed.all_sum(d, local.tolist()))
+        return watched.pop("loss"), watched
+
+    def evaluate(self, model) -> dict:
+        c = self.config
+        return evaluate_pairs(model, self.data.eval, objective=c.objective, beta=c.beta, gamma=c.simpo_gamma,
+                              batch_tokens=c.batch_tokens, device=self.device, precision=self.precision,
+                              reference=self.reference, ref_table=self.ref_eval, segment_len=c.segment_len,
+                              chunk_size=c.loss_chunk_size)

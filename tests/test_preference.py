@@ -1,0 +1,369 @@
+"""Preference training: pair data rendered as SFT renders it, the forked forward against running the
+two full sequences, each objective against its formula, the DPO reference, and runs of `train`."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_model
+
+from rwkv_sft.adapters.lora import add_lora
+from rwkv_sft.data import DataConfig
+from rwkv_sft.data.cache import tokenize_bytes
+from rwkv_sft.data.pairs import collate_pairs, prepare_pairs
+from rwkv_sft.errors import UserError
+from rwkv_sft.tokenizer import Tokenizer
+from rwkv_sft.train import preference as pref
+
+PAIRS = [
+    {"prompt": "What is 2+2? ", "chosen": "4", "rejected": "five, I think"},
+    {"context": "Say hi in French:", "chosen": " Bonjour", "rejected": " Hello there"},
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}],
+     "chosen": [{"role": "assistant", "content": "Paris."}],
+     "rejected": [{"role": "assistant", "content": "London, obviously."}]},
+    {"instruction": "Translate to German", "input": "cat", "chosen": "Katze", "rejected": "Hund"},
+    {"prompt": "", "chosen": "x y", "rejected": "z"},
+]
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer()
+
+
+def _sft_record(r, which):
+    if "instruction" in r:
+        return {"instruction": r["instruction"], "input": r["input"], "output": r[which]}
+    prompt = r.get("prompt", r.get("context"))
+    if isinstance(prompt, list):
+        return {"messages": prompt + r[which]}
+    return {"context": prompt, "completion": r[which]}
+
+
+def test_pairs_are_rendered_and_scored_as_sft_renders_them(tmp_path, tok):
+    pairs = prepare_pairs(DataConfig(_write(tmp_path / "p.jsonl", PAIRS)), tok, show_report=False).train
+    for which, k in (("chosen", 1), ("rejected", 2)):
+        sft = [_sft_record(r, which) for r in PAIRS]
+        data = "".join(json.dumps(r) + "\n" for r in sft).encode()
+        shard = tokenize_bytes("sft.jsonl", data, tok)
+        for i, (start, ctx_len, stop) in enumerate(shard.index):
+            context, *completions = pairs.parts(i)
+            ids, scored = completions[k - 1]
+            np.testing.assert_array_equal(np.concatenate([context, ids]), shard.ids[start:stop])
+            # the scored tokens are SFT's loss tokens of the completion (end marker included)
+            np.testing.assert_array_equal(scored, shard.flags[start + len(context):stop])
+            assert scored[-1] and ids[-1] == 0  # the end marker is scored
+            assert len(ids) == stop - start - ctx_len  # the fork is where SFT's completion starts
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt": "a", "chosen": "", "rejected": "b"}, "empty chosen"),
+    ({"prompt": "a", "chosen": "b", "rejected": "  "}, "empty rejected"),
+    ({"prompt": "a", "chosen": "b", "rejected": "b"}, "identical chosen and rejected"),
+    ({"prompt": "a", "chosen": "b"}, "missing field 'rejected'"),
+    ({"chosen": "b", "rejected": "c"}, "missing field 'prompt'"),
+    ({"prompt": "a", "chosen": 3, "rejected": "c"}, "field 'chosen' is int"),
+])
+def test_bad_pairs_name_file_and_line_or_are_skipped_and_counted(tmp_path, tok, record, message):
+    path = _write(tmp_path / "bad.jsonl", [PAIRS[0], record, PAIRS[1]])
+    with pytest.raises(UserError, match=rf"bad.jsonl:2: {message}"):
+        prepare_pairs(DataConfig(path), tok, show_report=False)
+    data = prepare_pairs(DataConfig(path, skip_invalid=True), tok, show_report=False)
+    assert len(data.train) == 2 and sum(data.report["skipped"].values()) == 1
+
+
+def _model(seed=0, dtype=torch.float32, **kw):
+    m = random_model(seed, n_layer=2, n_embd=64, head_size=64, vocab_size=65536).to(dtype)
+    m.wkv_backend = kw.pop("backend", "reference")  # the fork is under test here, not the WKV backend
+    for k, v in kw.items():
+        setattr(m, k, v)
+    return m
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory, tok):
+    path = _write(tmp_path_factory.mktemp("pairs") / "p.jsonl", PAIRS)
+    return collate_pairs(prepare_pairs(DataConfig(path), tok, show_report=False).train, range(len(PAIRS)))
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_rel(a, b, tol):
+    err = (a - b).abs().max().item()
+    assert err <= tol * b.abs().max().item(), err
+
+
+@pytest.mark.parametrize("setting", ["plain", "segments", "checkpointing", "state", "lora"])
+def test_forked_logps_and_gradients_equal_running_both_full_sequences(batch, setting):
+    model = _model(activation_checkpointing=setting == "checkpointing")
+    if setting == "state":
+        for p in model.enable_state_tuning():
+            torch.nn.init.normal_(p, std=0.3)
+    if setting == "lora":
+        add_lora(model, rank=4)
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n)
+            if "lora_B" in n:
+                torch.nn.init.normal_(p.data, std=0.1)
+    segment = 3 if setting == "segments" else None
+    weights = torch.linspace(-1, 1, 2 * batch.num_pairs)  # each sequence its own weight: no cancellation
+    logp, count = pref.sequence_logps(model, batch, segment_len=segment)
+    (logp * weights).sum().backward()
+    forked = _grads(model)
+    model.zero_grad()
+    logp2, count2 = pref.sequence_logps_unforked(model, batch)
+    (logp2 * weights).sum().backward()
+    unforked = _grads(model)
+    assert torch.equal(count, count2)
+    _assert_rel(logp, logp2, 1e-5)
+    assert forked.keys() == unforked.keys() and len(forked) > 0
+    for name in forked:
+        _assert_rel(forked[name], unforked[name], 1e-5)
+
+
+@torch.no_grad()
+def _independent_logps(model, batch):
+    """Each sequence alone, full logits, float64 log-softmax: nothing shared with the code under test."""
+    tokens, targets, mask = batch.full_sequences()
+    out = []
+    for s in range(tokens.shape[0]):
+        n = int(mask[s].nonzero().max()) + 1
+        logits, _ = model(tokens[s:s + 1, :n])
+        logprobs = torch.log_softmax(logits[0].double(), -1).gather(1, targets[s, :n, None])[:, 0]
+        out.append((float(logprobs[mask[s, :n]].sum()), int(mask[s].sum())))
+    return out
+
+
+def _formula(objective, seqs, ref, beta, gamma):
+    losses = []
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    for b in range(len(seqs) // 2):
+        (pw, nw), (pl, nl) = seqs[2 * b], seqs[2 * b + 1]
+        if objective == "dpo":
+            losses.append(-math.log(sig(beta * ((pw - ref[2 * b]) - (pl - ref[2 * b + 1])))))
+        elif objective == "orpo":
+            odds = lambda avg: math.exp(avg) / (1 - math.exp(avg))  # noqa: E731
+            losses.append(-pw / nw - beta * math.log(sig(math.log(odds(pw / nw)) - math.log(odds(pl / nl)))))
+        else:
+            losses.append(-math.log(sig(beta * pw / nw - beta * pl / nl - gamma)))
+    return losses
+
+
+@pytest.mark.parametrize("objective, beta, gamma", [("dpo", 0.3, None), ("orpo", 0.7, None), ("simpo", 2.5, 0.4)])
+def test_each_objective_matches_its_formula_from_per_sequence_logps(batch, objective, beta, gamma):
+    model = _model(dtype=torch.float64, backend="reference")
+    seqs = _independent_logps(model, batch)
+    ref = [p - 0.5 * k for k, (p, _) in enumerate(seqs)]  # a reference that differs per sequence
+    expected = _formula(objective, seqs, ref, beta, gamma)
+    module = pref.PreferenceLoss(model, objective, beta, gamma)
+    loss_sum, stats = module(*pref.as_inputs(batch)[:-1], torch.tensor(ref, dtype=torch.float64))
+    assert abs(loss_sum.item() - sum(expected)) <= 1e-9 * sum(expected)
+    assert abs(float(stats[0]) - sum(expected)) <= 1e-9 * sum(expected)
+    logp, count = pref.sequence_logps(model, batch)
+    losses, _, _ = pref.pair_losses(objective, logp, count, torch.tensor(ref, dtype=torch.float64), beta, gamma)
+    np.testing.assert_allclose(losses.detach().numpy(), expected, rtol=1e-9)
+
+
+def test_lora_reference_is_the_model_with_adapters_disabled(batch):
+    base = _model()
+    model = copy.deepcopy(base)
+    add_lora(model, rank=4)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p.data, std=0.1)
+    for p in model.enable_state_tuning():
+        torch.nn.init.normal_(p, std=0.3)
+    with torch.no_grad():
+        expected = pref.sequence_logps(base, batch)[0]
+        with pref.adapters_off(model):
+            off = pref.sequence_logps(model, batch)[0]
+        on = pref.sequence_logps(model, batch)[0]  # restored on exit
+    torch.testing.assert_close(off, expected, rtol=1e-6, atol=1e-5)
+    assert (on - expected).abs().max() > 1e-2  # the adapters do change the model
+    module = pref.PreferenceLoss(model, "dpo", 0.1, None, reference="adapters")
+    with torch.no_grad():
+        _, stats = module(*pref.as_inputs(batch))
+        logp = module.logps(batch)[0]
+    chosen = 0.1 * (logp[0::2] - expected[0::2])
+    torch.testing.assert_close(stats[1], chosen.sum().to(stats.dtype), rtol=1e-5, atol=1e-5)
+
+
+# -- runs of `train` -----------------------------------------------------------------------------
+
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+
+
+def _date_pairs(n, seed):
+    """Prefer '5 March 1999' to 'March 5 1999': the same tokens in another order."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        d, m, y = int(rng.integers(1, 29)), int(rng.integers(0, 12)), int(rng.integers(1900, 2100))
+        out.append({"prompt": f"Date {y}-{m + 1:02d}-{d:02d} in words:", "chosen": f" {d} {MONTHS[m]} {y}",
+                    "rejected": f" {MONTHS[m]} {d} {y}"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def date_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dates")
+    return _write(root / "train.jsonl", _date_pairs(48, 0)), _write(root / "eval.jsonl", _date_pairs(24, 1))
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RWKV_SFT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-identical needs the same reduction order in every run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _config(out, files, **kw):
+    from rwkv_sft.train import TrainConfig
+    settings = dict(data=DataConfig(files[0], eval_files=[files[1]]), out_dir=str(out), max_steps=6,
+                    model_config=dict(n_layer=2, n_embd=64, head_size=64),
+                    batch_tokens=256, lr=3e-3, warmup_steps=0, progress=False, tensorboard=False, export=[],
+                    wkv_backend="chunked", objective="dpo")
+    settings.update(kw)
+    return TrainConfig(**settings)
+
+
+def _fresh(seed=0):
+    from rwkv_sft import RWKV7, RWKV7Config
+    torch.manual_seed(seed)
+    return RWKV7(RWKV7Config(n_layer=2, n_embd=64, head_size=64))
+
+
+def _lines(out, kind="train"):
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_dpo_with_lora_starts_at_log2_and_leaves_the_base_bit_identical(tmp_path, date_files):
+    from rwkv_sft.train import train
+    model = _fresh()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(_config(tmp_path, date_files, lora_rank=4, max_steps=3), model=model)
+    first = _lines(tmp_path)[0]
+    assert abs(first["loss"] - math.log(2)) < 1e-6  # the adapter starts at zero: policy == reference
+    assert first["margin"] == 0.0 and first["reward_accuracy"] == 0.0
+    after = result.model.state_dict()
+    for k, v in base.items():
+        assert torch.equal(after[k], v), k
+    assert any("lora_B" in k and after[k].abs().max() > 0 for k in after)  # and the adapter did train
+    assert {"reward_chosen", "reward_rejected", "margin", "reward_accuracy",
+            "preference_accuracy"} <= set(_lines(tmp_path, "eval")[-1])
+
+
+def test_dpo_in_bf16_starts_at_log2_and_logs_fp32_means(tmp_path, date_files):
+    from rwkv_sft.train import train
+    train(_config(tmp_path, date_files, state_tuning=True, precision="bf16", max_steps=1), model=_fresh())
+    assert abs(_lines(tmp_path)[0]["loss"] - math.log(2)) < 1e-6
+
+
+def test_full_dpo_precomputes_the_reference_once_and_held_out_accuracy_rises(tmp_path, date_files):
+    from rwkv_sft.data.pairs import prepare_pairs
+    from rwkv_sft.train import train
+    held_out = prepare_pairs(DataConfig(date_files[1]), show_report=False).train
+    before = pref.evaluate_pairs(_fresh(), held_out, objective="dpo")["preference_accuracy"]
+    result = train(_config(tmp_path / "run", date_files), model=_fresh())
+    assert abs(_lines(tmp_path / "run")[0]["loss"] - math.log(2)) < 1e-6  # the reference is the starting model
+    cached = list((tmp_path / "cache").glob("reference-logps-*.npy"))
+    assert len(cached) == 2  # train and eval pairs, beside the tokenized data
+    assert before < 0.75 and result.eval["preference_accuracy"] >= 0.9, (before, result.eval)
+
+
+@pytest.mark.parametrize("objective", ["orpo", "simpo"])
+def test_orpo_and_simpo_train_and_report(tmp_path, date_files, objective):
+    from rwkv_sft.data.pairs import prepare_pairs
+    from rwkv_sft.train import train
+    held_out = prepare_pairs(DataConfig(date_files[1]), show_report=False).train
+    before = pref.evaluate_pairs(_fresh(), held_out, objective=objective)
+    result = train(_config(tmp_path, date_files, objective=objective, max_steps=4), model=_fresh())
+    lines = _lines(tmp_path)
+    assert all(math.isfinite(r["loss"]) for r in lines) and lines[-1]["loss"] < lines[0]["loss"]
+    assert result.eval["loss"] < before["loss"]
+    assert result.eval["preference_accuracy"] > before["preference_accuracy"], (before, result.eval)
+
+
+def test_resume_is_bit_identical(tmp_path, date_files, one_thread):
+    from rwkv_sft.train import train
+    kw = dict(step_tokens=200, schedule="constant")  # the schedule does not depend on max_steps then
+    straight = train(_config(tmp_path / "a", date_files, max_steps=4, **kw), model=_fresh())
+    train(_config(tmp_path / "b", date_files, max_steps=2, **kw), model=_fresh())
+    resumed = train(_config(tmp_path / "b", date_files, max_steps=4, resume="auto", **kw), model=_fresh())
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["loss"] for r in _lines(tmp_path / "a")] == [r["loss"] for r in _lines(tmp_path / "b")]
+
+
+def test_eval_and_inspect_data_on_a_pairs_file(tmp_path, date_files, capsys):
+    from rwkv_sft.cli import main
+    model = _fresh()
+    model.save(tmp_path / "m.pth")
+    held_out = prepare_pairs(DataConfig(date_files[1]), show_report=False).train
+    expected = pref.evaluate_pairs(model, held_out)["preference_accuracy"]
+    assert main(["eval", "--model", str(tmp_path / "m.pth"), "--data", date_files[1], "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["pairs"] == 24 and out["preference_accuracy"] == expected
+    assert main(["inspect-data", date_files[0], "--show", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "48 train pairs" in text and "chosen:   ⟦" in text and "rejected: ⟦" in text and "<eos>⟧" in text
+
+
+def _ddp_worker(rank, port, out_dir, files, result_file, cache):
+    import os
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), RWKV_SFT_CACHE=cache)
+    torch.set_num_threads(1)
+    from rwkv_sft.train import train
+    r = train(_config(out_dir, files, max_steps=None, epochs=1, step_tokens=10**6, batch_tokens=128), model=_fresh())
+    if rank == 0:
+        torch.save({"steps": r.steps, "weights": r.model.state_dict()}, result_file)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_train_like_one(tmp_path, date_files):
+    """Full-fine-tuning DPO (the reference precomputed by the main process) over one step that
+    spans the epoch, split across two gloo processes, equals the same step in one process."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from rwkv_sft.train import train
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = tmp_path / "rank0.pt"
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path / "ddp"), date_files, str(result), str(tmp_path / "cache")),
+             nprocs=2, join=True)
+    got = torch.load(result, weights_only=True)
+    single = train(_config(tmp_path / "one", date_files, max_steps=None, epochs=1, step_tokens=10**6,
+                           batch_tokens=128), model=_fresh())
+    assert got["steps"] == single.steps == 1
+    first = _lines(tmp_path / "one")[0]
+    assert abs(first["loss"] - math.log(2)) < 1e-6
+    ddp = _lines(tmp_path / "ddp")[0]
+    assert ddp["loss"] == pytest.approx(first["loss"], rel=1e-6)
+    assert ddp["grad_norm"] == pytest.approx(first["grad_norm"], rel=1e-5)  # the gradient's scale and size
+    for k, v in single.model.state_dict().items():  # AdamW's first step is nearly sign(gradient) * lr:
+        err = (got["weights"][k] - v).abs().max().item()  # a gradient near zero may round either way
+        assert err <= 0.01 * 3e-3 + 1e-5 * v.abs().max().item(), k
