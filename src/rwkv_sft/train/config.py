@@ -12,7 +12,7 @@ from ..errors import UserError
 # steps the loss was 7.7 (1e-4, 9 steps), 5.5-5.8 (1e-3), 2.7-2.8 (1e-2); 1e-3 keeps a margin for wider
 # models. State tuning: the low end of upstream's range (1 -> 0.01), not yet measured on the demo.
 LR_DEFAULTS = {"full": 1e-5, "lora": 1e-3, "state": 1e-2}
-BASE_DTYPES = ("auto", "bf16", "fp32")
+BASE_DTYPES = ("auto", "bf16", "fp32", "int8", "nf4")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 PARALLEL = ("ddp", "fsdp")
@@ -57,7 +57,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_init: str = "lora"               # lora | pissa
     state_tuning: bool = False            # learn each layer's initial WKV state
-    base_dtype: str = "auto"              # frozen weights: bf16 | fp32 | auto (bf16 when the checkpoint is bf16)
+    base_dtype: str = "auto"              # frozen weights: bf16 | fp32 | int8 | nf4 | auto (bf16 when the checkpoint is bf16)
     loss_chunk_size: int | None = None    # rows per chunk of the linear cross-entropy (None -> ~32 MiB of logits)
     # evaluation, checkpoints, logging
     eval_every: int = 0                   # steps; 0 -> only at the end
@@ -122,6 +122,8 @@ class TrainConfig:
         need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         need(self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be positive, got {self.lora_alpha}")
         need(self.base_dtype in BASE_DTYPES, f"unknown base_dtype {self.base_dtype!r}; choose from {', '.join(BASE_DTYPES)}")
+        need(self.base_dtype not in ("int8", "nf4") or self.method != "full",
+             f"base_dtype {self.base_dtype} quantizes a frozen base: give lora_rank (--lora-rank R) or state_tuning")
         return self
 
     @property

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..adapters import quant
 from ..adapters import training as peft_run
 from ..errors import UserError
 from ..model import RWKV7, RWKV7Config
@@ -112,7 +113,8 @@ def autocast(device: torch.device, precision: str):
 
 def build_model(config: TrainConfig) -> RWKV7:
     if config.model:  # in the file's dtype, memory-mapped: peft_run.compact decides what becomes fp32
-        return RWKV7.load(config.model)
+        quantize = config.base_dtype if config.base_dtype in peft_run.QUANTIZED else None  # at load: peak near its size
+        return RWKV7.load(config.model, quantize=quantize)
     torch.manual_seed(config.seed)
     try:
         return RWKV7(RWKV7Config(**config.model_config))  # vocab_size defaults to the World 65536
@@ -227,7 +229,8 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     model.activation_checkpointing = config.activation_checkpointing
     model.auto_decoding_layout = False  # an evaluation's generation must not re-lay the weights it trains
     model.train()
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    quantized = quant.quantized_numel(model)  # a quantized base's weights are buffers, frozen too
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) + quantized
     loss_module = CompletionLoss(model, config.loss_chunk_size, config.segment_len, config.batch_tokens)
     par = parallel.wrap(loss_module, d, config.parallel, precision, config.fsdp_unsharded_accumulation)
     optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps)
@@ -288,7 +291,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
         return last_saved
 
     if d.is_main:
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = sum(p.numel() for p in model.parameters()) + quantized
         print(f"rwkv-sft train: {model.config.n_layer} layers x {model.config.n_embd}, {n_params / 1e6:.1f}M parameters"
               f"{f' ({frozen / 1e6:.1f}M frozen, {(n_params - frozen) / 1e6:.2f}M trained)' if frozen else ''}"
               f"{f'; {peft.describe()}' if peft else ''}; "

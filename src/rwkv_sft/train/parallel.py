@@ -74,7 +74,8 @@ def wrap(loss_module, d: Dist, mode: str, precision: str, unsharded_accumulation
     if mode == "ddp":
         # frozen weights come from the same file in every process: nothing to broadcast or reduce
         DDP._set_params_and_buffers_to_ignore_for_model(
-            loss_module, [n for n, p in loss_module.named_parameters() if not p.requires_grad])
+            loss_module, [n for n, p in loss_module.named_parameters() if not p.requires_grad]
+            + [n for n, _ in loss_module.named_buffers()])  # (a quantized base's tensors, PiSSA's A0/B0)
         return Parallel("ddp", DDP(loss_module, device_ids=[d.device.index] if d.device.type == "cuda" else None))
     if mode != "fsdp":
         raise ValueError(f"unknown parallel mode {mode!r}")
@@ -89,7 +90,7 @@ def wrap(loss_module, d: Dist, mode: str, precision: str, unsharded_accumulation
     mesh = init_device_mesh(d.device.type, (d.world_size,))
     vocab_parallel.shard(model, mesh, policy.param_dtype)
     for unit in _fsdp_units(loss_module):  # the root last
-        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=True, ignored_params={model.emb.weight, model.head.weight})
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=True, ignored_params={model.emb.weight, *model.head.parameters(recurse=False)})
         if dist.get_backend() == "gloo":
             unit.set_custom_all_gather(PairwiseAllGather())
             unit.set_custom_reduce_scatter(PairwiseReduceScatter())

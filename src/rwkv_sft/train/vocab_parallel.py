@@ -37,7 +37,8 @@ def shard(model, mesh, param_dtype: torch.dtype | None = None) -> None:
     (exchange.py). `param_dtype`: the dtype the rows are computed in (FSDP's param_dtype; None
     keeps the weights')."""
     group = mesh.get_group()
-    for module in (model.emb, model.head):
+    tables = [m for m in (model.emb, model.head) if isinstance(m, (nn.Embedding, nn.Linear))]  # a quantized head stays whole
+    for module in tables:
         weight = module.weight
         local = distribute_tensor(weight.detach(), mesh, [Shard(0)], src_data_rank=None)
         if local.to_local().untyped_storage().nbytes() > local.to_local().nbytes:  # a view of the full table
@@ -47,7 +48,8 @@ def shard(model, mesh, param_dtype: torch.dtype | None = None) -> None:
         module.vocab_offset = min(group.rank() * -(-weight.shape[0] // group.size()), weight.shape[0])
         module.compute_dtype = param_dtype or weight.dtype
     model.emb.forward = functools.partial(_lookup, model.emb, group, param_dtype)
-    model.head.completion_loss = functools.partial(_head_loss, model.head, group, param_dtype)
+    if model.head in tables:
+        model.head.completion_loss = functools.partial(_head_loss, model.head, group, param_dtype)
 
 
 @contextlib.contextmanager
@@ -55,7 +57,7 @@ def gathered(model):
     """The whole tables for the duration (evaluation and generation in an fsdp run, where every
     process computes the same thing), read-only and in the dtype the sharded blocks compute in;
     the shards are back afterwards."""
-    sharded = {m: m.weight for m in (model.emb, model.head)}
+    sharded = {m: m.weight for m in (model.emb, model.head) if isinstance(getattr(m, "weight", None), DTensor)}
     emb_forward = model.emb.__dict__.pop("forward")
     try:
         for module, weight in sharded.items():
