@@ -131,7 +131,7 @@ def child(spec: dict) -> dict:
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"base": spec["base"], "peak_gib": peak / 2**30, "load_peak_gib": load_peak / 2**30, "load_s": load_s,
-            "step_s": times[-1], "tokens_per_s": T / times[-1], "loss": float(loss) * T / T}
+            "step_s": times[-1], "tokens_per_s": T / times[-1], "loss": float(loss)}
 
 
 def run_case(spec: dict) -> dict:
@@ -153,7 +153,7 @@ def steps_table(shape_name: str, args) -> None:
     print(f"\n{shape['n_layer']} x {shape['n_embd']}, V {shape['vocab_size']} (bf16 file {size:.1f} GiB, written in "
           f"{time.perf_counter() - t0:.0f} s): LoRA r16, T={args.T}, activation checkpointing, 2 steps, "
           f"{args.threads} thread(s)", flush=True)
-    print(f"{'base':<7}{'peak':>11}{'load peak':>12}{'load s':>8}{'step s':>8}{'tokens/s':>10}{'vs bf16':>9}{'limit':>16}")
+    print(f"{'base':<7}{'peak':>11}{'load peak':>12}{'load s':>8}{'step s':>8}{'tokens/s':>10}{'vs bf16':>9}  limit")
     try:
         rows, base = [], None
         for kind in args.bases:
@@ -166,7 +166,7 @@ def steps_table(shape_name: str, args) -> None:
             verdict = "" if limit is None else f"<= {limit:g} GiB: " + ("ok" if r["peak_gib"] <= limit else "OVER")
             ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a"
             print(f"{kind:<7}{r['peak_gib']:>7.2f} GiB{r['load_peak_gib']:>8.2f} GiB{r['load_s']:>8.1f}{r['step_s']:>8.1f}"
-                  f"{r['tokens_per_s']:>10.1f}{ratio:>9}{verdict:>16}", flush=True)
+                  f"{r['tokens_per_s']:>10.1f}{ratio:>9}  {verdict}", flush=True)
             rows.append(r)
     finally:
         path.unlink(missing_ok=True)
@@ -194,7 +194,7 @@ def quality_table(args) -> None:
         held = prepare_data(DataConfig(train_files=[str(heldout)]), tokenizer=tok, show_progress=False, role="eval").train
         print(f"\nquality: base 4 x 256 trained {args.base_steps} steps on the demo's dates ({time.perf_counter() - t0:.0f} s); "
               f"LoRA r16, {args.lora_steps} steps on American-style dates; held-out loss of each adapter on the original base")
-        print(f"{'base':<7}{'train s':>9}{'held-out loss':>15}{'vs bf16':>9}{'on its own base':>17}{'limit':>12}")
+        print(f"{'base':<7}{'train s':>9}{'held-out loss':>15}{'vs bf16':>9}{'on its own base':>17}  limit")
         ref = None
         for kind in ("bf16", "int8", "nf4"):
             t0 = time.perf_counter()
@@ -209,7 +209,7 @@ def quality_table(args) -> None:
             ref = loss if kind == "bf16" else ref
             limit = {"int8": 1.02, "nf4": 1.05}.get(kind)
             verdict = "" if limit is None else f"<= {limit:.2f}x: " + ("ok" if loss <= ref * limit else "OVER")
-            print(f"{kind:<7}{secs:>9.0f}{loss:>15.4f}{loss / ref:>8.3f}x{own:>17.4f}{verdict:>12}", flush=True)
+            print(f"{kind:<7}{secs:>9.0f}{loss:>15.4f}{loss / ref:>8.3f}x{own:>17.4f}  {verdict}", flush=True)
 
 
 def main() -> None:
