@@ -12,7 +12,7 @@ import torch
 from ..errors import UserError
 from .files import (LORA_KEYS, AdapterSettings, base_info, check_base, fingerprint, is_adapter_key, read_adapter,
                     save_adapter)
-from .lora import DEFAULT_TARGETS, INITS, LoRALinear, add_lora, compact_frozen, lora_modules, match_targets
+from .lora import DEFAULT_TARGETS, INITS, LoRALayer, LoRALinear, add_lora, compact_frozen, lora_modules, match_targets
 
 
 def enable_learned_state(model) -> None:
@@ -85,6 +85,10 @@ def merged_state_dict(model, dtype=None):
     """(name, tensor) of the base's state_dict with every LoRA folded into its weight (W + scale
     (B A - B0 A0) in fp32, then `dtype` or the weight's own dtype), one weight at a time; LoRA
     tensors left out, learned states kept."""
+    from .quant import is_quantized
+    if is_quantized(model):
+        raise UserError("a model with a quantized base cannot be exported: merge the adapter into the "
+                        "original checkpoint (rwkv-sft merge --model ORIGINAL --adapter ...)")
     loras = {name + ".weight": m for name, m in lora_modules(model).items()}
     for k, v in model.state_dict().items():
         if k.rsplit(".", 1)[-1] in LORA_KEYS:
@@ -95,7 +99,7 @@ def merged_state_dict(model, dtype=None):
         yield k, v
 
 
-__all__ = ["AdapterSettings", "DEFAULT_TARGETS", "INITS", "LoRALinear", "add_lora", "adapter_state_dict",
+__all__ = ["AdapterSettings", "DEFAULT_TARGETS", "INITS", "LoRALayer", "LoRALinear", "add_lora", "adapter_state_dict",
            "apply_adapter", "attach", "base_info", "check_base", "compact_frozen", "enable_learned_state",
            "fingerprint", "freeze_base", "is_adapter_key", "load_adapter_state", "lora_modules",
            "match_targets", "merged_state_dict", "read_adapter", "save_adapter"]

@@ -60,20 +60,35 @@ def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
     """A short hash of a base model: every name and shape plus 64 evenly spaced values of each
     tensor, rounded to bf16 so that the fp32 and bf16 copies of one model agree. Cheap on a
     memory-mapped multi-GB file (it reads a few pages per tensor)."""
+    return fingerprint_of({k: fingerprint_sample(v) for k, v in state_dict.items() if not is_adapter_key(k)})
+
+
+def fingerprint_sample(t: torch.Tensor) -> tuple[list[int], bytes]:
+    """One tensor's part of the fingerprint (a loader that converts tensor by tensor takes it
+    before converting)."""
+    flat = t.detach().reshape(-1)
+    n, k = flat.numel(), min(flat.numel(), 64)
+    idx = torch.arange(k, device=flat.device) * (n - 1) // max(1, k - 1)
+    return list(t.shape), flat[idx].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes()
+
+
+def fingerprint_of(samples: dict[str, tuple[list[int], bytes]]) -> str:
     h = hashlib.sha256()
-    for key in sorted(k for k in state_dict if not is_adapter_key(k)):
-        t = state_dict[key].detach()
-        flat = t.reshape(-1)
-        n, k = flat.numel(), min(flat.numel(), 64)
-        idx = torch.arange(k, device=flat.device) * (n - 1) // max(1, k - 1)
-        h.update(f"{key}:{list(t.shape)};".encode())
-        h.update(flat[idx].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    for key in sorted(samples):
+        shape, values = samples[key]
+        h.update(f"{key}:{shape};".encode())
+        h.update(values)
     return h.hexdigest()[:16]
+
+
+def model_fingerprint(model) -> str:
+    """The fingerprint of the model's base: a quantized base keeps the one of its original."""
+    return getattr(model, "base_fingerprint", None) or fingerprint(model.state_dict())
 
 
 def base_info(model) -> dict:
     c = model.config
-    return {"fingerprint": fingerprint(model.state_dict()), "n_layer": c.n_layer, "n_embd": c.n_embd,
+    return {"fingerprint": model_fingerprint(model), "n_layer": c.n_layer, "n_embd": c.n_embd,
             "vocab_size": c.vocab_size, "head_size": c.head_size}
 
 
@@ -167,7 +182,7 @@ def check_base(path, base: dict, model) -> None:
     if theirs != ours:
         shape = lambda d: f"{d['n_layer']} layers x {d['n_embd']}, vocabulary {d['vocab_size']}"  # noqa: E731
         raise UserError(f"{path}: adapter for a model of {shape(theirs)}; this base has {shape(ours)}")
-    found = fingerprint(model.state_dict())
+    found = model_fingerprint(model)
     if found != base["fingerprint"]:
         raise UserError(f"{path}: adapter trained on another base (fingerprint {base['fingerprint']}, this base "
                         f"{found}); use the checkpoint it was trained from (a merged model already contains it)")

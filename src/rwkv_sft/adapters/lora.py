@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
+from .quant import QuantLinear, replace_module
 
 DEFAULT_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
 INITS = ("lora", "pissa")
@@ -53,14 +54,18 @@ class FrozenLinear(nn.Linear):
     def forward(self, x):
         return frozen_linear(x, self.weight)
 
+    def frozen_weight(self) -> torch.Tensor:
+        return self.weight
 
-class LoRALinear(FrozenLinear):
-    """nn.Linear + a trainable low-rank update; `weight` keeps its name, so the base's keys do not
-    change. Made from an existing nn.Linear by `add_lora` (the module object stays the same)."""
+
+class LoRALayer(nn.Module):
+    """A trainable low-rank update on top of a frozen linear layer (the class it is mixed into:
+    FrozenLinear, or quant.QuantLinear for a quantized base); the base's keys do not change."""
 
     def init_lora(self, rank: int, alpha: float, dropout: float, init: str) -> None:
-        out_f, in_f = self.weight.shape
-        dev = self.weight.device
+        out_f, in_f = self.out_features, self.in_features
+        dev = next(self.buffers(), None) if not isinstance(self, nn.Linear) else self.weight
+        dev = dev.device if dev is not None else None
         self.rank, self.alpha, self.dropout, self.init = rank, float(alpha), float(dropout), init
         self.scale = self.alpha / rank
         self.lora_A = nn.Parameter(torch.zeros(rank, in_f, device=dev))
@@ -77,7 +82,7 @@ class LoRALinear(FrozenLinear):
             self.lora_B.zero_()
             return
         # randomized SVD (as RWKV-PEFT): a full SVD of every layer would dominate start-up time
-        U, S, V = torch.svd_lowrank(self.weight.float(), q=self.rank, niter=4)
+        U, S, V = torch.svd_lowrank(self.frozen_weight().float(), q=self.rank, niter=4)
         root = (S / self.scale).sqrt()
         self.lora_A0.copy_(root[:, None] * V.T)
         self.lora_B0.copy_(U * root[None, :])
@@ -93,7 +98,7 @@ class LoRALinear(FrozenLinear):
         return d * self.scale
 
     def forward(self, x):
-        return frozen_linear(x, self.weight) + self.delta(x)
+        return super().forward(x) + self.delta(x)
 
     def delta_weight(self) -> torch.Tensor:
         """scale * (B A - B0 A0) in fp32: what a merge adds to the weight."""
@@ -101,6 +106,25 @@ class LoRALinear(FrozenLinear):
         if self.init == "pissa":
             d = d - self.lora_B0.float() @ self.lora_A0.float()
         return d * self.scale
+
+
+class LoRALinear(LoRALayer, FrozenLinear):
+    """nn.Linear + LoRA. Made from an existing nn.Linear by `add_lora` (the module object stays the same)."""
+
+
+class QuantLoRALinear(LoRALayer, QuantLinear):
+    """A quantized frozen layer + LoRA (a new module holding the quantized tensors and the adapter)."""
+
+    @classmethod
+    def from_layers(cls, quant: QuantLinear, lora: LoRALayer | None = None) -> "QuantLoRALinear":
+        new = cls(quant.in_features, quant.out_features, quant.kind, dict(quant.named_buffers(recurse=False)))
+        if lora is not None:  # keep its adapter (parameters and PiSSA's buffers) as they are
+            new.rank, new.alpha, new.dropout, new.init, new.scale = lora.rank, lora.alpha, lora.dropout, lora.init, lora.scale
+            new.lora_A, new.lora_B = lora.lora_A, lora.lora_B
+            if lora.init == "pissa":
+                new.register_buffer("lora_A0", lora.lora_A0)
+                new.register_buffer("lora_B0", lora.lora_B0)
+        return new
 
 
 def merge_delta(weight, A, B, scale, A0=None, B0=None) -> torch.Tensor:
@@ -111,8 +135,8 @@ def merge_delta(weight, A, B, scale, A0=None, B0=None) -> torch.Tensor:
     return weight.float() + d * scale
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_modules(model: nn.Module) -> dict[str, LoRALayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
 
 
 def match_targets(model: nn.Module, targets) -> list[str]:
@@ -120,7 +144,7 @@ def match_targets(model: nn.Module, targets) -> list[str]:
     block ("att.key", "ffn.value"), a full name ("blocks.3.att.key") or a glob ("blocks.1?.att.*",
     "*" for every eligible layer). Eligible: every linear layer inside the blocks; the head is not
     (the loss reads its weight directly), so a glob never picks it and naming it is an error."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
     eligible = [n for n in linears if n.startswith("blocks.")]
     targets = [t.strip() for entry in targets for t in entry.split(",") if t.strip()]  # "att.key,ffn.key" too
     if not targets:
@@ -165,11 +189,15 @@ def add_lora(model: nn.Module, targets=DEFAULT_TARGETS, rank: int = 16, alpha: f
     modules = dict(model.named_modules())
     for name in names:
         m = modules[name]
-        if isinstance(m, LoRALinear):
+        if isinstance(m, LoRALayer):
             raise UserError(f"{name} already has a LoRA adapter")
-        if rank > min(m.weight.shape):
-            raise UserError(f"lora_rank {rank} exceeds the size of {name} {list(m.weight.shape)}")
-        m.__class__ = LoRALinear  # same object and parameters; only the forward changes
+        if rank > min(m.out_features, m.in_features):
+            raise UserError(f"lora_rank {rank} exceeds the size of {name} {[m.out_features, m.in_features]}")
+        if isinstance(m, QuantLinear):  # a quantized base: a new module around its stored tensors
+            m = QuantLoRALinear.from_layers(m)
+            replace_module(model, name, m)
+        else:
+            m.__class__ = LoRALinear  # same object and parameters; only the forward changes
         m.init_lora(rank, alpha, dropout, init)
         if initialize:
             m.reset_lora()

@@ -15,6 +15,7 @@ BASE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # adapter settings a resume may change, like lr: they act in training only (the adapter's tensors,
 # their shapes and what they compute at inference do not depend on them)
 TRAINING_ONLY = ("lora_dropout",)
+QUANTIZED = ("int8", "nf4")  # projection matrices quantized (quant.py), the embedding in bf16
 
 
 def settings_from(config) -> AdapterSettings | None:
@@ -32,7 +33,7 @@ def base_dtype(name: str, model) -> torch.dtype:
     """"auto": bf16 when the checkpoint came in bf16 (keeping it so loses nothing), else fp32."""
     if name == "auto":
         return torch.bfloat16 if model.emb.weight.dtype == torch.bfloat16 else torch.float32
-    return BASE_DTYPES[name]
+    return torch.bfloat16 if name in QUANTIZED else BASE_DTYPES[name]
 
 
 def prepare(model, settings: AdapterSettings | None, *, seed: int, initialize: bool) -> dict | None:
@@ -48,7 +49,11 @@ def prepare(model, settings: AdapterSettings | None, *, seed: int, initialize: b
 
 
 def compact(model, dtype_name: str):
-    """Trainable tensors in fp32, frozen matrices in the base dtype (however they were frozen)."""
+    """Trainable tensors in fp32, frozen matrices in the base dtype (however they were frozen);
+    int8/nf4: frozen linear layers quantized (already at load when the base came from a file)."""
+    if dtype_name in QUANTIZED:
+        from .quant import quantize_model
+        quantize_model(model, dtype_name)
     compact_frozen(model, base_dtype(dtype_name, model))
     return model
 

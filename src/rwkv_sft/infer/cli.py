@@ -51,6 +51,8 @@ def add_arguments(p):
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token (id 0)")
     p.add_argument("--adapter", metavar="FILE", help="adapter.safetensors of a parameter-efficient run on --model")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--base-dtype", choices=["int8", "nf4"], default=None,
+                   help="store the projection matrices quantized (as a run with --base-dtype int8|nf4 trained on)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 
 
@@ -168,7 +170,8 @@ def run(args) -> int:
 
     device = resolve_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = RWKV7.load(args.model, dtype=dtype, device=device, adapter=args.adapter).eval().decoding_layout()
+    model = RWKV7.load(args.model, dtype=dtype, device=device, adapter=args.adapter,
+                       quantize=args.base_dtype).eval().decoding_layout()
     if args.state:
         from ..adapters.state import load_state
         load_state(model, args.state)

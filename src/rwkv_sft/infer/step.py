@@ -36,8 +36,8 @@ NEG_EXP_HALF = -math.exp(-0.5)  # log(decay) = -exp(w) = -e^-0.5 sigmoid(z)
 
 
 def _layout_switchable(model) -> bool:
-    w = model.head.weight
-    return w.device.type == "cpu" and is_whole(w)
+    w = getattr(model.head, "weight", None)  # (none in a quantized head)
+    return w is not None and w.device.type == "cpu" and is_whole(w)
 
 
 def decode_step(model, tokens: torch.Tensor, state: RWKV7State | None = None, full_output: bool = True):
@@ -87,6 +87,8 @@ def _kernels_for(model):
     """The C kernels when this model's step can use them: an fp32 or bf16 model on the CPU, and not
     switched off with RWKV_SFT_DECODE_KERNELS=0 (the PyTorch path computes the same)."""
     if os.environ.get("RWKV_SFT_DECODE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    if not isinstance(model.head, nn.Linear):  # a quantized base: the PyTorch path
         return None
     emb, head = model.emb.weight, model.head.weight
     if emb.dtype not in _WEIGHT_TYPES or head.dtype != emb.dtype or head.device.type != "cpu":

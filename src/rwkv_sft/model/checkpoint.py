@@ -4,9 +4,13 @@
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
 import pickle
 import re
+import sys
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -22,13 +26,14 @@ _OLDER_RWKV_KEYS = {  # a key that only older architectures have -> what the fil
 _OPTIONAL_IN_LAYER0 = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
 
 
-def read_state_dict(path) -> dict[str, torch.Tensor]:
+def read_state_dict(path, lazy: bool = False) -> dict[str, torch.Tensor]:
     """The raw tensors (BlinkDL names) of a `.pth` or `.safetensors` file or a Hugging Face
-    directory, with one-line errors for bad files."""
-    return _read(path)[0]
+    directory, with one-line errors for bad files. lazy: a `.safetensors` file is read one tensor
+    per access (a `.pth` is memory-mapped anyway)."""
+    return _read(path, lazy)[0]
 
 
-def _read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read(path, lazy: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, our key -> the file's own name where it differs)."""
     path = Path(path)
     if not path.exists():
@@ -36,10 +41,10 @@ def _read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from .hf import is_hf_dir, read_hf
     if is_hf_dir(path):
         return read_hf(path)
-    return _read_file(path), {}
+    return _read_file(path, lazy), {}
 
 
-def _read_file(path: Path) -> dict[str, torch.Tensor]:
+def _read_file(path: Path, lazy: bool = False) -> dict[str, torch.Tensor]:
     if path.is_dir():  # a training checkpoint, OUT/checkpoints/step_N
         from ..train.checkpoint import model_weights
         return model_weights(path)
@@ -47,14 +52,14 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         try:
-            return load_file(str(path))
+            return _LazySafetensors(path) if lazy else load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
     if not zipfile.is_zipfile(path):
         raise UserError(f"{path}: not a PyTorch checkpoint (not a zip archive; truncated download or wrong file?)")
     try:
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            sd = _Mapped(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise
@@ -65,10 +70,52 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt? {_first_line(e)})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]  # Lightning-style wrapper
+        sd = _Mapped(sd["state_dict"]) if isinstance(sd, _Mapped) else sd["state_dict"]  # Lightning-style wrapper
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{path}: not a model checkpoint (expected a mapping of tensor names to tensors)")
     return sd
+
+
+class _Mapped(dict):
+    """Tensors memory-mapped (privately, read-only in practice) from a file: see _release."""
+
+
+class _LazySafetensors(Mapping):
+    """A `.safetensors` file as a mapping that reads a tensor when it is asked for (and keeps no
+    mapping of the file open between reads, so pages read once do not stay resident)."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            self._keys = list(f.keys())
+        self.path = path
+
+    def __getitem__(self, key):
+        from safetensors import safe_open
+        if key not in self._keys:
+            raise KeyError(key)
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+
+def _release(t: torch.Tensor, sd) -> None:
+    """Give the pages of a tensor memory-mapped from a file back to the OS (Linux): a loader that
+    converts tensor by tensor then peaks near the converted size, not the file's. Safe because
+    the mapping is private and unwritten: a later read (a tensor sharing the storage) fetches
+    the pages from the file again. Memory of one's own would read back as zeros: not touched."""
+    if sys.platform != "linux" or not isinstance(sd, _Mapped) or t.device.type != "cpu":
+        return
+    page = mmap.PAGESIZE
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    first, last = -(-start // page) * page, end // page * page
+    if last > first:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
 
 
 def _first_line(e: Exception, default: str = "") -> str:
@@ -107,9 +154,12 @@ def infer_config(sd: dict[str, torch.Tensor], source="checkpoint") -> RWKV7Confi
         raise UserError(f"{source}: inconsistent shapes: {e}") from None
 
 
-def state_dict_to_model(sd: dict[str, torch.Tensor], source="checkpoint", dtype=None, device=None, origin=None):
+def state_dict_to_model(sd: dict[str, torch.Tensor], source="checkpoint", dtype=None, device=None, origin=None,
+                        quantize=None):
     """`origin`: our key -> (the tensor's name in the file, whether it is stored transposed), for
-    messages about Hugging Face directories."""
+    messages about Hugging Face directories. quantize "int8" | "nf4": every linear layer's weight
+    stored quantized (adapters/quant.py), converted one tensor at a time, so the peak stays near
+    the quantized model's size."""
     from .rwkv7 import RWKV7
     origin = origin or {}
 
@@ -136,6 +186,11 @@ def state_dict_to_model(sd: dict[str, torch.Tensor], source="checkpoint", dtype=
     if unexpected:
         raise UserError(f"{source}: unexpected key '{name(unexpected[0])}' for an RWKV-7 model of {config.n_layer} layers"
                         + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    if quantize:
+        from ..adapters.files import fingerprint_of, fingerprint_sample, is_adapter_key
+        from ..adapters.quant import QuantLinear, replace_module
+        linears = {name + ".weight": name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        samples = {}
     tensors = {}
     for key, ref in expected.items():
         t = sd[key]
@@ -147,16 +202,24 @@ def state_dict_to_model(sd: dict[str, torch.Tensor], source="checkpoint", dtype=
                 raise UserError(f"{source}: '{name(key)}' has shape {got}, expected {want}"
                                 + (f" (for {key})" if name(key) != key else ""))
             t = t.reshape(ref.shape)  # e.g. a [C] vector stored for a [1,1,C] one
+        if quantize and not is_adapter_key(key):
+            samples[key] = fingerprint_sample(t)  # adapters name the original base
+        if quantize and key in linears:
+            replace_module(model, linears[key], QuantLinear.from_weight(t.to(device or "cpu"), quantize))
+            _release(t, sd)
+            continue
         tensors[key] = t.to(device=device or "cpu", dtype=ref.dtype)
     # assign: the parameters are the file's tensors where no conversion was needed (a `.pth` stays
     # memory-mapped, copy-on-write) instead of a second copy of the whole model
     model.load_state_dict(tensors, strict=True, assign=True)
+    if quantize:
+        model.base_fingerprint = fingerprint_of(samples)
     return model
 
 
-def load_model(path, dtype=None, device=None):
-    sd, origin = _read(path)
-    return state_dict_to_model(sd, source=str(path), dtype=dtype, device=device, origin=origin)
+def load_model(path, dtype=None, device=None, quantize=None):
+    sd, origin = _read(path, lazy=bool(quantize))
+    return state_dict_to_model(sd, source=str(path), dtype=dtype, device=device, origin=origin, quantize=quantize)
 
 
 def export_state_dict(model, dtype=None) -> dict[str, torch.Tensor]:

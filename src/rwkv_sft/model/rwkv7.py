@@ -216,11 +216,12 @@ class RWKV7(nn.Module):
 
     # -- checkpoints -----------------------------------------------------------------------------
     @classmethod
-    def load(cls, path, dtype=None, device=None, adapter=None) -> "RWKV7":
+    def load(cls, path, dtype=None, device=None, adapter=None, quantize=None) -> "RWKV7":
         """Load a BlinkDL `.pth` or a `.safetensors` file; every dimension comes from the shapes.
-        `adapter`: an adapter file of a parameter-efficient run on this base, added to the model."""
+        `adapter`: an adapter file of a parameter-efficient run on this base, added to the model.
+        `quantize` "int8" | "nf4": linear layers stored quantized, frozen (adapters/quant.py)."""
         from .checkpoint import load_model
-        model = load_model(path, dtype=dtype, device=device)
+        model = load_model(path, dtype=dtype, device=device, quantize=quantize)
         if adapter is not None:
             from ..adapters import apply_adapter
             apply_adapter(model, adapter)

@@ -98,8 +98,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--state-lr", dest="c:state_lr", type=float, default=S, metavar="LR",
                    help="with --lora-rank and --state-tuning: the learned state's lr (default "
                         f"{LR_DEFAULTS['state']:g}; it follows the schedule, scaled by STATE_LR / --lr)")
-    g.add_argument("--base-dtype", dest="c:base_dtype", choices=["auto", "bf16", "fp32"], default=S,
-                   help="frozen weights in memory (auto: bf16 when the checkpoint is bf16); compute stays fp32 on CPU")
+    g.add_argument("--base-dtype", dest="c:base_dtype", choices=["auto", "bf16", "fp32", "int8", "nf4"], default=S,
+                   help="frozen weights in memory (auto: bf16 when the checkpoint is bf16; int8/nf4: projection "
+                        "matrices quantized at load, see docs/quantized-base.md); compute stays fp32 on CPU")
     g = p.add_argument_group("evaluation, checkpoints, output")
     g.add_argument("--eval-every", dest="c:eval_every", type=int, default=S, help="steps (0: only at the end)")
     g.add_argument("--eval-exact-match", dest="c:eval_exact_match", type=int, default=S, help="examples checked for exact match")

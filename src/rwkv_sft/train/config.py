@@ -13,7 +13,7 @@ from ..errors import UserError
 # steps the loss was 7.7 (1e-4, 9 steps), 5.5-5.8 (1e-3), 2.7-2.8 (1e-2); 1e-3 keeps a margin for wider
 # models. State tuning: the low end of upstream's range (1 -> 0.01), not yet measured on the demo.
 LR_DEFAULTS = {"full": 1e-5, "lora": 1e-3, "state": 1e-2}
-BASE_DTYPES = ("auto", "bf16", "fp32")
+BASE_DTYPES = ("auto", "bf16", "fp32", "int8", "nf4")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 PARALLEL = ("ddp", "fsdp")
@@ -62,7 +62,7 @@ class TrainConfig:
     state_tuning: bool = False            # learn each layer's initial WKV state
     state_lr: float | None = None         # LoRA and a learned state together: the state's peak lr (it follows
                                           # the same schedule, scaled by state_lr / lr); None -> LR_DEFAULTS["state"]
-    base_dtype: str = "auto"              # frozen weights: bf16 | fp32 | auto (bf16 when the checkpoint is bf16)
+    base_dtype: str = "auto"              # frozen weights: bf16 | fp32 | int8 | nf4 | auto (bf16 when the checkpoint is bf16)
     # preference training on {"prompt", "chosen", "rejected"} pairs (train/preference.py)
     objective: str = "sft"                # sft | dpo | orpo | simpo
     beta: float | None = None             # DPO's and SimPO's beta, ORPO's lambda; None -> the objective's default
@@ -151,6 +151,8 @@ class TrainConfig:
         need(self.state_lr is None or self.state_lr > 0, f"state_lr must be positive, got {self.state_lr}")
         _validate_objective(self, need)
         need(self.base_dtype in BASE_DTYPES, f"unknown base_dtype {self.base_dtype!r}; choose from {', '.join(BASE_DTYPES)}")
+        need(self.base_dtype not in ("int8", "nf4") or self.method != "full",
+             f"base_dtype {self.base_dtype} quantizes a frozen base: give lora_rank (--lora-rank R) or state_tuning")
         return self
 
     @property

@@ -12,6 +12,8 @@ def add_arguments(p) -> None:
     p.add_argument("--model", required=True, metavar="CKPT", help=".pth (BlinkDL layout), .safetensors, or a training checkpoint OUT/checkpoints/step_N")
     p.add_argument("--adapter", metavar="FILE",
                    help="adapter.safetensors of a parameter-efficient run on --model, or its OUT/checkpoints/step_N")
+    p.add_argument("--base-dtype", choices=["int8", "nf4"], default=None,
+                   help="store the projection matrices quantized (as a run with --base-dtype int8|nf4 trained on)")
     p.add_argument("--state", metavar="FILE", help="learned initial state (state.pth of a state-tuning run) to start from")
     p.add_argument("--data", required=True, action="append", metavar="FILE",
                    help="examples to evaluate (JSONL/JSON, same formats as training); repeat for several")
@@ -62,7 +64,7 @@ def run(args) -> int:
         data = prepare_pairs(config, tokenizer, show_report=not args.json, role="eval")
     else:
         data = prepare_data(config, tokenizer=tokenizer, show_progress=not args.json, role="eval")
-    model = RWKV7.load(args.model, dtype=torch.float32, device=device, adapter=args.adapter)
+    model = RWKV7.load(args.model, dtype=torch.float32, device=device, adapter=args.adapter, quantize=args.base_dtype)
     if args.state:
         from ..adapters.state import load_state
         load_state(model, args.state)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..adapters.quant import dense_weight
 from ..data import BatchLoader, TokenizedExamples
 from ..infer.generate import PREFILL_CHUNK, greedy_batch
 from ..model.segments import hidden_rows, segment_len_for
@@ -71,7 +72,7 @@ def evaluate(model, examples: TokenizedExamples, tokenizer, *, batch_tokens: int
     start = time.perf_counter()
     try:
         examples = examples.unweighted()  # file weights decide sampling in training, not evaluation
-        head = model.head.weight.float()
+        head = dense_weight(model.head).float()
         chunk = default_chunk_size(head.shape[0])  # rows of logits per chunk, as in the training loss
         loss_sum, correct, count = 0.0, 0, 0
         if len(examples):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..adapters import quant
 from ..adapters import training as peft_run
 from ..errors import UserError
 from ..model import RWKV7, RWKV7Config
@@ -114,7 +115,8 @@ def autocast(device: torch.device, precision: str):
 
 def build_model(config: TrainConfig) -> RWKV7:
     if config.model:  # in the file's dtype, memory-mapped: peft_run.compact decides what becomes fp32
-        return RWKV7.load(config.model)
+        quantize = config.base_dtype if config.base_dtype in peft_run.QUANTIZED else None  # at load: peak near its size
+        return RWKV7.load(config.model, quantize=quantize)
     torch.manual_seed(config.seed)
     try:
         return RWKV7(RWKV7Config(**config.model_config))  # vocab_size defaults to the World 65536
@@ -241,7 +243,8 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     model.activation_checkpointing = config.activation_checkpointing
     model.auto_decoding_layout = False  # an evaluation's generation must not re-lay the weights it trains
     model.train()
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    quantized = quant.quantized_numel(model)  # a quantized base's weights are buffers, frozen too
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) + quantized
     loss_module = pref.loss_module(model) if pref else CompletionLoss(model, config.loss_chunk_size, config.segment_len,
                                                                       config.batch_tokens)
     par = parallel.wrap(loss_module, d, config.parallel, precision, offload=config.offload == "cpu")
@@ -313,13 +316,14 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
         return last_saved
 
     if d.is_main:
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = sum(p.numel() for p in model.parameters()) + quantized
         held = {}  # frozen elements by dtype in memory (--base-dtype: the matrices; vectors stay fp32)
         for p in model.parameters():
             if not p.requires_grad:
                 held[p.dtype] = held.get(p.dtype, 0) + p.numel()
         frozen_in = str(max(held, key=held.get)).removeprefix("torch.").replace("bfloat16", "bf16").replace(
             "float32", "fp32") if held else ""
+        frozen_in = config.base_dtype if quantized else frozen_in  # the matrices, held as buffers
         segments = plan_segments(loader, config.segment_len, config.batch_tokens)
         print(f"rwkv-sft train: {model.config.n_layer} layers x {model.config.n_embd}, {n_params / 1e6:.1f}M parameters"
               f"{f' ({frozen / 1e6:.1f}M frozen in {frozen_in}, {(n_params - frozen) / 1e6:.2f}M trained)' if frozen else ''}"

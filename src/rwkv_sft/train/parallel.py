@@ -73,9 +73,10 @@ def wrap(loss_module, d: Dist, mode: str, precision: str, offload: bool = False)
     if not (d.enabled or offload):
         return Parallel("none", loss_module)
     if mode == "ddp":
-        # every process loads or initialises the same weights (same file, same seed): nothing to broadcast
+        # every process loads or initialises the same weights (same file, same seed): nothing to
+        # broadcast, at the start or (buffers: a quantized base's tensors, PiSSA's A0/B0) at each step
         return Parallel("ddp", DDP(loss_module, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                                   init_sync=False))
+                                   init_sync=False, broadcast_buffers=False))
     # The inputs keep their dtype: the recurrent state must stay fp32 whatever the weights are.
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
                                   reduce_dtype=torch.float32, cast_forward_inputs=False)

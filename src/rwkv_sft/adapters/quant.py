@@ -1,0 +1,154 @@
+"""A frozen base stored in 8 or 4 bits: the projection matrices of every block and the head.
+
+LoRA and learned states train on top in fp32; a quantized layer computes `x W^T` with W
+dequantized for that call only (and again in the backward, for the input's gradient), so no
+full-precision copy of the base outlives one layer.
+
+- int8: one fp32 scale per output row (absmax / 127), `q = round(W / scale)`. Written here: it is
+  a conversion and a product; the scale is applied to the product's output columns rather than
+  to the weight, so a call costs what a bf16 weight's upcast costs (benchmarks/bench_quant.py
+  measures it against bitsandbytes' int8 layer and against the bf16 base).
+- nf4: QLoRA's 4-bit NormalFloat, blocks of 64 values, with double quantization (the blocks'
+  absmax stored in 8 bits, blocks of 256), from bitsandbytes (its CUDA kernels and its CPU
+  backend): `pip install 'rwkv-sft[quant]'`.
+
+The quantized tensors are non-persistent buffers: a quantized model's state_dict has no
+projection weights, so nothing can save it as if it were the base. Adapters name the original
+base (`model.base_fingerprint`, taken from the unquantized tensors) and merge into it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import UserError
+
+KINDS = ("int8", "nf4")
+EXTRA = "pip install 'rwkv-sft[quant]'"
+NF4_BLOCK, NF4_BLOCK2 = 64, 256  # QLoRA's block sizes (weights; the first level's absmax)
+
+
+def bitsandbytes():
+    """bitsandbytes.functional, or a one-line error naming the extra that installs it."""
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError:  # (also when a test hides it)
+        raise UserError(f"base dtype nf4 needs the bitsandbytes library: {EXTRA}") from None
+    return bnbf
+
+
+def quantize(weight: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
+    """The stored form of a [out, in] weight, computed on the weight's device."""
+    if kind == "int8":  # (by blocks of rows: a loader's peak stays near the quantized size)
+        q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+        for s in range(0, weight.shape[0], 1024):
+            w = weight[s:s + 1024].float()
+            scale[s:s + 1024] = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+            q[s:s + 1024] = torch.round(w / scale[s:s + 1024, None])
+        return {"q": q, "row_scale": scale}
+    if kind == "nf4":
+        if weight.numel() % (2 * NF4_BLOCK):
+            raise UserError(f"nf4: a weight of shape {list(weight.shape)} is not a whole number of "
+                            f"{NF4_BLOCK}-value blocks")
+        q, state = bitsandbytes().quantize_4bit(weight.float().contiguous(), blocksize=NF4_BLOCK,
+                                                compress_statistics=True, quant_type="nf4")
+        return {"q": q, "absmax": state.absmax, "offset": state.offset.reshape(1), "code": state.code,
+                "absmax2": state.state2.absmax, "code2": state.state2.code}
+    raise ValueError(f"unknown quantization {kind!r}; choose from {', '.join(KINDS)}")
+
+
+class _Matmul(torch.autograd.Function):
+    """x W^T for a quantized layer; the backward dequantizes again for the input's gradient and
+    saves nothing of W (the layer holds it)."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return layer.project(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.layer.project_back(grad), None
+
+
+class QuantLinear(nn.Module):
+    """A frozen Linear without bias whose weight is stored quantized (int8 or nf4)."""
+
+    def __init__(self, in_features: int, out_features: int, kind: str, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.in_features, self.out_features, self.kind = in_features, out_features, kind
+        for name, t in tensors.items():
+            self.register_buffer(name, t, persistent=False)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, kind: str) -> "QuantLinear":
+        return cls(weight.shape[1], weight.shape[0], kind, quantize(weight.detach(), kind))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        """The weight [out, in] as stored, in `dtype` (a new tensor)."""
+        if self.kind == "int8":
+            return (self.q.to(torch.float32) * self.row_scale[:, None]).to(dtype)
+        bnbf = bitsandbytes()
+        inner = bnbf.QuantState(absmax=self.absmax2, code=self.code2, blocksize=NF4_BLOCK2, dtype=torch.float32)
+        state = bnbf.QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
+                                code=self.code, blocksize=NF4_BLOCK, quant_type="nf4", dtype=torch.float32,
+                                offset=self.offset[0], state2=inner)
+        return bnbf.dequantize_4bit(self.q, state).to(dtype)
+
+    def project(self, x):
+        if self.kind == "int8":  # the row scales applied to the output: the weight is only converted
+            return F.linear(x, self.q.to(x.dtype)) * self.row_scale.to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype))
+
+    def project_back(self, grad):
+        if self.kind == "int8":
+            return (grad * self.row_scale.to(grad.dtype)) @ self.q.to(grad.dtype)
+        return grad @ self.dequantize(grad.dtype)
+
+    def frozen_weight(self) -> torch.Tensor:
+        return self.dequantize()
+
+    def forward(self, x):
+        return _Matmul.apply(x, self)
+
+
+def dense_weight(module: nn.Module, dtype=None) -> torch.Tensor:
+    """A linear layer's weight as a plain tensor (a quantized one dequantized, in `dtype` or fp32)."""
+    if isinstance(module, QuantLinear):
+        return module.dequantize(dtype or torch.float32)
+    return module.weight if dtype is None else module.weight.to(dtype)
+
+
+def quantized_numel(model: nn.Module) -> int:
+    """How many weights the model holds quantized."""
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def quantize_model(model: nn.Module, kind: str) -> None:
+    """Replace every frozen nn.Linear (LoRA layers keep their adapter) by its quantized form, in
+    place; the model keeps the fingerprint of its unquantized base."""
+    from .files import fingerprint
+    from .lora import LoRALayer, QuantLoRALinear
+    if getattr(model, "base_fingerprint", None) is None:
+        model.base_fingerprint = fingerprint(model.state_dict())
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or module.weight.requires_grad or module.bias is not None:
+            continue
+        quant = QuantLinear.from_weight(module.weight, kind)
+        if isinstance(module, LoRALayer):
+            quant = QuantLoRALinear.from_layers(quant, module)
+        replace_module(model, name, quant)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
