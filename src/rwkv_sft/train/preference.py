@@ -200,23 +200,29 @@ def summarize(stats) -> dict:
 
 # -- the reference of a full fine-tuning DPO run -------------------------------------------------
 
-@torch.no_grad()
-def reference_table(model, examples, *, batch_tokens, device, precision="fp32", chunk_size=None, segment_len=None):
-    """[n, 2] float32 (chosen, rejected) summed log-probs of every pair under `model`."""
+def _pair_batches(model, examples, *, batch_tokens, device):
+    """Every pair of `examples` once, in order, as batches on `device`; the model in eval mode
+    meanwhile (restored after)."""
     from ..data.pairs import PairLoader
-    from .loop import autocast
     loader = PairLoader(examples.unweighted(), batch_tokens=batch_tokens, shuffle=False)
-    table = np.zeros((len(examples), 2), np.float32)
     was_training = model.training
     model.eval()
     try:
         for rows in loader.plan(0):
-            b = loader.collate(rows).to(device)
-            with autocast(device, precision):
-                logp, _ = sequence_logps(model, b, chunk_size, segment_len, batch_tokens)
-            table[list(b.example_ids)] = logp.float().view(-1, 2).cpu().numpy()
+            yield loader.collate(rows).to(device)
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def reference_table(model, examples, *, batch_tokens, device, precision="fp32", chunk_size=None, segment_len=None):
+    """[n, 2] float32 (chosen, rejected) summed log-probs of every pair under `model`."""
+    from .loop import autocast
+    table = np.zeros((len(examples), 2), np.float32)
+    for b in _pair_batches(model, examples, batch_tokens=batch_tokens, device=device):
+        with autocast(device, precision):
+            logp, _ = sequence_logps(model, b, chunk_size, segment_len, batch_tokens)
+        table[list(b.example_ids)] = logp.float().view(-1, 2).cpu().numpy()
     return table
 
 
@@ -247,30 +253,22 @@ def evaluate_pairs(model, examples, *, objective="dpo", beta=None, gamma=DEFAULT
                    chunk_size=None) -> dict:
     """Held-out pairs: mean loss, rewards, margin, reward accuracy and preference accuracy
     (log pi(y_w) > log pi(y_l)). Without a reference (DPO), the loss and rewards are left out."""
-    from ..data.pairs import PairLoader
     from .loop import autocast
     beta = DEFAULT_BETA.get(objective, 0.1) if beta is None else beta
     loss_module = PreferenceLoss(model, objective, beta, gamma, chunk_size, segment_len, batch_tokens, reference)
-    loader = PairLoader(examples.unweighted(), batch_tokens=batch_tokens, shuffle=False)
     has_ref = objective != "dpo" or reference == "adapters" or ref_table is not None
     total = np.zeros(len(STATS))
-    was_training = model.training
-    model.eval()
-    try:
-        for rows in loader.plan(0):
-            b = loader.collate(rows).to(device)
-            with autocast(device, precision):
-                if has_ref:
-                    stats = loss_module(*as_inputs(b, ref_table))[1]
-                else:  # preference accuracy only
-                    logp, _ = loss_module.logps(b)
-                    ones = torch.ones(b.num_pairs, dtype=torch.float64, device=logp.device)
-                    stats = torch.stack([ones * 0, ones * 0, ones * 0, ones * 0,
-                                         (logp[0::2] > logp[1::2]).double(), ones]) * b.pair_weight.double()
-                    stats = stats.sum(1)
-            total += stats.double().cpu().numpy()
-    finally:
-        model.train(was_training)
+    for b in _pair_batches(model, examples, batch_tokens=batch_tokens, device=device):
+        with autocast(device, precision):
+            if has_ref:
+                stats = loss_module(*as_inputs(b, ref_table))[1]
+            else:  # preference accuracy only
+                logp, _ = loss_module.logps(b)
+                ones = torch.ones(b.num_pairs, dtype=torch.float64, device=logp.device)
+                stats = torch.stack([ones * 0, ones * 0, ones * 0, ones * 0,
+                                     (logp[0::2] > logp[1::2]).double(), ones]) * b.pair_weight.double()
+                stats = stats.sum(1)
+        total += stats.double().cpu().numpy()
     out = summarize(total)
     out["pairs"] = len(examples)
     if not has_ref:
