@@ -9,18 +9,17 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from ..utils import cache_home
 
 CSRC = Path(__file__).parent / "csrc"
 HEAD_SIZES = (64,)  # instantiated in wkv7.cu
-_STALE_LOCK_S = 600  # a build holds torch's lock file for a minute or two; older ones are debris
 
 _modules: dict[tuple[int, int], object] = {}  # (major, minor) -> built extension
 _usable: dict[int, bool] = {}  # device index -> passed build and self-check
@@ -55,36 +54,18 @@ def missing_tools() -> list[str]:
     return missing
 
 
-def _remove_stale_lock(directory: Path) -> None:
-    # torch's builder waits forever on a lock file left behind by a killed build
-    lock = directory / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
-        warnings.warn(f"removing stale build lock {lock} (older than {_STALE_LOCK_S // 60} minutes)")
-        lock.unlink(missing_ok=True)
-
-
 @contextmanager
 def _build_lock(directory: Path):
     """One build at a time per build folder. torch's own lock is a plain file: a build killed
     half-way (Ctrl-C, a timeout) leaves it behind, and every later process waits on it. An OS
-    file lock (flock) dies with its holder, so whoever holds it knows that a torch lock file
-    found is such debris. Without fcntl (Windows) a lock file is debris once 10 minutes old."""
-    try:
-        import fcntl
-    except ImportError:
-        _remove_stale_lock(directory)
+    file lock dies with its holder, so whoever holds it knows that a torch lock file found is
+    such debris."""
+    with FileLock(directory / "build.flock"):  # waits while another process builds
+        lock = directory / "lock"
+        if lock.exists():
+            warnings.warn(f"removing {lock}, left behind by a build that did not finish")
+            lock.unlink(missing_ok=True)
         yield
-        return
-    with open(directory / "build.flock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another process builds
-        try:
-            lock = directory / "lock"
-            if lock.exists():
-                warnings.warn(f"removing {lock}, left behind by a build that did not finish")
-                lock.unlink(missing_ok=True)
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def build_extension(capability: tuple[int, int], csrc: Path | None = None, verbose: bool = False):
