@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from filelock import FileLock
 
+from .. import env
 from ..errors import UserError
 from .formats import END, Invalid, check_file, make_renderer, read_records, unused_problem
 
@@ -30,10 +31,7 @@ _PROBE = "Hello, World! 你好 123 \n\n\t ünïcödé 🙂 User: Assistant:"
 
 
 def default_cache_dir() -> str:
-    if os.environ.get("RWKV_SFT_CACHE"):
-        return os.environ["RWKV_SFT_CACHE"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "rwkv_sft", "data")
+    return env.data_cache() or str(env.cache_home() / "data")
 
 
 def tokenizer_identity(tokenizer) -> str:
