@@ -13,7 +13,7 @@ in fresh processes, one mode after the other.
   their steps, so that a slow period falls on both.
 Both modes see the same data; their losses are printed for the eye (the tests check equality).
 As under `rwkv-sft train`: large tensors on 2 MiB pages, FSDP2's own collectives (as on nccl),
-fsdp under the low-memory heap policy (parallel.check_device), ddp under the default one.
+fsdp under the low-memory heap policy (parallel.use_heap_policy), ddp under the default one.
 
     flock /tmp/rwkv-heavy.lock python benchmarks/bench_parallel.py          # several GiB
     python benchmarks/bench_parallel.py --layers 2 --embd 256 --vocab 4096  # a quick look
@@ -50,7 +50,7 @@ def _worker(rank, args, port, mode, out):
     from rwkv_sft.train.optim import make_optimizer
     from rwkv_sft.utils import set_heap_policy
 
-    set_heap_policy(low_memory=args.low_memory or mode == "fsdp")  # as the trainer does on CPU
+    set_heap_policy(low_memory=args.low_memory or mode == "fsdp")  # as `rwkv-sft train` does on CPU
     d = distributed.setup("cpu", 600)
     torch.manual_seed(0)
     model = RWKV7(RWKV7Config(n_layer=args.layers, n_embd=args.embd, vocab_size=args.vocab))

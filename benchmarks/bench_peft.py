@@ -81,7 +81,7 @@ def child(spec: dict) -> dict:
     config = TrainConfig(data=DataConfig(train_files=["unused"]), model=spec["ckpt"], **METHODS[spec["method"]])
     config.validate()
     if device.type == "cpu":
-        set_heap_policy(config.low_memory)  # as the trainer does
+        set_heap_policy(config.low_memory)  # as `rwkv-sft train` does
     model = RWKV7.load(spec["ckpt"])
     peft = peft_run.settings_from(config)
     peft_run.prepare(model, peft, seed=0, initialize=True)

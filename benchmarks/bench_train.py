@@ -63,7 +63,7 @@ def child(args):
     batch = make_batch(args.B, args.T, args.vocab)
     count = batch.num_loss_tokens
     if args.child.startswith("engine"):
-        set_heap_policy(low_memory=False)  # as rwkv_sft.train does on CPU
+        set_heap_policy(low_memory=False)  # as `rwkv-sft train` does on CPU
         model.wkv_backend = "chunked"
         lm = CompletionLoss(model)
         precision = "bf16" if args.child == "engine-bf16" else "fp32"

@@ -234,3 +234,18 @@ def test_mixed_dtypes_compute_in_the_wider_one():
     torch.testing.assert_close(loss, ref, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(gw, rw, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(gh, rh.bfloat16(), rtol=2**-7, atol=1e-6)  # up to one bf16 rounding
+
+
+@pytest.mark.parametrize("n,v,c,chunk", SHAPES)
+def test_evaluation_pass_matches_full_logits(n, v, c, chunk):
+    """loss_and_argmax (evaluate's loss and token accuracy) against F.cross_entropy and argmax over
+    the full logits (scaled up: a tie within rounding between two logits is then unlikely)."""
+    from rwkv_sft.ops.cross_entropy import loss_and_argmax
+    hidden, weight, targets = (x.detach() for x in make(n, v, c, torch.float32, scale=3.0))
+    loss, predicted = loss_and_argmax(hidden, weight, targets, chunk_size=chunk)
+    logits = hidden @ weight.T
+    torch.testing.assert_close(loss, F.cross_entropy(logits, targets, reduction="none"), rtol=1e-5, atol=1e-5)
+    assert torch.equal(predicted, logits.argmax(dim=-1))
+    assert loss.dtype == torch.float32 and predicted.shape == (n,)
+    with pytest.raises(ValueError, match="targets must lie in"):
+        loss_and_argmax(hidden, weight, torch.full_like(targets, v), chunk_size=chunk)

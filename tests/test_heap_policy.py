@@ -70,9 +70,28 @@ def test_fsdp_on_several_cpu_processes_takes_the_low_memory_policy(monkeypatch):
     from types import SimpleNamespace
 
     from rwkv_sft.train import parallel
-    from rwkv_sft.train.distributed import Dist
     chosen = []
     monkeypatch.setattr(parallel.utils, "set_heap_policy", chosen.append)
     for mode, world, low in (("fsdp", 2, False), ("ddp", 2, False), ("fsdp", 1, False), ("ddp", 2, True)):
-        parallel.check_device(SimpleNamespace(offload=None, low_memory=low, parallel=mode), Dist(world_size=world))
+        monkeypatch.setenv("WORLD_SIZE", str(world))  # as torchrun sets it
+        parallel.use_heap_policy(SimpleNamespace(device="cpu", low_memory=low, parallel=mode))
     assert chosen == [True, False, False, True]
+
+
+def test_the_train_command_sets_the_policy_and_train_leaves_it_to_its_caller(monkeypatch, tmp_path):
+    """The heap policy holds for the whole process: `rwkv-sft train` sets it before train(); a
+    Python program that calls train() keeps its own."""
+    from types import SimpleNamespace
+
+    from rwkv_sft import cli, utils
+    from rwkv_sft.train import loop, train
+    from test_train_helpers import tiny_config, tiny_data
+    chosen = []
+    monkeypatch.setattr(utils, "set_heap_policy", chosen.append)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    train(tiny_config(tmp_path / "python", max_steps=1), data=tiny_data())
+    assert chosen == []
+    monkeypatch.setattr(loop, "train", lambda config: SimpleNamespace(interrupted=False))  # the command, not the run
+    assert cli.main(["train", "--data", "d.jsonl", "--n-layer", "1", "--n-embd", "64", "--device", "cpu",
+                     "--low-memory", "--out", str(tmp_path / "cli")]) == 0
+    assert chosen == [True]

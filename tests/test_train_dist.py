@@ -36,7 +36,6 @@ def _worker(rank, port, out_dir, result_file):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    import test_train_helpers  # noqa: F401  (the metrics stand-in, if needed)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from rwkv_sft.train import distributed, train

@@ -1,4 +1,4 @@
-"""Shared pieces of the training tests: tiny data, tiny configs, a stand-in metrics module."""
+"""Shared pieces of the training tests: tiny data, tiny configs, random batches."""
 from __future__ import annotations
 
 import json
@@ -11,26 +11,6 @@ import torch
 from rwkv_sft.data import Batch, DataConfig, TokenizedExamples
 
 VOCAB = 256
-FAKE_METRICS = '''
-import json, sys, types
-from pathlib import Path
-try:
-    import rwkv_sft.train.metrics
-except ImportError:  # not written yet: a minimal stand-in with the same interface
-    m = types.ModuleType("rwkv_sft.train.metrics")
-    class MetricsLogger:
-        def __init__(self, out_dir, enabled, tensorboard=True):
-            self.path, self.enabled = Path(out_dir) / "metrics.jsonl", enabled
-        def log(self, kind, step, **values):
-            if self.enabled:
-                with open(self.path, "a") as f:
-                    f.write(json.dumps({"kind": kind, "step": step, **values}) + "\\n")
-        def close(self):
-            pass
-    m.MetricsLogger, m.plot_metrics = MetricsLogger, lambda src, png: Path(png).write_bytes(b"")
-    sys.modules["rwkv_sft.train.metrics"] = m
-'''
-exec(FAKE_METRICS)
 
 
 def tiny_examples(n=24, seed=0, vocab=VOCAB, min_len=6, max_len=20):

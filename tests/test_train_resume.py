@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_helpers import FAKE_METRICS, metric_lines, tiny_config, tiny_data
+from test_train_helpers import metric_lines, tiny_config, tiny_data
 
 from rwkv_sft.train import checkpoint as ckpt
 from rwkv_sft.train import train
@@ -90,7 +90,7 @@ print("STOPPED_AT", r.steps, r.interrupted)
 
 
 def test_resume_after_sigterm_in_subprocess_is_bit_identical(tmp_path, straight_run):
-    code = FAKE_METRICS + _CHILD.format(tests=str(Path(__file__).parent), out=str(tmp_path), settings=SETTINGS)
+    code = _CHILD.format(tests=str(Path(__file__).parent), out=str(tmp_path), settings=SETTINGS)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "STOPPED_AT 4 True" in proc.stdout

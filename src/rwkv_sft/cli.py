@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
+from . import env
 from .errors import UserError
 
 # sub-command -> (module, one-line help). Each module defines add_arguments(parser) and run(args) -> int.
@@ -59,9 +59,8 @@ def use_huge_pages() -> None:
     """Large CPU tensors on 2 MiB pages where the kernel allows it (torch reads the variable once,
     before its first allocation; THP_MEM_ALLOC_ENABLE=0 keeps 4 KiB pages). A CPU training step
     allocates and frees buffers of tens to hundreds of MB, and fresh ones cost a page fault per
-    4 KiB: measured at 8 x 1024 on 2 gloo processes, fsdp 38 -> 60 tokens/s; ddp and one process
-    (whose heap reuses its buffers) unchanged within noise."""
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    4 KiB (per 2 MiB on huge pages). Process-wide, so the command line's to set, not train()'s."""
+    env.default_huge_pages()
 
 
 def main(argv=None) -> int:

@@ -11,12 +11,6 @@ import torch
 from .errors import UserError
 
 
-def cache_home() -> Path:
-    """Where rwkv-sft keeps the kernels it compiles: $XDG_CACHE_HOME/rwkv_sft, else
-    ~/.cache/rwkv_sft (data/cache.py, which must not import torch, spells the same rule out)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rwkv_sft"
-
-
 @contextlib.contextmanager
 def atomic_write(path):
     """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.

@@ -41,10 +41,6 @@ class AdapterSettings:
     lora_init: str = "lora"             # lora | pissa
     state_tuning: bool = False
 
-    @property
-    def enabled(self) -> bool:
-        return self.lora_rank > 0 or self.state_tuning
-
     def describe(self) -> str:
         parts = []
         if self.lora_rank:

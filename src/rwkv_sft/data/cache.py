@@ -10,7 +10,6 @@ entry serves runs with and without skip_invalid; so are text fields the format d
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
@@ -20,7 +19,9 @@ import tempfile
 from dataclasses import dataclass
 
 import numpy as np
+from filelock import FileLock
 
+from .. import env
 from ..errors import UserError
 from .formats import END, Invalid, check_file, make_renderer, read_records, unused_problem
 
@@ -30,10 +31,7 @@ _PROBE = "Hello, World! 你好 123 \n\n\t ünïcödé 🙂 User: Assistant:"
 
 
 def default_cache_dir() -> str:
-    if os.environ.get("RWKV_SFT_CACHE"):
-        return os.environ["RWKV_SFT_CACHE"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "rwkv_sft", "data")
+    return env.data_cache() or str(env.cache_home() / "data")
 
 
 def tokenizer_identity(tokenizer) -> str:
@@ -170,22 +168,6 @@ def cache_key(data: bytes, tokenizer_id: str, settings: dict) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def _file_lock(path):
-    """Serialise builders of one entry across processes (other ranks wait, then read)."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): concurrent builders still end in one atomic rename
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _load_array(path):
     try:
         return np.load(path, mmap_mode="r")
@@ -233,7 +215,7 @@ def load_or_tokenize(path, tokenizer, cache_dir, *, tokenizer_id=None, progress=
     except OSError as e:
         raise UserError(f"data cache {cache_dir}: cannot write there ({e.strerror}); set RWKV_SFT_CACHE to a "
                         f"writable directory") from None
-    with _file_lock(entry + ".lock"):
+    with FileLock(entry + ".lock"):  # one builder per entry: other processes wait, then read it
         if os.path.isdir(entry):
             shard = _read_entry(entry, path)
             shard.meta["cached"] = True

@@ -82,13 +82,6 @@ class BatchLoader:
                 free = np.append(free, self.row_len - p)
         return batches + [rows[k:k + self.rows_per_batch] for k in range(0, len(rows), self.rows_per_batch)]
 
-    def batch_loss_tokens(self, epoch: int) -> np.ndarray:
-        """Loss tokens of every global batch of `epoch`, in plan order (what collate would count)."""
-        if self._loss_counts is None:
-            self._loss_counts = self.examples.loss_counts
-        return np.array([sum(int(self._loss_counts[i]) for row in batch for i in row) for batch in self.plan(epoch)],
-                        dtype=np.int64)
-
     # -- this rank's share -------------------------------------------------------------------------
     def num_batches(self, epoch: int) -> int:
         """Batches per rank in `epoch`: the same on every rank."""

@@ -88,6 +88,8 @@ def _log_before(result, before: dict) -> None:
 def run(args) -> int:
     import torch
 
+    from ..utils import set_heap_policy
+    set_heap_policy(low_memory=False)  # as `rwkv-sft train` does for one CPU process
     threads = torch.get_num_threads()
     args.threads = args.threads or threads
     torch.set_num_threads(args.threads)

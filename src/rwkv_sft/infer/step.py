@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import env
 from ..model.rwkv7 import RWKV7State, is_whole
 
 NEG_EXP_HALF = -math.exp(-0.5)  # log(decay) = -exp(w) = -e^-0.5 sigmoid(z)
@@ -86,7 +86,7 @@ _WEIGHT_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}  # weight dtype -
 def _kernels_for(model):
     """The C kernels when this model's step can use them: an fp32 or bf16 model on the CPU, and not
     switched off with RWKV_SFT_DECODE_KERNELS=0 (the PyTorch path computes the same)."""
-    if os.environ.get("RWKV_SFT_DECODE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not env.decode_kernels():
         return None
     if not isinstance(model.head, nn.Linear):  # a quantized base: the PyTorch path
         return None

@@ -64,8 +64,8 @@ def _usable(name: str, device: torch.device, head_size: int | None) -> bool:
             from .wkv7_cuda import HEAD_SIZES, cuda_kernel_usable
             return head_size in (None, *HEAD_SIZES) and cuda_kernel_usable(device)
         if name == "fla":
-            import os
-            os.environ.setdefault("FLA_CACHE_RESULTS", "1")  # fla keeps its Triton autotuning across runs
+            from ..env import default_fla_cache
+            default_fla_cache()  # before fla's first import
             importlib.import_module("fla.ops.rwkv7")
             return True
         importlib.import_module(_BACKENDS[name][0])

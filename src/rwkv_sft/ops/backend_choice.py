@@ -42,7 +42,7 @@ def shape_key(device: torch.device, B: int, T: int, H: int, N: int, dtype: torch
 
 
 def cache_file() -> Path:
-    from ..utils import cache_home
+    from ..env import cache_home
     return cache_home() / "wkv7_choice.json"
 
 

@@ -60,6 +60,25 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _rows_forward(hidden, weight, targets, chunk_size, dtype, want_max):
+    """Per-row loss and log-sum-exp [N] (acc dtype), `chunk_size` rows of logits at a time; with
+    `want_max` also each row's largest logit and its index (else both empty)."""
+    n, acc, dev = hidden.shape[0], _acc_dtype(dtype), hidden.device
+    h, w = hidden.to(dtype), weight.to(dtype)
+    loss, lse = torch.empty(n, dtype=acc, device=dev), torch.empty(n, dtype=acc, device=dev)
+    maxv = torch.empty(n if want_max else 0, dtype=acc, device=dev)
+    argmax = torch.empty(n if want_max else 0, dtype=torch.long, device=dev)
+    for s in range(0, n, chunk_size):
+        e = min(s + chunk_size, n)
+        logits = (h[s:e] @ w.T).to(acc)                           # [c, V], the only big tensor
+        lse[s:e] = torch.logsumexp(logits, dim=-1)
+        loss[s:e] = lse[s:e] - logits.gather(1, targets[s:e, None]).squeeze(1)
+        if want_max:
+            torch.max(logits, dim=-1, out=(maxv[s:e], argmax[s:e]))
+        del logits  # free it before the next chunk's matmul allocates its own
+    return loss, lse, maxv, argmax
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Rows -> per-row loss [N] (acc dtype). Backward adds l2wrap * max_logit at each row's argmax.
 
@@ -69,20 +88,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, l2wrap, dtype):
-        n, acc, dev = hidden.shape[0], _acc_dtype(dtype), hidden.device
-        h, w = hidden.to(dtype), weight.to(dtype)
-        loss, lse = torch.empty(n, dtype=acc, device=dev), torch.empty(n, dtype=acc, device=dev)
-        want_l2 = l2wrap != 0.0
-        maxv = torch.empty(n if want_l2 else 0, dtype=acc, device=dev)
-        argmax = torch.empty(n if want_l2 else 0, dtype=torch.long, device=dev)
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
-            logits = (h[s:e] @ w.T).to(acc)                           # [c, V], the only big tensor
-            lse[s:e] = torch.logsumexp(logits, dim=-1)
-            loss[s:e] = lse[s:e] - logits.gather(1, targets[s:e, None]).squeeze(1)
-            if want_l2:
-                torch.max(logits, dim=-1, out=(maxv[s:e], argmax[s:e]))
-            del logits  # free it before the next chunk's matmul allocates its own
+        loss, lse, maxv, argmax = _rows_forward(hidden, weight, targets, chunk_size, dtype, l2wrap != 0.0)
         ctx.save_for_backward(hidden, weight, targets, lse, maxv, argmax)
         ctx.chunk_size, ctx.l2wrap, ctx.dtype = chunk_size, l2wrap, dtype
         return loss
@@ -167,3 +173,17 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         return loss
     total = loss.sum()
     return total / max(1, loss.shape[0]) if reduction == "mean" else total
+
+
+@torch.no_grad()
+def loss_and_argmax(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluation's pass over the logits of `hidden @ weight.T`: each row's loss [N] (as
+    linear_cross_entropy's reduction="none") and its argmax [N], one chunk of logits at a time."""
+    vocab = weight.shape[0]
+    check_ids(targets, vocab, "targets")
+    dtype = compute_dtype(hidden, weight)
+    with no_autocast(hidden.device.type):
+        loss, _, _, argmax = _rows_forward(hidden, weight, targets.long(), chunk_size or default_chunk_size(vocab),
+                                           dtype, True)
+    return loss, argmax

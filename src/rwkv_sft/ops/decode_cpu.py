@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import os
 import platform
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from ..utils import atomic_write, cache_home
+from .. import env
+from ..utils import atomic_write
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_cpu.c"
 HEADERS = [Path(__file__).parent / "csrc" / "decode_cpu_weights.h"]  # included by SOURCE
@@ -42,8 +42,8 @@ _loaded: dict[str, object] = {}  # "lib" -> the library, or None once it failed
 
 def compiler() -> str | None:
     """The C compiler to build with: $CC, else the first of cc, gcc, clang on the PATH."""
-    if os.environ.get("CC"):
-        return shutil.which(os.environ["CC"])
+    if env.c_compiler():
+        return shutil.which(env.c_compiler())
     return next((path for name in ("cc", "gcc", "clang") if (path := shutil.which(name))), None)
 
 
@@ -51,7 +51,7 @@ def library_path(cc: str) -> Path:
     """Where the build of this source by this compiler is kept (rebuilt when either changes)."""
     sources = b"".join(f.read_bytes() for f in (SOURCE, *HEADERS))
     key = hashlib.sha1(sources + "\0".join([cc, *FLAGS, *sum(VARIANTS, []), platform.machine()]).encode())
-    return cache_home() / "decode_cpu" / f"decode_cpu_{key.hexdigest()[:16]}.so"
+    return env.cache_home() / "decode_cpu" / f"decode_cpu_{key.hexdigest()[:16]}.so"
 
 
 def build(cc: str) -> Path:
@@ -76,8 +76,8 @@ def kernels():
     if "lib" not in _loaded:
         _loaded["lib"] = None
         cc = compiler()
-        if cc is None and os.environ.get("CC"):  # asked for, so its absence is news
-            _unavailable(f"CC={os.environ['CC']}: no such command")
+        if cc is None and env.c_compiler():  # asked for, so its absence is news
+            _unavailable(f"CC={env.c_compiler()}: no such command")
         elif cc is not None:
             try:
                 lib = ctypes.CDLL(str(build(cc)))

@@ -204,7 +204,7 @@ def _restart(saved, seg, PR, out):
 
 def _restart_backward(saved, restart_saved, dYS, dPend, dQ, dew, dPR):
     """`_restart`'s share of the gradients: adds to dQ (then scaled like Q's own), dew and dPR."""
-    Q, ew, mask = saved[0], saved[8], saved[12]
+    Q, mask = saved[0], saved[12]
     ERi, DR, PR = restart_saved
     g, _, C, N = Q.shape
     QR = Q * ERi.unsqueeze(1)

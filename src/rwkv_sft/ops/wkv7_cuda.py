@@ -9,18 +9,17 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
-from ..utils import cache_home
+from .. import env
 
 CSRC = Path(__file__).parent / "csrc"
 HEAD_SIZES = (64,)  # instantiated in wkv7.cu
-_STALE_LOCK_S = 600  # a build holds torch's lock file for a minute or two; older ones are debris
 
 _modules: dict[tuple[int, int], object] = {}  # (major, minor) -> built extension
 _usable: dict[int, bool] = {}  # device index -> passed build and self-check
@@ -29,7 +28,7 @@ _usable: dict[int, bool] = {}  # device index -> passed build and self-check
 def build_dir(capability: tuple[int, int]) -> Path:
     """One build directory per torch version, CUDA version and GPU architecture."""
     tag = f"{torch.__version__}-cu{torch.version.cuda}-sm{capability[0]}{capability[1]}"
-    return cache_home() / "torch_extensions" / tag.replace("+", "_")
+    return env.cache_home() / "torch_extensions" / tag.replace("+", "_")
 
 
 def extension_name(capability: tuple[int, int], csrc: Path | None = None) -> str:
@@ -49,42 +48,24 @@ def missing_tools() -> list[str]:
         missing.append("nvcc (install the CUDA toolkit matching torch's CUDA, or set CUDA_HOME)")
     if not is_ninja_available():
         missing.append("ninja (pip install ninja)")
-    compiler = "cl" if os.name == "nt" else os.environ.get("CXX", "c++")
+    compiler = "cl" if os.name == "nt" else env.cxx_compiler()
     if shutil.which(compiler) is None:
         missing.append(f"a C++ compiler ({compiler}; on Windows run from a Visual Studio developer prompt)")
     return missing
-
-
-def _remove_stale_lock(directory: Path) -> None:
-    # torch's builder waits forever on a lock file left behind by a killed build
-    lock = directory / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
-        warnings.warn(f"removing stale build lock {lock} (older than {_STALE_LOCK_S // 60} minutes)")
-        lock.unlink(missing_ok=True)
 
 
 @contextmanager
 def _build_lock(directory: Path):
     """One build at a time per build folder. torch's own lock is a plain file: a build killed
     half-way (Ctrl-C, a timeout) leaves it behind, and every later process waits on it. An OS
-    file lock (flock) dies with its holder, so whoever holds it knows that a torch lock file
-    found is such debris. Without fcntl (Windows) a lock file is debris once 10 minutes old."""
-    try:
-        import fcntl
-    except ImportError:
-        _remove_stale_lock(directory)
+    file lock dies with its holder, so whoever holds it knows that a torch lock file found is
+    such debris."""
+    with FileLock(directory / "build.flock"):  # waits while another process builds
+        lock = directory / "lock"
+        if lock.exists():
+            warnings.warn(f"removing {lock}, left behind by a build that did not finish")
+            lock.unlink(missing_ok=True)
         yield
-        return
-    with open(directory / "build.flock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another process builds
-        try:
-            lock = directory / "lock"
-            if lock.exists():
-                warnings.warn(f"removing {lock}, left behind by a build that did not finish")
-                lock.unlink(missing_ok=True)
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def build_extension(capability: tuple[int, int], csrc: Path | None = None, verbose: bool = False):
@@ -103,10 +84,8 @@ def build_extension(capability: tuple[int, int], csrc: Path | None = None, verbo
     from torch.utils.cpp_extension import load
     directory = build_dir(capability)
     directory.mkdir(parents=True, exist_ok=True)
-    arch_before = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    os.environ["TORCH_CUDA_ARCH_LIST"] = f"{capability[0]}.{capability[1]}"  # this GPU only
     try:
-        with _build_lock(directory):
+        with env.cuda_arch_list(f"{capability[0]}.{capability[1]}"), _build_lock(directory):  # this GPU only
             return load(name=extension_name(capability, csrc),
                         sources=[str(s) for s in sources[:2]], build_directory=str(directory),
                         extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-Xptxas=-O3"], verbose=verbose)
@@ -116,11 +95,6 @@ def build_extension(capability: tuple[int, int], csrc: Path | None = None, verbo
         detail = " | ".join([ln.strip() for ln in lines if "error" in ln.lower()][:3] or lines[-1:])
         raise RuntimeError(f"building the WKV-7 CUDA kernel in {directory} failed: {detail} "
                            "(build_extension(..., verbose=True) shows the full output)") from e
-    finally:
-        if arch_before is None:
-            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
-        else:
-            os.environ["TORCH_CUDA_ARCH_LIST"] = arch_before
 
 
 def _extension(device: torch.device):

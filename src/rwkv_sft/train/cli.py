@@ -205,6 +205,8 @@ def build_config(args):
 def run(args) -> int:
     config = build_config(args)  # settings errors come before torch is imported
     from .loop import train
+    from .parallel import use_heap_policy
+    use_heap_policy(config)  # process-wide, so the command's to set and not train()'s
     result = train(config)
     if result.interrupted:  # as shells expect of a command stopped by a signal (another process may have had it)
         return 128 + (result.signal or signal.SIGTERM)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .. import env
 from ..utils import resolve_device
 
 
@@ -39,8 +40,7 @@ class Dist:
 def setup(device: str, timeout_s: float, own_group: bool = False) -> Dist:
     """Join the process group when launched by torchrun (or one already started); else one process,
     in a process group of its own on a GPU when `own_group` (FSDP's CPU offload needs one)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world, local_rank = env.world_size(), env.local_rank()
     dev = resolve_device(device, local_rank)
     if world <= 1 and not dist.is_initialized() and not (own_group and dev.type == "cuda"):
         return Dist(device=dev)
@@ -49,7 +49,7 @@ def setup(device: str, timeout_s: float, own_group: bool = False) -> Dist:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         backend, timeout = "nccl" if dev.type == "cuda" else "gloo", datetime.timedelta(seconds=timeout_s)
-        if world <= 1 and "MASTER_ADDR" not in os.environ:  # no torchrun: a store in this process
+        if world <= 1 and not env.rendezvous_given():  # no torchrun: a store in this process
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
             dist.init_process_group(backend, init_method="env://", timeout=timeout)

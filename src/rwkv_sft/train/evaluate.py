@@ -6,13 +6,12 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..adapters.quant import dense_weight
 from ..data import BatchLoader, TokenizedExamples
 from ..infer.generate import PREFILL_CHUNK, greedy_batch
 from ..model.segments import hidden_rows, segment_len_for
-from ..ops.cross_entropy import default_chunk_size
+from ..ops.cross_entropy import loss_and_argmax
 from .loop import autocast
 
 
@@ -73,7 +72,6 @@ def evaluate(model, examples: TokenizedExamples, tokenizer, *, batch_tokens: int
     try:
         examples = examples.unweighted()  # file weights decide sampling in training, not evaluation
         head = dense_weight(model.head).float()
-        chunk = default_chunk_size(head.shape[0])  # rows of logits per chunk, as in the training loss
         loss_sum, correct, count = 0.0, 0, 0
         if len(examples):
             loader = BatchLoader(examples, batch_tokens=batch_tokens, packing=False, shuffle=False)
@@ -82,11 +80,10 @@ def evaluate(model, examples: TokenizedExamples, tokenizer, *, batch_tokens: int
                 S = segment_len_for(b.tokens.shape, segment_len, batch_tokens)
                 with autocast(device, precision):
                     rows = hidden_rows(model, b.tokens, b.resets, b.loss_mask, S)
-                rows, targets = rows.float(), b.targets[b.loss_mask]
-                for k in range(0, rows.shape[0], chunk):
-                    logits = rows[k:k + chunk] @ head.T
-                    loss_sum += float(F.cross_entropy(logits, targets[k:k + chunk], reduction="sum"))
-                    correct += int((logits.argmax(dim=-1) == targets[k:k + chunk]).sum())
+                targets = b.targets[b.loss_mask]
+                losses, predicted = loss_and_argmax(rows.float(), head, targets)  # in fp32, chunked as in training
+                loss_sum += float(losses.double().sum())
+                correct += int((predicted == targets).sum())
                 count += rows.shape[0]
         loss = loss_sum / count if count else float("nan")
         result = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)) if count else float("nan"),

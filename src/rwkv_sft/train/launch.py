@@ -12,8 +12,8 @@ TORCH_ELASTIC_SHUTDOWN_TIMEOUT says otherwise.
 from __future__ import annotations
 
 import argparse
-import os
 
+from .. import env
 from ..errors import UserError
 
 SHUTDOWN_TIMEOUT_S = 300
@@ -42,7 +42,7 @@ def run(args) -> int:
                         "-m, --no-python or --run-path")
     ns.training_script_args = [ns.training_script, *ns.training_script_args]  # python -m rwkv_sft COMMAND ...
     ns.training_script, ns.module = "rwkv_sft", True
-    if ns.shutdown_timeout is None and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in os.environ:
+    if ns.shutdown_timeout is None and not env.shutdown_timeout_given():
         ns.shutdown_timeout = SHUTDOWN_TIMEOUT_S
     try:
         torchrun(ns)

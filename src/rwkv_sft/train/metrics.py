@@ -12,6 +12,7 @@ import math
 import time
 from pathlib import Path
 
+from .. import env
 from ..errors import UserError
 
 
@@ -87,8 +88,7 @@ def _start_wandb(out_dir: Path, run_config):
     id_file = out_dir / "wandb" / "run_id"
     run_id = id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else None
     id_file.parent.mkdir(parents=True, exist_ok=True)
-    import os
-    run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "rwkv-sft", name=out_dir.resolve().name,
+    run = wandb.init(project=env.wandb_project(), name=out_dir.resolve().name,
                      dir=str(out_dir), config=run_config, id=run_id, resume="allow" if run_id else None)
     id_file.write_text(str(run.id), encoding="utf-8")
     return run

@@ -36,7 +36,7 @@ from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, Offl
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .. import utils
+from .. import env, utils
 from ..errors import UserError
 from ..model.checkpoint import export_state_dict
 from . import checkpoint as ckpt
@@ -95,18 +95,26 @@ def wrap(loss_module, d: Dist, mode: str, precision: str, offload: bool = False)
     return Parallel("fsdp", loss_module)
 
 
+def use_heap_policy(config) -> None:
+    """On CPU, the C heap's policy (utils.set_heap_policy) for this run's process. It holds for the
+    whole process, so the command line sets it before train(), which leaves a Python caller's
+    process as it is. fsdp takes `--low-memory`'s: the [V, C] tables it gathers and reduce-scatters
+    (several 256 MiB buffers at 1024 x 65536) would stay in the heap; at 8 x 1024 on 2 gloo
+    processes the largest process peaks at 3.55 instead of 4.82 GiB (benchmarks/bench_parallel.py)."""
+    try:
+        device = utils.resolve_device(config.device, env.local_rank())
+    except UserError:
+        return  # train() says what is wrong with it
+    if device.type == "cpu":
+        utils.set_heap_policy(config.low_memory or (config.parallel == "fsdp" and env.world_size() > 1))
+
+
 def check_device(config, d: Dist) -> None:
-    """What this run's device allows: `--offload cpu` only where the model would be elsewhere;
-    on CPU the C heap's policy (utils.set_heap_policy). fsdp takes `--low-memory`'s: the [V, C]
-    tables it gathers and reduce-scatters (several 256 MiB buffers at 1024 x 65536) would stay in
-    the heap; at 8 x 1024 on 2 gloo processes the largest process peaks at 3.55 instead of 4.82 GiB
-    (benchmarks/bench_parallel.py)."""
+    """What this run's device allows: `--offload cpu` only where the model would be elsewhere."""
     if config.offload and d.device.type != "cuda":
         raise UserError(f"--offload cpu keeps a GPU run's weights in CPU memory; this run is on {d.device.type}, "
                         f"where they are already: drop --offload")
-    if d.device.type == "cpu":
-        utils.set_heap_policy(config.low_memory or (config.parallel == "fsdp" and d.enabled))
-    elif config.low_memory and d.is_main:
+    if config.low_memory and d.device.type != "cpu" and d.is_main:
         print(f"rwkv-sft train: --low-memory shapes the CPU heap only; it changes nothing on {d.device}", flush=True)
 
 

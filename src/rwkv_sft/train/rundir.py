@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from filelock import FileLock, Timeout
 
 from ..errors import UserError
 from ..utils import atomic_write
@@ -49,35 +50,35 @@ def make_out_dir(out: Path) -> None:
 
 @contextlib.contextmanager
 def locked(out: Path, enabled: bool = True):
-    """Hold OUT/.lock (flock) while the run trains; a second run is refused, naming the holder.
-    The kernel releases the lock when its process dies, so a stale file never blocks."""
+    """Hold OUT/.lock while the run trains; a second run is refused, naming the holder (written
+    into the file). The OS releases the lock when its process dies, so a stale file never blocks."""
     if not enabled:
         yield
         return
     make_out_dir(out)
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): unlocked
-        yield
-        return
     path = out / LOCK_FILE
+    lock = FileLock(path, timeout=0)
     try:
-        f = open(path, "a+", encoding="utf-8")
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"--out {out}: another run is training into this directory ({_holder(path)}); wait for "
+                        f"it to end or choose another --out") from None
     except OSError as e:
         raise UserError(f"--out {out}: cannot create {LOCK_FILE} ({e.strerror})") from None
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise UserError(f"--out {out}: another run is training into this directory ({holder}); wait for it "
-                            f"to end or choose another --out") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
-        yield  # closing the file releases the lock; the file stays (removing it would race)
+    try:
+        with contextlib.suppress(OSError):  # the name of the holder is for people; the lock works without it
+            path.write_text(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                            f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n", encoding="utf-8")
+        yield
+    finally:
+        lock.release()  # the file stays (removing it would race with the next run's lock)
+
+
+def _holder(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip() or "another process"
+    except OSError:  # Windows: the holder's lock keeps others from reading
+        return "another process"
 
 
 def _owned(folder: Path) -> list[Path]:
