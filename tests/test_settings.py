@@ -219,3 +219,17 @@ def test_an_adapter_files_settings_are_checked_against_their_types(tmp_path):
     good = save_adapter(tmp_path / "b.safetensors", tensors, AdapterSettings(lora_rank=2, lora_alpha=4.0),
                         {"fingerprint": "0"})
     assert read_adapter(good)[1] == AdapterSettings(lora_rank=2, lora_alpha=4.0)
+
+
+def test_a_runs_resolved_config_reads_back_as_it_was(tmp_path):
+    """OUT/config.yaml (every setting, resolved) passes the same checks and gives the same config."""
+    import yaml
+    from rwkv_sft.train.rundir import write_config
+    config = TrainConfig(data=DataConfig(train_files=["a.jsonl"], format="chat", anchor_fraction=0.5),
+                         model_config={"n_layer": 1, "n_embd": 64}, lora_rank=4, lora_init="pissa",
+                         state_tuning=True, schedule="linear", export=["hf"], report_to=["none"],
+                         betas=(0.8, 0.9), warmup_ratio=0.1, out_dir=str(tmp_path)).validate()
+    write_config(tmp_path, config)
+    again = TrainConfig.from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()),
+                                  source=str(tmp_path / "config.yaml")).validate()
+    assert again == config
