@@ -12,7 +12,8 @@ import argparse
 import math
 import re
 
-from .data.config import FORMATS
+from .data.config import DataConfig
+from .settings import one_of
 
 ESCAPES_HELP = r"escapes \n \t \r \\; \\n is a literal backslash-n"
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
@@ -74,9 +75,8 @@ def add_data_arguments(p, prefix: str = "data.", set_flag: bool = True) -> None:
 
     Each flag stores into `prefix + <DataConfig field>` only when given (defaults live in
     DataConfig), so a config file under a flag is not overridden by a default."""
-    from .data.config import FORMATS  # torch-free
     S = argparse.SUPPRESS
-    p.add_argument("--format", dest=prefix + "format", default=S, choices=FORMATS,
+    p.add_argument("--format", dest=prefix + "format", default=S, choices=one_of(DataConfig, "format"),
                    help="how to read the records (default auto: by their fields)")
     p.add_argument("--context-field", dest=prefix + "context_field", metavar="NAME", default=S,
                    help="field of the context (default: context / prompt / input)")

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..settings import LoraAlpha, LoraDropout, LoraInit, NonNegativeInt, coerce_fields
 from ..utils import atomic_write
 from .lora import DEFAULT_TARGETS
 
@@ -34,11 +35,11 @@ def is_adapter_key(name: str) -> bool:
 
 @dataclass
 class AdapterSettings:
-    lora_rank: int = 0                  # 0: no LoRA
-    lora_alpha: float | None = None     # None -> lora_rank (scale 1)
+    lora_rank: NonNegativeInt = 0       # 0: no LoRA
+    lora_alpha: LoraAlpha | None = None  # None -> lora_rank (scale 1)
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # see lora.match_targets
-    lora_dropout: float = 0.0
-    lora_init: str = "lora"             # lora | pissa
+    lora_dropout: LoraDropout = 0.0
+    lora_init: LoraInit = "lora"
     state_tuning: bool = False
 
     def describe(self) -> str:
@@ -50,6 +51,13 @@ class AdapterSettings:
         if self.state_tuning:
             parts.append("learned initial state")
         return " + ".join(parts)
+
+
+def read_settings(d: dict, path) -> AdapterSettings:
+    """The settings an adapter file holds, each checked against its type (errors name the file)."""
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: corrupt adapter: unreadable settings in its metadata")
+    return AdapterSettings(**coerce_fields(d, AdapterSettings, f"{path}: adapter settings"))
 
 
 def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
@@ -135,7 +143,7 @@ def read_adapter(path) -> tuple[dict[str, torch.Tensor], AdapterSettings, dict]:
     if metadata.get("sha256") != _checksum(tensors):
         raise UserError(f"{path}: corrupt adapter: its tensors do not match the checksum written with them")
     try:
-        settings = AdapterSettings(**json.loads(metadata["settings"]))
+        settings = read_settings(json.loads(metadata["settings"]), path)
         base = json.loads(metadata["base"])
         assert isinstance(base, dict) and "fingerprint" in base
     except (KeyError, TypeError, ValueError, AssertionError):
@@ -156,7 +164,7 @@ def _checkpoint_adapter(path: Path) -> tuple[dict[str, torch.Tensor], AdapterSet
     if saved is None:
         raise UserError(f"{path}: a checkpoint of a full fine-tuning run holds a whole model, not an adapter: "
                         f"give it as --model")
-    return state["model"], AdapterSettings(**saved["settings"]), saved["base"]
+    return state["model"], read_settings(saved["settings"], path), saved["base"]
 
 
 def _torch_file_kind(path: Path) -> str:

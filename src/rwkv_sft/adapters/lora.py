@@ -21,10 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..settings import LoraInit, check_lora, choices
 from .quant import QuantLinear, replace_module
 
 DEFAULT_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
-INITS = ("lora", "pissa")
+INITS = choices(LoraInit)
 
 
 class _UpcastLinear(torch.autograd.Function):
@@ -51,11 +52,33 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 class FrozenLinear(nn.Linear):
     """An nn.Linear whose frozen weight may be stored in bf16 while the input is fp32."""
 
+    @classmethod
+    def around(cls, linear: nn.Linear) -> "FrozenLinear":
+        """A new module in the place of `linear` that holds its very parameters (same objects, so
+        the keys, the values and whatever refers to them stay)."""
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        new.weight, new.bias = linear.weight, linear.bias
+        return new.train(linear.training)
+
     def forward(self, x):
         return frozen_linear(x, self.weight)
 
     def frozen_weight(self) -> torch.Tensor:
         return self.weight
+
+
+class UpcastEmbedding(nn.Embedding):
+    """An nn.Embedding whose frozen table may be stored in bf16: it returns fp32 rows."""
+
+    @classmethod
+    def around(cls, emb: nn.Embedding) -> "UpcastEmbedding":
+        new = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, emb.max_norm, emb.norm_type,
+                  emb.scale_grad_by_freq, emb.sparse, device="meta")
+        new.weight = emb.weight
+        return new.train(emb.training)
+
+    def forward(self, x):
+        return super().forward(x).float()
 
 
 class LoRALayer(nn.Module):
@@ -109,7 +132,7 @@ class LoRALayer(nn.Module):
 
 
 class LoRALinear(LoRALayer, FrozenLinear):
-    """nn.Linear + LoRA. Made from an existing nn.Linear by `add_lora` (the module object stays the same)."""
+    """nn.Linear + LoRA. `add_lora` puts one in the place of an nn.Linear, holding that layer's weight."""
 
 
 class QuantLoRALinear(LoRALayer, QuantLinear):
@@ -173,18 +196,12 @@ def _relative_names(linears) -> list[str]:
 
 def add_lora(model: nn.Module, targets=DEFAULT_TARGETS, rank: int = 16, alpha: float | None = None,
              dropout: float = 0.0, init: str = "lora", initialize: bool = True) -> list[str]:
-    """Turn the chosen nn.Linear layers into LoRALinear in place; returns their names.
+    """Put a LoRALinear (a QuantLoRALinear on a quantized base) in the place of each chosen linear
+    layer, holding that layer's weight; returns their names.
 
     initialize=False leaves A and B (and PiSSA's A0, B0) zero, for loading saved values."""
-    if rank < 1:
-        raise UserError(f"lora_rank must be at least 1, got {rank}")
-    if init not in INITS:
-        raise UserError(f"lora_init must be one of {', '.join(INITS)}, got {init!r}")
-    if not 0 <= dropout < 1:
-        raise UserError(f"lora_dropout must be in [0, 1), got {dropout}")
+    check_lora(rank, alpha, dropout, init)
     alpha = float(rank if alpha is None else alpha)
-    if not alpha > 0 or not math.isfinite(alpha):
-        raise UserError(f"lora_alpha must be a positive number, got {alpha}")
     names = match_targets(model, targets)
     modules = dict(model.named_modules())
     for name in names:
@@ -193,11 +210,9 @@ def add_lora(model: nn.Module, targets=DEFAULT_TARGETS, rank: int = 16, alpha: f
             raise UserError(f"{name} already has a LoRA adapter")
         if rank > min(m.out_features, m.in_features):
             raise UserError(f"lora_rank {rank} exceeds the size of {name} {[m.out_features, m.in_features]}")
-        if isinstance(m, QuantLinear):  # a quantized base: a new module around its stored tensors
-            m = QuantLoRALinear.from_layers(m)
-            replace_module(model, name, m)
-        else:
-            m.__class__ = LoRALinear  # same object and parameters; only the forward changes
+        # a new module around the layer's stored tensors (its parameters or quantized buffers)
+        m = QuantLoRALinear.from_layers(m) if isinstance(m, QuantLinear) else LoRALinear.around(m)
+        replace_module(model, name, m)
         m.init_lora(rank, alpha, dropout, init)
         if initialize:
             m.reset_lora()
@@ -208,18 +223,20 @@ def compact_frozen(model: nn.Module, dtype: torch.dtype) -> None:
     """Store frozen matrices (linear and embedding weights, the bulk of a model) in `dtype`, keep
     every other frozen tensor and everything that trains in fp32.
 
-    Linear layers then upcast their weight per call (FrozenLinear); embeddings return fp32 rows.
+    Linear layers are replaced by FrozenLinear (the weight upcast per call), embeddings by
+    UpcastEmbedding (fp32 rows), each holding the layer's own parameters.
     On CPU this keeps the compute in fp32 (bf16 matmuls are slower there) without ever holding
     the base in fp32; under GPU autocast the bf16 weights are used as they are.
     """
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            want = dtype if (not p.requires_grad and name == "weight" and
+    for name, module in list(model.named_modules()):
+        for key, p in module.named_parameters(recurse=False):
+            want = dtype if (not p.requires_grad and key == "weight" and
                              isinstance(module, (nn.Linear, nn.Embedding))) else torch.float32
             if p.dtype != want:
                 p.data = p.data.to(want)
-        if isinstance(module, nn.Linear) and not isinstance(module, FrozenLinear) and module.weight.dtype != torch.float32:
-            module.__class__ = FrozenLinear
-        if isinstance(module, nn.Embedding) and module.weight.dtype != torch.float32 and not getattr(module, "_upcasts", False):
-            module.register_forward_hook(lambda m, args, out: out.float())
-            module._upcasts = True
+        if not isinstance(module, (nn.Linear, nn.Embedding)) or module.weight.dtype == torch.float32:
+            continue
+        if isinstance(module, nn.Linear) and not isinstance(module, FrozenLinear):
+            replace_module(model, name, FrozenLinear.around(module))
+        elif isinstance(module, nn.Embedding) and not isinstance(module, UpcastEmbedding):
+            replace_module(model, name, UpcastEmbedding.around(module))

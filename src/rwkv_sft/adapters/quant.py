@@ -23,8 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..settings import Quantized, choices
 
-KINDS = ("int8", "nf4")
+KINDS = choices(Quantized)
 EXTRA = "pip install 'rwkv-sft[quant]'"
 NF4_BLOCK, NF4_BLOCK2 = 64, 256  # QLoRA's block sizes (weights; the first level's absmax)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..settings import Quantized, choices
 from . import adapter_state_dict, attach, freeze_base, load_adapter_state
 from .files import AdapterSettings, base_info, save_adapter
 from .lora import DEFAULT_TARGETS, compact_frozen
@@ -15,7 +16,7 @@ BASE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # adapter settings a resume may change, like lr: they act in training only (the adapter's tensors,
 # their shapes and what they compute at inference do not depend on them)
 TRAINING_ONLY = ("lora_dropout",)
-QUANTIZED = ("int8", "nf4")  # projection matrices quantized (quant.py), the embedding in bf16
+QUANTIZED = choices(Quantized)  # projection matrices quantized (quant.py), the embedding in bf16
 
 
 def settings_from(config) -> AdapterSettings | None:

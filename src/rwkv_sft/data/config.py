@@ -6,38 +6,30 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-
-FORMATS = ("auto", "completion", "alpaca", "chat", "text")
+from ..settings import DataFormat, ExampleLength, Fraction, Seed, check_fields
 
 
 @dataclass
 class DataConfig:
     train_files: list[str]
     eval_files: list[str] = field(default_factory=list)
-    eval_fraction: float = 0.0      # held-out fraction of train (deterministic by seed)
-    format: str = "auto"            # auto | completion | alpaca | chat | text (chat: messages or ShareGPT)
+    eval_fraction: Fraction = 0.0   # held-out fraction of train (deterministic by seed)
+    format: DataFormat = "auto"     # chat: messages or ShareGPT
     context_field: str | None = None      # default: context / prompt / input
     completion_field: str | None = None   # default: completion / response / output
-    max_len: int = 1024             # tokens per example after truncation (incl. end marker)
+    max_len: ExampleLength = 1024   # tokens per example after truncation (incl. end marker)
     end_marker: str = "eos"         # "eos" -> token 0; any other string -> its tokens
-    anchor_fraction: float = 0.25
+    anchor_fraction: Fraction = 0.25
     skip_invalid: bool = False
     allow_unused_fields: bool = False  # text fields the format does not read: counted, not an error
-    seed: int = 0
+    seed: Seed = 0
 
     def __post_init__(self):
         if isinstance(self.train_files, str):
             self.train_files = [self.train_files]
         if isinstance(self.eval_files, str):
             self.eval_files = [self.eval_files]
-        if self.format not in FORMATS:
-            raise UserError(f"unknown data format {self.format!r}; choose from {', '.join(FORMATS)}")
-        if self.max_len < 2:
-            raise UserError(f"max_len must be at least 2 (one context and one completion token), got {self.max_len}")
-        if not 0.0 <= self.anchor_fraction < 1.0:
-            raise UserError(f"anchor_fraction must be in [0, 1), got {self.anchor_fraction}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise UserError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        check_fields(self, "data.")
         if self.eval_fraction and self.eval_files:
             raise UserError("give either eval_files or eval_fraction, not both")
         if not self.end_marker:
@@ -45,8 +37,6 @@ class DataConfig:
         for name in ("context_field", "completion_field"):
             if getattr(self, name) == "":
                 raise UserError(f"{name} must not be empty (leave it out for the default fields)")
-        if not 0 <= self.seed < 2**63:
-            raise UserError(f"seed must be in [0, 2**63), got {self.seed}")
 
 
 @dataclass(frozen=True)

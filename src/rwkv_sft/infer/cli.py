@@ -9,6 +9,7 @@ from pathlib import Path
 from ..cli_args import ESCAPES_HELP, number, unescape
 from ..data.formats import THINK_OPEN, chat_prompt, chat_prompt_segments, cli_turns
 from ..errors import UserError
+from ..settings import Dtype, Quantized, choices
 from . import GREEDY_BELOW
 
 
@@ -50,8 +51,8 @@ def add_arguments(p):
     p.add_argument("--no-stop", action="store_true", help="no stop strings: run to end-of-text or --max-new-tokens")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-text token (id 0)")
     p.add_argument("--adapter", metavar="FILE", help="adapter.safetensors of a parameter-efficient run on --model")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--base-dtype", choices=["int8", "nf4"], default=None,
+    p.add_argument("--dtype", choices=choices(Dtype), default="fp32")
+    p.add_argument("--base-dtype", choices=choices(Quantized), default=None,
                    help="store the projection matrices quantized (as a run with --base-dtype int8|nf4 trained on)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
 

@@ -3,9 +3,10 @@ directory (`--to hf`), optionally changing dtype."""
 from __future__ import annotations
 
 from ..errors import UserError
+from ..settings import ExportFormat, choices
 
 DTYPES = ("bf16", "fp16", "fp32")
-FORMATS = ("pth", "safetensors", "hf")
+FORMATS = choices(ExportFormat)
 
 
 def add_arguments(p):

@@ -6,6 +6,7 @@ checkpoint (continue with --resume auto); 2 for a setting or file a user can fix
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import signal
@@ -13,13 +14,15 @@ from pathlib import Path
 
 from ..cli_args import add_data_arguments, split_set
 from ..errors import UserError
+from ..settings import one_of
 
 S = argparse.SUPPRESS  # flags the user did not give do not override the file
 EXCLUSIVE = (("warmup_steps", "warmup_ratio"),)  # settings that replace each other
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .config import LR_DEFAULTS
+    from .config import LR_DEFAULTS, TrainConfig
+    choices = functools.partial(one_of, TrainConfig)
     p.add_argument("--config", metavar="FILE", help="TOML or YAML file of settings (flags override it)")
     g = p.add_argument_group("data")
     g.add_argument("--data", dest="c:data.train_files", action="append", metavar="FILE", default=S,
@@ -55,11 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="linear warmup steps (default 10, at most a tenth of the run; never more than half the run)")
     w.add_argument("--warmup-ratio", dest="c:warmup_ratio", type=float, default=S, metavar="F",
                    help="warmup as a fraction of the run's steps (0 .. 0.5)")
-    g.add_argument("--schedule", dest="c:schedule", choices=["cosine", "linear", "constant"], default=S)
+    g.add_argument("--schedule", dest="c:schedule", choices=choices("schedule"), default=S)
     g.add_argument("--weight-decay", dest="c:weight_decay", type=float, default=S)
     g.add_argument("--grad-clip", dest="c:grad_clip", type=float, default=S)
     g.add_argument("--no-l2wrap", dest="c:l2wrap", action="store_false", default=S)
-    g.add_argument("--precision", dest="c:precision", choices=["auto", "bf16", "fp32"], default=S)
+    g.add_argument("--precision", dest="c:precision", choices=choices("precision"), default=S)
     g.add_argument("--activation-checkpointing", dest="c:activation_checkpointing",
                    action=argparse.BooleanOptionalAction, default=S,
                    help="recompute each block in the backward: less memory, ~1/3 more compute (default on with "
@@ -68,17 +71,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU: return freed memory to the system at once: lower peak memory, slower steps")
     g.add_argument("--freeze", dest="c:freeze", action="append", default=S, metavar="PART",
                    help="emb, head, blocks.N, blocks.A-B or a parameter prefix; repeatable")
-    g.add_argument("--wkv-backend", dest="c:wkv_backend", default=S, choices=["auto", "chunked", "reference", "cuda", "fla"])
+    g.add_argument("--wkv-backend", dest="c:wkv_backend", default=S, choices=choices("wkv_backend"))
     g.add_argument("--seed", dest="c:seed", type=int, default=S)
     g.add_argument("--device", dest="c:device", default=S, help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--parallel", dest="c:parallel", choices=["ddp", "fsdp"], default=S,
+    g.add_argument("--parallel", dest="c:parallel", choices=choices("parallel"), default=S,
                    help="under torchrun: ddp (default; every process holds the whole model) or fsdp (parameters, "
                         "gradients and optimizer state sharded across processes)")
-    g.add_argument("--offload", dest="c:offload", choices=["cpu"], default=S,
+    g.add_argument("--offload", dest="c:offload", choices=choices("offload"), default=S,
                    help="with --parallel fsdp on a GPU: parameters, gradients and optimizer state in CPU memory, "
                         "each block brought to the GPU as it runs (a model larger than the GPU; no torchrun needed)")
     g = p.add_argument_group("preference training (pairs {\"prompt\", \"chosen\", \"rejected\"}; docs/preference.md)")
-    g.add_argument("--objective", dest="c:objective", choices=["sft", "dpo", "orpo", "simpo"], default=S,
+    g.add_argument("--objective", dest="c:objective", choices=choices("objective"), default=S,
                    help="sft (default) or a preference objective on chosen/rejected pairs")
     g.add_argument("--beta", dest="c:beta", type=float, default=S, metavar="B",
                    help="DPO's and SimPO's beta, ORPO's lambda (defaults: dpo 0.1, orpo 0.1, simpo 2)")
@@ -91,14 +94,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="linear layers: names within a block or globs (default att.receptance att.key att.value "
                         "att.output ffn.key ffn.value)")
     g.add_argument("--lora-dropout", dest="c:lora_dropout", type=float, default=S, metavar="P")
-    g.add_argument("--lora-init", dest="c:lora_init", choices=["lora", "pissa"], default=S,
+    g.add_argument("--lora-init", dest="c:lora_init", choices=choices("lora_init"), default=S,
                    help="lora: B = 0; pissa: the principal singular directions (the model is unchanged at step 0)")
     g.add_argument("--state-tuning", dest="c:state_tuning", action="store_true", default=S,
                    help="learn each layer's initial WKV state (with --lora-rank: both)")
     g.add_argument("--state-lr", dest="c:state_lr", type=float, default=S, metavar="LR",
                    help="with --lora-rank and --state-tuning: the learned state's lr (default "
                         f"{LR_DEFAULTS['state']:g}; it follows the schedule, scaled by STATE_LR / --lr)")
-    g.add_argument("--base-dtype", dest="c:base_dtype", choices=["auto", "bf16", "fp32", "int8", "nf4"], default=S,
+    g.add_argument("--base-dtype", dest="c:base_dtype", choices=choices("base_dtype"), default=S,
                    help="frozen weights in memory (auto: bf16 when the checkpoint is bf16; int8/nf4: projection "
                         "matrices quantized at load, see docs/quantized-base.md); compute stays fp32 on CPU")
     g = p.add_argument_group("evaluation, checkpoints, output")
@@ -113,10 +116,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", dest="c:overwrite", action="store_true", default=S,
                    help="start a new run in an --out that holds one (deletes its checkpoints, metrics and model)")
     g.add_argument("--no-progress", dest="c:progress", action="store_false", default=S)
-    g.add_argument("--export", dest="c:export", nargs="+", choices=["pth", "safetensors", "hf"], default=S,
+    g.add_argument("--export", dest="c:export", nargs="+", choices=choices("export"), default=S,
                    metavar="FORMAT", help="what the run writes at the end: pth, safetensors (default both), hf "
                    "(OUT/model.hf, a Hugging Face directory for transformers + fla and llama.cpp)")
-    g.add_argument("--report-to", dest="c:report_to", nargs="+", choices=["tensorboard", "wandb", "none"], default=S,
+    g.add_argument("--report-to", dest="c:report_to", nargs="+", choices=choices("report_to"), default=S,
                    metavar="WHERE", help="mirror metrics.jsonl to tensorboard (default) and/or wandb "
                    "(pip install 'rwkv-sft[wandb]'; WANDB_MODE=offline honoured), or none")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",

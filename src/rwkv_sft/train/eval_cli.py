@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from ..cli_args import add_data_arguments, data_config, number
+from ..settings import Precision, Quantized, WkvBackend, choices
 
 
 def add_arguments(p) -> None:
@@ -12,7 +13,7 @@ def add_arguments(p) -> None:
     p.add_argument("--model", required=True, metavar="CKPT", help=".pth (BlinkDL layout), .safetensors, or a training checkpoint OUT/checkpoints/step_N")
     p.add_argument("--adapter", metavar="FILE",
                    help="adapter.safetensors of a parameter-efficient run on --model, or its OUT/checkpoints/step_N")
-    p.add_argument("--base-dtype", choices=["int8", "nf4"], default=None,
+    p.add_argument("--base-dtype", choices=choices(Quantized), default=None,
                    help="store the projection matrices quantized (as a run with --base-dtype int8|nf4 trained on)")
     p.add_argument("--state", metavar="FILE", help="learned initial state (state.pth of a state-tuning run) to start from")
     p.add_argument("--data", required=True, action="append", metavar="FILE",
@@ -28,8 +29,8 @@ def add_arguments(p) -> None:
                    help="run each example S tokens at a time (memory flat in length; default auto: examples "
                         "longer than --batch-tokens are split; 0: never); prompts are prefilled in segments too")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--wkv-backend", default="auto", choices=["auto", "chunked", "reference", "cuda", "fla"])
+    p.add_argument("--precision", default="auto", choices=choices(Precision))
+    p.add_argument("--wkv-backend", default="auto", choices=choices(WkvBackend))
     p.add_argument("--samples", type=number(int, min=0), default=0, metavar="K",
                    help="also print K of the exact-match completions beside their references (K <= --exact-match)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")

@@ -36,13 +36,11 @@ from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, Offl
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .. import env, utils
+from .. import env, settings, utils
 from ..errors import UserError
 from ..model.checkpoint import export_state_dict
 from . import checkpoint as ckpt
 from .distributed import Dist
-
-MODES = ("ddp", "fsdp")
 
 # Blocks return x[:, -1] (the token-shift state) as a view; nothing modifies it in place.
 warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -66,7 +64,7 @@ def wrap(loss_module, d: Dist, mode: str, precision: str, offload: bool = False)
 
     Call before making the optimizer: fully_shard replaces the parameters with sharded ones.
     """
-    if mode not in MODES:
+    if mode not in settings.choices(settings.Parallel):
         raise ValueError(f"unknown parallel mode {mode!r}")
     if offload and mode != "fsdp":
         raise ValueError("offload needs fsdp")
@@ -252,6 +250,6 @@ def full_state_dict(par: Parallel, d: Dist, model) -> dict | None:
     return export_state_dict(model) if d.is_main else None
 
 
-__all__ = ["MODES", "Parallel", "wrap", "check_device", "micro_batch", "clip_grad_norm", "whole_root", "save_checkpoint",
+__all__ = ["Parallel", "wrap", "check_device", "micro_batch", "clip_grad_norm", "whole_root", "save_checkpoint",
            "whole_tensors",
            "load_optimizer", "full_state_dict"]

@@ -34,7 +34,6 @@ from ..errors import UserError
 from ..model.segments import hidden_rows, segment_len_for
 from ..ops import linear_cross_entropy
 
-OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
 DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0}  # TRL's defaults (SimPO: the paper's)
 DEFAULT_SIMPO_GAMMA = 1.0  # the SimPO paper's gamma / beta = 0.5 at its beta = 2
 STATS = ("loss", "reward_chosen", "reward_rejected", "reward_accuracy", "preference_accuracy", "pairs")
