@@ -70,7 +70,7 @@ def flops_per_token(layers, width, vocab, lora) -> float:
 
 def ours_step_fn(model, seq, device, lora):
     from rwkv_sft.data import Batch
-    from rwkv_sft.train.loop import accumulate_gradients
+    from rwkv_sft.train.step import accumulate_gradients
     from rwkv_sft.train.loss import CompletionLoss
     tokens, targets = seq[:, :-1], seq[:, 1:]
     mask = torch.ones_like(tokens, dtype=torch.bool)

@@ -45,7 +45,7 @@ def _worker(rank, args, port, mode, out):
     from rwkv_sft import RWKV7, RWKV7Config
     from rwkv_sft.data import Batch
     from rwkv_sft.train import distributed, parallel
-    from rwkv_sft.train.loop import accumulate_gradients
+    from rwkv_sft.train.step import accumulate_gradients
     from rwkv_sft.train.loss import CompletionLoss
     from rwkv_sft.train.optim import make_optimizer
     from rwkv_sft.utils import set_heap_policy

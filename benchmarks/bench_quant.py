@@ -108,7 +108,7 @@ def child(spec: dict) -> dict:
                          base_dtype=spec["base"]).validate()
     set_heap_policy(config.low_memory)
     quantize = spec["base"] if spec["base"] in peft_run.QUANTIZED else None
-    model = RWKV7.load(spec["ckpt"], quantize=quantize)  # as train.loop.build_model
+    model = RWKV7.load(spec["ckpt"], quantize=quantize)  # as train.run.build_model
     peft_run.prepare(model, peft_run.settings_from(config), seed=0, initialize=True)
     model = peft_run.compact(model, config.base_dtype)
     model.activation_checkpointing = config.activation_checkpointing
@@ -179,7 +179,7 @@ def quality_table(args) -> None:
     from rwkv_sft.demo.peft import write_task
     from rwkv_sft.tokenizer import Tokenizer
     from rwkv_sft.train import TrainConfig, train
-    from rwkv_sft.train.evaluate import evaluate
+    from rwkv_sft.eval.evaluate import evaluate
     tok = Tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -37,7 +37,7 @@ from bench_memory import PeakMeter  # noqa: E402
 
 from rwkv_sft import RWKV7, RWKV7Config  # noqa: E402
 from rwkv_sft.data import Batch  # noqa: E402
-from rwkv_sft.train.loop import accumulate_gradients  # noqa: E402
+from rwkv_sft.train.step import accumulate_gradients  # noqa: E402
 from rwkv_sft.train.loss import CompletionLoss  # noqa: E402
 from rwkv_sft.train.optim import make_optimizer  # noqa: E402
 from rwkv_sft.utils import set_heap_policy  # noqa: E402

@@ -135,7 +135,7 @@ def test_train_eval_inspect_share_the_data_flags():
 
 def test_eval_reads_data_as_train_does(tmp_path, saved, tok, capsys):
     from rwkv_sft.data import DataConfig, prepare_data
-    from rwkv_sft.train.evaluate import evaluate
+    from rwkv_sft.eval.evaluate import evaluate
     model, path = saved
     rows = [{"q": f"Q{i}: {'ab' * i}?", "a": f" {i * 7}"} for i in range(1, 6)]
     data = write_rows(tmp_path / "qa.jsonl", rows, extra='{"q": "x", "a": 5}\n')
@@ -253,7 +253,7 @@ def test_pretty_printed_json_object_names_the_fix(tmp_path, capsys):
 
 
 def test_evaluate_max_new_tokens_zero_is_an_error_not_the_default():
-    from rwkv_sft.train.evaluate import evaluate
+    from rwkv_sft.eval.evaluate import evaluate
     for bad in (0, -1):
         with pytest.raises(ValueError, match="max_new_tokens"):
             evaluate(None, None, None, max_new_tokens=bad)

@@ -102,7 +102,7 @@ def test_the_trainer_keeps_the_training_layout_through_its_evaluations(tmp_path,
     re-laid for it (two copies of every weight per evaluation). The trained model decodes as usual."""
     from types import SimpleNamespace
 
-    import rwkv_sft.train.evaluate as evaluate_mod
+    import rwkv_sft.eval.evaluate as evaluate_mod
     from rwkv_sft.infer.step import decode_step
     from rwkv_sft.train import train
     from test_train_helpers import tiny_config, tiny_examples
@@ -125,14 +125,14 @@ def test_the_trainer_keeps_the_training_layout_through_its_evaluations(tmp_path,
 
 
 def test_a_failed_training_run_leaves_the_callers_model_decoding_as_usual(tmp_path, monkeypatch):
-    import rwkv_sft.train.loop as loop
+    import rwkv_sft.train.objective as objective
     from rwkv_sft.train import train
     from test_train_helpers import tiny_config, tiny_data
 
     def broken(*args, **kwargs):
         raise RuntimeError("the loss could not be built")
 
-    monkeypatch.setattr(loop, "CompletionLoss", broken)  # fails after the trainer took the model over
+    monkeypatch.setattr(objective, "CompletionLoss", broken)  # fails after the trainer took the model over
     model = random_model(seed=3, n_layer=1, n_embd=64, vocab_size=256)
     with pytest.raises(RuntimeError, match="could not be built"):
         train(tiny_config(tmp_path), model=model, data=tiny_data())

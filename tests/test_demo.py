@@ -36,7 +36,7 @@ def test_stopped_demo_exits_with_the_signal_code(tmp_path, monkeypatch, capsys):
     from types import SimpleNamespace
 
     import rwkv_sft.train as train_pkg
-    import rwkv_sft.train.evaluate as evaluate_mod
+    import rwkv_sft.eval.evaluate as evaluate_mod
 
     before = {"loss": 11.0, "token_accuracy": 0.0, "exact_match": 0.0, "exact_match_n": 1, "samples": []}
     monkeypatch.setattr(evaluate_mod, "evaluate", lambda *a, **k: before)

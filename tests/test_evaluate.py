@@ -12,7 +12,7 @@ from conftest import random_model
 from rwkv_sft.data import TokenizedExamples
 from rwkv_sft.model import RWKV7, RWKV7Config
 from rwkv_sft.tokenizer import Tokenizer
-from rwkv_sft.train.evaluate import evaluate, exact_match_indices
+from rwkv_sft.eval.evaluate import evaluate, exact_match_indices
 from rwkv_sft.train.metrics import MetricsLogger, plot_metrics, read_metrics
 
 V = 512
@@ -173,3 +173,23 @@ def test_eval_command_json(tmp_path, tokenizer, capsys):
     assert got["examples"] == 6 and got["exact_match_n"] == 3
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
     assert got["token_accuracy"] == pytest.approx(want["token_accuracy"])
+
+
+def test_eval_command_does_not_import_the_trainer(tmp_path):
+    """`rwkv-sft eval` runs from a fresh interpreter without the training loop (or anything it pulls
+    in) ever being imported: evaluation is its own package beside the trainer."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"context": f"Q{i}?", "completion": f" {i}"}) + "\n" for i in range(3)))
+    torch.manual_seed(0)
+    RWKV7(RWKV7Config(n_layer=1, n_embd=64)).save(tmp_path / "m.pth")
+    script = ("import sys\nfrom rwkv_sft.cli import main\n"
+              "TRAINER = {'rwkv_sft.train.loop', 'rwkv_sft.train.parallel', 'rwkv_sft.train.optim'}\n"
+              f"rc = main(['eval', '--model', {str(tmp_path / 'm.pth')!r}, '--data', {str(data)!r}, "
+              "'--exact-match', '1', '--device', 'cpu', '--json'])\n"
+              "print('RC', rc, 'TRAINER', sorted(m for m in sys.modules if m in TRAINER))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "RC 0 TRAINER []", out.stdout

@@ -329,7 +329,7 @@ def test_generate_and_eval_start_from_the_state_file(tmp_path, capsys, one_threa
     from rwkv_sft.cli import main
     from rwkv_sft.data import DataConfig, prepare_data
     from rwkv_sft.infer.generate import generate
-    from rwkv_sft.train.evaluate import evaluate
+    from rwkv_sft.eval.evaluate import evaluate
 
     model = random_model(seed=1, n_layer=1, n_embd=64)  # World vocabulary
     model.save(tmp_path / "m.pth")

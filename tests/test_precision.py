@@ -19,8 +19,9 @@ from rwkv_sft.ops import wkv7
 from rwkv_sft.ops.wkv7_cuda import example_inputs
 from rwkv_sft.ops.wkv7_reference import wkv7_reference
 from rwkv_sft.tokenizer import Tokenizer
-from rwkv_sft.train.evaluate import evaluate
-from rwkv_sft.train.loop import accumulate_gradients, autocast
+from rwkv_sft.eval.evaluate import evaluate
+from rwkv_sft.precision import autocast
+from rwkv_sft.train.step import accumulate_gradients
 from rwkv_sft.train.loss import CompletionLoss
 from test_train_helpers import random_batch
 

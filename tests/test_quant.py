@@ -132,7 +132,7 @@ def test_int8_lora_run_freezes_the_base_and_its_adapter_serves_and_merges_into_t
     with pytest.raises(UserError, match="quantized base cannot be exported"):
         model.save(tmp_path / "q.pth")
     # evaluation on the original and on a quantized base
-    from rwkv_sft.train.evaluate import evaluate
+    from rwkv_sft.eval.evaluate import evaluate
     losses = [evaluate(RWKV7.load(base_path, quantize=kind, adapter=adapter), tiny_data().train, None,
                        exact_match_samples=0)["loss"] for kind in (None, "int8", "nf4")]
     assert losses[0] == pytest.approx(losses[1], rel=0.02) and losses[0] == pytest.approx(losses[2], rel=0.1)

@@ -14,7 +14,7 @@ from rwkv_sft.infer.generate import greedy_batch, prefill
 from rwkv_sft.model.rwkv7 import RWKV7State
 from rwkv_sft.model.segments import segment_len_for
 from rwkv_sft.train import train
-from rwkv_sft.train.loop import accumulate_gradients
+from rwkv_sft.train.step import accumulate_gradients
 from rwkv_sft.train.loss import CompletionLoss
 
 pytestmark = pytest.mark.usefixtures("one_thread")

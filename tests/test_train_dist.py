@@ -39,7 +39,7 @@ def _worker(rank, port, out_dir, result_file):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from rwkv_sft.train import distributed, train
-    from rwkv_sft.train.loop import accumulate_gradients
+    from rwkv_sft.train.step import accumulate_gradients
     from rwkv_sft.train.loss import CompletionLoss
     d = distributed.setup("cpu", 60)
     # 1. gradients of one accumulated step
@@ -76,7 +76,7 @@ def test_two_processes_equal_one_process(tmp_path):
     got = torch.load(result_file, weights_only=True)
 
     from rwkv_sft.train import train
-    from rwkv_sft.train.loop import accumulate_gradients
+    from rwkv_sft.train.step import accumulate_gradients
     from rwkv_sft.train.loss import CompletionLoss
     model = _model()
     lm = CompletionLoss(model, chunk_size=3)

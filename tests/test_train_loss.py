@@ -7,7 +7,7 @@ from conftest import random_model
 from test_train_helpers import VOCAB, random_batch
 
 from rwkv_sft.data import Batch
-from rwkv_sft.train.loop import accumulate_gradients
+from rwkv_sft.train.step import accumulate_gradients
 from rwkv_sft.train.loss import CompletionLoss, reference_loss_sum
 
 
@@ -41,6 +41,18 @@ def test_chunked_loss_equals_full_logits_masked_ce(resets):
     ref.backward()
     torch.testing.assert_close(loss, ref.to(loss.dtype), rtol=1e-5, atol=1e-4)
     _assert_grads_close(fast, _grads(model))
+
+
+def test_the_loss_leaves_the_model_as_it_was():
+    """The loss module calls the model and its head; it adds nothing to them (no attribute, no
+    module, no parameter), so what a run builds around the model never changes the model."""
+    model = _model()
+    before = (dict(vars(model.head)), [n for n, _ in model.named_modules()], list(model.state_dict()))
+    loss_module = CompletionLoss(model, chunk_size=4)
+    batch = random_batch(seed=3)
+    loss_module(batch.tokens, batch.targets, batch.loss_mask, batch.resets).backward()
+    assert (dict(vars(model.head)), [n for n, _ in model.named_modules()], list(model.state_dict())) == before
+    assert loss_module.head_loss.head is model.head  # the model's head itself, not a copy
 
 
 def test_l2wrap_adds_upstream_gradient_on_loss_rows_only():

@@ -634,7 +634,7 @@ def training_step_gradients(backend, precision, device):
     """Loss and flat parameter gradient of one training step of a small random model (2 heads,
     packed rows with resets) with the given WKV backend and precision."""
     from conftest import random_model
-    from rwkv_sft.train.loop import accumulate_gradients
+    from rwkv_sft.train.step import accumulate_gradients
     from rwkv_sft.train.loss import CompletionLoss
     from test_train_helpers import random_batch
     batch = random_batch(B=2, T=80, vocab=256, seed=4, resets=True)

@@ -11,7 +11,7 @@ from .errors import UserError
 # sub-command -> (module, one-line help). Each module defines add_arguments(parser) and run(args) -> int.
 COMMANDS = {
     "train": ("rwkv_sft.train.cli", "fine-tune (or train from scratch) on context -> completion data"),
-    "eval": ("rwkv_sft.train.eval_cli", "completion loss, perplexity, accuracy and exact match of a model"),
+    "eval": ("rwkv_sft.eval.cli", "completion loss, perplexity, accuracy and exact match of a model"),
     "generate": ("rwkv_sft.infer.cli", "generate text from a prompt"),
     "inspect-data": ("rwkv_sft.data.cli", "statistics of a data file and which tokens carry loss"),
     "info": ("rwkv_sft.model.cli", "show the configuration of a checkpoint"),

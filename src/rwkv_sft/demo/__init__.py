@@ -109,7 +109,7 @@ def _run(args) -> int:
     from ..model import RWKV7, RWKV7Config
     from ..tokenizer import Tokenizer
     from ..train import train
-    from ..train.evaluate import evaluate
+    from ..eval.evaluate import evaluate
 
     start, cpu_start = time.perf_counter(), time.process_time()
     steps = args.steps or (QUICK_STEPS if args.quick else STEPS)

@@ -36,7 +36,7 @@ def run(args) -> int:
     from ..model import RWKV7
     from ..tokenizer import Tokenizer
     from ..train import TrainConfig, train
-    from ..train.evaluate import evaluate
+    from ..eval.evaluate import evaluate
 
     start = time.perf_counter()
     method, out = args.method, Path(args.out if args.out != "runs/demo" else f"runs/demo-{args.method}")

@@ -6,8 +6,6 @@ caller scales it by 1 / (global loss-token count), a count known before any back
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn as nn
 
@@ -18,6 +16,18 @@ from ..ops import linear_cross_entropy
 L2WRAP = 1e-4  # upstream's factor; divided by the number of loss rows of the global batch
 
 
+class HeadLoss(nn.Module):
+    """The head's summed cross-entropy over the loss rows (no full logits), as a module of its own:
+    called like any module, and the unit an fsdp run gathers the head's weight around (parallel.wrap)."""
+
+    def __init__(self, head, chunk_size: int | None = None):
+        super().__init__()
+        self.head, self.chunk_size = head, chunk_size  # the model's head itself (no copy)
+
+    def forward(self, rows, targets, l2wrap: float = 0.0):
+        return head_loss(self.head, rows, targets, self.chunk_size, l2wrap)
+
+
 class CompletionLoss(nn.Module):
     """Wraps the model so that DDP sees one forward returning the summed token loss."""
 
@@ -25,12 +35,9 @@ class CompletionLoss(nn.Module):
                  batch_tokens: int | None = None):
         super().__init__()
         self.model = model
-        self.chunk_size = chunk_size
+        self.head_loss = HeadLoss(model.head, chunk_size)
         self.segment_len, self.batch_tokens = segment_len, batch_tokens  # see segment_len_for
         self.lockstep_segments = False  # every process runs as many segments (set for sharded blocks)
-        # The head's loss as a method of the head module: an fsdp run gathers the head around it
-        # as around a forward (parallel.wrap).
-        model.head.completion_loss = functools.partial(head_loss, model.head)
 
     def forward(self, tokens, targets, loss_mask, resets=None, l2wrap: float = 0.0):
         S = segment_len_for(tokens.shape, self.segment_len, self.batch_tokens)
@@ -38,7 +45,7 @@ class CompletionLoss(nn.Module):
         if self.lockstep_segments:
             tokens, loss_mask, resets, S = same_segment_count(tokens, loss_mask, resets, S)
         rows = hidden_rows(self.model, tokens, resets, loss_mask, S)
-        return self.model.head.completion_loss(rows, targets, self.chunk_size, l2wrap)
+        return self.head_loss(rows, targets, l2wrap)
 
 
 def head_loss(head, rows, targets, chunk_size=None, l2wrap: float = 0.0):

@@ -31,8 +31,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      get_state_dict, set_optimizer_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
-                                    register_fsdp_forward_method)
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -84,11 +83,11 @@ def wrap(loss_module, d: Dist, mode: str, precision: str, offload: bool = False)
     shard(model.emb)
     for block in model.blocks:
         shard(block)
-    # The head runs as the loss (completion_loss, not forward); its backward follows at once, so it
-    # stays gathered from one to the other (torchtitan's choice for its output layer).
-    shard(model.head, reshard_after_forward=False)
-    register_fsdp_forward_method(model.head, "completion_loss")
-    shard(loss_module)  # the root: ln0, ln_out
+    # The head runs as the loss (HeadLoss, not the head's forward): that module is the head's unit.
+    # Its backward follows at once, so it stays gathered from one to the other (torchtitan's choice
+    # for its output layer); the root leaves the head's parameters to it.
+    shard(loss_module.head_loss, reshard_after_forward=False)
+    shard(loss_module, ignored_params=set(model.head.parameters()))  # the root: ln0, ln_out
     loss_module.lockstep_segments = True  # blocks gather per call: as many segments in every process
     return Parallel("fsdp", loss_module)
 
@@ -156,7 +155,7 @@ def whole_root(par: Parallel):
         yield
         return
     model = par.module.model
-    units = (par.module, model.emb, model.head)
+    units = (par.module, model.emb, par.module.head_loss)
     model.emb.set_reshard_after_forward(False)
     for unit in units:
         unit.unshard()

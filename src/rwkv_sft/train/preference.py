@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..precision import autocast
 from ..model.segments import hidden_rows, segment_len_for
 from ..ops import linear_cross_entropy
 
@@ -174,7 +175,6 @@ def accumulate(loss_module, batches, *, device, global_pairs: int, world_size: i
                precision="fp32", ref_table=None):
     """Forward/backward every micro-batch; gradients end as d(sum of pair losses / global_pairs).
     Returns this process's summed STATS (float64 numpy)."""
-    from .loop import autocast
     from . import parallel
     runner = wrapped if wrapped is not None else loss_module
     total = torch.zeros(len(STATS), dtype=torch.float64, device=device)
@@ -216,7 +216,6 @@ def _pair_batches(model, examples, *, batch_tokens, device):
 @torch.no_grad()
 def reference_table(model, examples, *, batch_tokens, device, precision="fp32", chunk_size=None, segment_len=None):
     """[n, 2] float32 (chosen, rejected) summed log-probs of every pair under `model`."""
-    from .loop import autocast
     table = np.zeros((len(examples), 2), np.float32)
     for b in _pair_batches(model, examples, batch_tokens=batch_tokens, device=device):
         with autocast(device, precision):
@@ -252,7 +251,6 @@ def evaluate_pairs(model, examples, *, objective="dpo", beta=None, gamma=DEFAULT
                    chunk_size=None) -> dict:
     """Held-out pairs: mean loss, rewards, margin, reward accuracy and preference accuracy
     (log pi(y_w) > log pi(y_l)). Without a reference (DPO), the loss and rewards are left out."""
-    from .loop import autocast
     beta = DEFAULT_BETA.get(objective, 0.1) if beta is None else beta
     loss_module = PreferenceLoss(model, objective, beta, gamma, chunk_size, segment_len, batch_tokens, reference)
     has_ref = objective != "dpo" or reference == "adapters" or ref_table is not None
@@ -275,10 +273,10 @@ def evaluate_pairs(model, examples, *, objective="dpo", beta=None, gamma=DEFAULT
     return out
 
 
-# -- what the training loop calls ----------------------------------------------------------------
+# -- the objective the training loop calls ------------------------------------------------------
 
-class Run:
-    """A preference run's pieces for the loop: its loss module, loader, step, and evaluation."""
+class Preference:
+    """A preference run's objective (train/objective.py): its loss module, loader, step, and evaluation."""
 
     def __init__(self, config, model, data, *, device, precision, d, data_fingerprint: str):
         from ..data.cache import default_cache_dir
@@ -308,7 +306,7 @@ class Run:
         from ..data.pairs import PairLoader
         return PairLoader(self.data.train, **kw)
 
-    def step(self, loss_module, batches, planned, *, d, wrapped):
+    def step(self, loss_module, batches, planned, count: int, *, d, wrapped):
         """One step's forward/backward: (mean pair loss, the other means users watch)."""
         from . import distributed
         pairs = sum(len(row) for _, _, rows in planned for row in rows)

@@ -8,7 +8,7 @@ from ..settings import Precision, Quantized, WkvBackend, choices
 
 
 def add_arguments(p) -> None:
-    from .cli import _segment_len
+    from ..train.cli import _segment_len
 
     p.add_argument("--model", required=True, metavar="CKPT", help=".pth (BlinkDL layout), .safetensors, or a training checkpoint OUT/checkpoints/step_N")
     p.add_argument("--adapter", metavar="FILE",
@@ -45,8 +45,8 @@ def run(args) -> int:
     from ..ops import check_backend
     from ..tokenizer import Tokenizer
     from ..utils import resolve_device
+    from ..precision import resolve_precision
     from .evaluate import evaluate
-    from .loop import resolve_precision
 
     if (args.segment_len or 0) < 0:
         raise UserError(f"--segment-len must be >= 0 (or auto), got {args.segment_len}")
@@ -97,7 +97,7 @@ def run(args) -> int:
 
 def _report_pairs(args, model, pairs, device, precision) -> int:
     """A file of preference pairs: how often the model prefers the chosen completion."""
-    from .preference import evaluate_pairs
+    from ..train.preference import evaluate_pairs
     result = evaluate_pairs(model, pairs, objective="dpo", batch_tokens=args.batch_tokens, device=device,
                             precision=precision, segment_len=args.segment_len)
     if args.json:

@@ -12,7 +12,7 @@ from ..data import BatchLoader, TokenizedExamples
 from ..infer.generate import PREFILL_CHUNK, greedy_batch
 from ..model.segments import hidden_rows, segment_len_for
 from ..ops.cross_entropy import loss_and_argmax
-from .loop import autocast
+from ..precision import autocast
 
 
 def exact_match_indices(n: int, samples: int, seed: int = 0) -> list[int]:
