@@ -92,6 +92,7 @@ def test_the_train_command_sets_the_policy_and_train_leaves_it_to_its_caller(mon
     train(tiny_config(tmp_path / "python", max_steps=1), data=tiny_data())
     assert chosen == []
     monkeypatch.setattr(loop, "train", lambda config: SimpleNamespace(interrupted=False))  # the command, not the run
+    monkeypatch.setattr(cli, "use_huge_pages", lambda: None)  # nor the environment of this test process
     assert cli.main(["train", "--data", "d.jsonl", "--n-layer", "1", "--n-embd", "64", "--device", "cpu",
                      "--low-memory", "--out", str(tmp_path / "cli")]) == 0
     assert chosen == [True]
