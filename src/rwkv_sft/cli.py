@@ -14,9 +14,9 @@ COMMANDS = {
     "eval": ("rwkv_sft.train.eval_cli", "completion loss, perplexity, accuracy and exact match of a model"),
     "generate": ("rwkv_sft.infer.cli", "generate text from a prompt"),
     "inspect-data": ("rwkv_sft.data.cli", "statistics of a data file and which tokens carry loss"),
-    "info": ("rwkv_sft.model.cli", "show the configuration of a checkpoint"),
-    "convert": ("rwkv_sft.model.cli_convert", "convert a checkpoint between .pth and .safetensors / dtypes"),
-    "merge": ("rwkv_sft.model.cli_merge", "fold a LoRA adapter into its base model and write a plain checkpoint"),
+    "info": ("rwkv_sft.weights.cli", "show the configuration of a checkpoint"),
+    "convert": ("rwkv_sft.weights.cli_convert", "convert a checkpoint between .pth and .safetensors / dtypes"),
+    "merge": ("rwkv_sft.weights.cli_merge", "fold a LoRA adapter into its base model and write a plain checkpoint"),
     "demo": ("rwkv_sft.demo", "train the bundled demo model and show that it learned"),
     "launch": ("rwkv_sft.train.launch", "several processes: torchrun's options, then a command (train ...); "
                                         "exits 130/143 when interrupted, without torchrun's traceback"),

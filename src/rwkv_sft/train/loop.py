@@ -24,6 +24,7 @@ from ..adapters import quant
 from ..adapters import training as peft_run
 from ..errors import UserError
 from ..model import RWKV7, RWKV7Config
+from ..weights import load_model
 from ..ops import check_backend
 from ..utils import atomic_write
 from . import checkpoint as ckpt
@@ -116,7 +117,7 @@ def autocast(device: torch.device, precision: str):
 def build_model(config: TrainConfig) -> RWKV7:
     if config.model:  # in the file's dtype, memory-mapped: peft_run.compact decides what becomes fp32
         quantize = config.base_dtype if config.base_dtype in peft_run.QUANTIZED else None  # at load: peak near its size
-        return RWKV7.load(config.model, quantize=quantize)
+        return load_model(config.model, quantize=quantize)
     torch.manual_seed(config.seed)
     try:
         return RWKV7(RWKV7Config(**config.model_config))  # vocab_size defaults to the World 65536
@@ -191,8 +192,6 @@ def train(config: TrainConfig, *, model: RWKV7 | None = None, data=None, tokeniz
             distributed.abort(d, e, 2 if isinstance(e, UserError) else 1)
         raise
     finally:
-        if model is not None:  # the caller's model decodes as any other, whatever happened
-            model.auto_decoding_layout = True
         distributed.teardown(d, all_finished=finished)
 
 
@@ -241,7 +240,6 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
                             f"({lines[1].strip() if len(lines) > 1 else e})") from None
     model.wkv_backend = config.wkv_backend
     model.activation_checkpointing = config.activation_checkpointing
-    model.auto_decoding_layout = False  # an evaluation's generation must not re-lay the weights it trains
     model.train()
     quantized = quant.quantized_numel(model)  # a quantized base's weights are buffers, frozen too
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) + quantized
@@ -411,7 +409,7 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
         if d.is_main and peft is not None:
             exports.update(outputs)  # written with the last checkpoint
         elif d.is_main:
-            from ..model.checkpoint import write_state_dict
+            from ..weights import write_state_dict
             for kind in config.export:
                 exports[kind] = out / f"model.{kind}"
                 write_state_dict(weights, exports[kind], model.config)
@@ -425,7 +423,6 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
         plot_metrics(metrics_path, plot_path)
     elapsed = time.perf_counter() - t_start
     recent = [h["loss"] for h in history[-10:]]
-    model.auto_decoding_layout = True  # the trained model decodes as any other
     result = TrainResult(
         model=model, steps=step, tokens=tokens, loss_tokens=loss_tokens, time_s=elapsed,
         tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0, train_loss=sum(recent) / len(recent) if recent else None,
@@ -443,7 +440,6 @@ def _finished(model, state: dict, out: Path, checkpoint: Path) -> TrainResult:
     exports = {kind: out / name for kind, name in (("pth", "model.pth"), ("safetensors", "model.safetensors"),
                                                    ("adapter", "adapter.safetensors"), ("state", "state.pth"))
                if (out / name).is_file()}
-    model.auto_decoding_layout = True
     return TrainResult(model=model, steps=state["scheduler"]["step"], tokens=0, loss_tokens=0, time_s=0.0,
                        tokens_per_s=0.0, train_loss=sum(recent) / len(recent) if recent else None, eval=None,
                        bad_steps=state["metrics"].get("bad_steps", 0), interrupted=False, out_dir=out,

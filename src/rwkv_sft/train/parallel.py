@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import utils
 from ..errors import UserError
-from ..model.checkpoint import export_state_dict
+from ..weights import export_state_dict
 from . import checkpoint as ckpt
 from .distributed import Dist
 
