@@ -13,7 +13,7 @@ COMMANDS = {
     "train": ("rwkv_sft.train.cli", "fine-tune (or train from scratch) on context -> completion data"),
     "eval": ("rwkv_sft.train.eval_cli", "completion loss, perplexity, accuracy and exact match of a model"),
     "generate": ("rwkv_sft.infer.cli", "generate text from a prompt"),
-    "inspect-data": ("rwkv_sft.data.cli", "statistics of a data file and which tokens carry loss"),
+    "inspect-data": ("rwkv_sft.inspect_data", "statistics of a data file and which tokens carry loss"),
     "info": ("rwkv_sft.weights.cli", "show the configuration of a checkpoint"),
     "convert": ("rwkv_sft.weights.cli_convert", "convert a checkpoint between .pth and .safetensors / dtypes"),
     "merge": ("rwkv_sft.weights.cli_merge", "fold a LoRA adapter into its base model and write a plain checkpoint"),
