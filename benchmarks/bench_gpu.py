@@ -156,7 +156,7 @@ def fla_model(ours, device):
     from fla.models import RWKV7ForCausalLM
 
     from rwkv_sft.model import hf
-    from rwkv_sft.model.checkpoint import export_state_dict
+    from rwkv_sft.weights import export_state_dict
     tensors = dict(hf._hf_tensor(k, t, "fla") for k, t in export_state_dict(ours).items())
     config = FlaConfig(**hf.hf_config(ours.config, "fla", torch.float32))
     with torch.device(device):

@@ -4,7 +4,7 @@
     python benchmarks/bench_hf_load.py [--n-layer 32 --n-embd 2560] [--dtype bf16] [--work DIR]
 
 Writes a 2.9B-shaped model (32 x 2560, World vocabulary) both ways, then loads each in a fresh
-process (`RWKV7.load`, then reads every weight once) and reports its peak resident memory, beside a process that only imports
+process (`load_model`, then reads every weight once) and reports its peak resident memory, beside a process that only imports
 torch and rwkv_sft (the floor every load pays).
 """
 from __future__ import annotations
@@ -19,8 +19,9 @@ from pathlib import Path
 CHILD = """
 import sys, torch
 from rwkv_sft import RWKV7
+from rwkv_sft.weights import load_model
 if sys.argv[1] != "-":
-    m = RWKV7.load(sys.argv[1])
+    m = load_model(sys.argv[1])
     assert m.emb.weight.dtype == getattr(torch, sys.argv[2])
     for t in m.state_dict().values():  # touch every page: memory-mapped weights count once resident
         t.sum()
@@ -45,8 +46,8 @@ def main() -> int:
     import torch
 
     from rwkv_sft import RWKV7, RWKV7Config
-    from rwkv_sft.model.checkpoint import write_state_dict
-    from rwkv_sft.model.hf import write_hf
+    from rwkv_sft.weights import write_state_dict
+    from rwkv_sft.weights.hf import write_hf
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     config = RWKV7Config(n_layer=args.n_layer, n_embd=args.n_embd)

@@ -2,10 +2,13 @@
 
 Both load the same random checkpoint (BlinkDL .pth layout). Rows:
   prefill   one forward over a prompt of --prompt tokens, last logits only
-  decode    `RWKV7.load` as it is, then `model(token, state, full_output=False)` per token
+  decode    `load_model` as it is, then `as_decoder(model)(token, state, full_output=False)` per token
+            (the fused step on the model's own weights, as `generate(model, ...)` decodes)
   generate  `generate()` (greedy, no stop strings) on that model
-  cli       what `rwkv-sft generate` runs: the model loaded with `.decoding_layout()`, then `generate()`
-  decode-py the decode row with the C step switched off (RWKV_SFT_DECODE_KERNELS=0): the PyTorch step
+  cli       what `rwkv-sft generate` runs: `Decoder(model)`, then `generate()`
+  decode-py the decode loop with the C step switched off (RWKV_SFT_DECODE_KERNELS=0: the PyTorch step)
+            through `Decoder(model)` made so, which then keeps the projections transposed (as
+            `rwkv-sft generate` without a C compiler)
   cli-bf16  `rwkv-sft generate --dtype bf16`: the cli row on bf16 weights (half the bytes per token),
             still against the package in fp32
 The package side of every decoding row is its own `forward([token], state)` loop with argmax.
@@ -49,6 +52,8 @@ def main():
     from rwkv.model import RWKV  # the outside reference
 
     from rwkv_sft import RWKV7, RWKV7Config, Tokenizer
+    from rwkv_sft.weights import load_model, save_model
+    from rwkv_sft.infer.decoder import Decoder, as_decoder
     from rwkv_sft.infer.generate import generate
 
     torch.manual_seed(0)
@@ -58,12 +63,12 @@ def main():
             p.add_(torch.randn_like(p) * 0.02)
     tmp = tempfile.mkdtemp()
     try:
-        model.save(f"{tmp}/m.pth")
+        save_model(model, f"{tmp}/m.pth")
         del model
         theirs = RWKV(f"{tmp}/m", "cpu fp32")
-        ours = RWKV7.load(f"{tmp}/m.pth")                                  # the default Python path
-        cli = RWKV7.load(f"{tmp}/m.pth", dtype=torch.float32).eval().decoding_layout()  # as the CLI loads
-        cli_bf16 = RWKV7.load(f"{tmp}/m.pth", dtype=torch.bfloat16).eval().decoding_layout()
+        ours = load_model(f"{tmp}/m.pth")                                  # the default Python path
+        cli = Decoder(load_model(f"{tmp}/m.pth", dtype=torch.float32).eval())  # as the CLI loads
+        cli_bf16 = Decoder(load_model(f"{tmp}/m.pth", dtype=torch.bfloat16).eval())
     finally:
         shutil.rmtree(tmp)
     tokenizer = Tokenizer()
@@ -79,19 +84,24 @@ def main():
     def their_prefill():
         theirs.forward(ids, None)
 
-    def our_decode():
+    def our_decode(decoder=as_decoder(ours)):
         with torch.inference_mode():
-            logits, state = ours(prompt[:, :8], full_output=False)
+            logits, state = decoder(prompt[:, :8], full_output=False)
             for _ in range(n):
-                logits, state = ours(logits.argmax(-1, keepdim=True), state, full_output=False)
+                logits, state = decoder(logits.argmax(-1, keepdim=True), state, full_output=False)
 
-    def our_decode_in_pytorch():
+    def without_kernels(fn):
         before = os.environ.get("RWKV_SFT_DECODE_KERNELS", "1")
         os.environ["RWKV_SFT_DECODE_KERNELS"] = "0"
         try:
-            our_decode()
+            return fn()
         finally:
             os.environ["RWKV_SFT_DECODE_KERNELS"] = before
+
+    in_pytorch = without_kernels(lambda: Decoder(ours))
+
+    def our_decode_in_pytorch():
+        without_kernels(lambda: our_decode(in_pytorch))
 
     def their_decode():
         logits, state = theirs.forward(ids[:8], None)
@@ -105,7 +115,7 @@ def main():
 
     with torch.inference_mode():  # the same numbers: a prompt, then one decoding step
         a, state = ours(prompt, full_output=False)
-        a_step = ours(prompt[:, :1], state, full_output=False)[0]
+        a_step = as_decoder(ours)(prompt[:, :1], state, full_output=False)[0]
     b, their_state = theirs.forward(ids, None)
     b_step = theirs.forward(ids[:1], their_state)[0]
     max_diff = max((a[0] - b).abs().max().item(), (a_step[0] - b_step).abs().max().item())

@@ -67,7 +67,7 @@ def write_checkpoint(path: Path, shape: dict) -> None:
 
 def child(spec: dict) -> dict:
     """One case: load the bf16 checkpoint as the trainer does, run `steps` optimizer steps."""
-    from rwkv_sft import RWKV7
+    from rwkv_sft.weights import load_model
     from rwkv_sft.adapters import training as peft_run
     from rwkv_sft.train.loss import CompletionLoss
     from rwkv_sft.train.optim import make_optimizer
@@ -82,7 +82,7 @@ def child(spec: dict) -> dict:
     config.validate()
     if device.type == "cpu":
         set_heap_policy(config.low_memory)  # as `rwkv-sft train` does
-    model = RWKV7.load(spec["ckpt"])
+    model = load_model(spec["ckpt"])
     peft = peft_run.settings_from(config)
     peft_run.prepare(model, peft, seed=0, initialize=True)
     model = peft_run.compact(model, config.base_dtype).to(device)

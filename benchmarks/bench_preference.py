@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from rwkv_sft import RWKV7, RWKV7Config
+from rwkv_sft.weights import load_model, save_model
 from rwkv_sft.data.pairs import PairBatch
 from rwkv_sft.train import preference as pref
 
@@ -61,7 +62,7 @@ def child(args) -> None:
     """One variant's step in this fresh process: the peak memory of the step."""
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = RWKV7.load(args.child_model).float().to(device)
+    model = load_model(args.child_model).float().to(device)
     model.wkv_backend = "cuda" if device.type == "cuda" else "chunked"
     batch = make_batch(args.pairs, args.context, args.completion, model.config.vocab_size).to(device)
     ref = torch.zeros(2 * args.pairs, device=device)
@@ -136,7 +137,7 @@ def main() -> None:
     peaks = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pth"
-        model.cpu().save(path)
+        save_model(model.cpu(), path)
         for name in ("forked", "unforked"):
             out = subprocess.run([sys.executable, __file__, "--child", name, "--child-model", str(path),
                                   *(f"--{k}={getattr(args, k)}" for k in ("pairs", "context", "completion", "threads"))],

@@ -95,7 +95,7 @@ def layer_table() -> None:
 
 
 def child(spec: dict) -> dict:
-    from rwkv_sft import RWKV7
+    from rwkv_sft.weights import load_model
     from rwkv_sft.adapters import training as peft_run
     from rwkv_sft.data import DataConfig
     from rwkv_sft.train.config import TrainConfig
@@ -108,7 +108,7 @@ def child(spec: dict) -> dict:
                          base_dtype=spec["base"]).validate()
     set_heap_policy(config.low_memory)
     quantize = spec["base"] if spec["base"] in peft_run.QUANTIZED else None
-    model = RWKV7.load(spec["ckpt"], quantize=quantize)  # as train.run.build_model
+    model = load_model(spec["ckpt"], quantize=quantize)  # as train.run.build_model
     peft_run.prepare(model, peft_run.settings_from(config), seed=0, initialize=True)
     model = peft_run.compact(model, config.base_dtype)
     model.activation_checkpointing = config.activation_checkpointing
@@ -173,7 +173,7 @@ def steps_table(shape_name: str, args) -> None:
 
 
 def quality_table(args) -> None:
-    from rwkv_sft import RWKV7
+    from rwkv_sft.weights import load_model
     from rwkv_sft.data import DataConfig, prepare_data
     from rwkv_sft.demo import HELDOUT_FILE, TRAIN_FILE
     from rwkv_sft.demo.peft import write_task
@@ -203,7 +203,7 @@ def quality_table(args) -> None:
                                   **{**common, "export": []}))
             secs = time.perf_counter() - t0
             adapter = r.exports["adapter"]
-            loss = evaluate(RWKV7.load(base_path, dtype=torch.float32, adapter=adapter), held, tok,
+            loss = evaluate(load_model(base_path, dtype=torch.float32, adapter=adapter), held, tok,
                             exact_match_samples=0)["loss"]
             own = evaluate(r.model, held, tok, exact_match_samples=0)["loss"]
             ref = loss if kind == "bf16" else ref

@@ -82,12 +82,13 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
 
     from rwkv_sft import RWKV7, RWKV7Config
+    from rwkv_sft.weights import load_model, save_model
     torch.manual_seed(args.seed)
     model = RWKV7(RWKV7Config(n_layer=4, n_embd=256, vocab_size=65536))
     with torch.no_grad():  # upstream init zeroes the output projections: perturb everything
         for t in model.parameters():
             t.add_(torch.randn_like(t) * 0.1)
-    model.save(work / "model.pth")
+    save_model(model, work / "model.pth")
     hf, gguf = work / "model-hf", work / "model-f32.gguf"
     run([sys.executable, "-m", "rwkv_sft", "convert", work / "model.pth", hf, "--to", "hf", "--hf-scheme", args.hf_scheme, "--overwrite"])
     run([sys.executable, llama / "convert_hf_to_gguf.py", hf, "--outfile", gguf, "--outtype", "f32"])
@@ -102,7 +103,7 @@ def main() -> int:
     theirs = torch.from_numpy(np.fromfile(work / "logits.f32", dtype=np.float32).reshape(args.tokens, -1))
 
     with torch.no_grad():
-        ours = RWKV7.load(work / "model.pth").eval()(tokens[None])[0][0].float()
+        ours = load_model(work / "model.pth").eval()(tokens[None])[0][0].float()
     V = min(ours.shape[-1], theirs.shape[-1])
     ours, theirs = ours[:, :V], theirs[:, :V]
     span = (ours.max() - ours.min()).item()

@@ -484,6 +484,7 @@ def child_demo(kw):
 def child_checkpoint(kw):
     import torch
     from rwkv_sft import RWKV7, RWKV7Config
+    from rwkv_sft.weights import save_model
     config = RWKV7Config(n_layer=kw["n_layer"], n_embd=kw["n_embd"])
     torch.manual_seed(0)
     try:
@@ -493,7 +494,7 @@ def child_checkpoint(kw):
     except Exception as e:  # noqa: BLE001 - slower on the CPU, but the checkpoint is what matters
         print(f"initialising on {kw['device']} failed ({type(e).__name__}: {e}); on the CPU instead", flush=True)
         model, where = RWKV7(config), "cpu"
-    model.save(kw["path"], dtype=torch.bfloat16)
+    save_model(model, kw["path"], dtype=torch.bfloat16)
     return dict(params=model.num_parameters(), initialised_on=where)
 
 

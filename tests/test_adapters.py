@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import random_model, rwkv_package_model
 from test_train_helpers import VOCAB, tiny_config, tiny_data
 
-from rwkv_sft import RWKV7
+from rwkv_sft.weights import load_model, save_model
 from rwkv_sft import adapters
 from rwkv_sft.adapters.lora import _UpcastLinear
 from rwkv_sft.cli import main
@@ -40,7 +40,7 @@ def _lora_run_files(tmp_path, init="lora", rank=4):
     """A base checkpoint and an adapter file for it, as a run would write them."""
     base = random_model(seed=1, **SHAPE)
     base_path = tmp_path / "base.pth"
-    base.save(base_path)
+    save_model(base, base_path)
     settings = adapters.AdapterSettings(lora_rank=rank, lora_alpha=8.0, lora_init=init)
     info = adapters.base_info(base)
     adapters.attach(base, settings)
@@ -64,17 +64,17 @@ def _cli_error(capsys, *argv) -> str:
 
 def test_merged_checkpoint_equals_base_plus_adapter_here_and_in_the_rwkv_package(tmp_path):
     base_path, adapter_path, trained = _lora_run_files(tmp_path)
-    adapted = RWKV7.load(base_path, adapter=adapter_path)
+    adapted = load_model(base_path, adapter=adapter_path)
     expected = _logits(adapted)
     torch.testing.assert_close(expected, _logits(trained), atol=0, rtol=0)  # load == what training computed
-    assert (expected - _logits(RWKV7.load(base_path))).abs().max() > 1e-2  # the adapter does something
+    assert (expected - _logits(load_model(base_path))).abs().max() > 1e-2  # the adapter does something
 
     for suffix in ("pth", "safetensors"):
         merged_path = tmp_path / f"merged.{suffix}"
         assert main(["merge", "--model", str(base_path), "--adapter", str(adapter_path), "--out", str(merged_path)]) == 0
-        merged = RWKV7.load(merged_path)
+        merged = load_model(merged_path)
         assert not adapters.lora_modules(merged)
-        assert merged.state_dict().keys() == RWKV7.load(base_path).state_dict().keys()  # BlinkDL keys only
+        assert merged.state_dict().keys() == load_model(base_path).state_dict().keys()  # BlinkDL keys only
         torch.testing.assert_close(_logits(merged), expected, atol=2e-5, rtol=0)
 
     reference = rwkv_package_model(tmp_path / "merged.pth")
@@ -97,21 +97,21 @@ def test_pissa_leaves_the_model_unchanged_at_step_0_and_merges(tmp_path):
     _perturb_adapters(model)
     base_path, adapter_path = tmp_path / "base.pth", tmp_path / "adapter.safetensors"
     plain = random_model(seed=1, **SHAPE)
-    plain.save(base_path)
+    save_model(plain, base_path)
     settings = adapters.AdapterSettings(lora_rank=4, lora_alpha=2.0, lora_init="pissa")
     adapters.save_adapter(adapter_path, adapters.adapter_state_dict(model), settings, adapters.base_info(plain))
     assert main(["merge", "--model", str(base_path), "--adapter", str(adapter_path), "--out", str(tmp_path / "m.pth")]) == 0
-    torch.testing.assert_close(_logits(RWKV7.load(tmp_path / "m.pth")), _logits(model), atol=2e-5, rtol=0)
+    torch.testing.assert_close(_logits(load_model(tmp_path / "m.pth")), _logits(model), atol=2e-5, rtol=0)
 
 
 def test_adapter_errors_are_one_line(tmp_path, capsys):
     base_path, adapter_path, _ = _lora_run_files(tmp_path)
     other = tmp_path / "other.pth"
-    random_model(seed=2, **SHAPE).save(other)
+    save_model(random_model(seed=2, **SHAPE), other)
     err = _cli_error(capsys, "merge", "--model", str(other), "--adapter", str(adapter_path), "--out", str(tmp_path / "x.pth"))
     assert "another base" in err
     bigger = tmp_path / "bigger.pth"
-    random_model(seed=1, n_layer=3, n_embd=64, vocab_size=VOCAB).save(bigger)
+    save_model(random_model(seed=1, n_layer=3, n_embd=64, vocab_size=VOCAB), bigger)
     assert "3 layers" in _cli_error(capsys, "merge", "--model", str(bigger), "--adapter", str(adapter_path), "--out", "x.pth")
 
     data = adapter_path.read_bytes()
@@ -123,7 +123,7 @@ def test_adapter_errors_are_one_line(tmp_path, capsys):
     assert "truncated or corrupt" in _cli_error(capsys, "merge", "--model", str(base_path), "--adapter", str(truncated),
                                                 "--out", "x.pth")
     model_file = tmp_path / "model.safetensors"
-    RWKV7.load(base_path).save(model_file)
+    save_model(load_model(base_path), model_file)
     assert "not an rwkv-sft adapter" in _cli_error(capsys, "merge", "--model", str(base_path), "--adapter",
                                                    str(model_file), "--out", "x.pth")
     with pytest.raises(UserError, match="'att.keys' matches no linear layer.*att.receptance"):
@@ -186,13 +186,13 @@ LORA_RUN = dict(lora_rank=4, lora_alpha=8.0, max_steps=6, save_every=2, keep_las
 def _base_file(tmp_path, dtype=torch.float32):
     path = tmp_path / "base.pth"
     if not path.exists():
-        random_model(seed=1, **SHAPE).save(path, dtype=dtype)
+        save_model(random_model(seed=1, **SHAPE), path, dtype=dtype)
     return path
 
 
 def test_lora_training_changes_only_the_adapter_and_checkpoints_only_it(tmp_path, capsys):
     base_path = _base_file(tmp_path, torch.bfloat16)
-    base = RWKV7.load(base_path)
+    base = load_model(base_path)
     result = train(tiny_config(tmp_path / "run", model_config=None, model=str(base_path), lr=1e-2, **LORA_RUN),
                    data=tiny_data())
     model = result.model
@@ -207,10 +207,10 @@ def test_lora_training_changes_only_the_adapter_and_checkpoints_only_it(tmp_path
     assert len(saved["optimizer"]["state"]) == len(saved["model"])  # nothing frozen in the optimizer
     assert result.exports == {"adapter": tmp_path / "run" / "adapter.safetensors"}
     # the adapter file reproduces the trained model
-    adapted = RWKV7.load(base_path, dtype=torch.float32, adapter=result.exports["adapter"])
+    adapted = load_model(base_path, dtype=torch.float32, adapter=result.exports["adapter"])
     model.eval()
     torch.testing.assert_close(_logits(adapted), _logits(model), atol=1e-5, rtol=0)
-    assert (_logits(adapted) - _logits(RWKV7.load(base_path, dtype=torch.float32))).abs().max() > 1e-3
+    assert (_logits(adapted) - _logits(load_model(base_path, dtype=torch.float32))).abs().max() > 1e-3
 
 
 def _sigterm_at_step(monkeypatch, n):
@@ -249,7 +249,7 @@ def test_resume_of_a_pissa_run_is_bit_identical(tmp_path, monkeypatch):
                  data=tiny_data())
     assert more.steps == 7 and adapters.read_adapter(tmp_path / "b" / "adapter.safetensors")[1].lora_dropout == 0.3
     other = tmp_path / "other.pth"
-    random_model(seed=2, **SHAPE).save(other)
+    save_model(random_model(seed=2, **SHAPE), other)
     with pytest.raises(UserError, match="another base"):
         train(tiny_config(tmp_path / "b", resume="auto", **{**settings, "model": str(other)}), data=tiny_data())
     with pytest.raises(UserError, match="parameter-efficient run, but this run is a full"):

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from rwkv_sft import Tokenizer
+from rwkv_sft.weights import save_model
 from rwkv_sft.cli import build_parser, main
 from rwkv_sft.cli_args import data_config, unescape
 from rwkv_sft.errors import UserError
@@ -36,7 +37,7 @@ def saved(tmp_path_factory):
     """A small model with the World vocabulary, as a file."""
     model = random_model(seed=1, scale=0.3, n_layer=1, n_embd=64).eval()
     path = tmp_path_factory.mktemp("model") / "model.pth"
-    model.save(path)
+    save_model(model, path)
     return model, path
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import random_model
+from rwkv_sft.infer.decoder import Decoder, as_decoder
 from rwkv_sft.infer.step import _WEIGHT_TYPES
 from rwkv_sft.infer.step import _step_with_kernels as _with_kernels
 from rwkv_sft.infer.step import decode_step
@@ -15,7 +16,7 @@ V = 300
 
 
 def normal_step(model, tokens, state):
-    """The general forward (forward_hidden + head), which a [B,1] call without gradients skips."""
+    """The general forward (forward_hidden + head), which the Decoder's [B,1] calls skip."""
     hidden, state = model.forward_hidden(tokens, state)
     return model.head(hidden[:, -1]), state
 
@@ -40,7 +41,6 @@ def step_path(request, monkeypatch):
 @pytest.mark.parametrize("variant", ["plain", "deep_embed", "lora", "training_layout"])
 def test_decode_step_equals_the_normal_forward(one_thread, step_path, variant, batch, monkeypatch):
     model = random_model(seed=3, n_layer=3, n_embd=128, vocab_size=V, deep_embed=variant == "deep_embed").eval()
-    model.auto_decoding_layout = variant != "training_layout"  # (the C products read either layout)
     import rwkv_sft.infer.step as step
     taken = []
     monkeypatch.setattr(step, "_step_with_kernels", lambda *a: taken.append(1) or _with_kernels(*a))
@@ -51,6 +51,7 @@ def test_decode_step_equals_the_normal_forward(one_thread, step_path, variant, b
             for name, p in model.named_parameters():
                 if name.endswith("lora_B"):
                     p.normal_(0, 0.1)
+    decoder = Decoder(model, layout=variant != "training_layout")  # (the C products read either layout)
     tokens = torch.randint(0, V, (batch, 8))
     # (at 9 rows MKL multiplies the two paths' matrices in other summation orders: rounding of ~1e-5)
     tol = dict(rtol=1e-5, atol=5e-5 if batch == 9 else 1e-5)
@@ -59,42 +60,55 @@ def test_decode_step_equals_the_normal_forward(one_thread, step_path, variant, b
             fast = slow = state
             for t in range(tokens.shape[1]):
                 want, slow = normal_step(model, tokens[:, t:t + 1], slow)
-                got, fast = decode_step(model, tokens[:, t:t + 1], fast, full_output=False)
+                got, fast = decoder(tokens[:, t:t + 1], fast, full_output=False)
                 torch.testing.assert_close(got, want, **tol)
                 for name in ("att_shift", "wkv", "ffn_shift"):
                     torch.testing.assert_close(getattr(fast, name), getattr(slow, name), **tol)
         assert bool(taken) == (step_path == "kernels")
         # plain projections are multiplied as one [3, C, C] stack; adapted ones through their modules
-        assert (model.blocks[1].att.stacked_rkv() is None) == (variant in ("lora", "training_layout"))
-        # RWKV7.forward takes this path for one token without gradients; full_output keeps the T axis.
-        logits, _ = model(tokens[:, :1], None)
+        assert (decoder.model.blocks[1].att in decoder.stacks) == (variant not in ("lora", "training_layout"))
+        # The decoder takes this path for one token without gradients; full_output keeps the T axis.
+        logits, _ = decoder(tokens[:, :1], None)
         assert logits.shape == (batch, 1, V)
         torch.testing.assert_close(logits[:, 0], normal_step(model, tokens[:, :1], None)[0], **tol)
         # Feeding a prompt in one call, then stepping, equals stepping all the way.
-        _, prefilled = model(tokens[:, :5])
-        a, _ = model(tokens[:, 5:6], prefilled, full_output=False)
+        _, prefilled = decoder(tokens[:, :5])
+        a, _ = decoder(tokens[:, 5:6], prefilled, full_output=False)
         b, _ = normal_step(model, tokens[:, 5:6], model.forward_hidden(tokens[:, :5])[1])
         torch.testing.assert_close(a, b, **tol)
 
 
-def test_decoding_switches_layout_and_training_switches_back(one_thread):
-    """A step without gradients (even in inference mode) stores the projections transposed; the
-    values and state_dict do not change, and the next forward with gradients trains normally."""
+def test_the_decoder_lays_out_its_own_twin_and_never_changes_the_model(one_thread):
+    """The decoder holds the projections transposed in its own twin (same values, same state_dict,
+    every other tensor shared); the model's weights stay as they were, and it trains normally."""
     model = random_model(seed=4, n_layer=2, n_embd=64, vocab_size=V)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tokens = torch.randint(0, V, (2, 4))
+    decoder = Decoder(model, layout=True)
     with torch.inference_mode():
-        model(tokens[:, :1])
-    assert model.head.weight.t().is_contiguous() and not model.head.weight.is_contiguous()
-    assert not model.head.weight.is_inference()
+        decoder(tokens[:, :1])
+    twin = decoder.model
+    assert twin.head.weight.t().is_contiguous() and not twin.head.weight.is_contiguous()
+    assert twin.emb.weight is model.emb.weight and twin.blocks[0].att.w1 is model.blocks[0].att.w1
+    assert twin.blocks[0].att in decoder.stacks
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
-    assert model.blocks[0].att.stacked_rkv() is not None
-    logits, _ = model(tokens)  # with gradients: contiguous again, and autograd works
-    assert model.head.weight.is_contiguous() and model.blocks[0].att.key.weight.is_contiguous()
-    assert model.blocks[0].att.stacked_rkv() is None
+    assert all(v.is_contiguous() for v in after.values())
+    assert twin.state_dict().keys() == before.keys() and all(torch.equal(twin.state_dict()[k], v) for k, v in before.items())
+    logits, _ = model(tokens)  # with gradients: autograd works on the model's own weights
     logits.square().mean().backward()
     assert model.head.weight.grad is not None and model.head.weight.grad.is_contiguous()
+
+
+def test_by_default_only_a_step_in_pytorch_lays_out_weights(monkeypatch):
+    """The C products are no faster on transposed weights, torch's are: Decoder(model) keeps a
+    transposed twin only when its step runs in PyTorch; as_decoder never copies."""
+    model = random_model(seed=4, n_layer=1, n_embd=64, vocab_size=V)
+    monkeypatch.setenv("RWKV_SFT_DECODE_KERNELS", "0")
+    assert Decoder(model).model is not model and as_decoder(model).model is model
+    monkeypatch.setenv("RWKV_SFT_DECODE_KERNELS", "1")
+    if kernels() is not None:
+        assert Decoder(model).model is model
 
 
 def test_the_trainer_keeps_the_training_layout_through_its_evaluations(tmp_path, monkeypatch):
@@ -111,7 +125,7 @@ def test_the_trainer_keeps_the_training_layout_through_its_evaluations(tmp_path,
 
     def fake_evaluate(model, *args, **kwargs):
         with torch.inference_mode():
-            decode_step(model, torch.zeros(1, 1, dtype=torch.long))
+            as_decoder(model)(torch.zeros(1, 1, dtype=torch.long))  # what the evaluation's generation calls
         seen.append(model.head.weight.is_contiguous())
         return {"loss": 1.0, "token_accuracy": 0.0, "exact_match": 0.0, "exact_match_n": 0, "samples": []}
 
@@ -119,9 +133,10 @@ def test_the_trainer_keeps_the_training_layout_through_its_evaluations(tmp_path,
     data = SimpleNamespace(train=tiny_examples(), eval=tiny_examples(4, seed=1), report={})
     result = train(tiny_config(tmp_path, eval_every=2), data=data)
     assert seen and all(seen)  # every evaluation ran on the training layout
+    decoder = Decoder(result.model, layout=True)
     with torch.inference_mode():
-        decode_step(result.model, torch.zeros(1, 1, dtype=torch.long))
-    assert not result.model.head.weight.is_contiguous()
+        decoder(torch.zeros(1, 1, dtype=torch.long))
+    assert not decoder.model.head.weight.is_contiguous() and result.model.head.weight.is_contiguous()
 
 
 def test_a_failed_training_run_leaves_the_callers_model_decoding_as_usual(tmp_path, monkeypatch):
@@ -136,13 +151,18 @@ def test_a_failed_training_run_leaves_the_callers_model_decoding_as_usual(tmp_pa
     model = random_model(seed=3, n_layer=1, n_embd=64, vocab_size=256)
     with pytest.raises(RuntimeError, match="could not be built"):
         train(tiny_config(tmp_path), model=model, data=tiny_data())
-    assert model.auto_decoding_layout
+    decoder = Decoder(model.eval(), layout=True)
+    tokens = torch.randint(0, 256, (1, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(tokens, full_output=False)[0], normal_step(model, tokens, None)[0],
+                                   rtol=1e-5, atol=1e-5)
+    assert not decoder.model.head.weight.is_contiguous()
 
 
 def test_decoding_layout_transposes_widening_projections_only():
     """A matrix-vector product streams a widening weight (out >= in) faster transposed and a narrowing
     one (ffn.value, 4C -> C) faster as it is; the values never change."""
-    model = random_model(seed=5, n_layer=1, n_embd=64, vocab_size=V).decoding_layout()
+    model = Decoder(random_model(seed=5, n_layer=1, n_embd=64, vocab_size=V), layout=True).model
     block = model.blocks[0]
     assert not model.head.weight.is_contiguous() and not block.ffn.key.weight.is_contiguous()
     assert not block.att.receptance.weight.is_contiguous()
@@ -150,22 +170,23 @@ def test_decoding_layout_transposes_widening_projections_only():
 
 
 def test_the_stacked_projections_follow_the_weights(one_thread):
-    """In the decoding layout receptance/key/value are views of one stack: a weight changed in place
+    """In the decoder's twin receptance/key/value are views of one stack: a weight changed in place
     changes the step, a weight replaced (load_state_dict(assign=True), .to()) leaves the stack for
     the modules; the step equals the normal forward throughout."""
-    model = random_model(seed=5, n_layer=2, n_embd=64, vocab_size=V).eval()
+    decoder = Decoder(random_model(seed=5, n_layer=2, n_embd=64, vocab_size=V).eval(), layout=True)
+    model = decoder.model
     tokens = torch.randint(0, V, (2, 1))
+    from rwkv_sft.infer.step import _stack
     with torch.no_grad():
-        model.decoding_layout()
         att = model.blocks[1].att
-        assert att.stacked_rkv() is not None
+        assert _stack(decoder.stacks, att) is not None
         att.key.weight.mul_(1.5)  # in place: the stack sees it
-        torch.testing.assert_close(decode_step(model, tokens, None, full_output=False)[0],
+        torch.testing.assert_close(decoder(tokens, None, full_output=False)[0],
                                    normal_step(model, tokens, None)[0], rtol=1e-5, atol=1e-5)
         sd = {k: v.clone() * (1.1 if k.endswith("att.value.weight") else 1) for k, v in model.state_dict().items()}
         model.load_state_dict(sd, assign=True)
-        assert att.stacked_rkv() is None
-        torch.testing.assert_close(decode_step(model, tokens, None, full_output=False)[0],
+        assert _stack(decoder.stacks, att) is None
+        torch.testing.assert_close(decoder(tokens, None, full_output=False)[0],
                                    normal_step(model, tokens, None)[0], rtol=1e-5, atol=1e-5)
 
 
@@ -230,7 +251,7 @@ def test_without_a_compiler_the_step_runs_in_pytorch(one_thread, monkeypatch, tm
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with torch.no_grad():
-            got = model(tokens, full_output=False)[0]
+            got = Decoder(model)(tokens, full_output=False)[0]
     assert decode_cpu._loaded == {"lib": None}
     assert capsys.readouterr().err == ""
     torch.testing.assert_close(got, normal_step(model, tokens, None)[0], rtol=1e-5, atol=1e-5)
@@ -302,11 +323,13 @@ def test_a_bf16_model_decodes_in_its_stored_layout(one_thread):
     the normal forward."""
     model = random_model(seed=8, n_layer=2, n_embd=64, vocab_size=V).eval().to(torch.bfloat16)
     tokens = torch.randint(0, V, (1, 1))
+    decoder = Decoder(model, layout=True)
     with torch.no_grad():
-        got, state = model(tokens, full_output=False)
+        got, state = decoder(tokens, full_output=False)
         want, expected = normal_step(model, tokens, None)
-    assert model.head.weight.is_contiguous() and model.blocks[0].att.receptance.weight.is_contiguous()
-    assert model.blocks[0].att.stacked_rkv() is None
+    twin = decoder.model
+    assert twin.head.weight.is_contiguous() and twin.blocks[0].att.receptance.weight.is_contiguous()
+    assert not decoder.stacks
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(state.wkv, expected.wkv, rtol=2e-2, atol=2e-2)
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from rwkv_sft.cli import main
+from rwkv_sft.weights import save_model
 from rwkv_sft.demo import QUICK_STEPS, STEPS
 from rwkv_sft.train.metrics import read_metrics
 
@@ -43,7 +44,8 @@ def test_stopped_demo_exits_with_the_signal_code(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train_pkg, "train", lambda *a, **k: SimpleNamespace(
         interrupted=True, signal=signal.SIGINT, eval=None, metrics_path=None, plot_path=None))
     from rwkv_sft import RWKV7, RWKV7Config
-    RWKV7(RWKV7Config(n_layer=1, n_embd=64, vocab_size=65536)).save(tmp_path / "base.pth")
+    from rwkv_sft.weights import save_model
+    save_model(RWKV7(RWKV7Config(n_layer=1, n_embd=64, vocab_size=65536)), tmp_path / "base.pth")
     for extra in (["--method", "full"], ["--method", "state", "--base", str(tmp_path / "base.pth")]):
         assert main(["demo", "--quick", *extra, "--out", str(tmp_path / extra[1])]) == 130
         assert "stopped before the end of training" in capsys.readouterr().out

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import random_model
 from rwkv_sft.data import TokenizedExamples
 from rwkv_sft.model import RWKV7, RWKV7Config
+from rwkv_sft.weights import load_model, save_model
 from rwkv_sft.tokenizer import Tokenizer
 from rwkv_sft.eval.evaluate import evaluate, exact_match_indices
 from rwkv_sft.train.metrics import MetricsLogger, plot_metrics, read_metrics
@@ -164,12 +165,12 @@ def test_eval_command_json(tmp_path, tokenizer, capsys):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     torch.manual_seed(1)
     model = RWKV7(RWKV7Config(n_layer=1, n_embd=64))  # World vocabulary: the tokenizer's ids fit
-    model.save(tmp_path / "m.pth")
+    save_model(model, tmp_path / "m.pth")
     assert main(["eval", "--model", str(tmp_path / "m.pth"), "--data", str(data), "--exact-match", "3",
                  "--device", "cpu", "--json"]) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     prepared = prepare_data(DataConfig(train_files=[str(data)]), tokenizer=tokenizer, show_progress=False)
-    want = evaluate(RWKV7.load(tmp_path / "m.pth"), prepared.train, tokenizer, exact_match_samples=3)
+    want = evaluate(load_model(tmp_path / "m.pth"), prepared.train, tokenizer, exact_match_samples=3)
     assert got["examples"] == 6 and got["exact_match_n"] == 3
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
     assert got["token_accuracy"] == pytest.approx(want["token_accuracy"])
@@ -184,7 +185,7 @@ def test_eval_command_does_not_import_the_trainer(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"context": f"Q{i}?", "completion": f" {i}"}) + "\n" for i in range(3)))
     torch.manual_seed(0)
-    RWKV7(RWKV7Config(n_layer=1, n_embd=64)).save(tmp_path / "m.pth")
+    save_model(RWKV7(RWKV7Config(n_layer=1, n_embd=64)), tmp_path / "m.pth")
     script = ("import sys\nfrom rwkv_sft.cli import main\n"
               "TRAINER = {'rwkv_sft.train.loop', 'rwkv_sft.train.parallel', 'rwkv_sft.train.optim'}\n"
               f"rc = main(['eval', '--model', {str(tmp_path / 'm.pth')!r}, '--data', {str(data)!r}, "

@@ -10,9 +10,10 @@ import torch
 from conftest import random_model
 from test_train_helpers import VOCAB, tiny_config, tiny_data
 
-from rwkv_sft import RWKV7
+from rwkv_sft.weights import load_model, save_model
 from rwkv_sft import adapters
-from rwkv_sft.adapters.state import load_state, save_state
+from rwkv_sft.adapters.state import save_state
+from rwkv_sft.weights.state import load_state
 from rwkv_sft.cli import main
 from rwkv_sft.train import train
 from rwkv_sft.utils import atomic_write
@@ -43,7 +44,7 @@ def _cli_error(capsys, *argv) -> str:
 def _base_and_adapter(tmp_path):
     base = random_model(seed=1, **SHAPE)
     base_path = tmp_path / "base.pth"
-    base.save(base_path)
+    save_model(base, base_path)
     settings = adapters.AdapterSettings(lora_rank=4, lora_alpha=8.0)
     info = adapters.base_info(base)
     adapters.attach(base, settings)
@@ -66,7 +67,7 @@ def test_merge_and_convert_refuse_their_input_and_existing_outputs(tmp_path, cap
             assert f"{out}: is the input {base}" in err
     assert "is the input" in _cli_error(capsys, "merge", "--model", base, "--adapter", adapter, "--out", adapter,
                                         "--overwrite")
-    assert base.read_bytes() == original and RWKV7.load(base).emb.weight.dtype == torch.float32
+    assert base.read_bytes() == original and load_model(base).emb.weight.dtype == torch.float32
 
     merged, converted = tmp_path / "merged.pth", tmp_path / "converted.safetensors"
     assert main(["merge", "--model", str(base), "--adapter", str(adapter), "--out", str(merged)]) == 0
@@ -76,8 +77,8 @@ def test_merge_and_convert_refuse_their_input_and_existing_outputs(tmp_path, cap
         assert "already exists; give --overwrite" in _cli_error(capsys, *argv)
         assert {p: p.read_bytes() for p in (merged, converted)} == before
         assert main([str(a) for a in argv] + ["--overwrite"]) == 0
-    assert RWKV7.load(converted).emb.weight.dtype == torch.float32  # now the merged model's copy
-    torch.testing.assert_close(RWKV7.load(converted).state_dict(), RWKV7.load(merged).state_dict(), atol=0, rtol=0)
+    assert load_model(converted).emb.weight.dtype == torch.float32  # now the merged model's copy
+    torch.testing.assert_close(load_model(converted).state_dict(), load_model(merged).state_dict(), atol=0, rtol=0)
 
 
 # -- modes ----------------------------------------------------------------------------------------------
@@ -104,7 +105,7 @@ def test_every_file_a_run_merge_and_convert_write_is_readable_as_the_umask_says(
     # the resume rewrites metrics.jsonl (trimmed to its checkpoint) through atomic_write
     train(tiny_config(full, max_steps=4, resume="auto", export=["pth", "safetensors"]), data=tiny_data())
     base = tmp_path / "base.pth"
-    random_model(seed=1, **SHAPE).save(base)
+    save_model(random_model(seed=1, **SHAPE), base)
     peft = tmp_path / "peft"
     train(tiny_config(peft, model_config=None, model=str(base), lora_rank=4, state_tuning=True, max_steps=2,
                       save_every=1), data=tiny_data())
@@ -153,7 +154,7 @@ def _logits(model):
 
 def test_each_peft_checkpoint_holds_and_serves_its_own_steps_adapter(tmp_path, capsys):
     base = tmp_path / "base.pth"
-    random_model(seed=1, **SHAPE).save(base)
+    save_model(random_model(seed=1, **SHAPE), base)
     out = tmp_path / "run"
     train(tiny_config(out, model_config=None, model=str(base), lora_rank=4, state_tuning=True, lr=1e-2,
                       max_steps=4, save_every=2, keep_last=2), data=tiny_data())
@@ -164,16 +165,16 @@ def test_each_peft_checkpoint_holds_and_serves_its_own_steps_adapter(tmp_path, c
     assert (settings, info) == (settings4, info4)
     torch.testing.assert_close(torch.load(out / "state.pth", weights_only=True),
                                torch.load(step4 / "state.pth", weights_only=True), atol=0, rtol=0)
-    at = {step: _logits(RWKV7.load(base, adapter=step)) for step in (step2, step4)}
+    at = {step: _logits(load_model(base, adapter=step)) for step in (step2, step4)}
     assert (at[step2] - at[step4]).abs().max() > 1e-3  # two different steps
-    torch.testing.assert_close(at[step4], _logits(RWKV7.load(base, adapter=out / "adapter.safetensors")), atol=0, rtol=0)
+    torch.testing.assert_close(at[step4], _logits(load_model(base, adapter=out / "adapter.safetensors")), atol=0, rtol=0)
     # the step's adapter is the one its state.pt trained: a checkpoint without the file (older
     # versions wrote none) reads the same tensors from state.pt
     (step2 / "adapter.safetensors").unlink()
-    torch.testing.assert_close(_logits(RWKV7.load(base, adapter=step2)), at[step2], atol=0, rtol=0)
-    with_state = RWKV7.load(base)
+    torch.testing.assert_close(_logits(load_model(base, adapter=step2)), at[step2], atol=0, rtol=0)
+    with_state = load_model(base)
     load_state(with_state, step4)  # --state STEP_DIR: that step's state.pth
-    torch.testing.assert_close(with_state.learned_state(), RWKV7.load(base, adapter=step4).learned_state())
+    torch.testing.assert_close(with_state.learned_state(), load_model(base, adapter=step4).learned_state())
 
     # --model STEP_DIR: the advice names this step and the run's base, never OUT/adapter.safetensors
     err = _cli_error(capsys, "generate", "--model", step2, "--prompt", "x", "--max-new-tokens", "1")
@@ -181,12 +182,12 @@ def test_each_peft_checkpoint_holds_and_serves_its_own_steps_adapter(tmp_path, c
     capsys.readouterr()
     assert main(["generate", "--model", str(base), "--adapter", str(step2), "--prompt", "x", "--max-new-tokens", "1"]) == 0
     assert main(["merge", "--model", str(base), "--adapter", str(step4), "--out", str(tmp_path / "m.pth")]) == 0
-    assert (_logits(RWKV7.load(tmp_path / "m.pth")) - _logits(RWKV7.load(base))).abs().max() > 1e-3
+    assert (_logits(load_model(tmp_path / "m.pth")) - _logits(load_model(base))).abs().max() > 1e-3
 
 
 def test_a_wrong_file_as_adapter_says_what_it_is(tmp_path, capsys):
     base, adapter = _base_and_adapter(tmp_path)
-    model = RWKV7.load(base)
+    model = load_model(base)
     model.enable_state_tuning()
     save_state(model, tmp_path / "state.pth")
     run_full = tmp_path / "full"
@@ -223,7 +224,7 @@ def test_resuming_a_finished_run_says_so_once_and_touches_nothing(tmp_path, caps
 
 def test_peft_run_resumed_when_finished_touches_nothing(tmp_path, capsys):
     base = tmp_path / "base.pth"
-    random_model(seed=1, **SHAPE).save(base)
+    save_model(random_model(seed=1, **SHAPE), base)
     config = dict(model_config=None, model=str(base), state_tuning=True, max_steps=2, save_every=1)
     train(tiny_config(tmp_path / "run", **config), data=tiny_data())
     before = _snapshot(tmp_path / "run")
@@ -271,7 +272,7 @@ def test_a_sharded_checkpoint_as_model_loads_without_torchs_warnings(tmp_path):
     step = ckpt.save_checkpoint(tmp_path, 1, {"sharded": True, "step": 1}, keep_last=1, tmp=tmp)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loaded = RWKV7.load(step)
+        loaded = load_model(step)
     assert [str(w.message) for w in caught] == []
     torch.testing.assert_close(loaded.state_dict(), model.state_dict(), atol=0, rtol=0)
     proc = subprocess.run([sys.executable, "-m", "rwkv_sft", "info", str(step)], capture_output=True, text=True)
@@ -287,7 +288,7 @@ def _header(capsys) -> str:
 
 def test_the_header_shows_the_frozen_dtype_and_the_segments(tmp_path, capsys):
     base = tmp_path / "base.pth"
-    random_model(seed=1, **SHAPE).save(base)
+    save_model(random_model(seed=1, **SHAPE), base)
     for dtype in ("bf16", "fp32"):
         train(tiny_config(tmp_path / dtype, model_config=None, model=str(base), lora_rank=4, base_dtype=dtype,
                           max_steps=1), data=tiny_data())

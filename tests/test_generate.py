@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rwkv_sft import RWKV7, RWKV7Config, Tokenizer
+from rwkv_sft.weights import save_model
 from rwkv_sft.infer.generate import filter_logits, generate, generate_iter, greedy_complete, prefill
 
 PROMPTS = ["Hello world", "The quick brown fox", "你好，世界", "x", "def f(a, b):\n    return", "Hi"]
@@ -217,7 +218,7 @@ def run_cli(*args, stdin=None):
 @pytest.fixture(scope="module")
 def saved_model(model, tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    model.save(path)
+    save_model(model, path)
     return path
 
 

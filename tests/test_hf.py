@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from rwkv_sft import RWKV7
+from rwkv_sft.weights import load_model, save_model
 from rwkv_sft.cli import main
 from rwkv_sft.errors import UserError
 from rwkv_sft.tokenizer import vocab_path
@@ -18,7 +19,7 @@ from conftest import random_model
 
 # Written out by hand from fla's RWKV7ForCausalLM (fla/models/rwkv7, fla/layers/rwkv7.py and its
 # utils/convert_from_rwkv7.py) and from the names llama.cpp's converter maps for rwkv7: the test's
-# own name map, independent of rwkv_sft.model.hf. (BlinkDL suffix, HF name, layout)
+# own name map, independent of rwkv_sft.weights.hf. (BlinkDL suffix, HF name, layout)
 # layouts: "=" same shape, "T" transposed, "C" flattened to [C]
 FLA_LAYER = [
     ("ln0.weight", "pre_norm.weight", "="), ("ln0.bias", "pre_norm.bias", "="),
@@ -104,7 +105,7 @@ def assert_same_weights(a: dict, b: dict):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_pth_to_hf_to_pth_is_bit_identical(tmp_path, model, scheme, dtype):
     src = tmp_path / "a.pth"
-    model.save(src, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+    save_model(model, src, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     assert main(["convert", str(src), str(tmp_path / "hf"), "--to", "hf", "--hf-scheme", scheme]) == 0
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "b.pth")]) == 0
     assert_same_weights(torch.load(src, weights_only=True), torch.load(tmp_path / "b.pth", weights_only=True))
@@ -114,7 +115,7 @@ def test_pth_to_hf_to_pth_is_bit_identical(tmp_path, model, scheme, dtype):
 @pytest.mark.parametrize("scheme", ["fla", "rwkv"])
 def test_writer_uses_the_known_names_and_shapes(tmp_path, model, scheme):
     from safetensors import safe_open
-    model.save(tmp_path / "a.pth")
+    save_model(model, tmp_path / "a.pth")
     main(["convert", str(tmp_path / "a.pth"), str(tmp_path / "hf"), "--to", "hf", "--hf-scheme", scheme])
     expected = by_hand(torch.load(tmp_path / "a.pth", weights_only=True), scheme)
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
@@ -123,7 +124,7 @@ def test_writer_uses_the_known_names_and_shapes(tmp_path, model, scheme):
 
 
 def test_config_fields_as_the_converters_read_them(tmp_path, model):
-    model.save(tmp_path / "a.pth")
+    save_model(model, tmp_path / "a.pth")
     c = model.config
     for scheme in ("fla", "rwkv"):
         main(["convert", str(tmp_path / "a.pth"), str(tmp_path / scheme), "--to", "hf", "--hf-scheme", scheme])
@@ -149,18 +150,18 @@ def test_config_fields_as_the_converters_read_them(tmp_path, model):
 @pytest.mark.parametrize("scheme, shards, dtype", [("fla", 1, torch.float32), ("fla", 3, torch.bfloat16),
                                                    ("rwkv", 1, torch.bfloat16), ("rwkv", 2, torch.float32)])
 def test_hand_written_hf_directory_loads_with_the_same_logits(tmp_path, model, scheme, shards, dtype):
-    model.save(tmp_path / "a.pth", dtype=dtype)
-    ref = RWKV7.load(tmp_path / "a.pth", dtype=torch.float32).eval()
+    save_model(model, tmp_path / "a.pth", dtype=dtype)
+    ref = load_model(tmp_path / "a.pth", dtype=torch.float32).eval()
     sd = torch.load(tmp_path / "a.pth", weights_only=True)
     path = hf_dir(tmp_path / "hf", by_hand(sd, scheme), {"model_type": "rwkv7", "hidden_size": 128}, shards)
-    loaded = RWKV7.load(path, dtype=torch.float32).eval()
+    loaded = load_model(path, dtype=torch.float32).eval()
     assert torch.equal(logits(loaded), logits(ref))
-    assert RWKV7.load(path).emb.weight.dtype == dtype  # the file's dtype unless asked otherwise
+    assert load_model(path).emb.weight.dtype == dtype  # the file's dtype unless asked otherwise
 
 
 def test_fla_version1_fused_lerps_flat_r_k_and_layer0_value_lora(tmp_path, model):
     """x_x [6, C] (fla's first layout), r_k as [C], and unused v0/v1/v2 in layer 0 all load."""
-    model.save(tmp_path / "a.pth")
+    save_model(model, tmp_path / "a.pth")
     sd = torch.load(tmp_path / "a.pth", weights_only=True)
     hf = by_hand(sd, "fla")
     for i in range(2):
@@ -171,7 +172,7 @@ def test_fla_version1_fused_lerps_flat_r_k_and_layer0_value_lora(tmp_path, model
                     ("v_lora.lora.2.bias", sd["blocks.1.att.v0"].reshape(-1).clone())):
         hf[f"model.layers.0.attn.{name}"] = t.contiguous()
     path = hf_dir(tmp_path / "hf", hf, {"model_type": "rwkv7", "head_dim": 64})
-    assert torch.equal(logits(RWKV7.load(path).eval()), logits(RWKV7.load(tmp_path / "a.pth").eval()))
+    assert torch.equal(logits(load_model(path).eval()), logits(load_model(tmp_path / "a.pth").eval()))
 
 
 def _one_line_error(fn, *patterns):
@@ -185,59 +186,59 @@ def _one_line_error(fn, *patterns):
 
 
 def test_broken_directories_are_one_line_errors(tmp_path, model):
-    model.save(tmp_path / "a.pth")
+    save_model(model, tmp_path / "a.pth")
     tensors = by_hand(torch.load(tmp_path / "a.pth", weights_only=True), "fla")
     config = {"model_type": "rwkv7"}
 
     truncated = hf_dir(tmp_path / "truncated", tensors, config, shards=2)
     shard = truncated / "model-00002-of-00002.safetensors"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    _one_line_error(lambda: RWKV7.load(truncated), r"model-00002-of-00002\.safetensors", "truncated")
+    _one_line_error(lambda: load_model(truncated), r"model-00002-of-00002\.safetensors", "truncated")
 
     missing = hf_dir(tmp_path / "missing", tensors, config, shards=2)
     index = json.loads((missing / "model.safetensors.index.json").read_text())
     del index["weight_map"]["model.layers.1.attn.k_proj.weight"]
     (missing / "model.safetensors.index.json").write_text(json.dumps(index))
-    _one_line_error(lambda: RWKV7.load(missing), "model.layers.1.attn.k_proj.weight", "does not list")
+    _one_line_error(lambda: load_model(missing), "model.layers.1.attn.k_proj.weight", "does not list")
 
     lost = hf_dir(tmp_path / "lost", tensors, config, shards=2)
     index = json.loads((lost / "model.safetensors.index.json").read_text())
     index["weight_map"]["model.layers.1.attn.extra"] = "model-00001-of-00002.safetensors"
     (lost / "model.safetensors.index.json").write_text(json.dumps(index))
-    _one_line_error(lambda: RWKV7.load(lost), "model.layers.1.attn.extra", "lacks")
+    _one_line_error(lambda: load_model(lost), "model.layers.1.attn.extra", "lacks")
 
     gone = hf_dir(tmp_path / "gone", tensors, config, shards=2)
     (gone / "model-00001-of-00002.safetensors").unlink()
-    _one_line_error(lambda: RWKV7.load(gone), r"model-00001-of-00002\.safetensors: missing")
+    _one_line_error(lambda: load_model(gone), r"model-00001-of-00002\.safetensors: missing")
 
     wrong = dict(tensors)
     wrong["model.layers.1.attn.g_lora.lora.2.weight"] = torch.zeros(128, 96)
     bad = hf_dir(tmp_path / "shape", wrong, config)
-    _one_line_error(lambda: RWKV7.load(bad), r"'model.layers.1.attn.g_lora.lora.2.weight' has shape \[128, 96\], "
+    _one_line_error(lambda: load_model(bad), r"'model.layers.1.attn.g_lora.lora.2.weight' has shape \[128, 96\], "
                     r"expected \[128, 160\]")
 
     short = {k: v for k, v in tensors.items() if k != "model.layers.1.ffn.x_k"}
     incomplete = hf_dir(tmp_path / "incomplete", short, config)
-    _one_line_error(lambda: RWKV7.load(incomplete), "no tensor for blocks.1.ffn.x_k", "'model.layers.1.ffn.x_k'")
+    _one_line_error(lambda: load_model(incomplete), "no tensor for blocks.1.ffn.x_k", "'model.layers.1.ffn.x_k'")
 
     mismatch = hf_dir(tmp_path / "config", tensors, {"model_type": "rwkv7", "num_hidden_layers": 3})
-    _one_line_error(lambda: RWKV7.load(mismatch), "num_hidden_layers is 3", "2 layers")
+    _one_line_error(lambda: load_model(mismatch), "num_hidden_layers is 3", "2 layers")
 
     other = hf_dir(tmp_path / "llama", tensors, {"model_type": "llama"})
-    _one_line_error(lambda: RWKV7.load(other), "model_type 'llama'")
+    _one_line_error(lambda: load_model(other), "model_type 'llama'")
 
     (missing / "model.safetensors.index.json").write_text("[]")
-    _one_line_error(lambda: RWKV7.load(missing), "not a safetensors index")
+    _one_line_error(lambda: load_model(missing), "not a safetensors index")
     (missing / "config.json").write_text("{not json")
-    _one_line_error(lambda: RWKV7.load(missing), r"config.json: not a JSON object")
+    _one_line_error(lambda: load_model(missing), r"config.json: not a JSON object")
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text("{}")
-    _one_line_error(lambda: RWKV7.load(tmp_path / "empty"), "needs model.safetensors")
+    _one_line_error(lambda: load_model(tmp_path / "empty"), "needs model.safetensors")
 
 
 def test_info_and_generate_take_a_directory(tmp_path, model, capsys):
-    model.save(tmp_path / "a.pth")
+    save_model(model, tmp_path / "a.pth")
     main(["convert", str(tmp_path / "a.pth"), str(tmp_path / "hf"), "--to", "hf"])
     capsys.readouterr()
     assert main(["info", str(tmp_path / "hf"), "--json"]) == 0
@@ -246,7 +247,7 @@ def test_info_and_generate_take_a_directory(tmp_path, model, capsys):
 
 
 def test_convert_and_merge_refuse_an_existing_directory(tmp_path, model, capsys):
-    model.save(tmp_path / "a.pth")
+    save_model(model, tmp_path / "a.pth")
     out = tmp_path / "hf"
     assert main(["convert", str(tmp_path / "a.pth"), str(out), "--to", "hf"]) == 0
     (out / "keep").write_text("x")
@@ -267,8 +268,8 @@ def test_convert_and_merge_refuse_an_existing_directory(tmp_path, model, capsys)
 
 def test_merge_to_hf(tmp_path, model):
     from rwkv_sft import adapters
-    model.save(tmp_path / "base.pth")
-    m = RWKV7.load(tmp_path / "base.pth")
+    save_model(model, tmp_path / "base.pth")
+    m = load_model(tmp_path / "base.pth")
     settings = adapters.AdapterSettings(lora_rank=4, lora_alpha=8.0)
     info = adapters.base_info(m)
     adapters.attach(m, settings)
@@ -312,7 +313,7 @@ def _llama_cpp_names(names, n_layer):
 def test_every_tensor_llama_cpp_needs_has_a_source(tmp_path, model, scheme):
     import gguf
     from safetensors import safe_open
-    model.save(tmp_path / "a.pth")
+    save_model(model, tmp_path / "a.pth")
     main(["convert", str(tmp_path / "a.pth"), str(tmp_path / "hf"), "--to", "hf", "--hf-scheme", scheme])
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         made = _llama_cpp_names(list(f.keys()), 2)

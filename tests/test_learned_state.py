@@ -5,6 +5,7 @@ import torch
 
 from conftest import random_model
 from rwkv_sft.ops.wkv7_chunked import wkv7_chunked
+from rwkv_sft.weights import load_model, save_model
 from rwkv_sft.ops.wkv7_reference import wkv7_reference
 from test_wkv7 import close, make_inputs, make_state, random_resets
 from test_wkv7_gpu import emulated_kernels  # noqa: F401  (a fixture)
@@ -256,7 +257,7 @@ def test_state_file_in_the_rwkv_package_gives_our_logits(tmp_path):
     shape = dict(n_layer=2, n_embd=128, vocab_size=500)
     model = _state_tuned_model(**shape)
     base = random_model(seed=3, **shape)
-    base.save(tmp_path / "base.pth")  # the plain checkpoint: what users load in the package
+    save_model(base, tmp_path / "base.pth")  # the plain checkpoint: what users load in the package
     save_state(model, tmp_path / "state.pth")
     package = rwkv_package_model(tmp_path / "base.pth")
 
@@ -277,8 +278,9 @@ def test_state_file_in_the_rwkv_package_gives_our_logits(tmp_path):
 
 
 def test_state_file_round_trip_and_model_checkpoint(tmp_path):
-    from rwkv_sft import RWKV7
-    from rwkv_sft.adapters.state import load_state, save_state
+    from rwkv_sft.weights import load_model, save_model
+    from rwkv_sft.adapters.state import save_state
+    from rwkv_sft.weights.state import load_state
     shape = dict(n_layer=2, n_embd=64, vocab_size=50, head_size=32)
     model = _state_tuned_model(**shape)
     save_state(model, tmp_path / "state.pth")
@@ -286,16 +288,17 @@ def test_state_file_round_trip_and_model_checkpoint(tmp_path):
     loaded = load_state(random_model(seed=3, **shape), tmp_path / "state.pth")
     torch.testing.assert_close(loaded(tokens)[0], model(tokens)[0], rtol=0, atol=0)
     # a model saved with its learned state loads with it (fp32 state even in a bf16 model)
-    model.save(tmp_path / "model.pth")
-    again = RWKV7.load(tmp_path / "model.pth")
+    save_model(model, tmp_path / "model.pth")
+    again = load_model(tmp_path / "model.pth")
     torch.testing.assert_close(again(tokens)[0], model(tokens)[0], rtol=0, atol=0)
-    half = RWKV7.load(tmp_path / "model.pth", dtype=torch.bfloat16)
+    half = load_model(tmp_path / "model.pth", dtype=torch.bfloat16)
     assert half.learned_state()[0].dtype == torch.float32
     assert torch.equal(half.learned_state()[1], model.learned_state()[1])
 
 
 def test_bad_state_files_are_one_line_errors(tmp_path):
-    from rwkv_sft.adapters.state import KEY, load_state
+    from rwkv_sft.adapters.state import KEY
+    from rwkv_sft.weights.state import load_state
     from rwkv_sft.errors import UserError
     shape = dict(n_layer=2, n_embd=64, vocab_size=50, head_size=32)
     model = random_model(**shape)
@@ -332,7 +335,7 @@ def test_generate_and_eval_start_from_the_state_file(tmp_path, capsys, one_threa
     from rwkv_sft.eval.evaluate import evaluate
 
     model = random_model(seed=1, n_layer=1, n_embd=64)  # World vocabulary
-    model.save(tmp_path / "m.pth")
+    save_model(model, tmp_path / "m.pth")
     with torch.no_grad():
         model.enable_state_tuning()[0].normal_(0, 3)
     save_state(model, tmp_path / "state.pth")

@@ -13,7 +13,9 @@ import torch
 
 from conftest import random_model, rwkv_package_model
 from rwkv_sft import RWKV7, RWKV7Config
+from rwkv_sft.weights import load_model, save_model
 from rwkv_sft.errors import UserError
+from rwkv_sft.infer.decoder import Decoder
 from rwkv_sft.model.config import low_rank_dim
 from rwkv_sft.ops import wkv7_reference
 
@@ -44,7 +46,7 @@ def _ids(shape):
 def test_logits_and_state_match_rwkv_package(tmp_path, shape):
     model = random_model(seed=1, **shape)
     path = tmp_path / "model.pth"
-    model.save(path)
+    save_model(model, path)
     reference = rwkv_package_model(path, deep_embed=shape.get("deep_embed", False))
 
     tokens = torch.randint(0, shape["vocab_size"], (1, 37), generator=torch.Generator().manual_seed(2))
@@ -119,12 +121,12 @@ def test_pth_with_layer0_v_and_bf16_loads(tmp_path):
     sd["blocks.0.att.v1"] = torch.zeros(64, model.config.dim_v, dtype=torch.bfloat16)
     sd["blocks.0.att.v2"] = torch.zeros(model.config.dim_v, 64, dtype=torch.bfloat16)
     torch.save(sd, tmp_path / "m.pth")
-    loaded = RWKV7.load(tmp_path / "m.pth")
+    loaded = load_model(tmp_path / "m.pth")
     assert loaded.emb.weight.dtype == torch.bfloat16
-    as_fp32 = RWKV7.load(tmp_path / "m.pth", dtype=torch.float32)
+    as_fp32 = load_model(tmp_path / "m.pth", dtype=torch.float32)
     tokens = torch.randint(0, 100, (2, 12))
     with torch.no_grad():
-        expected = RWKV7.load(tmp_path / "m.pth", dtype=torch.float32)(tokens)[0]
+        expected = load_model(tmp_path / "m.pth", dtype=torch.float32)(tokens)[0]
         torch.testing.assert_close(as_fp32(tokens)[0], expected)
         bf16_logits = loaded(tokens)[0].float()
     assert bf16_logits.isfinite().all()
@@ -135,7 +137,8 @@ def test_decoding_layout_changes_no_result(tmp_path):
     """Transposed storage of the projections: same state_dict, same logits and state step by step,
     and a saved file identical in content."""
     model = random_model(seed=7, n_layer=2, n_embd=64, vocab_size=100, deep_embed=True)
-    twin = random_model(seed=7, n_layer=2, n_embd=64, vocab_size=100, deep_embed=True).decoding_layout()
+    decoder = Decoder(random_model(seed=7, n_layer=2, n_embd=64, vocab_size=100, deep_embed=True), layout=True)
+    twin = decoder.model
     assert not twin.head.weight.is_contiguous() and twin.head.weight.t().is_contiguous()
     for (k, a), (k2, b) in zip(model.state_dict().items(), twin.state_dict().items()):
         assert k == k2 and a.shape == b.shape and torch.equal(a, b)
@@ -144,18 +147,18 @@ def test_decoding_layout_changes_no_result(tmp_path):
         state = twin_state = None
         for t in range(6):
             logits, state = model(tokens[:, t:t + 1], state)
-            twin_logits, twin_state = twin(tokens[:, t:t + 1], twin_state)
+            twin_logits, twin_state = decoder(tokens[:, t:t + 1], twin_state)
             torch.testing.assert_close(twin_logits, logits, atol=1e-5, rtol=0)
         torch.testing.assert_close(twin_state.wkv, state.wkv, atol=1e-5, rtol=0)
-    twin.save(tmp_path / "m.safetensors")
-    loaded = RWKV7.load(tmp_path / "m.safetensors")
+    save_model(twin, tmp_path / "m.safetensors")
+    loaded = load_model(tmp_path / "m.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 
 
 def test_safetensors_round_trip(tmp_path):
     model = random_model(seed=6, n_layer=2, n_embd=64, vocab_size=100, deep_embed=True)
-    model.save(tmp_path / "m.safetensors")
-    loaded = RWKV7.load(tmp_path / "m.safetensors")
+    save_model(model, tmp_path / "m.safetensors")
+    loaded = load_model(tmp_path / "m.safetensors")
     assert loaded.config == model.config
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
@@ -251,7 +254,7 @@ class _RunsCode:
 
 def _bad_files(tmp_path):
     good = random_model(seed=8, n_layer=1, n_embd=64, vocab_size=50)
-    good.save(tmp_path / "good.pth")
+    save_model(good, tmp_path / "good.pth")
     raw = (tmp_path / "good.pth").read_bytes()
     (tmp_path / "truncated.pth").write_bytes(raw[: len(raw) // 2])
     (tmp_path / "text.pth").write_text("hello, I am not a checkpoint\n")
@@ -283,7 +286,7 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("RWKV_SFT_PWNED", str(marker))
     for name, message in _bad_files(tmp_path).items():
         with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
-            RWKV7.load(tmp_path / name)
+            load_model(tmp_path / name)
     assert not marker.exists()
 
 
@@ -305,11 +308,11 @@ def test_cli_bad_checkpoint_no_traceback(tmp_path):
 
 def test_convert_between_formats(tmp_path):
     model = random_model(seed=9, n_layer=1, n_embd=64, vocab_size=50)
-    model.save(tmp_path / "a.pth")
+    save_model(model, tmp_path / "a.pth")
     proc = subprocess.run([sys.executable, "-m", "rwkv_sft", "convert", str(tmp_path / "a.pth"),
                            str(tmp_path / "b.safetensors"), "--dtype", "bf16"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    loaded = RWKV7.load(tmp_path / "b.safetensors")
+    loaded = load_model(tmp_path / "b.safetensors")
     assert loaded.emb.weight.dtype == torch.bfloat16
     torch.testing.assert_close(loaded.head.weight.float(), model.head.weight.bfloat16().float())
     assert zipfile.is_zipfile(tmp_path / "a.pth") and pickle is not None

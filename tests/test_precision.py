@@ -14,6 +14,7 @@ import torch
 
 from conftest import random_model
 from rwkv_sft.cli import main
+from rwkv_sft.weights import save_model
 from rwkv_sft.data import TokenizedExamples
 from rwkv_sft.ops import wkv7
 from rwkv_sft.ops.wkv7_cuda import example_inputs
@@ -113,7 +114,7 @@ def test_cli_train_and_eval_bf16_track_fp32(tmp_path, capsys):
     """`train --precision bf16` (packing, accumulation, activation checkpointing, an eval) and
     `eval --precision bf16` against the same commands in fp32, on a model with non-trivial logits."""
     model = random_model(seed=3, scale=0.1, n_layer=2, n_embd=64)  # the World vocabulary
-    model.save(tmp_path / "base.pth")
+    save_model(model, tmp_path / "base.pth")
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"context": f"Q{i}: {i * 7}?", "completion": f" {i * 7 % 11}"}) + "\n"
                             for i in range(12)))

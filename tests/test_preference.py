@@ -12,6 +12,7 @@ import torch
 from conftest import random_model
 
 from rwkv_sft.adapters.lora import add_lora
+from rwkv_sft.weights import save_model
 from rwkv_sft.data import DataConfig
 from rwkv_sft.data.cache import tokenize_bytes
 from rwkv_sft.data.pairs import collate_pairs, prepare_pairs
@@ -318,7 +319,7 @@ def test_resume_is_bit_identical(tmp_path, date_files, one_thread):
 def test_eval_and_inspect_data_on_a_pairs_file(tmp_path, date_files, capsys):
     from rwkv_sft.cli import main
     model = _fresh()
-    model.save(tmp_path / "m.pth")
+    save_model(model, tmp_path / "m.pth")
     held_out = prepare_pairs(DataConfig(date_files[1]), show_report=False).train
     expected = pref.evaluate_pairs(model, held_out)["preference_accuracy"]
     assert main(["eval", "--model", str(tmp_path / "m.pth"), "--data", date_files[1], "--json"]) == 0

@@ -14,6 +14,7 @@ from test_adapters import _cli_error, _losses, _sigterm_at_step
 from test_train_helpers import VOCAB, tiny_config, tiny_data
 
 from rwkv_sft import RWKV7
+from rwkv_sft.weights import load_model, save_model
 from rwkv_sft import adapters
 from rwkv_sft.adapters.quant import QuantLinear, quantize_model
 from rwkv_sft.adapters.training import compact
@@ -35,7 +36,7 @@ def _one_thread(one_thread):
 @pytest.fixture
 def base_path(tmp_path):
     path = tmp_path / "base.pth"
-    random_model(seed=1, **SHAPE).save(path)
+    save_model(random_model(seed=1, **SHAPE), path)
     return path
 
 
@@ -81,8 +82,8 @@ def test_quantized_layer_matches_its_dequantized_weight_forward_and_input_gradie
 
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
 def test_quantizing_at_load_equals_quantizing_in_memory_and_keeps_the_fingerprint(base_path, kind):
-    loaded = RWKV7.load(base_path, quantize=kind)
-    model = RWKV7.load(base_path)
+    loaded = load_model(base_path, quantize=kind)
+    model = load_model(base_path)
     fingerprint = adapters.base_info(model)["fingerprint"]
     adapters.freeze_base(model)  # (what quantize_model replaces: frozen linear layers)
     quantize_model(model, kind)
@@ -96,13 +97,13 @@ def test_quantizing_at_load_equals_quantizing_in_memory_and_keeps_the_fingerprin
                 assert torch.equal(t, theirs[b]), (name, b)
     assert not layers
     torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
-    ref = _logits(RWKV7.load(base_path))
+    ref = _logits(load_model(base_path))
     assert (_logits(loaded) - ref).abs().max() < (0.04 if kind == "int8" else 0.3) * ref.abs().max()
 
 
 def test_int8_lora_run_freezes_the_base_and_its_adapter_serves_and_merges_into_the_original(base_path, tmp_path,
                                                                                              capsys):
-    base = RWKV7.load(base_path, quantize="int8")
+    base = load_model(base_path, quantize="int8")
     frozen = {n: t.clone() for n, t in base.named_buffers()}
     result = train(tiny_config(tmp_path / "run", model=str(base_path), base_dtype="int8", **RUN), data=tiny_data())
     model = result.model
@@ -110,30 +111,30 @@ def test_int8_lora_run_freezes_the_base_and_its_adapter_serves_and_merges_into_t
     assert frozen.keys() <= now.keys() and all(torch.equal(now[k], v) for k, v in frozen.items())
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     assert model.emb.weight.dtype == torch.bfloat16 and not model.emb.weight.requires_grad
-    n = RWKV7.load(base_path).num_parameters() / 1e6  # the quantized weights count as parameters
+    n = load_model(base_path).num_parameters() / 1e6  # the quantized weights count as parameters
     assert f"x 64, {n:.1f}M parameters ({n:.1f}M frozen" in capsys.readouterr().out
     adapter = result.exports["adapter"]
     # the adapter names the original base and reproduces the trained model on the quantized one
-    assert adapters.read_adapter(adapter)[2]["fingerprint"] == adapters.base_info(RWKV7.load(base_path))["fingerprint"]
+    assert adapters.read_adapter(adapter)[2]["fingerprint"] == adapters.base_info(load_model(base_path))["fingerprint"]
     model.eval()
-    served = RWKV7.load(base_path, quantize="int8", adapter=adapter)
+    served = load_model(base_path, quantize="int8", adapter=adapter)
     adapters.freeze_base(served)
     compact(served, "int8")  # (its embedding in bf16 too, as in training)
     torch.testing.assert_close(_logits(served), _logits(model), atol=1e-5, rtol=0)
     # merge folds it into the original weights: equal to the original base + adapter
     capsys.readouterr()
     assert main(["merge", "--model", str(base_path), "--adapter", str(adapter), "--out", str(tmp_path / "m.pth")]) == 0
-    on_original = RWKV7.load(base_path, adapter=adapter)
-    original = RWKV7.load(base_path)
-    merged = RWKV7.load(tmp_path / "m.pth")
+    on_original = load_model(base_path, adapter=adapter)
+    original = load_model(base_path)
+    merged = load_model(tmp_path / "m.pth")
     for name, m in adapters.lora_modules(on_original).items():
         w = original.get_submodule(name).weight
         torch.testing.assert_close(merged.get_submodule(name).weight, w + m.delta_weight(), rtol=0, atol=1e-6)
     with pytest.raises(UserError, match="quantized base cannot be exported"):
-        model.save(tmp_path / "q.pth")
+        save_model(model, tmp_path / "q.pth")
     # evaluation on the original and on a quantized base
     from rwkv_sft.eval.evaluate import evaluate
-    losses = [evaluate(RWKV7.load(base_path, quantize=kind, adapter=adapter), tiny_data().train, None,
+    losses = [evaluate(load_model(base_path, quantize=kind, adapter=adapter), tiny_data().train, None,
                        exact_match_samples=0)["loss"] for kind in (None, "int8", "nf4")]
     assert losses[0] == pytest.approx(losses[1], rel=0.02) and losses[0] == pytest.approx(losses[2], rel=0.1)
 
@@ -143,7 +144,7 @@ def test_wrong_base_missing_library_and_full_fine_tuning_are_one_line_errors(bas
     result = train(tiny_config(tmp_path / "run", model=str(base_path), base_dtype="int8", **{**RUN, "max_steps": 1}),
                    data=tiny_data())
     other = tmp_path / "other.pth"
-    random_model(seed=2, **SHAPE).save(other)
+    save_model(random_model(seed=2, **SHAPE), other)
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"context": "ab", "completion": "cd"}) + "\n")
     err = _cli_error(capsys, "generate", "--model", str(other), "--adapter", str(result.exports["adapter"]),
@@ -156,7 +157,7 @@ def test_wrong_base_missing_library_and_full_fine_tuning_are_one_line_errors(bas
     monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
     err = _cli_error(capsys, "generate", "--model", str(base_path), "--prompt", "a", "--base-dtype", "nf4")
     assert "needs the bitsandbytes library" in err and "rwkv-sft[quant]" in err
-    assert RWKV7.load(base_path, quantize="int8") is not None  # int8 needs no library
+    assert load_model(base_path, quantize="int8") is not None  # int8 needs no library
 
 
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
@@ -182,14 +183,15 @@ def test_resume_on_a_quantized_base_is_bit_identical_and_composes_with_checkpoin
 PEAK_SCRIPT = """
 import sys, torch
 from rwkv_sft import RWKV7
+from rwkv_sft.weights import load_model, save_model
 def status(field):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))
 path, tiny, kind = sys.argv[1], sys.argv[2], sys.argv[3]
 quantize = None if kind == "none" else kind
-RWKV7.load(tiny, quantize=quantize)  # what a first load costs once (imports, lazy initialisation)
+load_model(tiny, quantize=quantize)  # what a first load costs once (imports, lazy initialisation)
 open("/proc/self/clear_refs", "w").write("5")  # the high-water mark starts again from here
 before = status("VmRSS")
-model = RWKV7.load(path, quantize=quantize)
+model = load_model(path, quantize=quantize)
 for t in [*model.parameters(), *model.buffers()]:  # every stored tensor read (a mapped file's pages count)
     t.sum()
 print(status("VmHWM") - before)
@@ -204,14 +206,15 @@ def test_loading_quantized_peaks_near_the_quantized_size_not_the_file_size(tmp_p
     path = tmp_path / f"big{suffix}"
     torch.manual_seed(0)
     from rwkv_sft import RWKV7Config
+    from rwkv_sft.weights import save_model
     model = RWKV7(RWKV7Config(n_layer=4, n_embd=1024, vocab_size=1024), init_weights=False)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    model.save(path)
+    save_model(model, path)
     del model
     size = path.stat().st_size
-    RWKV7(RWKV7Config(n_layer=1, n_embd=64, vocab_size=64)).save(tmp_path / "tiny.pth")
+    save_model(RWKV7(RWKV7Config(n_layer=1, n_embd=64, vocab_size=64)), tmp_path / "tiny.pth")
 
     # glibc's mmap threshold fixed at 1 MiB: by default it rises to the largest block freed, and
     # then keeps freed fp32 copies in its heap at random (threads' arenas), which would measure

@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from rwkv_sft import RWKV7
+from rwkv_sft.weights import load_model
 from rwkv_sft.cli import main
 from rwkv_sft.train.metrics import MetricsLogger
 
@@ -108,7 +108,7 @@ def test_wandb_missing_or_bad_choice_is_one_line(tmp_path, monkeypatch, capsys):
 def test_export_hf_is_the_same_model_as_export_pth(tmp_path):
     rc, out = _train(tmp_path, "--export", "pth", "hf", "--report-to", "none")
     assert rc == 0 and (out / "model.hf" / "config.json").is_file()
-    a, b = RWKV7.load(out / "model.pth").state_dict(), RWKV7.load(out / "model.hf").state_dict()
+    a, b = load_model(out / "model.pth").state_dict(), load_model(out / "model.hf").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rc, _ = _train(tmp_path, "--export", "hf", "--report-to", "none", "--overwrite")  # a fresh run replaces it
     assert rc == 0 and (out / "model.hf" / "model.safetensors").is_file() and not (out / "model.pth").exists()

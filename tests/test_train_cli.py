@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from rwkv_sft import RWKV7
+from rwkv_sft.weights import load_model
 from rwkv_sft.cli import main
 from rwkv_sft.errors import UserError
 from rwkv_sft.train.cli import add_arguments, build_config
@@ -41,7 +41,7 @@ def test_cli_end_to_end(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["lr"] == 1e-3 and saved["data"]["max_len"] == 32 and saved["data"]["train_files"] == [str(train_file)]
-    model = RWKV7.load(out / "model.pth")
+    model = load_model(out / "model.pth")
     assert model.config.n_layer == 1 and model.config.n_embd == 64
     assert (out / "model.safetensors").is_file() and (out / "metrics.png").is_file()
 

@@ -100,8 +100,8 @@ def _killed_save(rank, port, tmp):
 
 @pytest.mark.slow
 def test_fsdp_matches_ddp_and_resumes_on_another_number_of_processes(tmp_path):
-    from rwkv_sft import RWKV7
-    from rwkv_sft.model.checkpoint import read_state_dict
+    from rwkv_sft.weights import load_model
+    from rwkv_sft.weights import read_state_dict
     from rwkv_sft.train import train
     from rwkv_sft.train.checkpoint import list_checkpoints
 
@@ -124,7 +124,7 @@ def test_fsdp_matches_ddp_and_resumes_on_another_number_of_processes(tmp_path):
     assert fsdp_eval["exact_match_n"] == ddp_eval["exact_match_n"] == 3
     assert fsdp_eval["loss"] == pytest.approx(ddp_eval["loss"], rel=RTOL)
     assert (tmp_path / "fsdp" / "checkpoints" / f"step_{SAVE_EVERY:06d}" / "shards" / ".metadata").is_file()
-    a, b = RWKV7.load(tmp_path / "ddp" / "model.pth"), RWKV7.load(tmp_path / "fsdp" / "model.pth")
+    a, b = load_model(tmp_path / "ddp" / "model.pth"), load_model(tmp_path / "fsdp" / "model.pth")
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(w, v, rtol=1e-4, atol=1e-5, msg=k)
     assert _losses(tmp_path / "one_to_two") == pytest.approx(reference, rel=RTOL)  # 1 -> 2 at step 3
@@ -150,7 +150,7 @@ def test_fsdp_matches_ddp_and_resumes_on_another_number_of_processes(tmp_path):
 
     # a sharded checkpoint is a model for generate / eval, read by one process without torchrun
     step = f"checkpoints/step_{SAVE_EVERY:06d}"
-    sharded, whole = RWKV7.load(tmp_path / "fsdp" / step), RWKV7.load(tmp_path / "ddp" / step)
+    sharded, whole = load_model(tmp_path / "fsdp" / step), load_model(tmp_path / "ddp" / step)
     assert sharded.state_dict().keys() == whole.state_dict().keys()
     for k, v in whole.state_dict().items():
         torch.testing.assert_close(sharded.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)

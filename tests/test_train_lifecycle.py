@@ -18,7 +18,7 @@ import yaml
 from conftest import random_model
 from test_train_helpers import VOCAB, metric_lines, tiny_config, tiny_data, tiny_examples
 
-from rwkv_sft import RWKV7
+from rwkv_sft.weights import load_model
 from rwkv_sft.cli import main
 from rwkv_sft.data import BatchLoader
 from rwkv_sft.errors import UserError
@@ -188,7 +188,7 @@ def test_resume_past_the_new_plan_is_an_error(run_copy):
 
 def test_a_training_checkpoint_is_a_model_everywhere(finished_run, tmp_path, capsys):
     step_dir = finished_run.checkpoint
-    loaded = RWKV7.load(step_dir)  # what generate, eval and convert call
+    loaded = load_model(step_dir)  # what generate, eval and convert call
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), finished_run.model.state_dict().values()))
     assert main(["info", str(step_dir), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n_layer"] == 2

@@ -150,14 +150,6 @@ class QuantLoRALinear(LoRALayer, QuantLinear):
         return new
 
 
-def merge_delta(weight, A, B, scale, A0=None, B0=None) -> torch.Tensor:
-    """W + scale * (B A - B0 A0), computed in fp32, returned in fp32 (the merge formula)."""
-    d = B.float() @ A.float()
-    if A0 is not None:
-        d = d - B0.float() @ A0.float()
-    return weight.float() + d * scale
-
-
 def lora_modules(model: nn.Module) -> dict[str, LoRALayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
 

@@ -13,7 +13,7 @@ import re
 import time
 from pathlib import Path
 
-from . import HELDOUT_FILE, TRAIN_FILE, STEPS, show_comparison, stopped
+from .full import HELDOUT_FILE, STEPS, TRAIN_FILE, show_comparison, stopped
 
 PEFT_STEPS = {"lora": 100, "state": 150}
 LORA_RANK = 8
@@ -33,7 +33,7 @@ def write_task(src: Path, dst: Path) -> Path:
 
 def run(args) -> int:
     from ..data import DataConfig, prepare_data
-    from ..model import RWKV7
+    from ..weights import load_model
     from ..tokenizer import Tokenizer
     from ..train import TrainConfig, train
     from ..eval.evaluate import evaluate
@@ -46,7 +46,7 @@ def run(args) -> int:
             from ..errors import UserError
             raise UserError(f"{base}: no such base checkpoint (--base)")
         print(f"rwkv-sft demo --method {method}: no base at {base}; training it first (rwkv-sft demo)", flush=True)
-        from . import _run
+        from .full import run as _run
         args_base = type(args)(**{**vars(args), "out": str(base.parent), "steps": STEPS, "quick": False})
         code = _run(args_base)
         if code:
@@ -72,7 +72,7 @@ def run(args) -> int:
     print(f"rwkv-sft demo --method {method}: {base} (frozen) learns to write dates American style; only {what} "
           f"trains; {len(data.train)} training / {len(data.eval)} held-out examples; {steps} steps at lr "
           f"{config.lr:g} on {args.threads} CPU thread(s)", flush=True)
-    model = RWKV7.load(base)
+    model = load_model(base)
     model.wkv_backend = config.wkv_backend
     before = evaluate(model, data.eval, tokenizer, batch_tokens=config.batch_tokens,
                       exact_match_samples=config.eval_exact_match)

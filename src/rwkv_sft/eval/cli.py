@@ -41,7 +41,7 @@ def run(args) -> int:
 
     from ..data import prepare_data
     from ..errors import UserError
-    from ..model import RWKV7
+    from ..weights import load_model
     from ..ops import check_backend
     from ..tokenizer import Tokenizer
     from ..utils import resolve_device
@@ -65,9 +65,9 @@ def run(args) -> int:
         data = prepare_pairs(config, tokenizer, show_report=not args.json, role="eval")
     else:
         data = prepare_data(config, tokenizer=tokenizer, show_progress=not args.json, role="eval")
-    model = RWKV7.load(args.model, dtype=torch.float32, device=device, adapter=args.adapter, quantize=args.base_dtype)
+    model = load_model(args.model, dtype=torch.float32, device=device, adapter=args.adapter, quantize=args.base_dtype)
     if args.state:
-        from ..adapters.state import load_state
+        from ..weights.state import load_state
         load_state(model, args.state)
     model.wkv_backend = args.wkv_backend
     if pairs:

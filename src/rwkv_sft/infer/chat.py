@@ -12,16 +12,17 @@ from typing import Callable
 import torch
 
 from ..data.formats import THINK_OPEN, chat_prompt_segments, chat_segments, clean_text
+from .decoder import as_decoder
 from .generate import Generation, continue_iter, prefill
 
 
 class ChatSession:
-    """`reply(message)` -> the model's reply; `system` starts the conversation, `think` opens every
+    """`reply(message)` -> the reply of `model` (a model or a `Decoder`); `system` starts the conversation, `think` opens every
     reply with "<think" (G1's think mode). `sampling`: the keyword arguments of `generate`
     (max_new_tokens, temperature, top_p, top_k, seed, stop, stop_at_eos)."""
 
     def __init__(self, model, tokenizer, system: str | None = None, think: bool = False, **sampling):
-        self.model, self.tokenizer, self.think, self.sampling = model, tokenizer, think, sampling
+        self.model, self.tokenizer, self.think, self.sampling = as_decoder(model), tokenizer, think, sampling
         self.turns = [("system", clean_text(system))] if system else []  # [(role, cleaned text)]
         self.pending = [text for text, _ in chat_segments(self.turns)]  # text segments not fed yet
         self.state = None  # after every segment fed so far (None: the model's initial state)

@@ -147,9 +147,10 @@ def run_prompts(model, tokenizer, prompts, out, batch_size: int, **sampling) -> 
 def run(args) -> int:
     import torch
 
-    from ..model import RWKV7
+    from ..weights import load_model
     from ..tokenizer import Tokenizer
     from ..utils import resolve_device
+    from .decoder import Decoder
     from .generate import generate
     from .prompts import read_prompts, same_file
 
@@ -171,11 +172,12 @@ def run(args) -> int:
 
     device = resolve_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = RWKV7.load(args.model, dtype=dtype, device=device, adapter=args.adapter,
-                       quantize=args.base_dtype).eval().decoding_layout()
+    model = load_model(args.model, dtype=dtype, device=device, adapter=args.adapter, quantize=args.base_dtype).eval()
     if args.state:
-        from ..adapters.state import load_state
+        from ..weights.state import load_state
         load_state(model, args.state)
+    decoder = Decoder(model)
+    del model  # (a decoder that re-lays weights for its step keeps its own copies: the model's are freed)
     tokenizer = Tokenizer()
 
     if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character gets U+FFFD, not a crash
@@ -190,18 +192,18 @@ def run(args) -> int:
     if prompts is not None:
         if args.output:
             with open(args.output, "w", encoding="utf-8") as out:
-                run_prompts(model, tokenizer, prompts, out, args.batch_size, **sampling)
+                run_prompts(decoder, tokenizer, prompts, out, args.batch_size, **sampling)
         else:
-            run_prompts(model, tokenizer, prompts, sys.stdout, args.batch_size, **sampling)
+            run_prompts(decoder, tokenizer, prompts, sys.stdout, args.batch_size, **sampling)
         return 0
     if args.interactive:
         from .chat import ChatSession
-        interactive(ChatSession(model, tokenizer, args.system, args.think, **sampling), write)
+        interactive(ChatSession(decoder, tokenizer, args.system, args.think, **sampling), write)
         return 0
     if isinstance(prompt, list):
         prompt = [i for s in prompt for i in tokenizer.encode(s)]
         if args.think:
             write(THINK_OPEN)  # the reply as the conversation keeps it begins with it
-    generate(model, tokenizer, prompt, stream=write, **sampling)
+    generate(decoder, tokenizer, prompt, stream=write, **sampling)
     write("\n")
     return 0

@@ -1,6 +1,7 @@
 """Text generation: prompt prefill in one batched forward, then one recurrent step per token.
 
-`generate` samples one continuation (greedy with temperature 0; top-k, then top-p, then a
+Every function takes a model (decoded on its own weights) or a `Decoder` (infer/decoder.py: its own
+weight layout, faster on the CPU). `generate` samples one continuation (greedy with temperature 0; top-k, then top-p, then a
 seeded draw otherwise), stopping at a stop string, the end-of-text token or a length limit.
 `generate_iter` is the same as a generator of text pieces (`continue_iter` after a prefill done
 elsewhere). `greedy_batch` / `complete_batch` / `greedy_complete` decode many prompts greedily as
@@ -16,6 +17,7 @@ import torch
 
 from ..model.rwkv7 import RWKV7State
 from . import GREEDY_BELOW
+from .decoder import as_decoder
 
 PREFILL_CHUNK = 4096  # prompt tokens per forward: bounds activation memory for long prompts
 
@@ -119,19 +121,16 @@ class _Continuation:
 
 # -- model calls ------------------------------------------------------------------------------------
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.inference_mode()
 def prefill(model, ids: Sequence[int] | torch.Tensor, state: RWKV7State | None = None,
             segment_len: int = PREFILL_CHUNK):
     """Run prompts through the model: ids [T] or [B,T] -> (last logits [B,V], state), `segment_len`
     tokens at a time (memory bounded whatever the prompt's length)."""
-    tokens = torch.as_tensor(ids, dtype=torch.long, device=_device(model))
+    decoder = as_decoder(model)
+    tokens = torch.as_tensor(ids, dtype=torch.long, device=decoder.device)
     if tokens.dim() == 1:
         tokens = tokens.unsqueeze(0)
-    return model(tokens, state=state, full_output=False, segment_len=segment_len)
+    return decoder(tokens, state=state, full_output=False, segment_len=segment_len)
 
 
 def _prompt_ids(tokenizer, prompt, state) -> list[int]:
@@ -161,6 +160,7 @@ def generate_iter(model, tokenizer, prompt: str | Sequence[int], max_new_tokens:
     ids = _prompt_ids(tokenizer, prompt, state)
     if max_new_tokens == 0:
         return Generation("", [], "length", len(ids))
+    model = as_decoder(model)
     logits, state = prefill(model, ids, state)
     return (yield from continue_iter(model, tokenizer, logits, state, len(ids), max_new_tokens, temperature, top_p,
                                      top_k, seed, stop, stop_at_eos))
@@ -176,6 +176,7 @@ def continue_iter(model, tokenizer, logits: torch.Tensor, state: RWKV7State, pro
     out = Generation("", [], "length", prompt_tokens)
     if max_new_tokens == 0:
         return out
+    decoder = as_decoder(model)
     generator = torch.Generator(device=logits.device)
     if seed is None:
         generator.seed()
@@ -194,7 +195,7 @@ def continue_iter(model, tokenizer, logits: torch.Tensor, state: RWKV7State, pro
         if piece := cont.ready():
             yield piece
         if step + 1 < max_new_tokens:
-            logits, state = model(torch.tensor([[token]], device=logits.device), state=state, full_output=False)
+            logits, state = decoder(torch.tensor([[token]], device=logits.device), state=state, full_output=False)
     cont.finish()
     if piece := cont.ready(final=True):
         yield piece
@@ -237,6 +238,7 @@ def greedy_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
     """
     if not prompts or max_new_tokens == 0:
         return
+    model = as_decoder(model)
     by_length: dict[int, list[int]] = {}
     for i, ids in enumerate(prompts):
         by_length.setdefault(len(ids), []).append(i)

@@ -1,6 +1,6 @@
 """One decoding step of RWKV-7 (one token per row, no autograd) with as few operations as possible.
 
-`RWKV7.forward` hands a [B,1] call made without gradients to `decode_step`. The math is that of
+`Decoder` (infer/decoder.py) hands a [B,1] call made without gradients to `decode_step`. The math is that of
 `Block` / `TimeMix` / `ChannelMix` and `wkv7_reference` for T = 1, written for a single token:
 the six token-shift mixes in one op, the decay as exp(-e^-0.5 sigmoid(z)) (equal to
 exp(-exp(-softplus(-z) - 0.5))), the two rank-1 state updates as in-place multiply-adds written
@@ -14,11 +14,9 @@ compiler), activations in fp32. A step is then bound by streaming the weights fr
 than by ~40 small tensor ops per layer. Without a compiler, or with RWKV_SFT_DECODE_KERNELS=0, the
 PyTorch path runs.
 
-On the CPU the model is also switched to `decoding_layout()` (fp32 projection matrices transposed
-in memory, same values): a matrix-vector product streams them faster that way. The next
-forward with gradients switches back (`RWKV7.training_layout()`). The trainer turns this off
-(`model.auto_decoding_layout = False`), so the generation of an evaluation during training
-does not copy the weights twice.
+Weights are read as the modules hold them (the decoder's twin holds the wide fp32 ones transposed,
+which the C products and F.linear read as they are); `stacks` maps a TimeMix to its receptance/key/value
+as one [3, in, out] tensor, multiplied in one batched product.
 """
 from __future__ import annotations
 
@@ -30,21 +28,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import env
-from ..model.rwkv7 import RWKV7State, is_whole
+from ..model.rwkv7 import RWKV7State
 
 NEG_EXP_HALF = -math.exp(-0.5)  # log(decay) = -exp(w) = -e^-0.5 sigmoid(z)
 
 
-def _layout_switchable(model) -> bool:
-    w = getattr(model.head, "weight", None)  # (none in a quantized head)
-    return w is not None and w.device.type == "cpu" and is_whole(w)
-
-
-def decode_step(model, tokens: torch.Tensor, state: RWKV7State | None = None, full_output: bool = True):
-    """tokens [B,1] -> (logits [B,1,V], or [B,V] with full_output=False; the new state)."""
-    if model.auto_decoding_layout and not getattr(model, "_decoding_layout", False) and _layout_switchable(model):
-        with torch.inference_mode(False):  # the new weights must stay usable by autograd later
-            model.decoding_layout()
+def decode_step(model, tokens: torch.Tensor, state: RWKV7State | None = None, full_output: bool = True,
+                stacks: dict | None = None):
+    """tokens [B,1] -> (logits [B,1,V], or [B,V] with full_output=False; the new state).
+    stacks: TimeMix -> its [3, in, out] receptance/key/value stack (Decoder's layout), where it has one."""
     B = tokens.shape[0]
     if state is None:
         initial = getattr(model, "initial_state", None)
@@ -52,7 +44,7 @@ def decode_step(model, tokens: torch.Tensor, state: RWKV7State | None = None, fu
     lib = _kernels_for(model)
     if lib is not None and state.wkv.dtype == torch.float32:
         try:
-            logits, new_state = _step_with_kernels(lib, model, tokens, state)
+            logits, new_state = _step_with_kernels(lib, model, tokens, state, stacks)
             return (logits.unsqueeze(1) if full_output else logits), new_state
         except _NotForKernels:  # (a parameter the C code cannot read; nothing was changed)
             pass
@@ -63,7 +55,7 @@ def decode_step(model, tokens: torch.Tensor, state: RWKV7State | None = None, fu
     att_shifts, ffn_shifts = [], []
     for i, block in enumerate(model.blocks):
         xa = block.ln1(x)
-        dx, v_first = _time_mix(block.att, xa, state.att_shift[i], state.wkv[i], v_first, wkv[i])
+        dx, v_first = _time_mix(block.att, xa, state.att_shift[i], state.wkv[i], v_first, wkv[i], _stack(stacks, block.att))
         att_shifts.append(xa)
         x = x + dx
         xf = block.ln2(x)
@@ -78,6 +70,15 @@ def decode_step(model, tokens: torch.Tensor, state: RWKV7State | None = None, fu
     logits = model.head(model.ln_out(x))
     new_state = RWKV7State(torch.stack(att_shifts), wkv, torch.stack(ffn_shifts))
     return (logits.unsqueeze(1) if full_output else logits), new_state
+
+
+def _stack(stacks, att) -> torch.Tensor | None:
+    """att's [3, in, out] receptance/key/value stack while its three weights are still views of it
+    (a weight replaced since, e.g. by load_state_dict(assign=True), leaves it to the modules)."""
+    rkv = stacks.get(att) if stacks else None
+    if rkv is None or any(m.weight.data_ptr() != w.data_ptr() for m, w in zip((att.receptance, att.key, att.value), rkv)):
+        return None
+    return rkv
 
 
 _WEIGHT_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}  # weight dtype -> the C functions' suffix
@@ -111,7 +112,7 @@ def _ptr(t: torch.Tensor | None, dtype=torch.float32) -> int | None:
     return t.data_ptr()
 
 
-def _step_with_kernels(lib, model, tokens, state):
+def _step_with_kernels(lib, model, tokens, state, stacks=None):
     """decode_step with the work of each layer in C (ops/csrc/decode_cpu.c): the residual, layer
     norm and token-shift mixes on the way into each mix; the time mix's low-rank products, WKV-7
     and group norm; the projections through `_project` (C for up to MATVEC_ROWS rows of a plain Linear).
@@ -140,7 +141,7 @@ def _step_with_kernels(lib, model, tokens, state):
         mixed = torch.empty(6, B, C, dtype=f32)  # r, k, v, w, a, g
         enter(x, dx, block.ln1, new.att_shift[i], att_in[i], (att.x_r, att.x_k, att.x_v, att.x_w, att.x_a, att.x_g), mixed)
         xr, xk, xv, xw, xa, xg = mixed
-        rkv = att.stacked_rkv() if B > MATVEC_ROWS else None
+        rkv = _stack(stacks, att) if B > MATVEC_ROWS else None
         if rkv is not None:
             r, k, v = torch.bmm(mixed[:3], rkv)
         else:
@@ -183,7 +184,7 @@ def _project(lib, module, x, dtype):
         return module(x.to(dtype)).float()
     w = module.weight
     if x.shape[0] <= MATVEC_ROWS and w.dtype in _WEIGHT_TYPES and (w.is_contiguous() or w.t().is_contiguous()):
-        transposed = not w.is_contiguous()  # (stored [in, out], as decoding_layout keeps a wide fp32 weight)
+        transposed = not w.is_contiguous()  # (stored [in, out], as the Decoder's twin holds a wide fp32 weight)
         y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
         getattr(lib, "rwkv7_matvec_" + _WEIGHT_TYPES[w.dtype])(
             x.shape[0], _ptr(x), _ptr(w.t() if transposed else w, w.dtype), _ptr(y), w.shape[1], w.shape[0],
@@ -192,7 +193,7 @@ def _project(lib, module, x, dtype):
     return F.linear(x.to(w.dtype), w).float()
 
 
-def _time_mix(att, x, last_x, S, v_first, S_out):
+def _time_mix(att, x, last_x, S, v_first, S_out, rkv=None):
     """x [B,C] -> (output [B,C], v_first); writes the new WKV state [B,H,N,N] into S_out."""
     B, C = x.shape
     H, N = att.n_head, att.head_size
@@ -200,7 +201,6 @@ def _time_mix(att, x, last_x, S, v_first, S_out):
     mix = torch.cat((att.x_r, att.x_w, att.x_k, att.x_v, att.x_a, att.x_g))  # [6,1,C]
     xr, xw, xk, xv, xa, xg = torch.addcmul(x, xx, mix)
 
-    rkv = att.stacked_rkv()
     if rkv is not None and rkv.dtype == x.dtype:
         r, k, v = torch.bmm(torch.stack((xr, xk, xv)), rkv)
     else:

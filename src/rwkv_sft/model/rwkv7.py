@@ -43,11 +43,6 @@ class RWKV7State:
                           self.ffn_shift.repeat_interleave(n, 1))
 
 
-def is_whole(param) -> bool:
-    """False for a sharded (FSDP / DTensor) parameter, which is whole only inside its module's forward."""
-    return type(param.data) is torch.Tensor
-
-
 def _token_shift(x, last, resets):
     """x_{t-1} for every t: `last` before the first token, zeros after a sequence reset."""
     prev = last.unsqueeze(1).to(x.dtype)
@@ -79,27 +74,6 @@ class TimeMix(nn.Module):
         self.ln_x = nn.GroupNorm(H, C, eps=64e-5)
         # learned initial WKV state [H,N,N] fp32 (value x key), see RWKV7.enable_state_tuning
         self.register_parameter("time_state", None)
-
-    def stack_rkv(self, on: bool) -> None:
-        """Decoding layout: receptance, key and value weights as views into one [3, C, C] tensor
-        (each transposed, as decoding_layout stores them), so a decoding step makes one batched
-        matrix product of the three (on 2 CPU cores 16 GB/s of weights streamed against 11.5 for
-        three products). Only for plain fp32 linear layers (not LoRA, not a compact base, not bf16:
-        see _set_layout)."""
-        layers = (self.receptance, self.key, self.value)
-        self._rkv = None
-        if on and all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in layers):
-            self._rkv = torch.stack([m.weight.data.t() for m in layers])  # [3, in, out]
-            for m, w in zip(layers, self._rkv):
-                m.weight.data = w.t()
-
-    def stacked_rkv(self) -> torch.Tensor | None:
-        """The [3, C, C] stack when every weight still lives in it (a reassigned weight leaves it)."""
-        rkv = getattr(self, "_rkv", None)
-        if rkv is None or any(m.weight.data_ptr() != w.data_ptr() for m, w in
-                              zip((self.receptance, self.key, self.value), rkv)):
-            return None
-        return rkv
 
     def initial_wkv(self, batch_size: int, device=None) -> torch.Tensor:
         """Where this layer's WKV state starts, [B,H,N,N]: the learned state (differentiable; fp32,
@@ -209,58 +183,9 @@ class RWKV7(nn.Module):
         self.head = nn.Linear(C, V, bias=False)
         self.wkv_backend = "auto"
         self.activation_checkpointing = False
-        self.auto_decoding_layout = True  # decode steps may switch to decoding_layout(); the trainer turns it off
         if init_weights:
             from .init import init_rwkv7
             init_rwkv7(self)
-
-    # -- checkpoints -----------------------------------------------------------------------------
-    @classmethod
-    def load(cls, path, dtype=None, device=None, adapter=None, quantize=None) -> "RWKV7":
-        """Load a BlinkDL `.pth` or a `.safetensors` file; every dimension comes from the shapes.
-        `adapter`: an adapter file of a parameter-efficient run on this base, added to the model.
-        `quantize` "int8" | "nf4": linear layers stored quantized, frozen (adapters/quant.py)."""
-        from .checkpoint import load_model
-        model = load_model(path, dtype=dtype, device=device, quantize=quantize)
-        if adapter is not None:
-            from ..adapters import apply_adapter
-            apply_adapter(model, adapter)
-        return model
-
-    def save(self, path, dtype=None) -> None:
-        """Write `.pth` (BlinkDL layout) or `.safetensors` (by extension), atomically."""
-        from .checkpoint import save_model
-        save_model(self, path, dtype=dtype)
-
-    def decoding_layout(self) -> "RWKV7":
-        """Keep every projection matrix transposed in memory (same values, shapes and state_dict).
-
-        A single-token step multiplies a vector by each weight; on CPU, MKL streams a weight
-        stored this way ~1.4x faster (the head at V=65536, C=768: 8.8 vs 12.6 ms), as the `rwkv`
-        package's loader arranges too. Weights in other dtypes than fp32 stay as they are (in bf16
-        the transposed weight is the ~10x slower one). A decoding step without gradients switches
-        to it by itself on the CPU, and the next forward with gradients switches back
-        (training_layout).
-        """
-        return self._set_layout(decoding=True)
-
-    def training_layout(self) -> "RWKV7":
-        """Every projection matrix contiguous again (undoes decoding_layout)."""
-        return self._set_layout(decoding=False)
-
-    def _set_layout(self, decoding: bool) -> "RWKV7":
-        with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, nn.Linear):
-                    w = module.weight.data
-                    wide = module.out_features >= module.in_features  # a narrowing one streams better as it is
-                    # fp32 only: torch's CPU bf16 matrix-vector product is ~10x slower on a transposed weight
-                    transpose = decoding and wide and w.dtype == torch.float32
-                    module.weight.data = w.t().contiguous().t() if transpose else w.contiguous()
-            for block in self.blocks:
-                block.att.stack_rkv(decoding)
-        self._decoding_layout = decoding
-        return self
 
     # -- state -----------------------------------------------------------------------------------
     def enable_state_tuning(self) -> list[nn.Parameter]:
@@ -314,8 +239,6 @@ class RWKV7(nn.Module):
         """
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise ValueError(f"tokens must be a non-empty [B,T] tensor, got shape {tuple(tokens.shape)}")
-        if getattr(self, "_decoding_layout", False) and torch.is_grad_enabled():
-            self.training_layout()
         if rows is not None or (segment_len is not None and segment_len < tokens.shape[1]):
             return forward_segments(self.forward_hidden, tokens, state, resets, segment_len, rows, self.emb)
         B = tokens.shape[0]
@@ -345,10 +268,6 @@ class RWKV7(nn.Module):
         """tokens [B,T] -> (logits [B,T,V], state); with full_output=False only the last
         position's logits [B,V] (the head is applied to that one row). segment_len: as in
         `forward_hidden`."""
-        if (tokens.dim() == 2 and tokens.shape[1] == 1 and resets is None and not torch.is_grad_enabled()
-                and is_whole(self.blocks[0].ln1.weight)):  # (sharded blocks: whole in their forward only)
-            from ..infer.step import decode_step  # one token without autograd: the fused decoding step
-            return decode_step(self, tokens, state, full_output)
         rows = None
         if not full_output and segment_len is not None and segment_len < tokens.shape[-1]:
             rows = torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)

@@ -26,18 +26,20 @@ def segment_len_for(shape, segment_len, batch_tokens) -> int | None:
     return S if S < T else None
 
 
-def same_segment_count(tokens, rows, resets, segment_len, group=None):
-    """(tokens, rows, resets, segment_len) padded at the end of the rows so that every process of
-    `group` runs as many segments as the one with the most: sharded blocks gather their weights at
-    every call, and the gathers of all processes must pair up. The padding is token 0 after each
-    row's end, outside `rows`, so nothing before it changes."""
-    import torch.distributed as dist
-    T = tokens.shape[1]
-    count = torch.tensor([1 if segment_len is None else -(-T // segment_len)], device=tokens.device)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
-    n = int(count)
+def segment_count(T: int, segment_len: int | None) -> int:
+    """How many segments a row of T tokens is split into."""
+    return 1 if segment_len is None else -(-T // segment_len)
+
+
+def pad_to_segments(tokens, rows, resets, n: int):
+    """(tokens, rows, resets, segment_len) for exactly `n` segments (at least the rows' own count),
+    padded at the end of the rows: a sharded model whose processes must all run as many segments
+    (their weight gathers pair up) pads every process to the largest count among them, which the
+    caller agrees on. The padding is token 0 after each row's end, outside `rows`, so nothing
+    before it changes."""
     if n == 1:
         return tokens, rows, resets, None
+    T = tokens.shape[1]
     S = -(-T // n)
     pad = n * S - T
     if pad:

@@ -8,20 +8,8 @@ import torch
 from .amp import no_autocast
 from .wkv7_reference import wkv7_reference
 
-# backend name -> (module, function); imported on first use so optional backends cost nothing.
-_BACKENDS = {
-    "reference": ("rwkv_sft.ops.wkv7_reference", "wkv7_reference"),
-    "chunked": ("rwkv_sft.ops.wkv7_chunked", "wkv7_chunked"),
-    "cuda": ("rwkv_sft.ops.wkv7_cuda", "wkv7_cuda"),
-    "fla": ("rwkv_sft.ops.wkv7_fla", "wkv7_fla"),
-}
-
-
-def _load_backend(name):
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown WKV-7 backend {name!r}; choose from auto, {', '.join(_BACKENDS)}")
-    module, function = _BACKENDS[name]
-    return getattr(importlib.import_module(module), function)
+from .backends import BACKENDS as _BACKENDS  # (the names tests and benchmarks use)
+from .backends import load_backend as _load_backend
 
 
 def resolve_backend(backend: str, device: torch.device, seq_len: int | None = None,

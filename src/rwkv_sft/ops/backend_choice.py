@@ -93,10 +93,10 @@ def measure_backend(name: str, B: int, T: int, H: int, N: int, dtype: torch.dtyp
     """Median seconds of forward + backward of backend `name` on random inputs of this shape, after one
     warm-up call (compilation, autotuning). Shielded from the caller's autocast and from
     activation checkpointing's saved-tensor hooks, like the CUDA kernel's self-check."""
-    from . import _load_backend
     from .amp import no_autocast
+    from .backends import load_backend
     from .wkv7_cuda import example_inputs
-    fn = _load_backend(name)
+    fn = load_backend(name)
     xs = [x.requires_grad_() for x in example_inputs(B, T, H, N, device=device, dtype=dtype)]
     state = torch.zeros(B, H, N, N, device=device, requires_grad=True) if with_state else None
     resets = None

@@ -84,8 +84,6 @@ def train(config: TrainConfig, *, model: RWKV7 | None = None, data=None, tokeniz
             distributed.abort(d, e, 2 if isinstance(e, UserError) else 1)
         raise
     finally:
-        if model is not None:  # the caller's model decodes as any other, whatever happened
-            model.auto_decoding_layout = True
         distributed.teardown(d, all_finished=finished)
 
 
@@ -93,7 +91,6 @@ def _train(config: TrainConfig, d: distributed.Dist, model, data, tokenizer) -> 
     run = build_run(config, d, model, data, tokenizer)
     if run.finished:
         return _finished(run)  # said so; nothing is written
-    run.model.auto_decoding_layout = False  # an evaluation's generation must not re-lay the weights it trains
     metrics = _start(run)
     t_start = time.perf_counter()
     with _StopRequest() as stop:
@@ -212,7 +209,6 @@ def _result(run: Run, t_start: float, eval_result, exports, interrupted: bool, s
         plot_metrics(metrics_path, plot_path)
     elapsed = time.perf_counter() - t_start
     recent = [h["loss"] for h in p.history[-10:]]
-    run.model.auto_decoding_layout = True  # the trained model decodes as any other
     result = TrainResult(
         model=run.model, steps=p.step, tokens=p.tokens, loss_tokens=p.loss_tokens, time_s=elapsed,
         tokens_per_s=p.tokens / elapsed if elapsed > 0 else 0.0, train_loss=sum(recent) / len(recent) if recent else None,
@@ -231,7 +227,6 @@ def _finished(run: Run) -> TrainResult:
     exports = {kind: out / name for kind, name in (("pth", "model.pth"), ("safetensors", "model.safetensors"),
                                                    ("adapter", "adapter.safetensors"), ("state", "state.pth"))
                if (out / name).is_file()}
-    run.model.auto_decoding_layout = True
     return TrainResult(model=run.model, steps=run.progress.step, tokens=0, loss_tokens=0, time_s=0.0,
                        tokens_per_s=0.0, train_loss=sum(recent) / len(recent) if recent else None, eval=None,
                        bad_steps=run.progress.bad_steps, interrupted=False, out_dir=out,

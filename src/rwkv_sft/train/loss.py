@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..adapters.quant import dense_weight
-from ..model.segments import hidden_rows, same_segment_count, segment_len_for
+from ..model.segments import hidden_rows, pad_to_segments, segment_count, segment_len_for
 from ..ops import linear_cross_entropy
 
 L2WRAP = 1e-4  # upstream's factor; divided by the number of loss rows of the global batch
@@ -46,6 +46,15 @@ class CompletionLoss(nn.Module):
             tokens, loss_mask, resets, S = same_segment_count(tokens, loss_mask, resets, S)
         rows = hidden_rows(self.model, tokens, resets, loss_mask, S)
         return self.head_loss(rows, targets, l2wrap)
+
+
+def same_segment_count(tokens, rows, resets, segment_len, group=None):
+    """(tokens, rows, resets, segment_len) padded so that every process of `group` runs as many
+    segments as the one with the most (sharded blocks gather their weights at every call)."""
+    import torch.distributed as dist
+    count = torch.tensor([segment_count(tokens.shape[1], segment_len)], device=tokens.device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
+    return pad_to_segments(tokens, rows, resets, int(count))
 
 
 def head_loss(head, rows, targets, chunk_size=None, l2wrap: float = 0.0):

@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import env, settings, utils
 from ..errors import UserError
-from ..model.checkpoint import export_state_dict
+from ..weights import export_state_dict
 from . import checkpoint as ckpt
 from .distributed import Dist
 

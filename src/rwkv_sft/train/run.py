@@ -20,6 +20,7 @@ from ..errors import UserError
 from ..model import RWKV7, RWKV7Config
 from ..ops import check_backend
 from ..precision import resolve_precision
+from ..weights import load_model
 from . import checkpoint as ckpt
 from . import distributed, parallel, rundir
 from .config import TrainConfig
@@ -75,7 +76,7 @@ class Run:
 def build_model(config: TrainConfig) -> RWKV7:
     if config.model:  # in the file's dtype, memory-mapped: peft_run.compact decides what becomes fp32
         quantize = config.base_dtype if config.base_dtype in peft_run.QUANTIZED else None  # at load: peak near its size
-        return RWKV7.load(config.model, quantize=quantize)
+        return load_model(config.model, quantize=quantize)
     torch.manual_seed(config.seed)
     try:
         return RWKV7(RWKV7Config(**config.model_config))  # vocab_size defaults to the World 65536

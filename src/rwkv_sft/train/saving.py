@@ -64,7 +64,7 @@ def export(run) -> dict[str, Path]:
     if d.is_main and run.peft is not None:
         exports.update(run.progress.outputs)  # written with the last checkpoint
     elif d.is_main:
-        from ..model.checkpoint import write_state_dict
+        from ..weights import write_state_dict
         for kind in config.export:
             exports[kind] = run.out / f"model.{kind}"
             write_state_dict(weights, exports[kind], run.model.config)

@@ -2,7 +2,7 @@
  * with WEIGHT (the stored type), LOAD(w) (one weight as a float) and NAME(f) (f's name for it). */
 
 /* Columns j0:j1 of y = x Wt for B rows x [B][in], Wt [in][out] row-major (a wide Linear's weight
- * as decoding_layout keeps it): for each block of 512 outputs, every row of Wt adds its part, four
+ * as the Decoder's twin keeps it): for each block of 512 outputs, every row of Wt adds its part, four
  * rows per pass; the rows after the first read the block from cache. */
 VECTOR_CLONES static void NAME(columns_of_x_wt)(int B, const float *restrict x, const WEIGHT *restrict Wt,
                                                 float *restrict y, int in, int out, int j0, int j1) {

@@ -51,21 +51,21 @@ def output_format(target: str, args) -> str:
 
 
 def write(model, target: str, fmt: str, args, dtype=None) -> None:
+    from .checkpoint import save_model
     if fmt == "hf":
-        from .checkpoint import save_model
         save_model(model, target, dtype=dtype, hf_scheme=args.hf_scheme or "fla", overwrite=args.overwrite)
     else:
-        model.save(target, dtype=dtype)
+        save_model(model, target, dtype=dtype)
 
 
 def run(args) -> int:
     fmt = output_format(args.target, args)
     import torch
 
-    from .rwkv7 import RWKV7
+    from .checkpoint import load_model
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
-    model = RWKV7.load(args.source)
+    model = load_model(args.source)
     write(model, args.target, fmt, args, dtype=dtype)
     print(f"wrote {args.target}")
     return 0

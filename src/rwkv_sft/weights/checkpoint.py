@@ -17,7 +17,7 @@ import torch
 
 from ..errors import UserError
 from ..utils import atomic_write
-from .config import RWKV7Config
+from ..model import RWKV7, RWKV7Config
 
 _OLDER_RWKV_KEYS = {  # a key that only older architectures have -> what the file is
     "att.time_mix_k": "RWKV-4", "att.time_first": "RWKV-4/5/6", "att.time_maa_x": "RWKV-6",
@@ -160,7 +160,6 @@ def state_dict_to_model(sd: dict[str, torch.Tensor], source="checkpoint", dtype=
     messages about Hugging Face directories. quantize "int8" | "nf4": every linear layer's weight
     stored quantized (adapters/quant.py), converted one tensor at a time, so the peak stays near
     the quantized model's size."""
-    from .rwkv7 import RWKV7
     origin = origin or {}
 
     def name(key):
@@ -217,9 +216,17 @@ def state_dict_to_model(sd: dict[str, torch.Tensor], source="checkpoint", dtype=
     return model
 
 
-def load_model(path, dtype=None, device=None, quantize=None):
+def load_model(path, dtype=None, device=None, adapter=None, quantize=None) -> RWKV7:
+    """Load a BlinkDL `.pth`, a `.safetensors` file, a Hugging Face directory or a training
+    checkpoint; every dimension comes from the shapes. `adapter`: an adapter file of a
+    parameter-efficient run on this base, added to the model. `quantize` "int8" | "nf4": linear
+    layers stored quantized, frozen (adapters/quant.py)."""
     sd, origin = _read(path, lazy=bool(quantize))
-    return state_dict_to_model(sd, source=str(path), dtype=dtype, device=device, origin=origin, quantize=quantize)
+    model = state_dict_to_model(sd, source=str(path), dtype=dtype, device=device, origin=origin, quantize=quantize)
+    if adapter is not None:
+        from ..adapters import apply_adapter
+        apply_adapter(model, adapter)
+    return model
 
 
 def export_state_dict(model, dtype=None) -> dict[str, torch.Tensor]:
@@ -234,6 +241,7 @@ def export_state_dict(model, dtype=None) -> dict[str, torch.Tensor]:
 
 
 def save_model(model, path, dtype=None, hf_scheme=None, overwrite=True) -> None:
+    """Write `.pth` (BlinkDL layout) or `.safetensors` (by extension), atomically; see write_state_dict."""
     write_state_dict(export_state_dict(model, dtype), path, model.config, hf_scheme=hf_scheme, overwrite=overwrite)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
-from ..cli_args import add_data_arguments, data_config, number
-from ..errors import UserError
+from .cli_args import add_data_arguments, data_config, number
+from .errors import UserError
 
 LOSS_OPEN, LOSS_CLOSE = "⟦", "⟧"            # plain output: loss tokens inside the brackets
 ANSI_LOSS, ANSI_RESET = "\x1b[1;32m", "\x1b[0m"  # a terminal: loss tokens in bold green
@@ -47,7 +47,7 @@ def render_example(examples, i, tokenizer, color: bool) -> str:
 
 def _stats_text(report) -> str:
     train, cuts = report["train"], report["truncated"]
-    from .prepare import format_counts, format_unused
+    from .data.prepare import format_counts, format_unused
 
     def file_text(f):  # a file that mixes formats says how many rows of each
         mixed = f": {format_counts(f['formats'])}" if len(f["formats"]) > 1 else ""
@@ -78,13 +78,13 @@ def _stats_text(report) -> str:
 def run(args) -> int:
     import numpy as np
 
-    from ..tokenizer import Tokenizer
-    from .prepare import prepare_data
+    from .tokenizer import Tokenizer
+    from .data.prepare import prepare_data
 
     config = data_config(args, args.files)
     tokenizer = Tokenizer()
-    from .config import parse_file_spec
-    from .pairs import is_pairs_file
+    from .data.config import parse_file_spec
+    from .data.pairs import is_pairs_file
     if is_pairs_file(parse_file_spec(config.train_files[0]).path):
         return _inspect_pairs(args, config, tokenizer)
     data = prepare_data(config, tokenizer, cache_dir=args.cache_dir, show_progress=False)
@@ -126,7 +126,7 @@ def _inspect_pairs(args, config, tokenizer) -> int:
     """Preference pairs: counts, then each shown pair's context and both completions, scored tokens marked."""
     import numpy as np
 
-    from .pairs import format_pair_report, prepare_pairs
+    from .data.pairs import format_pair_report, prepare_pairs
     data = prepare_pairs(config, tokenizer, show_report=False)
     pairs = data.train
     if args.json:

@@ -20,11 +20,11 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import torch
 
-    from ..model import RWKV7
+    from .checkpoint import load_model
     from ..adapters import apply_adapter
 
     fmt = output_format(args.out, args)
-    model = RWKV7.load(args.model)  # memory-mapped; merged one weight at a time while writing
+    model = load_model(args.model)  # memory-mapped; merged one weight at a time while writing
     settings = apply_adapter(model, args.adapter)
     if not settings.lora_rank:
         raise UserError(f"{args.adapter}: holds no LoRA weights (only a learned initial state), so there is "
