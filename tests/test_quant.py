@@ -16,7 +16,8 @@ from test_train_helpers import VOCAB, tiny_config, tiny_data
 from rwkv_sft import RWKV7
 from rwkv_sft.weights import load_model, save_model
 from rwkv_sft import adapters
-from rwkv_sft.adapters.quant import QuantLinear, quantize_model
+from rwkv_sft.adapters.quant import QuantLinear
+from rwkv_sft.adapters.training import quantize_model
 from rwkv_sft.adapters.training import compact
 from rwkv_sft.cli import main
 from rwkv_sft.errors import UserError

@@ -12,7 +12,7 @@ import argparse
 import math
 import re
 
-from .data.config import DataConfig
+from .data.config import DataConfig, data_config_from_dict
 from .settings import one_of
 
 ESCAPES_HELP = r"escapes \n \t \r \\; \\n is a literal backslash-n"
@@ -100,9 +100,18 @@ def add_data_arguments(p, prefix: str = "data.", set_flag: bool = True) -> None:
 
 def data_config(args, files: list[str], prefix: str = "data."):
     """The DataConfig of `files` from the data flags and --set data.KEY=VALUE of `args`."""
-    from .train.config import data_config_from_dict
     d = {dest[len(prefix):]: value for dest, value in vars(args).items() if dest.startswith(prefix)}
     for item in getattr(args, "sets", []):
         key, value = split_set(item)
         d[key[len("data."):] if key.startswith("data.") else key] = value
     return data_config_from_dict({**d, "train_files": list(files)}, source="command line")
+
+
+def segment_len(text: str):
+    """--segment-len: a number of tokens, or auto (None: split only rows longer than the batch)."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or auto, got {text!r}") from None

@@ -156,7 +156,7 @@ def read_adapter(path) -> tuple[dict[str, torch.Tensor], AdapterSettings, dict]:
 
 def _checkpoint_adapter(path: Path) -> tuple[dict[str, torch.Tensor], AdapterSettings, dict]:
     """The adapter inside a training checkpoint that holds no adapter file (written before they did)."""
-    from ..train.checkpoint import is_checkpoint, load_checkpoint
+    from ..step_checkpoint import is_checkpoint, load_checkpoint
     if not is_checkpoint(path):
         raise UserError(f"{path}: a directory, neither an adapter file nor a training checkpoint")
     state = load_checkpoint(path)

@@ -134,22 +134,6 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QuantLinear) for m in model.modules())
 
 
-def quantize_model(model: nn.Module, kind: str) -> None:
-    """Replace every frozen nn.Linear (LoRA layers keep their adapter) by its quantized form, in
-    place; the model keeps the fingerprint of its unquantized base."""
-    from .files import fingerprint
-    from .lora import LoRALayer, QuantLoRALinear
-    if getattr(model, "base_fingerprint", None) is None:
-        model.base_fingerprint = fingerprint(model.state_dict())
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or module.weight.requires_grad or module.bias is not None:
-            continue
-        quant = QuantLinear.from_weight(module.weight, kind)
-        if isinstance(module, LoRALayer):
-            quant = QuantLoRALinear.from_layers(quant, module)
-        replace_module(model, name, quant)
-
-
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)

@@ -5,12 +5,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from ..errors import UserError
 from ..settings import Quantized, choices
 from . import adapter_state_dict, attach, freeze_base, load_adapter_state
-from .files import AdapterSettings, base_info, save_adapter
-from .lora import DEFAULT_TARGETS, compact_frozen
+from .files import AdapterSettings, base_info, fingerprint, save_adapter
+from .lora import DEFAULT_TARGETS, LoRALayer, QuantLoRALinear, compact_frozen
+from .quant import QuantLinear, replace_module
 
 BASE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # adapter settings a resume may change, like lr: they act in training only (the adapter's tensors,
@@ -53,7 +55,6 @@ def compact(model, dtype_name: str):
     """Trainable tensors in fp32, frozen matrices in the base dtype (however they were frozen);
     int8/nf4: frozen linear layers quantized (already at load when the base came from a file)."""
     if dtype_name in QUANTIZED:
-        from .quant import quantize_model
         quantize_model(model, dtype_name)
     compact_frozen(model, base_dtype(dtype_name, model))
     return model
@@ -94,3 +95,17 @@ def restore(model, state: dict, settings: AdapterSettings | None, base: dict | N
         raise UserError(f"{source}: checkpoint of a run with other adapter settings "
                         f"({', '.join(f'{k}={v!r}' for k, v in was.items())}); resume with those")
     load_adapter_state(model, state["model"], source)
+
+
+def quantize_model(model: nn.Module, kind: str) -> None:
+    """Replace every frozen nn.Linear (LoRA layers keep their adapter) by its quantized form, in
+    place; the model keeps the fingerprint of its unquantized base."""
+    if getattr(model, "base_fingerprint", None) is None:
+        model.base_fingerprint = fingerprint(model.state_dict())
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or module.weight.requires_grad or module.bias is not None:
+            continue
+        quant = QuantLinear.from_weight(module.weight, kind)
+        if isinstance(module, LoRALayer):
+            quant = QuantLoRALinear.from_layers(quant, module)
+        replace_module(model, name, quant)

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import UserError
-from ..settings import DataFormat, ExampleLength, Fraction, Seed, check_fields
+from ..settings import DataFormat, ExampleLength, Fraction, Seed, check_fields, coerce_fields
 
 
 @dataclass
@@ -60,3 +60,14 @@ def parse_file_spec(spec: str) -> FileSpec:
     if not 0 < weight < math.inf:
         raise UserError(f"{spec}: the weight or count of a file must be a positive finite number")
     return FileSpec(m["path"], weight)
+
+
+def data_config_from_dict(data: dict, source: str = "config") -> DataConfig:
+    """The data settings of a file or the command line; errors name `source`."""
+    data = coerce_fields(data, DataConfig, source, table="data")
+    if "train_files" not in data:
+        raise UserError(f"{source}: no training data (give --data FILE or data.train_files)")
+    try:
+        return DataConfig(**data)
+    except TypeError as e:
+        raise UserError(f"{source}: {e}") from None

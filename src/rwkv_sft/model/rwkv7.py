@@ -187,6 +187,20 @@ class RWKV7(nn.Module):
             from .init import init_rwkv7
             init_rwkv7(self)
 
+    # The two file methods of the public contract are doors into rwkv_sft.weights, imported only when
+    # called: nothing in the model's math reads or writes files, and no code of the package uses them.
+    @classmethod
+    def load(cls, path, dtype=None, device=None, adapter=None, quantize=None) -> "RWKV7":
+        """rwkv_sft.weights.load_model: a BlinkDL `.pth`, `.safetensors`, Hugging Face directory
+        or step checkpoint, with an optional adapter (and an int8/nf4 base)."""
+        from ..weights import load_model
+        return load_model(path, dtype=dtype, device=device, adapter=adapter, quantize=quantize)
+
+    def save(self, path, dtype=None) -> None:
+        """rwkv_sft.weights.save_model: `.pth` (BlinkDL layout) or `.safetensors`, atomically."""
+        from ..weights import save_model
+        save_model(self, path, dtype=dtype)
+
     # -- state -----------------------------------------------------------------------------------
     def enable_state_tuning(self) -> list[nn.Parameter]:
         """Give every layer a learned initial WKV state `blocks.{i}.att.time_state` [H,N,N] fp32

@@ -6,7 +6,7 @@ import importlib.util
 import math
 from dataclasses import dataclass, field
 
-from ..data.config import DataConfig
+from ..data.config import DataConfig, data_config_from_dict
 from ..errors import UserError
 from ..settings import (BaseDtype, Count, ExportFormat, LoraAlpha, LoraDropout, LoraInit, NonNegative, NonNegativeInt,
                         Objective, Offload, Parallel, Positive, Precision, Quantized, ReportTo, Schedule, Seed,
@@ -153,17 +153,6 @@ class TrainConfig:
             return cls(data=data, **d)
         except TypeError as e:
             raise UserError(f"{source}: {e}") from None
-
-
-def data_config_from_dict(data: dict, source: str = "config") -> DataConfig:
-    """The data settings of a file or the command line; errors name `source`."""
-    data = coerce_fields(data, DataConfig, source, table="data")
-    if "train_files" not in data:
-        raise UserError(f"{source}: no training data (give --data FILE or data.train_files)")
-    try:
-        return DataConfig(**data)
-    except TypeError as e:
-        raise UserError(f"{source}: {e}") from None
 
 
 def check_setting(key: str, value, where: str):

@@ -46,7 +46,7 @@ def _read(path, lazy: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 def _read_file(path: Path, lazy: bool = False) -> dict[str, torch.Tensor]:
     if path.is_dir():  # a training checkpoint, OUT/checkpoints/step_N
-        from ..train.checkpoint import model_weights
+        from ..step_checkpoint import model_weights
         return model_weights(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
