@@ -233,3 +233,29 @@ def test_a_runs_resolved_config_reads_back_as_it_was(tmp_path):
     again = TrainConfig.from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()),
                                   source=str(tmp_path / "config.yaml")).validate()
     assert again == config
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_adapters_off_computes_the_frozen_base_alone(quantized):
+    """The preference objectives' reference pass switches each LoRA layer off by a flag; on a
+    quantized base as on a plain one, it equals the model whose adapters add nothing."""
+    from rwkv_sft import adapters
+    from rwkv_sft.adapters.quant import quantize_model
+    from rwkv_sft.train.preference import adapters_off
+    model = random_model(n_layer=1, n_embd=64, vocab_size=256)
+    adapters.add_lora(model, rank=4)
+    adapters.freeze_base(model)
+    if quantized:
+        quantize_model(model, "int8")
+    tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for m in adapters.lora_modules(model).values():
+            m.lora_B.normal_()
+        on = model(tokens)[0]
+        with adapters_off(model):
+            off = model(tokens)[0]
+        assert torch.equal(model(tokens)[0], on)  # restored on exit
+        for m in adapters.lora_modules(model).values():
+            m.lora_B.zero_()
+        torch.testing.assert_close(off, model(tokens)[0], atol=0, rtol=0)
+    assert (on - off).abs().max() > 1e-3

@@ -120,8 +120,11 @@ class LoRALayer(nn.Module):
             d = d - F.linear(F.linear(x, self.lora_A0), self.lora_B0)
         return d * self.scale
 
+    adapter_on = True  # False: the frozen layer alone (preference.adapters_off, for the reference model)
+
     def forward(self, x):
-        return super().forward(x) + self.delta(x)
+        y = super().forward(x)
+        return y + self.delta(x) if self.adapter_on else y
 
     def delta_weight(self) -> torch.Tensor:
         """scale * (B A - B0 A0) in fp32: what a merge adds to the weight."""

@@ -119,18 +119,18 @@ def pair_losses(objective: str, logp, count, ref=None, beta: float = 0.1, gamma:
 def adapters_off(model):
     """The frozen base alone: every LoRA layer computes its base weight only and every learned
     initial state is left out (no copy of anything; restored on exit)."""
-    from ..adapters.lora import FrozenLinear, lora_modules
+    from ..adapters.lora import lora_modules
     loras = list(lora_modules(model).values())
     states = [(b.att, b.att.time_state) for b in model.blocks if b.att.time_state is not None]
     try:
         for m in loras:
-            m.forward = functools.partial(FrozenLinear.forward, m)
+            m.adapter_on = False
         for att, _ in states:
             att.time_state = None
         yield model
     finally:
         for m in loras:
-            del m.forward
+            m.adapter_on = True
         for att, p in states:
             att.time_state = p
 
