@@ -14,7 +14,7 @@ Both load the same random checkpoint (BlinkDL .pth layout). Rows:
 The package side of every decoding row is its own `forward([token], state)` loop with argmax.
 Ours and the package run interleaved, --repeats times; the table shows median tokens/s and the
 median of the per-repeat ratios, which survive a busy machine better than absolute numbers.
-Targets (DESIGN.md §6): prefill >= 2x; decode and generate >= 1x; cli >= 1.2x.
+Targets (docs/rwkv7.md): prefill >= 2x; decode and generate >= 1x; cli >= 1.2x.
 
     python benchmarks/bench_inference.py [--n-layer 12 --n-embd 768 --prompt 512 --decode 64 --threads 2]
 """

@@ -12,7 +12,7 @@ minus what was allocated before the step; the gradients of the parameters are pa
 Printed: peak MiB, time of a step (best of --repeats after the measured one), tokens/s, the loss
 (identical across cases up to rounding), then the memory growth per token between two lengths.
 
-    python benchmarks/bench_long.py             # 4 x 512, S = 512: the table of DESIGN §6 / the README
+    python benchmarks/bench_long.py             # 4 x 512, S = 512
     python benchmarks/bench_long.py --quick     # lengths and S / 4, one repeat
 """
 from __future__ import annotations

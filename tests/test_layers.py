@@ -28,7 +28,7 @@ LAYERS = [
     {"train"},
     {"demo", "inspect_data", "cli", "__main__", "__init__"},
 ]
-# The public contract's `RWKV7.load` / `model.save` (DESIGN §3) are doors from the model class into the
+# The public contract's `RWKV7.load` / `model.save` (the names outside code relies on) are doors from the model class into the
 # file layer, imported when called; nothing else may point up, and no code of the package calls them.
 DOORS = {("rwkv_sft.model.rwkv7", "rwkv_sft.weights")}
 LAYER_OF = {name: i for i, layer in enumerate(LAYERS) for name in layer}

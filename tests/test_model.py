@@ -24,7 +24,7 @@ LOGIT_ATOL = 2e-4
 
 
 def released_dims(C):
-    """Low-rank widths of released checkpoints (DESIGN.md §5.2)."""
+    """Low-rank widths of released checkpoints (docs/rwkv7.md, "State dict")."""
     return dict(dim_w=low_rank_dim(1.8 * math.sqrt(C)), dim_a=low_rank_dim(1.8 * math.sqrt(C)),
                 dim_v=low_rank_dim(1.3 * math.sqrt(C)), dim_g=low_rank_dim(0.6 * C ** 0.8))
 
@@ -184,7 +184,7 @@ def test_fresh_model_gradients_reach_every_parameter_and_the_state(n_layer):
 
 
 def test_upstream_init_values():
-    """Spot checks of DESIGN.md §5.3, computed independently per element."""
+    """Spot checks of docs/rwkv7.md, "Initialisation", computed independently per element."""
     L, C, N = 3, 128, 64
     model = RWKV7(RWKV7Config(n_layer=L, n_embd=C, vocab_size=500))
     for l, block in enumerate(model.blocks):

@@ -1,4 +1,4 @@
-"""AdamW groups (DESIGN.md §5.4), the learning-rate schedule and frozen parameters."""
+"""AdamW groups (docs/rwkv7.md, "Optimisation"), the learning-rate schedule and frozen parameters."""
 from __future__ import annotations
 
 import math

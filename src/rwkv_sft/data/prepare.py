@@ -136,7 +136,7 @@ def format_counts(counts: dict) -> str:
 
 def prepare_data(config: DataConfig, tokenizer=None, cache_dir=None, show_progress=True,
                  role: str = "train", show_report=None) -> "PreparedData":
-    """Parse -> tokenize (cached, shared by every process) -> truncate. See DESIGN.md section 4.
+    """Parse -> tokenize (cached, shared by every process) -> truncate. See docs/data.md.
     `role` only names the examples in the printed summary. `show_progress`: a tokenizing bar;
     `show_report` (default: show_progress): the one-line summary of examples, truncation and
     skipped rows on stderr."""

@@ -1,7 +1,7 @@
 """Chunked WKV-7 in pure PyTorch: the default backend on CPU, also usable on GPU.
 
 Same contract as `wkv7_reference`. The sequence is cut into chunks of C tokens; inside a chunk
-the recurrence is solved in closed form with C x C attention-like matrices (DESIGN.md §5.6),
+the recurrence is solved in closed form with C x C attention-like matrices (docs/rwkv7.md, "Chunked WKV-7"),
 batched over every (batch, head) row and a range of chunks at a time (see `_chunk_groups`).
 Between chunks only a linear map of the state remains (see `_WKV7Chunked`), which a short
 Python loop over chunks applies to all rows at once. The backward is written by hand, not left

@@ -33,7 +33,7 @@ class TrainConfig:
     packing: bool = True
     segment_len: NonNegativeInt | None = None  # tokens per row run at a time, exact backprop through the state:
                                           # None -> automatic (a row longer than batch_tokens is split), 0 -> never
-    # optimisation (DESIGN.md §5.4)
+    # optimisation (docs/rwkv7.md, "Optimisation")
     lr: Positive | None = None            # None -> the method's default (LR_DEFAULTS)
     lr_final: NonNegative | None = None   # None -> lr / 10 (cosine and linear; constant stays at lr)
     warmup_steps: NonNegativeInt | None = None  # None -> warmup_ratio, or 10 steps but at most a tenth of the run;

@@ -10,7 +10,7 @@ from ..errors import UserError
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, state_lr_scale: float | None = None) -> list[dict]:
-    """Upstream groups (DESIGN.md §5.4): att.w0 at 2x lr without decay; decay only on 2-D
+    """Upstream groups (docs/rwkv7.md, "Optimisation"): att.w0 at 2x lr without decay; decay only on 2-D
     `.weight` matrices (emb, head, r/k/v/o, ffn key/value); everything else without decay.
     `state_lr_scale`: the learned states (`att.time_state`) in a group of their own at that
     multiple of the lr. Each group carries `lr_scale`, applied by `set_lr`."""
