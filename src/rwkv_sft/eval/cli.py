@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import json
 
-from ..cli_args import add_data_arguments, data_config, number
+from ..cli_args import add_data_arguments, data_config, number, segment_len
 
 
 def add_arguments(p) -> None:
-    from ..train.cli import _segment_len
-
     p.add_argument("--model", required=True, metavar="CKPT", help=".pth (BlinkDL layout), .safetensors, or a training checkpoint OUT/checkpoints/step_N")
     p.add_argument("--adapter", metavar="FILE",
                    help="adapter.safetensors of a parameter-efficient run on --model, or its OUT/checkpoints/step_N")
@@ -24,7 +22,7 @@ def add_arguments(p) -> None:
                    help="generation limit for exact match (default: 2 x the reference length + 8)")
     p.add_argument("--batch-tokens", type=number(int, min=1), default=4096, metavar="N",
                    help="tokens per forward pass (default 4096)")
-    p.add_argument("--segment-len", type=_segment_len, default=None, metavar="S|auto",
+    p.add_argument("--segment-len", type=segment_len, default=None, metavar="S|auto",
                    help="run each example S tokens at a time (memory flat in length; default auto: examples "
                         "longer than --batch-tokens are split; 0: never); prompts are prefilled in segments too")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

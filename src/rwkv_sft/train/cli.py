@@ -11,7 +11,7 @@ import re
 import signal
 from pathlib import Path
 
-from ..cli_args import add_data_arguments, split_set
+from ..cli_args import add_data_arguments, segment_len, split_set
 from ..errors import UserError
 
 S = argparse.SUPPRESS  # flags the user did not give do not override the file
@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="completion tokens per optimizer step, all processes (gradient accumulation)")
     g.add_argument("--packing", dest="c:packing", action=argparse.BooleanOptionalAction, default=S,
                    help="pack several examples per row (default on)")
-    g.add_argument("--segment-len", dest="c:segment_len", type=_segment_len, default=S, metavar="S|auto",
+    g.add_argument("--segment-len", dest="c:segment_len", type=segment_len, default=S, metavar="S|auto",
                    help="run each row S tokens at a time with exact gradients through the state: memory flat in "
                         "length, so --max-len can be 64k+ (default auto: rows longer than --batch-tokens are split; "
                         "0: never)")
@@ -125,15 +125,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for action in p._actions:  # show "--lr LR", not the internal destination name
         if action.dest.startswith("c:") and action.metavar is None and action.nargs != 0 and not action.choices:
             action.metavar = action.option_strings[-1].lstrip("-").upper().replace("-", "_")
-
-
-def _segment_len(text: str):
-    if text == "auto":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of tokens or auto, got {text!r}") from None
 
 
 def load_config_file(path) -> dict:
