@@ -44,6 +44,16 @@ def number(kind=float, *, min=None, above=None, max=None):
     return parse
 
 
+def segment_len(text: str):
+    """--segment-len: a number of tokens, or auto (None)."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or auto, got {text!r}") from None
+
+
 def parse_set_value(text: str):
     """A --set value: a YAML literal (number, true/false, null, [list], "quoted string"); a bare
     string gets the text-flag escapes. 1e-4 is a number (YAML 1.1 alone would read a string)."""
@@ -105,13 +115,3 @@ def data_config(args, files: list[str], prefix: str = "data."):
         key, value = split_set(item)
         d[key[len("data."):] if key.startswith("data.") else key] = value
     return data_config_from_dict({**d, "train_files": list(files)}, source="command line")
-
-
-def segment_len(text: str):
-    """--segment-len: a number of tokens, or auto (None: split only rows longer than the batch)."""
-    if text == "auto":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of tokens or auto, got {text!r}") from None

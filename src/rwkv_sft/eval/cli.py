@@ -8,7 +8,6 @@ from ..settings import Precision, Quantized, WkvBackend, choices
 
 
 def add_arguments(p) -> None:
-
     p.add_argument("--model", required=True, metavar="CKPT", help=".pth (BlinkDL layout), .safetensors, or a training checkpoint OUT/checkpoints/step_N")
     p.add_argument("--adapter", metavar="FILE",
                    help="adapter.safetensors of a parameter-efficient run on --model, or its OUT/checkpoints/step_N")

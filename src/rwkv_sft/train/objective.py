@@ -36,10 +36,10 @@ class Completion:
         return (distributed.all_sum(d, [local])[0] / count if count else 0.0), {}
 
     def evaluate(self, model) -> dict:
-        from ..eval import evaluate as ev  # switches the model to eval mode and back
+        from ..eval.evaluate import evaluate  # switches the model to eval mode and back
         c = self.config
-        return ev.evaluate(model, self.data.eval, self.tokenizer, batch_tokens=c.batch_tokens, segment_len=c.segment_len,
-                           exact_match_samples=c.eval_exact_match, device=self.device, precision=self.precision)
+        return evaluate(model, self.data.eval, self.tokenizer, batch_tokens=c.batch_tokens, segment_len=c.segment_len,
+                        exact_match_samples=c.eval_exact_match, device=self.device, precision=self.precision)
 
 
 def make_objective(config, model, data, *, d, precision, tokenizer, data_fingerprint: str):
