@@ -86,10 +86,13 @@ def wrap(loss_module, d: Dist, mode: str, precision: str, offload: bool = False)
     shard(model.emb)
     for block in model.blocks:
         shard(block)
-    # The head runs as the loss (completion_loss, not forward); its backward follows at once, so it
-    # stays gathered from one to the other (torchtitan's choice for its output layer).
+    # The head runs as the loss (completion_loss, or a preference run's pair_logps; not forward); its
+    # backward follows at once, so it stays gathered from one to the other (torchtitan's choice for
+    # its output layer).
     shard(model.head, reshard_after_forward=False)
-    register_fsdp_forward_method(model.head, "completion_loss")
+    for method in ("completion_loss", "pair_logps"):
+        if hasattr(model.head, method):
+            register_fsdp_forward_method(model.head, method)
     shard(loss_module)  # the root: ln0, ln_out
     loss_module.lockstep_segments = True  # blocks gather per call: as many segments in every process
     return Parallel("fsdp", loss_module)
