@@ -447,3 +447,11 @@ def test_fsdp_two_processes_train_like_one(tmp_path, date_files):
     assert a.keys() == b.keys() and len(a) > 0
     for k, v in a.items():
         torch.testing.assert_close(b[k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_dpo_with_state_tuning_under_fsdp_is_refused(tmp_path, date_files):
+    """Its reference switches the learned state off, which the sharded blocks would put back."""
+    with pytest.raises(UserError, match="dpo with state tuning under --parallel fsdp"):
+        _config(tmp_path, date_files, parallel="fsdp", state_tuning=True).validate()
+    _config(tmp_path, date_files, parallel="fsdp", lora_rank=4).validate()
+    _config(tmp_path, date_files, parallel="fsdp", state_tuning=True, objective="simpo").validate()
