@@ -368,3 +368,91 @@ def test_ddp_two_processes_train_like_one(tmp_path, date_files):
     for k, v in single.model.state_dict().items():  # AdamW's first step is nearly sign(gradient) * lr:
         err = (got["weights"][k] - v).abs().max().item()  # a gradient near zero may round either way
         assert err <= 0.01 * 3e-3 + 1e-5 * v.abs().max().item(), k
+
+
+def test_plot_draws_the_rewards_users_watch(tmp_path):
+    """A preference run's plot has a panel of rewards, margin and accuracies: every series drawn is
+    the log's values at its steps; an SFT log keeps the one loss panel."""
+    from rwkv_sft.train.metrics import MetricsLogger, metrics_figure, plot_metrics, read_metrics
+    rng = np.random.default_rng(0)
+    with MetricsLogger(tmp_path, tensorboard=False) as log:
+        for step in range(1, 13):
+            chosen, rejected = rng.normal(size=2)
+            log.log("train", step, loss=float(rng.random()) + 0.1, lr=1e-3, reward_chosen=chosen, reward_rejected=rejected,
+                    margin=chosen - rejected, reward_accuracy=float(rng.random()), preference_accuracy=float(rng.random()))
+            if step % 4 == 0:
+                log.log("eval", step, loss=0.5, reward_chosen=0.3 * step, reward_rejected=-0.1 * step, margin=0.4 * step,
+                        reward_accuracy=step / 12, preference_accuracy=step / 24, pairs=8)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    fig = metrics_figure(records, "run")
+    drawn = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+             for ax in fig.axes for line in ax.get_lines() if not line.get_label().startswith("_")}
+    expected = {}
+    for kind in ("train", "eval"):
+        for key in ("loss", "reward_chosen", "reward_rejected", "margin", "reward_accuracy", "preference_accuracy"):
+            rows = [r for r in records if r["kind"] == kind]
+            expected[f"{kind} {key.replace('_', ' ')}"] = ([r["step"] for r in rows], [r[key] for r in rows])
+    assert drawn == expected
+    rewards_panel = [ax for ax in fig.axes if any("reward chosen" in line.get_label() for line in ax.get_lines())]
+    assert len(rewards_panel) == 1 and rewards_panel[0] is not fig.axes[0]  # below the loss, not on it
+    png = plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "metrics.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    sft = [{k: v for k, v in r.items() if k in ("kind", "step", "time", "loss")} for r in records]
+    fig = metrics_figure(sft, "sft")
+    assert sorted(line.get_label() for ax in fig.axes for line in ax.get_lines()) == ["eval loss", "train loss"]
+    import matplotlib.pyplot as plt
+    plt.close("all")
+
+
+def _fsdp_worker(rank, port, out_dir, files, cache):
+    import os
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), RWKV_SFT_CACHE=cache)
+    torch.set_num_threads(1)
+    from rwkv_sft.train import train
+    train(_config(out_dir, files, **FSDP_RUN), model=_fresh())
+
+
+# LoRA on a sharded frozen base; several micro-batches per step, a different number on each process;
+# contexts and completions of different lengths in segments of 5 tokens (counts that differ per process)
+FSDP_RUN = dict(parallel="fsdp", lora_rank=4, max_steps=3, step_tokens=300, batch_tokens=128, segment_len=5,
+                schedule="constant")
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_train_like_one(tmp_path, date_files):
+    """DPO with LoRA (the reference: the sharded base with the adapter off) on two gloo processes
+    under fsdp: the losses, rewards and held-out evaluation of one process."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from safetensors.torch import load_file
+
+    from rwkv_sft.train import train
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp_worker, args=(port, str(tmp_path / "fsdp"), date_files, str(tmp_path / "cache")), nprocs=2, join=True)
+    train(_config(tmp_path / "one", date_files, **{**FSDP_RUN, "parallel": "ddp"}), model=_fresh())
+    one, fsdp = _lines(tmp_path / "one"), _lines(tmp_path / "fsdp")
+    assert len(one) == len(fsdp) == 3 and abs(one[0]["loss"] - math.log(2)) < 1e-6
+    for key in ("loss", "reward_chosen", "reward_rejected", "grad_norm"):
+        torch.testing.assert_close([r[key] for r in fsdp], [r[key] for r in one], rtol=1e-5, atol=1e-7, msg=key)
+    assert one[-1]["margin"] != 0.0  # the adapter did train
+    (e1,), (e2,) = _lines(tmp_path / "one", "eval"), _lines(tmp_path / "fsdp", "eval")
+    for key in ("loss", "margin", "preference_accuracy"):
+        assert e2[key] == pytest.approx(e1[key], rel=1e-5), key
+    a, b = (load_file(tmp_path / run / "adapter.safetensors") for run in ("one", "fsdp"))
+    assert a.keys() == b.keys() and len(a) > 0
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_dpo_with_state_tuning_under_fsdp_is_refused(tmp_path, date_files):
+    """Its reference switches the learned state off, which the sharded blocks would put back."""
+    with pytest.raises(UserError, match="dpo with state tuning under --parallel fsdp"):
+        _config(tmp_path, date_files, parallel="fsdp", state_tuning=True).validate()
+    _config(tmp_path, date_files, parallel="fsdp", lora_rank=4).validate()
+    _config(tmp_path, date_files, parallel="fsdp", state_tuning=True, objective="simpo").validate()

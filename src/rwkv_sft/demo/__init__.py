@@ -22,10 +22,11 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=number(int, min=0, max=2**63 - 1), default=0, metavar="N")
     p.add_argument("--samples", type=number(int, min=0), default=5, metavar="K",
                    help="held-out completions to show (default: 5)")
-    p.add_argument("--method", choices=["full", "lora", "state"], default="full",
+    p.add_argument("--method", choices=["full", "lora", "state", "dpo"], default="full",
                    help="full: train from scratch (default); lora / state: adapt the demo model (--base) to "
-                        "a new output style with its weights frozen (into runs/demo-METHOD)")
-    p.add_argument("--base", help="base for --method lora/state (default runs/demo/model.pth, trained when missing)")
+                        "a new output style with its weights frozen (into runs/demo-METHOD); dpo: teach it to "
+                        "prefer that style from preference pairs (a LoRA, DPO)")
+    p.add_argument("--base", help="base for --method lora/state/dpo (default runs/demo/model.pth, trained when missing)")
 
 
 def run(args) -> int:
@@ -37,6 +38,9 @@ def run(args) -> int:
     args.threads = args.threads or threads
     torch.set_num_threads(args.threads)
     try:
+        if args.method == "dpo":
+            from .dpo import run as run_dpo
+            return run_dpo(args)
         if args.method != "full":
             from .peft import run as run_peft
             return run_peft(args)

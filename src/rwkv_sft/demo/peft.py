@@ -31,6 +31,28 @@ def write_task(src: Path, dst: Path) -> Path:
     return dst
 
 
+def out_dir(args) -> Path:
+    return Path(args.out if args.out != "runs/demo" else f"runs/demo-{args.method}")
+
+
+def ensure_base(args) -> tuple[Path, int]:
+    """(the base checkpoint, 0), the normal demo trained first into runs/demo when it is missing;
+    (_, its exit code) when that training stopped."""
+    base = Path(args.base) if args.base else Path("runs/demo/model.pth")
+    if not base.is_file():
+        if args.base:
+            from ..errors import UserError
+            raise UserError(f"{base}: no such base checkpoint (--base)")
+        print(f"rwkv-sft demo --method {args.method}: no base at {base}; training it first (rwkv-sft demo)", flush=True)
+        from .full import run as _run
+        args_base = type(args)(**{**vars(args), "out": str(base.parent), "steps": STEPS, "quick": False})
+        code = _run(args_base)
+        if code:
+            return base, code
+        print(flush=True)
+    return base, 0
+
+
 def run(args) -> int:
     from ..data import DataConfig, prepare_data
     from ..weights import load_model
@@ -39,19 +61,10 @@ def run(args) -> int:
     from ..eval.evaluate import evaluate
 
     start = time.perf_counter()
-    method, out = args.method, Path(args.out if args.out != "runs/demo" else f"runs/demo-{args.method}")
-    base = Path(args.base) if args.base else Path("runs/demo/model.pth")
-    if not base.is_file():
-        if args.base:
-            from ..errors import UserError
-            raise UserError(f"{base}: no such base checkpoint (--base)")
-        print(f"rwkv-sft demo --method {method}: no base at {base}; training it first (rwkv-sft demo)", flush=True)
-        from .full import run as _run
-        args_base = type(args)(**{**vars(args), "out": str(base.parent), "steps": STEPS, "quick": False})
-        code = _run(args_base)
-        if code:
-            return code
-        print(flush=True)
+    method, out = args.method, out_dir(args)
+    base, code = ensure_base(args)
+    if code:
+        return code
     out.mkdir(parents=True, exist_ok=True)
     data_cfg = DataConfig(train_files=[str(write_task(TRAIN_FILE, out / "american_train.jsonl"))],
                           eval_files=[str(write_task(HELDOUT_FILE, out / "american_heldout.jsonl"))],

@@ -177,4 +177,6 @@ def _validate_objective(c: TrainConfig, need) -> None:
     if c.objective == "simpo" and c.simpo_gamma is None:
         c.simpo_gamma = DEFAULT_SIMPO_GAMMA
     need(c.simpo_gamma is None or math.isfinite(c.simpo_gamma), f"simpo_gamma must be a finite number, got {c.simpo_gamma}")
-    need(c.parallel != "fsdp", "preference objectives run on one process or under --parallel ddp, not fsdp")
+    need(c.parallel != "fsdp" or c.objective != "dpo" or not c.state_tuning,
+         "dpo with state tuning under --parallel fsdp: its reference leaves the learned state out, which the "
+         "sharded blocks put back; use --parallel ddp")

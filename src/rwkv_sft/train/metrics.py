@@ -111,22 +111,41 @@ def _series(records, kind, key):
     return [s for s, _ in points], [v for _, v in points]
 
 
+REWARDS = ("reward_chosen", "reward_rejected", "margin")  # a preference run's (train/preference.py)
+ACCURACIES = ("reward_accuracy", "preference_accuracy")
+
+
 def plot_metrics(metrics_jsonl, png_path) -> Path:
-    """PNG of the train loss (and eval loss) vs step; eval exact match / token accuracy on the
-    right-hand axis when the log has them."""
+    """PNG of metrics_figure for a metrics.jsonl file."""
+    import matplotlib.pyplot as plt
+
+    fig = metrics_figure(read_metrics(metrics_jsonl), f"{Path(metrics_jsonl).parent.name}: training metrics")
+    png_path = Path(png_path)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path
+
+
+def metrics_figure(records, title: str):
+    """The train loss (and eval loss) vs step; eval exact match / token accuracy on the right-hand
+    axis when the log has them. A preference run's log adds a panel below: rewards (chosen,
+    rejected) and margin, reward and preference accuracy on its right-hand axis."""
     import matplotlib
     matplotlib.use("Agg")  # no display needed (servers, CI)
     import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
+    import matplotlib.ticker
 
-    records = read_metrics(metrics_jsonl)
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    preference = any(isinstance(r.get(k), (int, float)) for r in records for k in REWARDS)
+    fig, axes = plt.subplots(2 if preference else 1, 1, figsize=(8, 8 if preference else 4.5), dpi=100, sharex=True,
+                             squeeze=False)
+    ax = axes[0, 0]
     for kind, key, style in (("train", "loss", "-"), ("eval", "loss", "o-")):
         steps, values = _series(records, kind, key)
         if steps:
             ax.plot(steps, values, style, label=f"{kind} loss", markersize=4)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("completion loss (nats / token)")
+    axes[-1, 0].set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over pairs)" if preference else "completion loss (nats / token)")
     if any(v > 0 for r in records for v in [r.get("loss")] if isinstance(v, (int, float)) and math.isfinite(v)):
         ax.set_yscale("log")
         plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 2, 4, 10 rather than 2x10^0
@@ -135,23 +154,37 @@ def plot_metrics(metrics_jsonl, png_path) -> Path:
         # label the 2, 3, ... ticks only when there is no decade tick to read the scale from
         ax.yaxis.set_minor_formatter(plain if hi / lo < 10 else matplotlib.ticker.NullFormatter())
     ax.grid(True, alpha=0.3)
+    _with_accuracy(ax, records, [("eval", k) for k in ("exact_match", "token_accuracy")], "center right")
+    if preference:
+        ax = axes[1, 0]
+        for key, color in zip(REWARDS, ("tab:blue", "tab:orange", "tab:purple")):
+            for kind, style in (("train", "-"), ("eval", "o--")):
+                steps, values = _series(records, kind, key)
+                if steps:
+                    ax.plot(steps, values, style, color=color, label=f"{kind} {key.replace('_', ' ')}", markersize=4)
+        ax.axhline(0.0, color="gray", linewidth=0.8)
+        ax.set_ylabel("reward")
+        ax.grid(True, alpha=0.3)
+        _with_accuracy(ax, records, [(kind, k) for k in ACCURACIES for kind in ("train", "eval")], "best")
+    axes[0, 0].set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def _with_accuracy(ax, records, series, legend_loc: str) -> None:
+    """The (kind, key) series that the log has on a right-hand 0..1 axis; one legend for both axes."""
     handles, labels = ax.get_legend_handles_labels()
-    acc = [(k, _series(records, "eval", k)) for k in ("exact_match", "token_accuracy")]
-    acc = [(k, s) for k, s in acc if s[0]]
+    acc = [(kind, key, _series(records, kind, key)) for kind, key in series]
+    acc = [a for a in acc if a[2][0]]
     if acc:
         ax2 = ax.twinx()
-        for (key, (steps, values)), color in zip(acc, ("tab:green", "tab:red")):
-            ax2.plot(steps, values, "s--", color=color, label=f"eval {key.replace('_', ' ')}", markersize=4)
+        colors = ("tab:green", "tab:red", "tab:olive", "tab:brown")
+        for (kind, key, (steps, values)), color in zip(acc, colors):
+            ax2.plot(steps, values, "s--" if kind == "eval" else ":", color=color,
+                     label=f"{kind} {key.replace('_', ' ')}", markersize=4)
         ax2.set_ylim(-0.02, 1.02)
         ax2.set_ylabel("accuracy")
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
     if handles:
-        ax.legend(handles, labels, loc="center right")
-    ax.set_title(f"{Path(metrics_jsonl).parent.name}: training metrics")
-    fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path)
-    plt.close(fig)
-    return png_path
+        ax.legend(handles, labels, loc=legend_loc, fontsize="small")

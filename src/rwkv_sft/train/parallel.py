@@ -58,7 +58,8 @@ class Parallel:
 
 
 def wrap(loss_module, d: Dist, mode: str, precision: str, offload: bool = False) -> Parallel:
-    """Wrap `loss_module` (a CompletionLoss) for `mode`; one process runs it as it is, unless
+    """Wrap `loss_module` (CompletionLoss or PreferenceLoss: `.model`, and `.head_loss`, the module that
+    reads the head) for `mode`; one process runs it as it is, unless
     `offload` (fsdp with CPUOffloadPolicy, in a process group of any size).
 
     Call before making the optimizer: fully_shard replaces the parameters with sharded ones.

@@ -31,9 +31,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..adapters.quant import dense_weight
 from ..precision import autocast
 from ..model.segments import hidden_rows, segment_len_for
 from ..ops import linear_cross_entropy
+from .loss import same_segment_count
 
 DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0}  # TRL's defaults (SimPO: the paper's)
 DEFAULT_SIMPO_GAMMA = 1.0  # the SimPO paper's gamma / beta = 0.5 at its beta = 2
@@ -50,32 +52,73 @@ def _hidden(model, tokens, state, resets, rows, S):
     return hidden[rows], state
 
 
-def _sum_per_sequence(model, hidden, targets, seq, n_seq, chunk_size):
-    """Summed log-prob of `targets` per sequence id `seq`, fp32 (fp64 for an fp64 model)."""
-    nll = linear_cross_entropy(hidden, model.head.weight, targets, reduction="none", chunk_size=chunk_size)
+def head_logps(head, hidden, targets, seq, n_seq, chunk_size=None):
+    """Summed log-prob of `targets` per sequence id `seq` through `head`, fp32 (fp64 for an fp64 model)."""
+    nll = linear_cross_entropy(hidden, dense_weight(head), targets, reduction="none", chunk_size=chunk_size)
     return -torch.zeros(n_seq, dtype=nll.dtype, device=nll.device).index_add(0, seq, nll)
 
 
-def sequence_logps(model, batch, chunk_size=None, segment_len=None, batch_tokens=None):
-    """The forked forward: (log pi [2B] summed over each completion's scored tokens, their count [2B])."""
+class HeadLogps(nn.Module):
+    """head_logps as a module of its own (the model's head itself, no copy): the unit an fsdp run
+    gathers the head's weight around (parallel.wrap), as HeadLoss is for the completion loss."""
+
+    def __init__(self, head, chunk_size: int | None = None):
+        super().__init__()
+        self.head, self.chunk_size = head, chunk_size
+
+    def forward(self, hidden, targets, seq, n_seq: int):
+        return head_logps(self.head, hidden, targets, seq, n_seq, self.chunk_size)
+
+
+def _sum_per_sequence(model, hidden, targets, seq, n_seq, chunk_size, score=None):
+    if score is not None:  # the loss module's HeadLogps
+        return score(hidden, targets, seq, n_seq)
+    return head_logps(model.head, hidden, targets, seq, n_seq, chunk_size)
+
+
+def _same_context_segments(context, resets, last, S):
+    """The context left-padded (token 0 before each row's reset) so that every process runs as many
+    segments as the one with the most: under fsdp the blocks gather their weights at every call."""
+    import torch.distributed as dist
+    T = context.shape[1]
+    count = torch.tensor([1 if S is None else -(-T // S)], device=context.device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    n = int(count)
+    if n == 1:
+        return context, resets, last, None
+    S = -(-T // n)
+    pad = (n * S - T, 0)
+    return F.pad(context, pad), F.pad(resets, pad), F.pad(last, pad), S
+
+
+def sequence_logps(model, batch, chunk_size=None, segment_len=None, batch_tokens=None, lockstep=False, score=None):
+    """The forked forward: (log pi [2B] summed over each completion's scored tokens, their count [2B]).
+    `lockstep`: every process of the group runs as many segments (sharded blocks); `score`: the
+    head's HeadLogps module (default: the head read directly)."""
     B, Tc = batch.context.shape
     n, Tp = batch.completions.shape
     scored, comps = batch.scored, batch.completions
-    last = torch.zeros_like(batch.context_resets)
+    context, resets = batch.context, batch.context_resets
+    last = torch.zeros_like(resets)
     last[:, -1] = True
-    resets = None if bool(batch.context_resets[:, 0].all()) else batch.context_resets  # no padding: no reset
-    h_last, state = _hidden(model, batch.context, None, resets, last,
-                            segment_len_for((B, Tc), segment_len, batch_tokens))
+    S = segment_len_for((B, Tc), segment_len, batch_tokens)
+    if lockstep:
+        context, resets, last, S = _same_context_segments(context, resets, last, S)
+    resets = None if bool(resets[:, 0].all()) else resets  # no padding: no reset
+    h_last, state = _hidden(model, context, None, resets, last, S)
     seq = torch.arange(n, device=comps.device)
     hidden = [h_last.repeat_interleave(2, 0)[scored[:, 0]]]  # the first tokens: from the context's end
     targets, seqs = [comps[:, 0][scored[:, 0]]], [seq[scored[:, 0]]]
-    if Tp > 1:
-        h_rest, _ = _hidden(model, comps[:, :-1], state.repeat(2), None, scored[:, 1:],
-                            segment_len_for((n, Tp - 1), segment_len, batch_tokens))
+    if Tp > 1:  # (a completion holds at least a token and the end marker: so in every process)
+        tokens, rows = comps[:, :-1], scored[:, 1:]
+        S = segment_len_for((n, Tp - 1), segment_len, batch_tokens)
+        targets.append(comps[:, 1:][rows])
+        seqs.append(seq[:, None].expand(n, Tp - 1)[rows])
+        if lockstep:  # padded after the rows' ends, outside the scored rows
+            tokens, rows, _, S = same_segment_count(tokens, rows, None, S)
+        h_rest, _ = _hidden(model, tokens, state.repeat(2), None, rows, S)
         hidden.append(h_rest)
-        targets.append(comps[:, 1:][scored[:, 1:]])
-        seqs.append(seq[:, None].expand(n, Tp - 1)[scored[:, 1:]])
-    logp = _sum_per_sequence(model, torch.cat(hidden), torch.cat(targets), torch.cat(seqs), n, chunk_size)
+    logp = _sum_per_sequence(model, torch.cat(hidden), torch.cat(targets), torch.cat(seqs), n, chunk_size, score)
     return logp, scored.sum(1)
 
 
@@ -145,9 +188,12 @@ class PreferenceLoss(nn.Module):
         self.model, self.objective, self.beta, self.gamma = model, objective, beta, gamma
         self.chunk_size, self.segment_len, self.batch_tokens = chunk_size, segment_len, batch_tokens
         self.reference = reference  # "adapters" | "cached" | None (dpo only)
+        self.lockstep_segments = False  # every process runs as many segments (set for sharded blocks)
+        self.head_loss = HeadLogps(model.head, chunk_size)  # the head's unit under fsdp (parallel.wrap)
 
     def logps(self, batch):
-        return sequence_logps(self.model, batch, self.chunk_size, self.segment_len, self.batch_tokens)
+        return sequence_logps(self.model, batch, self.chunk_size, self.segment_len, self.batch_tokens,
+                              self.lockstep_segments, self.head_loss)
 
     def forward(self, context, context_resets, completions, scored, pair_weight, ref=None):
         from ..data.pairs import PairBatch
