@@ -176,20 +176,28 @@ def test_eval_command_json(tmp_path, tokenizer, capsys):
     assert got["token_accuracy"] == pytest.approx(want["token_accuracy"])
 
 
-def test_eval_command_does_not_import_the_trainer(tmp_path):
+@pytest.mark.parametrize("kind", ["completions", "pairs"])
+def test_eval_command_does_not_import_the_trainer(tmp_path, kind):
     """`rwkv-sft eval` runs from a fresh interpreter without the training loop (or anything it pulls
-    in) ever being imported: evaluation is its own package beside the trainer."""
+    in) ever being imported: evaluation is its own package beside the trainer. A pairs file is
+    scored by the preference objective's module, which loads no more of the trainer."""
     import subprocess
     import sys
 
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"context": f"Q{i}?", "completion": f" {i}"}) + "\n" for i in range(3)))
+    if kind == "pairs":
+        rows = [{"prompt": f"Q{i}?", "chosen": f" {i}", "rejected": f" {i + 1}"} for i in range(3)]
+        flags = "'--device', 'cpu', '--json'"
+    else:
+        rows = [{"context": f"Q{i}?", "completion": f" {i}"} for i in range(3)]
+        flags = "'--exact-match', '1', '--device', 'cpu', '--json'"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     torch.manual_seed(0)
     save_model(RWKV7(RWKV7Config(n_layer=1, n_embd=64)), tmp_path / "m.pth")
     script = ("import sys\nfrom rwkv_sft.cli import main\n"
               "TRAINER = {'rwkv_sft.train.loop', 'rwkv_sft.train.parallel', 'rwkv_sft.train.optim'}\n"
               f"rc = main(['eval', '--model', {str(tmp_path / 'm.pth')!r}, '--data', {str(data)!r}, "
-              "'--exact-match', '1', '--device', 'cpu', '--json'])\n"
+              f"{flags}])\n"
               "print('RC', rc, 'TRAINER', sorted(m for m in sys.modules if m in TRAINER))\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

@@ -30,7 +30,11 @@ LAYERS = [
 ]
 # The public contract's `RWKV7.load` / `model.save` (the names outside code relies on) are doors from the model class into the
 # file layer, imported when called; nothing else may point up, and no code of the package calls them.
-DOORS = {("rwkv_sft.model.rwkv7", "rwkv_sft.weights")}
+# And `rwkv-sft eval` on a pairs file scores them with the preference objective's own module
+# (train/preference.py), which loads none of the loop, optimizer or parallel code
+# (tests/test_evaluate.py runs the command and checks).
+DOORS = {("rwkv_sft.model.rwkv7", "rwkv_sft.weights"),
+         ("rwkv_sft.eval.cli", "rwkv_sft.train"), ("rwkv_sft.eval.cli", "rwkv_sft.train.preference")}
 LAYER_OF = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
 
