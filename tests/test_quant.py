@@ -80,6 +80,34 @@ def test_quantized_layer_matches_its_dequantized_weight_forward_and_input_gradie
 
 
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_a_quantized_head_scores_block_by_block_as_its_dequantized_weight_in_float64(monkeypatch, kind):
+    """The loss reads a quantized head a block of rows at a time (blocks of 24 rows of 96 values:
+    nf4's 64-value blocks straddle the row edges): loss and hidden gradient equal those of the
+    dequantized head in float64, and no float tensor as large as the head exists meanwhile."""
+    from test_cross_entropy import LargestTensor
+    from rwkv_sft.ops import cross_entropy
+    from rwkv_sft.train.loss import head_loss
+    g = torch.Generator().manual_seed(4)
+    V, C, N = 200, 96, 40
+    head = QuantLinear.from_weight(torch.randn(V, C, generator=g) * 0.2, kind)
+    dense = head.dequantize(torch.float64)
+    for start, end in [(0, V), (1, 3), (5, 6), (24, 48), (199, 200)]:  # any rows equal the whole's
+        torch.testing.assert_close(head.dequantize(torch.float64, start, end), dense[start:end], rtol=0, atol=0)
+    rows = torch.randn(N, C, generator=g, requires_grad=True)
+    targets = torch.randint(0, V, (N,), generator=g)
+    monkeypatch.setattr(cross_entropy, "BLOCK_BYTES", 24 * C * 4)
+    with LargestTensor() as mode:
+        loss = head_loss(head, rows, targets, chunk_size=16, l2wrap=1e-2)
+        loss.backward()
+    assert mode.numel < V * C
+    twin = rows.detach().double().requires_grad_()
+    ref = cross_entropy.linear_cross_entropy(twin, dense, targets, reduction="sum", chunk_size=N, l2wrap=1e-2)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows.grad.double(), twin.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
 def test_quantizing_at_load_equals_quantizing_in_memory_and_keeps_the_fingerprint(base_path, kind):
     loaded = RWKV7.load(base_path, quantize=kind)
     model = RWKV7.load(base_path)
