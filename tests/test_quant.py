@@ -166,6 +166,16 @@ def test_int8_lora_run_freezes_the_base_and_its_adapter_serves_and_merges_into_t
     assert losses[0] == pytest.approx(losses[1], rel=0.02) and losses[0] == pytest.approx(losses[2], rel=0.1)
 
 
+def test_a_quantized_base_trains_under_the_low_memory_heap_policy_by_default(base_path, tmp_path, monkeypatch):
+    from rwkv_sft import utils
+    policies = []
+    monkeypatch.setattr(utils, "set_heap_policy", policies.append)
+    for base in ("bf16", "int8"):
+        train(tiny_config(tmp_path / base, model=str(base_path), base_dtype=base, **{**RUN, "max_steps": 1}),
+              data=tiny_data())
+    assert policies == [False, True]
+
+
 def test_wrong_base_missing_library_and_full_fine_tuning_are_one_line_errors(base_path, tmp_path, capsys,
                                                                              monkeypatch):
     result = train(tiny_config(tmp_path / "run", model=str(base_path), base_dtype="int8", **{**RUN, "max_steps": 1}),
