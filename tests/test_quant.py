@@ -166,6 +166,29 @@ def test_int8_lora_run_freezes_the_base_and_its_adapter_serves_and_merges_into_t
     assert losses[0] == pytest.approx(losses[1], rel=0.02) and losses[0] == pytest.approx(losses[2], rel=0.1)
 
 
+def test_preference_log_probabilities_read_a_quantized_head_as_its_dequantized_weight(tmp_path):
+    import copy
+    from test_preference import PAIRS, _write
+    from rwkv_sft.data import DataConfig
+    from rwkv_sft.data.pairs import collate_pairs, prepare_pairs
+    from rwkv_sft.tokenizer import Tokenizer
+    from rwkv_sft.train.preference import sequence_logps
+    pairs = prepare_pairs(DataConfig(_write(tmp_path / "p.jsonl", PAIRS)), Tokenizer(), show_report=False).train
+    batch = collate_pairs(pairs, range(len(PAIRS)))
+    model = random_model(seed=1, n_layer=2, n_embd=64, vocab_size=65536)
+    adapters.freeze_base(model)
+    twin = copy.deepcopy(model)
+    quantize_model(model, "int8")
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            twin.get_submodule(name).weight.data = m.dequantize()
+    with torch.no_grad():
+        logp, count = sequence_logps(model, batch)
+        ref, ref_count = sequence_logps(twin, batch)
+    assert torch.equal(count, ref_count)
+    torch.testing.assert_close(logp, ref, rtol=1e-5, atol=1e-4)
+
+
 def test_a_quantized_base_trains_under_the_low_memory_heap_policy_by_default(base_path, tmp_path, monkeypatch):
     from rwkv_sft import utils
     policies = []

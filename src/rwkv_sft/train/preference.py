@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..adapters.quant import loss_weight
 from ..errors import UserError
 from ..model.segments import hidden_rows, segment_len_for
 from ..ops import linear_cross_entropy
@@ -52,7 +53,7 @@ def _hidden(model, tokens, state, resets, rows, S):
 
 def _sum_per_sequence(model, hidden, targets, seq, n_seq, chunk_size):
     """Summed log-prob of `targets` per sequence id `seq`, fp32 (fp64 for an fp64 model)."""
-    nll = linear_cross_entropy(hidden, model.head.weight, targets, reduction="none", chunk_size=chunk_size)
+    nll = linear_cross_entropy(hidden, loss_weight(model.head), targets, reduction="none", chunk_size=chunk_size)
     return -torch.zeros(n_seq, dtype=nll.dtype, device=nll.device).index_add(0, seq, nll)
 
 
