@@ -12,7 +12,8 @@ run it (bitsandbytes' dequantize_4bit, then the product), bitsandbytes' matmul_4
 
 steps: each case a fresh subprocess doing what `train` does (the checkpoint loaded as the trainer
 loads it: a quantized base quantized at load, tensor by tensor; LoRA r16 on the default targets;
-activation checkpointing; the trainer's default heap policy), 2 optimizer steps at T=512, batch 1,
+activation checkpointing; the trainer's default heap policy: glibc's default for bf16, --low-memory's
+for a quantized base), 2 optimizer steps at T=512, batch 1,
 every position carrying loss. peak = the process's ru_maxrss (load included); tokens/s of the
 last step. Random bf16 checkpoints written as bench_peft.py writes them (deleted afterwards).
 
@@ -106,7 +107,7 @@ def child(spec: dict) -> dict:
     t0 = time.perf_counter()
     config = TrainConfig(data=DataConfig(train_files=["unused"]), model=spec["ckpt"], lora_rank=16,
                          base_dtype=spec["base"]).validate()
-    set_heap_policy(config.low_memory)
+    set_heap_policy(config.low_memory or spec["base"] in peft_run.QUANTIZED)  # as train.parallel.check_device
     quantize = spec["base"] if spec["base"] in peft_run.QUANTIZED else None
     model = load_model(spec["ckpt"], quantize=quantize)  # as train.run.build_model
     peft_run.prepare(model, peft_run.settings_from(config), seed=0, initialize=True)

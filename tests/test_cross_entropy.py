@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rwkv_sft.ops import linear_cross_entropy
+from rwkv_sft.ops import cross_entropy
 from rwkv_sft.ops.cross_entropy import default_chunk_size, CHUNK_BYTES
 
 # (N, V, C, chunk): chunks that divide N, that don't, one row per chunk, one chunk for all
@@ -189,6 +190,60 @@ def test_never_materialises_all_logits(dtype):
         loss = linear_cross_entropy(h, w, t, chunk_size=chunk, l2wrap=1e-4)
         loss.backward()
     assert mode.numel <= max(chunk * v, v * c) < n * v
+
+
+class RowSource:
+    """A frozen weight handed out a block of rows at a time, as a quantized head is."""
+
+    def __init__(self, weight):
+        self.weight, self.shape, self.blocks = weight, weight.shape, set()
+
+    def rows(self, start, end, dtype):
+        self.blocks.add((start, end))
+        return self.weight[start:end].to(dtype)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_a_weight_converted_block_by_block_matches_full_logits(monkeypatch, reduction):
+    """Blocks of 7 vocabulary rows (targets and argmaxes in every block and on its edges), with
+    L2Wrap: a row source (no weight gradient), and an fp32 weight under fp64 compute (which is
+    converted by blocks too, and gets its gradient)."""
+    factor = 0.37
+    h, w, t = make(23, 60, 8, torch.float64)
+    monkeypatch.setattr(cross_entropy, "BLOCK_BYTES", 7 * 8 * 8)
+
+    def upstream(h, w, t, r):
+        logits = h @ w.T
+        return L2Wrap.apply(F.cross_entropy(logits, t, reduction=r), logits, factor)
+    ref, (rh, rw) = loss_and_grads(upstream, h, w, t, reduction)
+    source = RowSource(w.detach())
+    loss = linear_cross_entropy(h, source, t, reduction=reduction, chunk_size=5, l2wrap=factor)
+    (gh,) = torch.autograd.grad(loss, (h,), torch.randn(loss.shape, generator=torch.Generator().manual_seed(1),
+                                                       dtype=torch.float64))
+    assert sorted(source.blocks)[:2] == [(0, 7), (7, 14)] and (56, 60) in source.blocks
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gh, rh, rtol=1e-10, atol=1e-12)
+    w32 = w.detach().float().requires_grad_()
+    ref32, (rh32, rw32) = loss_and_grads(upstream, h, w32.double(), t, reduction)
+    loss32, (gh32, gw32) = loss_and_grads(chunked(5, l2wrap=factor), h, w32, t, reduction)
+    assert gw32.dtype == torch.float32
+    torch.testing.assert_close(loss32, ref32, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gh32, rh32, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gw32, rw32.float(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_narrower_frozen_weight_is_never_widened_whole(monkeypatch):
+    """A bf16 head under fp32 compute: no [V, C] fp32 copy of it (nor full logits) exists."""
+    n, v, c, chunk = 96, 500, 64, 16
+    h, w, t = make(n, v, c, torch.float32)
+    w = w.detach().bfloat16()
+    monkeypatch.setattr(cross_entropy, "BLOCK_BYTES", 100 * c * 4)
+    with LargestTensor() as mode:
+        loss = linear_cross_entropy(h, w, t, chunk_size=chunk, l2wrap=1e-4)
+        loss.backward()
+    assert mode.numel < v * c and mode.numel < n * v
+    h2 = h.detach().requires_grad_()
+    torch.testing.assert_close(loss, full_logits(h2, w.float(), t, "mean"), rtol=1e-5, atol=1e-5)
 
 
 def test_default_chunk_size():

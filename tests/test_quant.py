@@ -82,6 +82,34 @@ def test_quantized_layer_matches_its_dequantized_weight_forward_and_input_gradie
 
 
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_a_quantized_head_scores_block_by_block_as_its_dequantized_weight_in_float64(monkeypatch, kind):
+    """The loss reads a quantized head a block of rows at a time (blocks of 24 rows of 96 values:
+    nf4's 64-value blocks straddle the row edges): loss and hidden gradient equal those of the
+    dequantized head in float64, and no float tensor as large as the head exists meanwhile."""
+    from test_cross_entropy import LargestTensor
+    from rwkv_sft.ops import cross_entropy
+    from rwkv_sft.train.loss import head_loss
+    g = torch.Generator().manual_seed(4)
+    V, C, N = 200, 96, 40
+    head = QuantLinear.from_weight(torch.randn(V, C, generator=g) * 0.2, kind)
+    dense = head.dequantize(torch.float64)
+    for start, end in [(0, V), (1, 3), (5, 6), (24, 48), (199, 200)]:  # any rows equal the whole's
+        torch.testing.assert_close(head.dequantize(torch.float64, start, end), dense[start:end], rtol=0, atol=0)
+    rows = torch.randn(N, C, generator=g, requires_grad=True)
+    targets = torch.randint(0, V, (N,), generator=g)
+    monkeypatch.setattr(cross_entropy, "BLOCK_BYTES", 24 * C * 4)
+    with LargestTensor() as mode:
+        loss = head_loss(head, rows, targets, chunk_size=16, l2wrap=1e-2)
+        loss.backward()
+    assert mode.numel < V * C
+    twin = rows.detach().double().requires_grad_()
+    ref = cross_entropy.linear_cross_entropy(twin, dense, targets, reduction="sum", chunk_size=N, l2wrap=1e-2)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows.grad.double(), twin.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
 def test_quantizing_at_load_equals_quantizing_in_memory_and_keeps_the_fingerprint(base_path, kind):
     loaded = load_model(base_path, quantize=kind)
     model = load_model(base_path)
@@ -138,6 +166,39 @@ def test_int8_lora_run_freezes_the_base_and_its_adapter_serves_and_merges_into_t
     losses = [evaluate(load_model(base_path, quantize=kind, adapter=adapter), tiny_data().train, None,
                        exact_match_samples=0)["loss"] for kind in (None, "int8", "nf4")]
     assert losses[0] == pytest.approx(losses[1], rel=0.02) and losses[0] == pytest.approx(losses[2], rel=0.1)
+
+
+def test_preference_log_probabilities_read_a_quantized_head_as_its_dequantized_weight(tmp_path):
+    import copy
+    from test_preference import PAIRS, _write
+    from rwkv_sft.data import DataConfig
+    from rwkv_sft.data.pairs import collate_pairs, prepare_pairs
+    from rwkv_sft.tokenizer import Tokenizer
+    from rwkv_sft.train.preference import sequence_logps
+    pairs = prepare_pairs(DataConfig(_write(tmp_path / "p.jsonl", PAIRS)), Tokenizer(), show_report=False).train
+    batch = collate_pairs(pairs, range(len(PAIRS)))
+    model = random_model(seed=1, n_layer=2, n_embd=64, vocab_size=65536)
+    adapters.freeze_base(model)
+    twin = copy.deepcopy(model)
+    quantize_model(model, "int8")
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            twin.get_submodule(name).weight.data = m.dequantize()
+    with torch.no_grad():
+        logp, count = sequence_logps(model, batch)
+        ref, ref_count = sequence_logps(twin, batch)
+    assert torch.equal(count, ref_count)
+    torch.testing.assert_close(logp, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_a_quantized_base_trains_under_the_low_memory_heap_policy_by_default(base_path, tmp_path, monkeypatch):
+    from rwkv_sft import utils
+    from rwkv_sft.train.parallel import use_heap_policy  # what `rwkv-sft train` sets before train()
+    policies = []
+    monkeypatch.setattr(utils, "set_heap_policy", policies.append)
+    for base in ("bf16", "int8", "nf4"):
+        use_heap_policy(tiny_config(tmp_path / base, model=str(base_path), base_dtype=base, **RUN))
+    assert policies == [False, True, True]
 
 
 def test_wrong_base_missing_library_and_full_fine_tuning_are_one_line_errors(base_path, tmp_path, capsys,

@@ -90,16 +90,21 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}"
 
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        """The weight [out, in] as stored, in `dtype` (a new tensor)."""
+    def dequantize(self, dtype=torch.float32, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """The weight's rows [start, end) (all by default), [rows, in], as stored, in `dtype` (a new tensor)."""
+        end = self.out_features if end is None else end
         if self.kind == "int8":
-            return (self.q.to(torch.float32) * self.row_scale[:, None]).to(dtype)
-        bnbf = bitsandbytes()
-        inner = bnbf.QuantState(absmax=self.absmax2, code=self.code2, blocksize=NF4_BLOCK2, dtype=torch.float32)
-        state = bnbf.QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
-                                code=self.code, blocksize=NF4_BLOCK, quant_type="nf4", dtype=torch.float32,
-                                offset=self.offset[0], state2=inner)
-        return bnbf.dequantize_4bit(self.q, state).to(dtype)
+            return (self.q[start:end].to(torch.float32) * self.row_scale[start:end, None]).to(dtype)
+        # nf4: the whole 64-value blocks that hold those rows, each block's absmax first decoded
+        # from its 8-bit code (the double quantization), then bitsandbytes' 4-bit decoding
+        first, last = start * self.in_features, end * self.in_features
+        b0, b1 = first // NF4_BLOCK, -(-last // NF4_BLOCK)
+        blocks = torch.arange(b0, b1, device=self.absmax.device)
+        absmax = self.code2[self.absmax[b0:b1].long()] * self.absmax2[blocks // NF4_BLOCK2] + self.offset
+        state = bitsandbytes().QuantState(absmax=absmax, shape=torch.Size(((b1 - b0) * NF4_BLOCK,)), code=self.code,
+                                          blocksize=NF4_BLOCK, quant_type="nf4", dtype=torch.float32)
+        flat = bitsandbytes().dequantize_4bit(self.q[b0 * NF4_BLOCK // 2:b1 * NF4_BLOCK // 2], state).reshape(-1)
+        return flat[first - b0 * NF4_BLOCK:last - b0 * NF4_BLOCK].reshape(end - start, self.in_features).to(dtype)
 
     def project(self, x):
         if self.kind == "int8":  # the row scales applied to the output: the weight is only converted
@@ -116,6 +121,22 @@ class QuantLinear(nn.Module):
 
     def forward(self, x):
         return _Matmul.apply(x, self)
+
+
+class WeightRows:
+    """A quantized layer's weight as ops.linear_cross_entropy reads a frozen head: `shape` [out, in]
+    and `rows(start, end, dtype)`, dequantized a block of rows at a time (never all at once)."""
+
+    def __init__(self, layer: QuantLinear):
+        self.layer, self.shape = layer, torch.Size((layer.out_features, layer.in_features))
+
+    def rows(self, start: int, end: int, dtype) -> torch.Tensor:
+        return self.layer.dequantize(dtype, start, end)
+
+
+def loss_weight(module: nn.Module):
+    """The head's weight for the chunked loss: its tensor, or a quantized one's rows (WeightRows)."""
+    return WeightRows(module) if isinstance(module, QuantLinear) else module.weight
 
 
 def dense_weight(module: nn.Module, dtype=None) -> torch.Tensor:

@@ -6,6 +6,11 @@ processed `chunk_size` at a time: the forward keeps only each row's fp32 log-sum
 backward recomputes each chunk's logits to form softmax - onehot. Peak extra memory is one chunk
 of logits plus the fp32 weight-gradient accumulator: O(chunk * V + V * C) instead of O(N * V).
 
+A weight stored narrower than the matmuls' dtype (a bf16 head under fp32 compute, or a quantized
+head: any object with `.shape` [V, C] and `.rows(start, end, dtype)`) is converted a block of
+vocabulary rows at a time (`weight_blocks`), never whole: a [V, C] fp32 copy would be 640 MiB at
+65536 x 2560, twice a bf16 head and four times an int8 one.
+
 Precision: matmuls run in the input dtype (bf16 stays bf16), log-sum-exp and softmax in fp32
 (fp64 for fp64 inputs), the weight gradient is accumulated across chunks in fp32 (or fp64), and
 the loss comes back in fp32 (or fp64).
@@ -30,6 +35,8 @@ from .amp import no_autocast
 # 4/8/16/32/64/128 MiB per chunk; 64 MiB (256 rows at V=65536) takes most of the gain while the
 # chunk stays a third of the fp32 weight gradient that the step holds anyway.
 CHUNK_BYTES = 64 * 2**20
+# Rows of a narrower weight converted at a time (weight_blocks): 32 MiB of them in the matmuls' dtype.
+BLOCK_BYTES = 32 * 2**20
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -45,14 +52,42 @@ def check_ids(ids: torch.Tensor, vocab: int, what: str) -> torch.Tensor:
     return ids
 
 
-def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The matmuls' dtype: the wider of the two, or autocast's (fp64 is left alone, as autocast does)."""
-    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+def compute_dtype(hidden: torch.Tensor, weight) -> torch.dtype:
+    """The matmuls' dtype: the wider of the two (hidden's for a weight given by rows), or
+    autocast's (fp64 is left alone, as autocast does)."""
+    dtype = torch.promote_types(hidden.dtype, weight.dtype) if isinstance(weight, torch.Tensor) else hidden.dtype
     device_type = hidden.device.type
     if (dtype != torch.float64 and torch.amp.is_autocast_available(device_type)
             and torch.is_autocast_enabled(device_type)):
         dtype = torch.get_autocast_dtype(device_type)
     return dtype
+
+
+def weight_blocks(weight, dtype: torch.dtype):
+    """(start, end, weight[start:end] in `dtype`) covering the vocabulary: the whole tensor at once
+    when that conversion costs no more than the weight itself (same dtype, or narrower), else
+    blocks of rows converted one at a time. `weight`: a tensor or a row source (`.rows`)."""
+    V, C = weight.shape
+    if isinstance(weight, torch.Tensor) and dtype.itemsize <= weight.element_size():
+        yield 0, V, weight.to(dtype)
+        return
+    step = max(1, BLOCK_BYTES // (C * dtype.itemsize))
+    for s in range(0, V, step):
+        e = min(s + step, V)
+        yield s, e, weight[s:e].to(dtype) if isinstance(weight, torch.Tensor) else weight.rows(s, e, dtype)
+
+
+def chunk_logits(h: torch.Tensor, weight, dtype: torch.dtype, acc: torch.dtype) -> torch.Tensor:
+    """(h @ weight.T) in `acc`, [rows, V], the matmuls in `dtype` (h already is)."""
+    out = None
+    for a, b, w in weight_blocks(weight, dtype):
+        part = h @ w.T
+        if a == 0 and b == weight.shape[0]:
+            return part.to(acc)
+        if out is None:
+            out = torch.empty(h.shape[0], weight.shape[0], dtype=acc, device=h.device)
+        out[:, a:b] = part
+    return out
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -64,13 +99,13 @@ def _rows_forward(hidden, weight, targets, chunk_size, dtype, want_max):
     """Per-row loss and log-sum-exp [N] (acc dtype), `chunk_size` rows of logits at a time; with
     `want_max` also each row's largest logit and its index (else both empty)."""
     n, acc, dev = hidden.shape[0], _acc_dtype(dtype), hidden.device
-    h, w = hidden.to(dtype), weight.to(dtype)
+    h = hidden.to(dtype)
     loss, lse = torch.empty(n, dtype=acc, device=dev), torch.empty(n, dtype=acc, device=dev)
     maxv = torch.empty(n if want_max else 0, dtype=acc, device=dev)
     argmax = torch.empty(n if want_max else 0, dtype=torch.long, device=dev)
     for s in range(0, n, chunk_size):
         e = min(s + chunk_size, n)
-        logits = (h[s:e] @ w.T).to(acc)                           # [c, V], the only big tensor
+        logits = chunk_logits(h[s:e], weight, dtype, acc)          # [c, V], the only big tensor
         lse[s:e] = torch.logsumexp(logits, dim=-1)
         loss[s:e] = lse[s:e] - logits.gather(1, targets[s:e, None]).squeeze(1)
         if want_max:
@@ -89,8 +124,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size, l2wrap, dtype):
         loss, lse, maxv, argmax = _rows_forward(hidden, weight, targets, chunk_size, dtype, l2wrap != 0.0)
-        ctx.save_for_backward(hidden, weight, targets, lse, maxv, argmax)
-        ctx.chunk_size, ctx.l2wrap, ctx.dtype = chunk_size, l2wrap, dtype
+        rows = not isinstance(weight, torch.Tensor)  # a row source (frozen): kept as it is
+        ctx.save_for_backward(hidden, None if rows else weight, targets, lse, maxv, argmax)
+        ctx.chunk_size, ctx.l2wrap, ctx.dtype, ctx.rows = chunk_size, l2wrap, dtype, weight if rows else None
         return loss
 
     @staticmethod
@@ -101,6 +137,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_loss):
         hidden, weight, targets, lse, maxv, argmax = ctx.saved_tensors
+        weight = weight if ctx.rows is None else ctx.rows
         grad_h, grad_w = logit_grads(hidden, weight, targets, lse, grad_loss, ctx.chunk_size, ctx.dtype,
                                      ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.l2wrap, maxv, argmax)
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
@@ -108,34 +145,51 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def logit_grads(hidden, weight, targets, lse, grad_loss, chunk_size, dtype, need_h, need_w,
                 l2wrap=0.0, maxv=None, argmax=None):
-    """The backward of rows -> per-row loss through `hidden @ weight.T`, `chunk_size` rows at a time.
+    """The backward of rows -> per-row loss through `hidden @ weight.T`, `chunk_size` rows at a time
+    (and, for a weight converted by blocks, block by block of the vocabulary: the softmax needs
+    only each row's log-sum-exp, so no chunk of full logits exists then).
 
     lse [N]: each row's log-sum-exp over the vocabulary. Returns (grad_hidden in hidden's dtype,
     grad_weight in the accumulation dtype), each None when not needed.
     """
     n, acc = hidden.shape[0], lse.dtype
-    h, w = hidden.to(dtype), weight.to(dtype)
+    h = hidden.to(dtype)
     grad_h = torch.zeros_like(hidden) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=hidden.device) if need_w else None
     grad_loss = grad_loss.to(acc)
     for s in range(0, n, chunk_size):
         e = min(s + chunk_size, n)
         rows = torch.arange(e - s, device=hidden.device)
-        # d loss_i / d logits_i = softmax_i - onehot(target_i), scaled by the upstream gradient
-        d = (h[s:e] @ w.T).to(acc).sub_(lse[s:e, None]).exp_()
-        d[rows, targets[s:e]] -= 1.0
-        d.mul_(grad_loss[s:e, None])
-        if l2wrap != 0.0:  # upstream L2Wrap: independent of grad_output and reduction
-            d[rows, argmax[s:e]] += l2wrap * maxv[s:e]
-        d = d.to(dtype)
-        if need_h:
-            grad_h[s:e] = d @ w
-        if need_w and d.dtype == acc:
-            grad_w.addmm_(d.T, h[s:e])
-        elif need_w:  # bf16/fp16: matmul in the input dtype, sum over chunks in fp32
-            grad_w.add_((d.T @ h[s:e]).to(acc))
-        del d
+        gh = None  # this chunk's grad_hidden, summed over blocks in acc
+        for a, b, w in weight_blocks(weight, dtype):
+            whole = a == 0 and b == weight.shape[0]
+            # d loss_i / d logits_i = softmax_i - onehot(target_i), scaled by the upstream gradient
+            d = (h[s:e] @ w.T).to(acc).sub_(lse[s:e, None]).exp_()
+            _add_at(d, rows, targets[s:e] - a, -1.0)
+            d.mul_(grad_loss[s:e, None])
+            if l2wrap != 0.0:  # upstream L2Wrap: independent of grad_output and reduction
+                _add_at(d, rows, argmax[s:e] - a, l2wrap * maxv[s:e])
+            d = d.to(dtype)
+            if need_h and whole:
+                grad_h[s:e] = d @ w
+            elif need_h:
+                part = (d @ w).to(acc)
+                gh = part if gh is None else gh.add_(part)
+            if need_w and d.dtype == acc:
+                grad_w[a:b].addmm_(d.T, h[s:e])
+            elif need_w:  # bf16/fp16: matmul in the input dtype, sum over chunks in fp32
+                grad_w[a:b].add_((d.T @ h[s:e]).to(acc))
+            del d
+        if gh is not None:
+            grad_h[s:e] = gh
     return grad_h, grad_w
+
+
+def _add_at(d: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, value) -> None:
+    """d[rows, cols] += value, only where the column falls inside d (a block of the vocabulary);
+    the others add 0 at a clamped column (no host sync to select them)."""
+    inside = (cols >= 0) & (cols < d.shape[1])
+    d[rows, cols.clamp(0, d.shape[1] - 1)] += torch.where(inside, value, 0.0)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -143,7 +197,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          l2wrap: float = 0.0) -> torch.Tensor:
     """F.cross_entropy(hidden @ weight.T, targets, reduction=...) holding one chunk of logits.
 
-    hidden [N,C] (only the rows that carry loss), weight [V,C], targets [N] of valid ids in
+    hidden [N,C] (only the rows that carry loss), weight [V,C] (or a frozen row source: see the
+    module's docstring), targets [N] of valid ids in
     [0, V). reduction: "mean" | "sum" | "none". chunk_size: rows per chunk (default: ~64 MiB of
     fp32 logits). l2wrap: RWKV's L2Wrap factor (the trainer passes 1e-4 / loss rows in the
     global batch); the loss value is unchanged, the backward adds l2wrap * max_logit at each
@@ -151,7 +206,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+    if hidden.dim() != 2 or len(weight.shape) != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"expected hidden [N,C] and weight [V,C], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets must have shape [{hidden.shape[0]}], got {tuple(targets.shape)}")
@@ -176,7 +231,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 
 @torch.no_grad()
-def loss_and_argmax(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+def loss_and_argmax(hidden: torch.Tensor, weight, targets: torch.Tensor,
                     chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Evaluation's pass over the logits of `hidden @ weight.T`: each row's loss [N] (as
     linear_cross_entropy's reduction="none") and its argmax [N], one chunk of logits at a time."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..adapters.quant import dense_weight
+from ..adapters.quant import loss_weight
 from ..model.segments import hidden_rows, pad_to_segments, segment_count, segment_len_for
 from ..ops import linear_cross_entropy
 
@@ -63,7 +63,7 @@ def head_loss(head, rows, targets, chunk_size=None, l2wrap: float = 0.0):
         # Nothing to learn here, but every parameter must still take part in the backward so
         # that DDP's and FSDP's gradient reductions match the other processes (and do not hang).
         return 0.0 * (rows.float().sum() + sum(p.float().sum() for p in head.parameters()))
-    return linear_cross_entropy(rows, dense_weight(head), targets, reduction="sum", chunk_size=chunk_size, l2wrap=l2wrap)
+    return linear_cross_entropy(rows, loss_weight(head), targets, reduction="sum", chunk_size=chunk_size, l2wrap=l2wrap)
 
 
 def reference_loss_sum(model, tokens, targets, loss_mask, resets=None):

@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..adapters.quant import loss_weight
 from ..errors import UserError
-from ..adapters.quant import dense_weight
 from ..precision import autocast
 from ..model.segments import hidden_rows, segment_len_for
 from ..ops import linear_cross_entropy
@@ -54,7 +54,7 @@ def _hidden(model, tokens, state, resets, rows, S):
 
 def head_logps(head, hidden, targets, seq, n_seq, chunk_size=None):
     """Summed log-prob of `targets` per sequence id `seq` through `head`, fp32 (fp64 for an fp64 model)."""
-    nll = linear_cross_entropy(hidden, dense_weight(head), targets, reduction="none", chunk_size=chunk_size)
+    nll = linear_cross_entropy(hidden, loss_weight(head), targets, reduction="none", chunk_size=chunk_size)
     return -torch.zeros(n_seq, dtype=nll.dtype, device=nll.device).index_add(0, seq, nll)
 
 
