@@ -240,7 +240,7 @@ def test_adapters_off_computes_the_frozen_base_alone(quantized):
     """The preference objectives' reference pass switches each LoRA layer off by a flag; on a
     quantized base as on a plain one, it equals the model whose adapters add nothing."""
     from rwkv_sft import adapters
-    from rwkv_sft.adapters.quant import quantize_model
+    from rwkv_sft.adapters.training import quantize_model
     from rwkv_sft.train.preference import adapters_off
     model = random_model(n_layer=1, n_embd=64, vocab_size=256)
     adapters.add_lora(model, rank=4)
