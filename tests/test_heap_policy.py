@@ -74,7 +74,7 @@ def test_fsdp_on_several_cpu_processes_takes_the_low_memory_policy(monkeypatch):
     monkeypatch.setattr(parallel.utils, "set_heap_policy", chosen.append)
     for mode, world, low in (("fsdp", 2, False), ("ddp", 2, False), ("fsdp", 1, False), ("ddp", 2, True)):
         monkeypatch.setenv("WORLD_SIZE", str(world))  # as torchrun sets it
-        parallel.use_heap_policy(SimpleNamespace(device="cpu", low_memory=low, parallel=mode))
+        parallel.use_heap_policy(SimpleNamespace(device="cpu", low_memory=low, parallel=mode, base_dtype="auto"))
     assert chosen == [True, False, False, True]
 
 
