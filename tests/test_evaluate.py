@@ -202,3 +202,17 @@ def test_eval_command_does_not_import_the_trainer(tmp_path, kind):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "RC 0 TRAINER []", out.stdout
+
+
+@pytest.mark.parametrize("kind", ["completions", "pairs"])
+def test_eval_data_outside_the_models_vocabulary_is_one_line_error(tmp_path, capsys, kind):
+    from rwkv_sft.cli import main
+    data = tmp_path / "d.jsonl"
+    row = ({"prompt": "Hello?", "chosen": " yes", "rejected": " no"} if kind == "pairs"
+           else {"context": "Hello?", "completion": " yes"})
+    data.write_text(json.dumps(row) + "\n")
+    torch.manual_seed(0)
+    save_model(RWKV7(RWKV7Config(n_layer=1, n_embd=64, vocab_size=256)), tmp_path / "m.pth")
+    assert main(["eval", "--model", str(tmp_path / "m.pth"), "--data", str(data), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"rwkv-sft eval: error: {data}:1: token id") and "vocabulary of 256" in err[-1], err

@@ -370,3 +370,24 @@ def test_cli_prompts_file_one_json_line_per_prompt(model, tok, saved_model, tmp_
         assert main(["generate", "--model", str(tmp_path / "missing.pth"), *args]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_prompt_outside_the_models_vocabulary_is_one_line_error(tmp_path, capsys):
+    # a 256-token model (a byte-level toy) given World-tokenized text: the embedding has no row for
+    # most ids, and the C step would read past its table; every way in says so in one line
+    from rwkv_sft.cli import main
+    from rwkv_sft.infer.decoder import Decoder
+    from rwkv_sft.errors import UserError
+    torch.manual_seed(0)
+    small = RWKV7(RWKV7Config(n_layer=1, n_embd=64, vocab_size=256))
+    path = tmp_path / "small.pth"
+    save_model(small, path)
+    for flags in (["--prompt", "Hello world"], ["--prompt", "Hi", "--temperature", "0"], ["--chat", "--prompt", "Hi"]):
+        assert main(["generate", "--model", str(path), "--max-new-tokens", "2", *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "outside the model's vocabulary of 256 tokens" in err[0], err
+    with torch.no_grad():
+        for tokens in (torch.tensor([[300]]), torch.tensor([[1, 2, 256]]), torch.tensor([[-1]])):
+            with pytest.raises(UserError, match="outside the model's vocabulary"):
+                Decoder(small)(tokens)
+        Decoder(small)(torch.tensor([[0, 255]]))  # the edges are inside

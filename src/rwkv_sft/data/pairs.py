@@ -133,7 +133,7 @@ class PairExamples:
     then its rejected completion, contiguous in shard `shard[i]` from `start[i]`. Truncation keeps
     the last `kept[i, 0]` context tokens and the first `kept[i, 1]` / `kept[i, 2]` tokens of each
     completion. `shards`, `shard`, `begin`, `end`, `weights` are what rundir.data_fingerprint and
-    rundir.check_vocab read."""
+    data.prepare.check_vocab read."""
 
     def __init__(self, shards, shard, start, lens, kept, lines, weights=None, paths=None):
         self.shards = shards

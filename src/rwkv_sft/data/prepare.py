@@ -173,3 +173,21 @@ def prepare_data(config: DataConfig, tokenizer=None, cache_dir=None, show_progre
     if (show_progress if show_report is None else show_report) and (_distributed_rank() or 0) == 0:  # once per run
         print(f"data: {format_report(report, role)}", file=sys.stderr)
     return PreparedData(train, evaluation, report)
+
+
+def check_vocab(data, vocab_size: int) -> None:
+    """Every token id of `data` (train and eval examples, or pairs) must exist in the model's
+    vocabulary: a one-line error naming the first record that has one outside it."""
+    for examples in (data.train, data.eval):
+        if examples is None or len(examples) == 0:
+            continue
+        for k, (ids, _) in enumerate(examples.shards):
+            mine = np.flatnonzero(examples.shard == k)
+            if len(ids) == 0 or len(mine) == 0 or int(np.max(ids)) < vocab_size:
+                continue  # the whole shard fits (the common case, no need to look closer)
+            for i in mine:
+                top = int(examples.tokens(i).max(initial=0))
+                if top >= vocab_size:
+                    where, line = examples.origin(i)
+                    raise UserError(f"{where}:{line}: token id {top} is outside the model's vocabulary of "
+                                    f"{vocab_size} (vocab_size); use a model with a larger vocabulary")

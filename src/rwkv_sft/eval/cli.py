@@ -58,12 +58,14 @@ def run(args) -> int:
     tokenizer = Tokenizer()
     from ..data.config import parse_file_spec
     from ..data.pairs import is_pairs_file, prepare_pairs
+    from ..data.prepare import check_vocab
     pairs = is_pairs_file(parse_file_spec(config.train_files[0]).path)
     if pairs:
         data = prepare_pairs(config, tokenizer, show_report=not args.json, role="eval")
     else:
         data = prepare_data(config, tokenizer=tokenizer, show_progress=not args.json, role="eval")
     model = load_model(args.model, dtype=torch.float32, device=device, adapter=args.adapter, quantize=args.base_dtype)
+    check_vocab(data, model.config.vocab_size)
     if args.state:
         from ..weights.state import load_state
         load_state(model, args.state)

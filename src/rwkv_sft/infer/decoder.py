@@ -20,6 +20,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from ..errors import UserError
 from ..model.rwkv7 import RWKV7, RWKV7State
 from .step import _kernels_for, decode_step
 
@@ -51,9 +52,21 @@ class Decoder:
 
     def __call__(self, tokens: torch.Tensor, state: RWKV7State | None = None, full_output: bool = True,
                  segment_len: int | None = None):
+        config = getattr(self.model, "config", None)  # (a wrapper object without one: its forward decides)
+        if config is not None and (tokens.shape[1] > 1 or tokens.device.type == "cpu"):  # a GPU step's token is the model's own
+            check_token_ids(tokens, config.vocab_size)
         if tokens.shape[1] == 1 and self.fused and not torch.is_grad_enabled():
             return decode_step(self.model, tokens, state, full_output, self.stacks)
         return self.model(tokens, state=state, full_output=full_output, segment_len=segment_len)
+
+
+def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
+    """A one-line error for a token id the model has no embedding for (a prompt tokenized with a
+    larger vocabulary than the model's), where the lookup (or the C step's read) would fail."""
+    if tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < vocab_size):
+        bad = int(tokens.max()) if int(tokens.max()) >= vocab_size else int(tokens.min())
+        raise UserError(f"token id {bad} is outside the model's vocabulary of {vocab_size} tokens; "
+                        "use a model with a larger vocabulary")
 
 
 def as_decoder(model) -> Decoder:

@@ -16,6 +16,7 @@ import torch
 
 from ..adapters import quant
 from ..adapters import training as peft_run
+from ..data.prepare import check_vocab
 from ..errors import UserError
 from ..model import RWKV7, RWKV7Config
 from ..ops import check_backend
@@ -123,7 +124,7 @@ def build_run(config: TrainConfig, d: distributed.Dist, model=None, data=None, t
     if state is not None:
         rundir.check_resume_data(state["data"].get("fingerprint"), fingerprint, resume_from)
     model = model if model is not None else build_model(config)
-    rundir.check_vocab(data, model.config.vocab_size)
+    check_vocab(data, model.config.vocab_size)
     peft = peft_run.settings_from(config)
     base = peft_run.prepare(model, peft, seed=config.seed, initialize=state is None)
     freeze(model, config.freeze)

@@ -188,23 +188,6 @@ def finished(out: Path, resume_from: Path, exports) -> bool:
             and all((out / f"model.{kind}").is_file() for kind in exports))
 
 
-def check_vocab(data, vocab_size: int) -> None:
-    """Every token id the run will feed must exist in the model's vocabulary."""
-    for examples in (data.train, data.eval):
-        if examples is None or len(examples) == 0:
-            continue
-        for k, (ids, _) in enumerate(examples.shards):
-            mine = np.flatnonzero(examples.shard == k)
-            if len(ids) == 0 or len(mine) == 0 or int(np.max(ids)) < vocab_size:
-                continue  # the whole shard fits (the common case, no need to look closer)
-            for i in mine:
-                top = int(examples.tokens(i).max(initial=0))
-                if top >= vocab_size:
-                    where, line = examples.origin(i)
-                    raise UserError(f"{where}:{line}: token id {top} is outside the model's vocabulary of "
-                                    f"{vocab_size} (vocab_size); use a model with a larger vocabulary")
-
-
 def write_config(out: Path, config) -> None:
     """OUT/config.yaml: the resolved settings, themselves a valid --config (to resume, add --resume auto)."""
     d = config.to_dict()
