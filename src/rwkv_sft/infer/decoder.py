@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..model.rwkv7 import RWKV7, RWKV7State
+from ..ops.cross_entropy import check_ids
 from .step import _kernels_for, decode_step
 
 
@@ -63,10 +64,11 @@ class Decoder:
 def check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
     """A one-line error for a token id the model has no embedding for (a prompt tokenized with a
     larger vocabulary than the model's), where the lookup (or the C step's read) would fail."""
-    if tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < vocab_size):
-        bad = int(tokens.max()) if int(tokens.max()) >= vocab_size else int(tokens.min())
-        raise UserError(f"token id {bad} is outside the model's vocabulary of {vocab_size} tokens; "
-                        "use a model with a larger vocabulary")
+    try:
+        check_ids(tokens, vocab_size, "token ids")
+    except ValueError as e:
+        raise UserError(f"a token id is outside the model's vocabulary of {vocab_size} tokens ({e}); "
+                        "use a model with a larger vocabulary") from None
 
 
 def as_decoder(model) -> Decoder:
