@@ -225,15 +225,20 @@ def _sigterm_at_step(monkeypatch, n):
     return original
 
 
-def test_resume_of_a_pissa_run_is_bit_identical(tmp_path, monkeypatch):
-    base_path = _base_file(tmp_path)
-    settings = dict(model_config=None, model=str(base_path), lora_init="pissa", lora_dropout=0.1, **LORA_RUN)
+def _straight_and_resumed(tmp_path, monkeypatch, settings):
+    """(the run straight through, the same run stopped by SIGTERM at step 3 and resumed)."""
     straight = train(tiny_config(tmp_path / "a", **settings), data=tiny_data())
     original = _sigterm_at_step(monkeypatch, 3)
     first = train(tiny_config(tmp_path / "b", **settings), data=tiny_data())
     monkeypatch.setattr(torch.optim.AdamW, "step", original)
     assert first.interrupted and first.steps == 3
-    second = train(tiny_config(tmp_path / "b", resume="auto", **settings), data=tiny_data())
+    return straight, train(tiny_config(tmp_path / "b", resume="auto", **settings), data=tiny_data())
+
+
+def test_resume_of_a_pissa_run_is_bit_identical(tmp_path, monkeypatch):
+    base_path = _base_file(tmp_path)
+    settings = dict(model_config=None, model=str(base_path), lora_init="pissa", lora_dropout=0.1, **LORA_RUN)
+    straight, second = _straight_and_resumed(tmp_path, monkeypatch, settings)
     assert second.steps == 6
     a, b = straight.model.state_dict(), second.model.state_dict()
     assert a.keys() == b.keys()

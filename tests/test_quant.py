@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import random_model
-from test_adapters import _cli_error, _losses, _sigterm_at_step
+from test_adapters import _cli_error, _losses, _straight_and_resumed
 from test_train_helpers import VOCAB, tiny_config, tiny_data
 
 from rwkv_sft import RWKV7
@@ -226,12 +226,7 @@ def test_wrong_base_missing_library_and_full_fine_tuning_are_one_line_errors(bas
 def test_resume_on_a_quantized_base_is_bit_identical_and_composes_with_checkpointing_and_segments(
         base_path, tmp_path, monkeypatch, kind):
     settings = dict(RUN, model=str(base_path), base_dtype=kind, batch_tokens=24, step_tokens=48)
-    straight = train(tiny_config(tmp_path / "a", **settings), data=tiny_data())
-    original = _sigterm_at_step(monkeypatch, 3)
-    first = train(tiny_config(tmp_path / "b", **settings), data=tiny_data())
-    monkeypatch.setattr(torch.optim.AdamW, "step", original)
-    assert first.interrupted and first.steps == 3
-    second = train(tiny_config(tmp_path / "b", resume="auto", **settings), data=tiny_data())
+    straight, second = _straight_and_resumed(tmp_path, monkeypatch, settings)
     a, b = (adapters.adapter_state_dict(r.model) for r in (straight, second))
     assert a.keys() == b.keys() and any(k.endswith("time_state") for k in a)
     for k in a:
