@@ -95,31 +95,39 @@ def layer_table() -> None:
         print(f"{name:<28}{t * 1e3:>9.1f}{(base / t if base else float('nan')):>8.2f}x{err:>10.4f}")
 
 
-def child(spec: dict) -> dict:
-    from rwkv_sft.weights import load_model
+def lora_setup(ckpt: str, base: str, T: int, after_load=lambda: None):
+    """What a LoRA r16 run on `base` holds before its first step, built as train.run.build_run builds
+    it (quantized at load, adapters, compact base, activation checkpointing, AdamW), and a batch of T
+    random tokens, every position carrying loss: (loss_module, optimizer, params, tokens, targets, mask)."""
     from rwkv_sft.adapters import training as peft_run
     from rwkv_sft.data import DataConfig
     from rwkv_sft.train.config import TrainConfig
     from rwkv_sft.train.loss import CompletionLoss
     from rwkv_sft.train.optim import make_optimizer
-    from rwkv_sft.utils import set_heap_policy
-    torch.set_num_threads(spec["threads"])
-    t0 = time.perf_counter()
-    config = TrainConfig(data=DataConfig(train_files=["unused"]), model=spec["ckpt"], lora_rank=16,
-                         base_dtype=spec["base"]).validate()
-    set_heap_policy(config.low_memory or spec["base"] in peft_run.QUANTIZED)  # as train.parallel.check_device
-    quantize = spec["base"] if spec["base"] in peft_run.QUANTIZED else None
-    model = load_model(spec["ckpt"], quantize=quantize)  # as train.run.build_model
+    from rwkv_sft.weights import load_model
+    config = TrainConfig(data=DataConfig(train_files=["unused"]), model=ckpt, lora_rank=16, base_dtype=base).validate()
+    model = load_model(ckpt, quantize=base if base in peft_run.QUANTIZED else None)
+    after_load()
     peft_run.prepare(model, peft_run.settings_from(config), seed=0, initialize=True)
     model = peft_run.compact(model, config.base_dtype)
     model.activation_checkpointing = config.activation_checkpointing
     model.train()
     optimizer = make_optimizer(model, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.99), eps=1e-8)
     params = [p for p in model.parameters() if p.requires_grad]
-    loss_module = CompletionLoss(model)
-    T, V = spec["T"], model.config.vocab_size
-    seq = torch.randint(0, V, (1, T + 1), generator=torch.Generator().manual_seed(1))
-    tokens, targets, mask = seq[:, :-1], seq[:, 1:], torch.ones(1, T, dtype=torch.bool)
+    seq = torch.randint(0, model.config.vocab_size, (1, T + 1), generator=torch.Generator().manual_seed(1))
+    return CompletionLoss(model), optimizer, params, seq[:, :-1], seq[:, 1:], torch.ones(1, T, dtype=torch.bool)
+
+
+def child(spec: dict) -> dict:
+    from rwkv_sft.train.parallel import use_heap_policy
+    from rwkv_sft.train.config import TrainConfig
+    from rwkv_sft.data import DataConfig
+    torch.set_num_threads(spec["threads"])
+    t0 = time.perf_counter()
+    use_heap_policy(TrainConfig(data=DataConfig(train_files=["unused"]), model=spec["ckpt"], lora_rank=16,
+                                base_dtype=spec["base"], device="cpu"))  # as `rwkv-sft train` sets it
+    T = spec["T"]
+    loss_module, optimizer, params, tokens, targets, mask = lora_setup(spec["ckpt"], spec["base"], T)
     load_s, times = time.perf_counter() - t0, []
     load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     for _ in range(2):
@@ -143,8 +151,6 @@ def run_case(spec: dict) -> dict:
 
 
 def steps_table(shape_name: str, args) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_peft import write_checkpoint
     shape = SHAPES[shape_name]
     path = Path(args.tmp) / f"bench_quant_{shape['n_layer']}x{shape['n_embd']}.pth"
     t0 = time.perf_counter()

@@ -10,13 +10,14 @@ file-backed), the phase's own high-water mark (Linux: VmHWM, reset through /proc
 after each phase) and glibc's heap: bytes in use, bytes freed but kept, bytes in separate mmaps.
 """
 import ctypes
-import os
 import resource
 import sys
 import time
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the command line does (cli.use_huge_pages)
-import torch  # noqa: E402
+from bench_quant import lora_setup  # (first: it sets huge pages as the command line does)
+import torch
+
+from rwkv_sft.utils import set_heap_policy
 
 class MI(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
@@ -46,32 +47,12 @@ def phase(name):
 ckpt, base = sys.argv[1], sys.argv[2]
 T = int(sys.argv[3]) if len(sys.argv) > 3 else 512
 low = len(sys.argv) > 4 and sys.argv[4] == "low"
-from rwkv_sft import RWKV7  # noqa: E402
-from rwkv_sft.adapters import training as peft_run
-from rwkv_sft.data import DataConfig
-from rwkv_sft.train.config import TrainConfig
-from rwkv_sft.train.loss import CompletionLoss
-from rwkv_sft.train.optim import make_optimizer
-from rwkv_sft.utils import set_heap_policy
 torch.set_num_threads(2)
-config = TrainConfig(data=DataConfig(train_files=["unused"]), model=ckpt, lora_rank=16, base_dtype=base).validate()
-set_heap_policy(low or config.low_memory)
+set_heap_policy(low)
 phase("start")
-quantize = base if base in peft_run.QUANTIZED else None
-model = RWKV7.load(ckpt, quantize=quantize)
-phase("load")
-peft_run.prepare(model, peft_run.settings_from(config), seed=0, initialize=True)
-model = peft_run.compact(model, config.base_dtype)
-model.activation_checkpointing = config.activation_checkpointing
-model.train()
-optimizer = make_optimizer(model, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.99), eps=1e-8)
-params = [p for p in model.parameters() if p.requires_grad]
+loss_module, optimizer, params, tokens, targets, mask = lora_setup(ckpt, base, T, after_load=lambda: phase("load"))
 print("trainable", sum(p.numel() for p in params) / 1e6, "M")
-loss_module = CompletionLoss(model)
 phase("prepare")
-V = model.config.vocab_size
-seq = torch.randint(0, V, (1, T + 1), generator=torch.Generator().manual_seed(1))
-tokens, targets, mask = seq[:, :-1], seq[:, 1:], torch.ones(1, T, dtype=torch.bool)
 for i in range(2):
     t = time.perf_counter()
     loss = loss_module(tokens, targets, mask, None, 1e-4 / T) / T
