@@ -139,13 +139,6 @@ def loss_weight(module: nn.Module):
     return WeightRows(module) if isinstance(module, QuantLinear) else module.weight
 
 
-def dense_weight(module: nn.Module, dtype=None) -> torch.Tensor:
-    """A linear layer's weight as a plain tensor (a quantized one dequantized, in `dtype` or fp32)."""
-    if isinstance(module, QuantLinear):
-        return module.dequantize(dtype or torch.float32)
-    return module.weight if dtype is None else module.weight.to(dtype)
-
-
 def quantized_numel(model: nn.Module) -> int:
     """How many weights the model holds quantized."""
     return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))

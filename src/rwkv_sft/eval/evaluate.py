@@ -7,7 +7,7 @@ import time
 import numpy as np
 import torch
 
-from ..adapters.quant import dense_weight
+from ..adapters.quant import loss_weight
 from ..data import BatchLoader, TokenizedExamples
 from ..infer.generate import PREFILL_CHUNK, greedy_batch
 from ..model.segments import hidden_rows, segment_len_for
@@ -71,7 +71,7 @@ def evaluate(model, examples: TokenizedExamples, tokenizer, *, batch_tokens: int
     start = time.perf_counter()
     try:
         examples = examples.unweighted()  # file weights decide sampling in training, not evaluation
-        head = dense_weight(model.head).float()
+        head = loss_weight(model.head)  # a bf16 or quantized head read a block of rows at a time, as in training
         loss_sum, correct, count = 0.0, 0, 0
         if len(examples):
             loader = BatchLoader(examples, batch_tokens=batch_tokens, packing=False, shuffle=False)
