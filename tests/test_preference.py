@@ -15,7 +15,7 @@ from rwkv_sft.adapters.lora import add_lora
 from rwkv_sft.weights import save_model
 from rwkv_sft.data import DataConfig
 from rwkv_sft.data.cache import tokenize_bytes
-from rwkv_sft.data.pairs import collate_pairs, prepare_pairs
+from rwkv_sft.data.pairs import PairExamples, PairLoader, collate_pairs, prepare_pairs
 from rwkv_sft.errors import UserError
 from rwkv_sft.tokenizer import Tokenizer
 from rwkv_sft.train import preference as pref
@@ -80,6 +80,31 @@ def test_bad_pairs_name_file_and_line_or_are_skipped_and_counted(tmp_path, tok, 
         prepare_pairs(DataConfig(path), tok, show_report=False)
     data = prepare_pairs(DataConfig(path, skip_invalid=True), tok, show_report=False)
     assert len(data.train) == 2 and sum(data.report["skipped"].values()) == 1
+
+
+def _synthetic_pairs(lens):
+    """PairExamples of the given (context, chosen, rejected) lengths, every token scored."""
+    lens = np.asarray(lens, np.int64)
+    start = np.concatenate([[0], np.cumsum(lens.sum(1))[:-1]])
+    n = int(lens.sum())
+    return PairExamples([(np.ones(n, np.int64), np.ones(n, bool))], np.zeros(len(lens)), start, lens, lens,
+                        np.arange(len(lens)))
+
+
+def test_pair_batches_group_contexts_and_completions_of_like_length():
+    # Two kinds of pair with the same total length: long context and short completions, and the
+    # reverse. A batch pads its contexts and its completions separately, so mixing them wastes.
+    lens = [(100, 10, 10)] * 40 + [(10, 55, 55)] * 40
+    order = np.random.default_rng(0).permutation(len(lens))
+    examples = _synthetic_pairs([lens[i] for i in order])
+    loader = PairLoader(examples, batch_tokens=1000, seed=1)
+    plan = loader.plan(0)
+    assert sorted(i for rows in plan for row in rows for i in row) == list(range(len(lens)))
+    for rows in plan:
+        assert loader.positions_of(rows) <= 1000
+        assert len({tuple(examples.kept[i]) for row in rows for i in row}) == 1
+    batch = loader.collate(plan[0])  # the plan's cost is the collated batch's
+    assert loader.positions_of(plan[0]) == batch.context.numel() + batch.completions[:, 1:].numel()
 
 
 def _model(seed=0, dtype=torch.float32, **kw):

@@ -217,11 +217,27 @@ def collate_pairs(examples: PairExamples, indices) -> PairBatch:
 
 
 class PairLoader(BatchLoader):
-    """BatchLoader's plan (length-bucketed, split across processes) over pairs; never packed."""
+    """BatchLoader's plan (split across processes) over pairs, one pair per batch row (never packed:
+    a row would need a restart state for each pair in it). A batch pads its contexts and its
+    completions separately, so pairs are grouped by both: context length (two buckets per octave),
+    then longest completion."""
 
     def __init__(self, examples: PairExamples, **kw):
         kw["packing"] = False
         super().__init__(examples, **kw)
+
+    def _pad(self, window):
+        kept = self.examples.kept[window]
+        context_bucket = np.floor(2 * np.log2(np.maximum(kept[:, 0], 1)))
+        longest = kept[:, 1:].max(1)
+        window = window[np.lexsort((-longest, -context_bucket))]
+        batches, rows = [], []
+        for i in window.tolist():
+            if rows and (len(rows) == self.max_batch_size or self.positions_of(rows + [[i]]) > self.batch_tokens):
+                batches.append(rows)
+                rows = []
+            rows.append([i])
+        return batches + [rows] if rows else batches
 
     def collate(self, rows) -> PairBatch:
         return collate_pairs(self.examples, [i for row in rows for i in row])
