@@ -3,6 +3,7 @@ against running the two full sequences (what a transformer trainer does), side b
 
     python benchmarks/bench_preference.py            # 4 x 512, V 65536, 2 pairs, context 1024, completions 128
     python benchmarks/bench_preference.py --pairs 1 --context 512
+    python benchmarks/bench_preference.py --plan       # the batches' padding on spread lengths
 
 One DPO step's forward and backward (fp32, the chunked WKV backend on CPU, the CUDA one on a
 GPU). tokens/s counts each pair's tokens as the unforked step sees them (context + completion,
@@ -23,11 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from rwkv_sft import RWKV7, RWKV7Config
 from rwkv_sft.weights import load_model, save_model
-from rwkv_sft.data.pairs import PairBatch
+from rwkv_sft.data.pairs import PairBatch, PairExamples, PairLoader
 from rwkv_sft.train import preference as pref
 
 
@@ -39,10 +41,17 @@ def make_batch(pairs, context, completion, vocab, seed=0):
                      torch.ones(2 * pairs, completion, dtype=torch.bool), torch.ones(pairs))
 
 
-def step(model, batch, forked: bool, ref):
-    """One DPO step's forward and backward; returns the loss."""
-    logps = pref.sequence_logps if forked else pref.sequence_logps_unforked
-    logp, count = logps(model, batch)
+VARIANTS = {"unforked": "both full sequences", "forked": "forked (context once)",
+            "forked-two-rows": "forked, completions in 2 rows"}
+
+
+def step(model, batch, variant: str, ref):
+    """One DPO step's forward and backward; returns the loss. `forked` runs each pair's two
+    completions in one row (the default), `forked-two-rows` in a row each."""
+    if variant == "unforked":
+        logp, count = pref.sequence_logps_unforked(model, batch)
+    else:
+        logp, count = pref.sequence_logps(model, batch, packed=variant == "forked")
     loss = pref.pair_losses("dpo", logp, count, ref, 0.1)[0].mean()
     loss.backward()
     return loss.detach()
@@ -72,16 +81,52 @@ def child(args) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        step(model, batch, args.child == "forked", ref)
+        step(model, batch, args.child, ref)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # the peak resident set (VmHWM) restarts from the current one
         base = _rss()
-        step(model, batch, args.child == "forked", ref)
+        step(model, batch, args.child, ref)
         peak = _hwm() - base
     print(json.dumps({"peak": peak}))
+
+
+def plan_padding(n_pairs=20000, seed=0) -> None:
+    """Padding of the pair batches (share of padded positions) on lognormal lengths: contexts
+    around 200 tokens, chosen and rejected around 150 each, drawn independently; the plan against
+    grouping by total length alone (pairs sorted by context + completions, same budget)."""
+    rng = np.random.default_rng(seed)
+    lens = np.stack([np.clip(rng.lognormal(np.log(m), s, n_pairs).astype(np.int64), lo, hi)
+                     for m, s, lo, hi in ((200, 0.8, 1, 3000), (150, 0.7, 2, 1500), (150, 0.7, 2, 1500))], 1)
+    start = np.concatenate([[0], np.cumsum(lens.sum(1))[:-1]])
+    n = int(lens.sum())
+    examples = PairExamples([(np.ones(n, np.int64), np.ones(n, bool))], np.zeros(n_pairs), start, lens, lens,
+                            np.arange(n_pairs))
+    used = examples.positions.sum()
+
+    class ByTotal(PairLoader):  # the window comes sorted by total positions, longest first
+        def _pad(self, window):
+            batches, rows = [], []
+            for i in window.tolist():
+                if rows and self.positions_of(rows + [[i]]) > self.batch_tokens:
+                    batches.append(rows)
+                    rows = []
+                rows.append([i])
+            return batches + [rows] if rows else batches
+
+    print(f"pair batches' padding (share of padded positions), {n_pairs} pairs, lognormal lengths (context ~200, "
+          f"completions ~150 each, drawn independently)")
+    print(f"{'completions':<14}{'batch tokens':>13}{'grouped by total length':>25}{'the plan':>10}{'one pair per batch':>20}")
+    for packing, label in ((False, "in two rows"), (True, "in one row")):
+        alone = PairLoader(examples, batch_tokens=1, packing=packing)  # (every batch over budget: one pair each)
+        floor = 1 - used / sum(alone.positions_of(rows) for rows in alone.plan(0))
+        for bt in (4096, 16384):
+            pad = [1 - used / sum(L.positions_of(rows) for rows in L.plan(0))
+                   for L in (ByTotal(examples, batch_tokens=bt, packing=packing),
+                             PairLoader(examples, batch_tokens=bt, packing=packing))]
+            print(f"{label:<14}{bt:>13}{pad[0]:>25.1%}{pad[1]:>10.1%}{floor:>20.1%}")
 
 
 def main() -> None:
@@ -94,11 +139,14 @@ def main() -> None:
     p.add_argument("--completion", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--child", choices=["forked", "unforked"], help=argparse.SUPPRESS)
+    p.add_argument("--plan", action="store_true", help="only the batches' padding on spread lengths")
+    p.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--child-model", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
+    if args.plan:
+        return plan_padding()
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -112,48 +160,49 @@ def main() -> None:
     with torch.no_grad():
         ref = pref.sequence_logps(model, batch)[0] + torch.linspace(-1, 1, 2 * args.pairs, device=device)  # any reference
 
-    def timed(forked):
+    def timed(variant):
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        loss = step(model, batch, forked, ref)
+        loss = step(model, batch, variant, ref)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t, loss, {n: q.grad.clone() for n, q in model.named_parameters()}
 
-    times = {True: [], False: []}
+    times = {v: [] for v in VARIANTS}
     results = {}
-    timed(True), timed(False)  # warm-up
-    for _ in range(args.repeats):  # alternate, so that load on the machine hits both alike
-        for forked in (True, False):
-            dt, loss, grads = timed(forked)
-            times[forked].append(dt)
-            results[forked] = (loss, grads)
-    (lf, gf), (lu, gu) = results[True], results[False]
-    loss_rel = abs(float(lf - lu)) / abs(float(lu))
-    grad_rel = max(float((gf[n] - gu[n]).abs().max() / gu[n].abs().max().clamp(min=1e-30)) for n in gf)
+    for v in VARIANTS:  # warm-up
+        timed(v)
+    for _ in range(args.repeats):  # alternate, so that load on the machine hits all alike
+        for v in VARIANTS:
+            dt, loss, grads = timed(v)
+            times[v].append(dt)
+            results[v] = (loss, grads)
+    lu, gu = results["unforked"]
 
     peaks = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pth"
         save_model(model.cpu(), path)
-        for name in ("forked", "unforked"):
-            out = subprocess.run([sys.executable, __file__, "--child", name, "--child-model", str(path),
+        for v in VARIANTS:
+            out = subprocess.run([sys.executable, __file__, "--child", v, "--child-model", str(path),
                                   *(f"--{k}={getattr(args, k)}" for k in ("pairs", "context", "completion", "threads"))],
                                  capture_output=True, text=True, check=True)
-            peaks[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+            peaks[v] = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
 
     tokens = 2 * args.pairs * (args.context + args.completion)
-    best = {k: min(v) for k, v in times.items()}
+    best = {k: min(t) for k, t in times.items()}
     print(f"preference step (DPO), {args.layers} x {args.width}, V {args.vocab}, {args.pairs} pairs, context "
           f"{args.context}, completions {args.completion} each, {device.type}, fp32, best of {args.repeats}")
-    print(f"{'variant':<28}{'step s':>9}{'tokens/s':>11}{'peak MiB':>11}{'loss':>12}")
-    for forked, name, label in ((False, "unforked", "both full sequences"), (True, "forked", "forked (context once)")):
-        print(f"{label:<28}{best[forked]:>9.2f}{tokens / best[forked]:>11,.0f}{peaks[name] / 2**20:>11.0f}"
-              f"{float(results[forked][0]):>12.6f}")
-    print(f"forked / unforked: {best[False] / best[True]:.2f}x tokens/s, {peaks['forked'] / peaks['unforked']:.2f}x peak "
-          f"memory; loss rel diff {loss_rel:.1e}, max gradient rel diff {grad_rel:.1e}")
+    print(f"{'variant':<32}{'step s':>9}{'tokens/s':>11}{'peak MiB':>11}{'loss':>12}{'x tokens/s':>12}{'x peak':>8}"
+          f"{'grad rel diff':>15}")
+    for v, label in VARIANTS.items():
+        lv, gv = results[v]
+        grad_rel = max(float((gv[n] - gu[n]).abs().max() / gu[n].abs().max().clamp(min=1e-30)) for n in gv)
+        print(f"{label:<32}{best[v]:>9.2f}{tokens / best[v]:>11,.0f}{peaks[v] / 2**20:>11.0f}{float(lv):>12.6f}"
+              f"{best['unforked'] / best[v]:>11.2f}x{peaks[v] / peaks['unforked']:>7.2f}x{grad_rel:>15.1e}")
+    print("x: against both full sequences; grad rel diff: the largest of each gradient's max |difference| / max |entry|")
 
 
 if __name__ == "__main__":

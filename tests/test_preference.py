@@ -97,14 +97,28 @@ def test_pair_batches_group_contexts_and_completions_of_like_length():
     lens = [(100, 10, 10)] * 40 + [(10, 55, 55)] * 40
     order = np.random.default_rng(0).permutation(len(lens))
     examples = _synthetic_pairs([lens[i] for i in order])
-    loader = PairLoader(examples, batch_tokens=1000, seed=1)
-    plan = loader.plan(0)
-    assert sorted(i for rows in plan for row in rows for i in row) == list(range(len(lens)))
-    for rows in plan:
-        assert loader.positions_of(rows) <= 1000
-        assert len({tuple(examples.kept[i]) for row in rows for i in row}) == 1
-    batch = loader.collate(plan[0])  # the plan's cost is the collated batch's
-    assert loader.positions_of(plan[0]) == batch.context.numel() + batch.completions[:, 1:].numel()
+    for packing in (True, False):
+        loader = PairLoader(examples, batch_tokens=1000, seed=1, packing=packing)
+        plan = loader.plan(0)
+        assert sorted(i for rows in plan for row in rows for i in row) == list(range(len(lens)))
+        for rows in plan:
+            assert loader.positions_of(rows) <= 1000
+            assert len({tuple(examples.kept[i]) for row in rows for i in row}) == 1
+            batch = loader.collate(rows)  # the plan's cost is what the forked forward runs
+            after_fork = (pref.packed_completions(batch.completions, batch.scored)[0] if packing
+                          else batch.completions[:, 1:])
+            assert loader.positions_of(rows) == batch.context.numel() + after_fork.numel()
+
+
+@pytest.mark.parametrize("lens, segment_len, expected", [
+    ((60, 40, 40), None, {}),  # 60 + 2 * 39 positions exceed the budget, yet no row does
+    ((150, 20, 20), None, {100: 1}),  # the context is longer than the budget: it runs in segments
+    ((60, 40, 40), 64, {}),  # no row longer than --segment-len
+    ((60, 70, 20), 64, {64: 1})])
+def test_the_header_counts_pair_batches_whose_contexts_or_completions_run_in_segments(lens, segment_len, expected):
+    from rwkv_sft.train.plan import segment_lengths
+    loader = PairLoader(_synthetic_pairs([lens]), batch_tokens=100)
+    assert segment_lengths(loader, segment_len, 100) == expected
 
 
 def _model(seed=0, dtype=torch.float32, **kw):
@@ -130,9 +144,11 @@ def _assert_rel(a, b, tol):
     assert err <= tol * b.abs().max().item(), err
 
 
-@pytest.mark.parametrize("setting", ["plain", "segments", "checkpointing", "state", "lora"])
-def test_forked_logps_and_gradients_equal_running_both_full_sequences(batch, setting):
-    model = _model(activation_checkpointing=setting == "checkpointing")
+@pytest.mark.parametrize("packed", [True, False], ids=["completions-in-one-row", "completions-in-two-rows"])
+@pytest.mark.parametrize("setting", ["plain", "segments", "checkpointing", "state", "lora", "chunked"])
+def test_forked_logps_and_gradients_equal_running_both_full_sequences(batch, setting, packed):
+    model = _model(activation_checkpointing=setting == "checkpointing",
+                   backend="chunked" if setting == "chunked" else "reference")
     if setting == "state":
         for p in model.enable_state_tuning():
             torch.nn.init.normal_(p, std=0.3)
@@ -144,7 +160,7 @@ def test_forked_logps_and_gradients_equal_running_both_full_sequences(batch, set
                 torch.nn.init.normal_(p.data, std=0.1)
     segment = 3 if setting == "segments" else None
     weights = torch.linspace(-1, 1, 2 * batch.num_pairs)  # each sequence its own weight: no cancellation
-    logp, count = pref.sequence_logps(model, batch, segment_len=segment)
+    logp, count = pref.sequence_logps(model, batch, segment_len=segment, packed=packed)
     (logp * weights).sum().backward()
     forked = _grads(model)
     model.zero_grad()

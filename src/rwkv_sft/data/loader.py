@@ -109,6 +109,10 @@ class BatchLoader:
         """B*T of a planned batch (padding included), without building it."""
         return len(rows) * max(sum(int(self.positions[i]) for i in row) for row in rows)
 
+    def row_shapes(self, rows: list[list[int]]) -> list[tuple[int, int]]:
+        """(rows, length) of each sequence batch the forward runs for a planned batch."""
+        return [(len(rows), self.positions_of(rows) // len(rows))]
+
     def collate(self, rows: list[list[int]]) -> Batch:
         """Rows of examples -> Batch. An example s with loss flags f fills tokens s[:-1],
         targets s[1:], loss_mask f[1:] from its start; the mask comes from lengths only."""

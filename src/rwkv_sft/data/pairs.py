@@ -217,20 +217,21 @@ def collate_pairs(examples: PairExamples, indices) -> PairBatch:
 
 
 class PairLoader(BatchLoader):
-    """BatchLoader's plan (split across processes) over pairs, one pair per batch row (never packed:
-    a row would need a restart state for each pair in it). A batch pads its contexts and its
-    completions separately, so pairs are grouped by both: context length (two buckets per octave),
-    then longest completion."""
+    """BatchLoader's plan (split across processes) over pairs, one pair per batch row; with
+    packing its two completions share a row (the rejected restarting from the context's state,
+    train/preference.packed_completions), else each has one. Several pairs in a row would need the
+    state at each context's end mid-row, which the WKV kernels do not hand out. A batch pads its
+    contexts and its completions separately, so pairs are grouped by both: context length (two
+    buckets per octave), then completion length."""
 
-    def __init__(self, examples: PairExamples, **kw):
-        kw["packing"] = False
-        super().__init__(examples, **kw)
+    def _completion_len(self, ids):
+        """Positions of a pair's completions after the fork: one row, or the longer of two."""
+        k = np.maximum(self.examples.kept[ids, 1:] - 1, 0)
+        return k.sum(1) if self.packing else k.max(1)
 
     def _pad(self, window):
-        kept = self.examples.kept[window]
-        context_bucket = np.floor(2 * np.log2(np.maximum(kept[:, 0], 1)))
-        longest = kept[:, 1:].max(1)
-        window = window[np.lexsort((-longest, -context_bucket))]
+        context_bucket = np.floor(2 * np.log2(np.maximum(self.examples.kept[window, 0], 1)))
+        window = window[np.lexsort((-self._completion_len(window), -context_bucket))]
         batches, rows = [], []
         for i in window.tolist():
             if rows and (len(rows) == self.max_batch_size or self.positions_of(rows + [[i]]) > self.batch_tokens):
@@ -238,6 +239,9 @@ class PairLoader(BatchLoader):
                 rows = []
             rows.append([i])
         return batches + [rows] if rows else batches
+
+    def _pack(self, window):  # (BatchLoader.plan's name for the plan with packing)
+        return self._pad(window)
 
     def collate(self, rows) -> PairBatch:
         return collate_pairs(self.examples, [i for row in rows for i in row])
@@ -247,10 +251,14 @@ class PairLoader(BatchLoader):
         batch.pair_weight = torch.zeros_like(batch.pair_weight)
         return batch
 
-    def positions_of(self, rows) -> int:
+    def row_shapes(self, rows) -> list[tuple[int, int]]:
+        """The contexts [B, longest], then the completions after the fork [B or 2B, longest]."""
         ids = [i for row in rows for i in row]
-        k = self.examples.kept[ids]
-        return len(ids) * int(k[:, 0].max()) + 2 * len(ids) * int(np.maximum(k[:, 1:] - 1, 0).max())
+        return [(len(ids), int(self.examples.kept[ids, 0].max())),
+                ((1 if self.packing else 2) * len(ids), int(self._completion_len(ids).max()))]
+
+    def positions_of(self, rows) -> int:
+        return sum(n * T for n, T in self.row_shapes(rows))
 
 
 # -- reading files --------------------------------------------------------------------------------

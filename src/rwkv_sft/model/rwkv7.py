@@ -5,6 +5,8 @@ shapes are BlinkDL's `.pth` layout, so `state_dict()` is a loadable checkpoint.
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -43,13 +45,16 @@ class RWKV7State:
                           self.ffn_shift.repeat_interleave(n, 1))
 
 
-def _token_shift(x, last, resets):
-    """x_{t-1} for every t: `last` before the first token, zeros after a sequence reset."""
+def _token_shift(x, last, resets, restart=None):
+    """x_{t-1} for every t: `last` before the first token; after a sequence reset `restart` (one
+    per row) or zeros."""
     prev = last.unsqueeze(1).to(x.dtype)
     if x.shape[1] > 1:  # (a single decoding step needs no concatenation)
         prev = torch.cat([prev, x[:, :-1]], dim=1)
-    if resets is not None:
+    if resets is not None and restart is None:
         prev = prev.masked_fill(resets.unsqueeze(-1), 0.0)
+    elif resets is not None:
+        prev = torch.where(resets.unsqueeze(-1), restart.unsqueeze(1).to(x.dtype), prev)
     return prev
 
 
@@ -84,12 +89,14 @@ class TimeMix(nn.Module):
         s = self.time_state.to(device=device, dtype=torch.promote_types(torch.float32, self.time_state.dtype))
         return s.unsqueeze(0).expand(batch_size, -1, -1, -1).contiguous()
 
-    def forward(self, x, last_x, wkv_state, v_first, resets, backend):
+    def forward(self, x, last_x, wkv_state, v_first, resets, backend, restart=None):
+        """restart: (token shift, WKV state) rows that resets restart from (default: zeros and the
+        learned initial state or zeros)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         if wkv_state is None:  # a sequence's start, made here, where a sharded model's weights are whole
             wkv_state = self.initial_wkv(B, x.device)
-        xx = _token_shift(x, last_x, resets) - x
+        xx = _token_shift(x, last_x, resets, None if restart is None else restart[0]) - x
         xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
 
         r = self.receptance(xr)
@@ -108,7 +115,8 @@ class TimeMix(nn.Module):
 
         heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
         y, wkv_state = wkv7(heads(r), heads(w), heads(k), heads(v), -kk, kk * heads(a),
-                            state=wkv_state, backend=backend, resets=resets, reset_state=self.time_state)
+                            state=wkv_state, backend=backend, resets=resets,
+                            reset_state=self.time_state if restart is None else restart[1])
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)
         y = y + bonus.reshape(B, T, C)
@@ -131,8 +139,8 @@ class ChannelMix(nn.Module):
             self.s2 = nn.Parameter(torch.empty(D, F_))
             self.s0 = nn.Parameter(torch.empty(1, 1, F_))
 
-    def forward(self, x, last_x, resets, tokens, x_emb):
-        xx = _token_shift(x, last_x, resets) - x
+    def forward(self, x, last_x, resets, tokens, x_emb, restart_x=None):
+        xx = _token_shift(x, last_x, resets, restart_x) - x
         k = torch.relu(self.key(x + xx * self.x_k)) ** 2
         if self.deep_embed:
             B, T, _ = x.shape
@@ -154,14 +162,16 @@ class Block(nn.Module):
         self.att = TimeMix(cfg, layer_id)
         self.ffn = ChannelMix(cfg)
 
-    def forward(self, x, v_first, att_shift, wkv_state, ffn_shift, resets, tokens, x_emb, backend):
+    def forward(self, x, v_first, att_shift, wkv_state, ffn_shift, resets, tokens, x_emb, backend, restart=None):
         """Block 0 takes the raw embedding and defines x_emb (the normed embedding, DeepEmbed's
-        input) and v_first; the others carry them along."""
+        input) and v_first; the others carry them along. restart: this layer's (att shift, WKV,
+        ffn shift) rows that resets restart from (default: where a sequence starts)."""
         if self.layer_id == 0:
             x = x_emb = self.ln0(x)
-        dx, att_shift, wkv_state, v_first = self.att(self.ln1(x), att_shift, wkv_state, v_first, resets, backend)
+        dx, att_shift, wkv_state, v_first = self.att(self.ln1(x), att_shift, wkv_state, v_first, resets, backend,
+                                                     None if restart is None else restart[:2])
         x = x + dx
-        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift, resets, tokens, x_emb)
+        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift, resets, tokens, x_emb, None if restart is None else restart[2])
         return x + dx, v_first, x_emb, att_shift, wkv_state, ffn_shift
 
 
@@ -240,12 +250,14 @@ class RWKV7(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
     def forward_hidden(self, tokens: torch.Tensor, state: RWKV7State | None = None, resets=None,
-                       segment_len: int | None = None, rows=None, embedded=None):
+                       segment_len: int | None = None, rows=None, embedded=None, restart: RWKV7State | None = None):
         """tokens [B,T] -> (hidden after ln_out [B,T,C], new state).
 
         state=None starts from `initial_state()`. resets: optional bool [B,T], True where a packed
         example starts: the recurrent state restarts there (token shift from zero, WKV from the
-        learned initial state or zero), so examples do not see each other.
+        learned initial state or zero), so examples do not see each other. restart: the state (one
+        per row) resets restart from instead: a shared context's, for several continuations of it
+        packed in a row.
         segment_len: run S tokens at a time with the state carried; same results and gradients,
         but under autograd only one segment's activations are alive at a time (model/segments.py).
         rows: optional bool [B,T]; returns hidden[rows] [N,C] instead, gathered segment by segment.
@@ -254,7 +266,8 @@ class RWKV7(nn.Module):
         if tokens.dim() != 2 or tokens.shape[1] == 0:
             raise ValueError(f"tokens must be a non-empty [B,T] tensor, got shape {tuple(tokens.shape)}")
         if rows is not None or (segment_len is not None and segment_len < tokens.shape[1]):
-            return forward_segments(self.forward_hidden, tokens, state, resets, segment_len, rows, self.emb)
+            step = self.forward_hidden if restart is None else functools.partial(self.forward_hidden, restart=restart)
+            return forward_segments(step, tokens, state, resets, segment_len, rows, self.emb)
         B = tokens.shape[0]
         if state is None:  # token shifts from zero; each layer starts its WKV state in its own forward
             zeros = torch.zeros(len(self.blocks), B, self.config.n_embd, device=tokens.device, dtype=self.emb.weight.dtype)
@@ -265,7 +278,8 @@ class RWKV7(nn.Module):
         x_emb = v_first = None  # both defined by block 0
         att_shifts, wkvs, ffn_shifts = [], [], []
         for i, block in enumerate(self.blocks):
-            args = (x, v_first, att_in[i], wkv_in[i], ffn_in[i], resets, tokens, x_emb, self.wkv_backend)
+            args = (x, v_first, att_in[i], wkv_in[i], ffn_in[i], resets, tokens, x_emb, self.wkv_backend,
+                    None if restart is None else (restart.att_shift[i], restart.wkv[i], restart.ffn_shift[i]))
             if self.activation_checkpointing and torch.is_grad_enabled():
                 out = checkpoint(block, *args, use_reentrant=False)
             else:

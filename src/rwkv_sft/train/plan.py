@@ -10,7 +10,6 @@ the schedule agree with the steps that run.
 from __future__ import annotations
 
 import itertools
-import math
 
 from ..errors import UserError
 
@@ -58,11 +57,14 @@ def plan_steps(config, loader) -> int:
 
 def segment_lengths(loader, segment_len: int | None, batch_tokens: int, epoch: int = 0) -> dict[int, int]:
     """{segment length: number of batches} of the batches of `epoch` whose rows run in segments
-    (model/segments.segment_len_for decides, from each batch's shape)."""
+    (model/segments.segment_len_for decides, from the shape of each sequence batch the forward
+    runs: a pair batch's contexts and completions are two)."""
     from ..model.segments import segment_len_for
     found: dict[int, int] = {}
     for rows in loader.plan(epoch):
-        S = segment_len_for((len(rows), loader.positions_of(rows) // len(rows)), segment_len, batch_tokens)
-        if S is not None:
-            found[S] = found.get(S, 0) + 1
+        for shape in loader.row_shapes(rows):
+            S = segment_len_for(shape, segment_len, batch_tokens)
+            if S is not None and S < shape[1]:  # (a row no longer than S runs whole)
+                found[S] = found.get(S, 0) + 1
+                break
     return found

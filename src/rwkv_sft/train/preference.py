@@ -44,12 +44,37 @@ STATS = ("loss", "reward_chosen", "reward_rejected", "reward_accuracy", "prefere
 
 # -- log-probabilities ---------------------------------------------------------------------------
 
-def _hidden(model, tokens, state, resets, rows, S):
-    """(forward_hidden(tokens, state, resets)[0][rows], final state), segment by segment when S splits."""
+def _hidden(model, tokens, state, resets, rows, S, restart=None):
+    """(forward_hidden(tokens, state, resets, restart=...)[0][rows], final state), segment by
+    segment when S splits."""
     if S is not None and S < tokens.shape[1]:
-        return model.forward_hidden(tokens, state, resets, segment_len=S, rows=rows)
-    hidden, state = model.forward_hidden(tokens, state, resets)
+        return model.forward_hidden(tokens, state, resets, segment_len=S, rows=rows, restart=restart)
+    hidden, state = model.forward_hidden(tokens, state, resets, restart=restart)
     return hidden[rows], state
+
+
+def packed_completions(completions, scored):
+    """Each pair's two completions in one row, chosen then rejected, each but its last token (the
+    inputs after the fork; the first targets come from the context's last row): (inputs [B,T],
+    resets [B,T] (at the rejected's first input), targets [B,T], scored rows [B,T], the completion
+    [0, 2B) each position belongs to [B,T]). A completion ends at its last scored token (later ones
+    are nobody's target). T is 0 when no completion has a second token."""
+    n, Tp = completions.shape
+    B, device = n // 2, completions.device
+    pos = torch.arange(Tp, device=device)
+    length = torch.where(scored.any(1), (scored * (pos + 1)).amax(1), 0)
+    inputs = (length - 1).clamp(min=0).view(B, 2)
+    T = int(inputs.sum(1).max()) if B else 0
+    pos = torch.arange(T, device=device)[None]
+    first = inputs[:, :1]
+    in_rejected = pos >= first
+    src = 2 * torch.arange(B, device=device)[:, None] + in_rejected
+    col = torch.where(in_rejected, pos - first, pos).clamp(max=max(Tp - 2, 0))  # (padding reads any column)
+    valid = pos < inputs.sum(1, keepdim=True)
+    tokens = torch.where(valid, completions[src, col], 0)
+    targets = completions[src, (col + 1).clamp(max=Tp - 1)]
+    rows = valid & scored[src, (col + 1).clamp(max=Tp - 1)]
+    return tokens, valid & (pos == first), targets, rows, src
 
 
 def head_logps(head, hidden, targets, seq, n_seq, chunk_size=None):
@@ -91,10 +116,12 @@ def _same_context_segments(context, resets, last, S):
     return F.pad(context, pad), F.pad(resets, pad), F.pad(last, pad), S
 
 
-def sequence_logps(model, batch, chunk_size=None, segment_len=None, batch_tokens=None, lockstep=False, score=None):
+def sequence_logps(model, batch, chunk_size=None, segment_len=None, batch_tokens=None, lockstep=False, score=None,
+                   packed=True):
     """The forked forward: (log pi [2B] summed over each completion's scored tokens, their count [2B]).
     `lockstep`: every process of the group runs as many segments (sharded blocks); `score`: the
-    head's HeadLogps module (default: the head read directly)."""
+    head's HeadLogps module (default: the head read directly); `packed`: each pair's two
+    completions run in one row (the rejected restarting from the context's state), else in two."""
     B, Tc = batch.context.shape
     n, Tp = batch.completions.shape
     scored, comps = batch.scored, batch.completions
@@ -109,14 +136,20 @@ def sequence_logps(model, batch, chunk_size=None, segment_len=None, batch_tokens
     seq = torch.arange(n, device=comps.device)
     hidden = [h_last.repeat_interleave(2, 0)[scored[:, 0]]]  # the first tokens: from the context's end
     targets, seqs = [comps[:, 0][scored[:, 0]]], [seq[scored[:, 0]]]
-    if Tp > 1:  # (a completion holds at least a token and the end marker: so in every process)
+    if packed:
+        tokens, resets, rest_targets, rows, rest_seq = packed_completions(comps, scored)
+        start, restart = state, state
+    else:
         tokens, rows = comps[:, :-1], scored[:, 1:]
-        S = segment_len_for((n, Tp - 1), segment_len, batch_tokens)
-        targets.append(comps[:, 1:][rows])
-        seqs.append(seq[:, None].expand(n, Tp - 1)[rows])
+        resets, rest_targets, rest_seq = None, comps[:, 1:], seq[:, None].expand(n, Tp - 1)
+        start, restart = state.repeat(2), None
+    if tokens.shape[1]:  # (a completion holds at least a token and the end marker: so in every process)
+        S = segment_len_for(tuple(tokens.shape), segment_len, batch_tokens)
+        targets.append(rest_targets[rows])
+        seqs.append(rest_seq[rows])
         if lockstep:  # padded after the rows' ends, outside the scored rows
-            tokens, rows, _, S = same_segment_count(tokens, rows, None, S)
-        h_rest, _ = _hidden(model, tokens, state.repeat(2), None, rows, S)
+            tokens, rows, resets, S = same_segment_count(tokens, rows, resets, S)
+        h_rest, _ = _hidden(model, tokens, start, resets, rows, S, restart)
         hidden.append(h_rest)
     logp = _sum_per_sequence(model, torch.cat(hidden), torch.cat(targets), torch.cat(seqs), n, chunk_size, score)
     return logp, scored.sum(1)
@@ -183,17 +216,18 @@ class PreferenceLoss(nn.Module):
     pair_weight) and the summed statistics (detached) in STATS order."""
 
     def __init__(self, model, objective: str, beta: float, gamma: float, chunk_size=None, segment_len=None,
-                 batch_tokens=None, reference: str | None = None):
+                 batch_tokens=None, reference: str | None = None, packed: bool = True):
         super().__init__()
         self.model, self.objective, self.beta, self.gamma = model, objective, beta, gamma
         self.chunk_size, self.segment_len, self.batch_tokens = chunk_size, segment_len, batch_tokens
+        self.packed = packed  # both completions of a pair in one row
         self.reference = reference  # "adapters" | "cached" | None (dpo only)
         self.lockstep_segments = False  # every process runs as many segments (set for sharded blocks)
         self.head_loss = HeadLogps(model.head, chunk_size)  # the head's unit under fsdp (parallel.wrap)
 
     def logps(self, batch):
         return sequence_logps(self.model, batch, self.chunk_size, self.segment_len, self.batch_tokens,
-                              self.lockstep_segments, self.head_loss)
+                              self.lockstep_segments, self.head_loss, self.packed)
 
     def forward(self, context, context_resets, completions, scored, pair_weight, ref=None):
         from ..data.pairs import PairBatch
@@ -245,11 +279,11 @@ def summarize(stats) -> dict:
 
 # -- the reference of a full fine-tuning DPO run -------------------------------------------------
 
-def _pair_batches(model, examples, *, batch_tokens, device):
+def _pair_batches(model, examples, *, batch_tokens, device, packing):
     """Every pair of `examples` once, in order, as batches on `device`; the model in eval mode
     meanwhile (restored after)."""
     from ..data.pairs import PairLoader
-    loader = PairLoader(examples.unweighted(), batch_tokens=batch_tokens, shuffle=False)
+    loader = PairLoader(examples.unweighted(), batch_tokens=batch_tokens, shuffle=False, packing=packing)
     was_training = model.training
     model.eval()
     try:
@@ -260,12 +294,13 @@ def _pair_batches(model, examples, *, batch_tokens, device):
 
 
 @torch.no_grad()
-def reference_table(model, examples, *, batch_tokens, device, precision="fp32", chunk_size=None, segment_len=None):
+def reference_table(model, examples, *, batch_tokens, device, precision="fp32", chunk_size=None, segment_len=None,
+                    packing=True):
     """[n, 2] float32 (chosen, rejected) summed log-probs of every pair under `model`."""
     table = np.zeros((len(examples), 2), np.float32)
-    for b in _pair_batches(model, examples, batch_tokens=batch_tokens, device=device):
+    for b in _pair_batches(model, examples, batch_tokens=batch_tokens, device=device, packing=packing):
         with autocast(device, precision):
-            logp, _ = sequence_logps(model, b, chunk_size, segment_len, batch_tokens)
+            logp, _ = sequence_logps(model, b, chunk_size, segment_len, batch_tokens, packed=packing)
         table[list(b.example_ids)] = logp.float().view(-1, 2).cpu().numpy()
     return table
 
@@ -294,14 +329,15 @@ def cached_reference(model, examples, data_fingerprint: str, *, cache_dir, is_ma
 @torch.no_grad()
 def evaluate_pairs(model, examples, *, objective="dpo", beta=None, gamma=DEFAULT_SIMPO_GAMMA, batch_tokens=4096,
                    device="cpu", precision="fp32", reference: str | None = None, ref_table=None, segment_len=None,
-                   chunk_size=None) -> dict:
+                   chunk_size=None, packing=True) -> dict:
     """Held-out pairs: mean loss, rewards, margin, reward accuracy and preference accuracy
     (log pi(y_w) > log pi(y_l)). Without a reference (DPO), the loss and rewards are left out."""
     beta = DEFAULT_BETA.get(objective, 0.1) if beta is None else beta
-    loss_module = PreferenceLoss(model, objective, beta, gamma, chunk_size, segment_len, batch_tokens, reference)
+    loss_module = PreferenceLoss(model, objective, beta, gamma, chunk_size, segment_len, batch_tokens, reference,
+                                 packing)
     has_ref = objective != "dpo" or reference == "adapters" or ref_table is not None
     total = np.zeros(len(STATS))
-    for b in _pair_batches(model, examples, batch_tokens=batch_tokens, device=device):
+    for b in _pair_batches(model, examples, batch_tokens=batch_tokens, device=device, packing=packing):
         with autocast(device, precision):
             if has_ref:
                 stats = loss_module(*as_inputs(b, ref_table))[1]
@@ -328,7 +364,7 @@ class Preference:
         from ..data.cache import default_cache_dir
         self.config, self.data, self.device, self.precision = config, data, device, precision
         kw = dict(batch_tokens=config.batch_tokens, device=device, precision=precision,
-                  chunk_size=config.loss_chunk_size, segment_len=config.segment_len)
+                  chunk_size=config.loss_chunk_size, segment_len=config.segment_len, packing=config.packing)
         self.reference, self.ref_train, self.ref_eval = None, None, None
         if config.objective == "dpo" and config.method != "full":
             self.reference = "adapters"
@@ -346,11 +382,11 @@ class Preference:
     def loss_module(self, model):
         c = self.config
         return PreferenceLoss(model, c.objective, c.beta, c.simpo_gamma, c.loss_chunk_size, c.segment_len,
-                              c.batch_tokens, self.reference)
+                              c.batch_tokens, self.reference, c.packing)
 
     def loader(self, **kw):
         from ..data.pairs import PairLoader
-        return PairLoader(self.data.train, **kw)
+        return PairLoader(self.data.train, packing=self.config.packing, **kw)
 
     def step(self, loss_module, batches, planned, count: int, *, d, wrapped):
         """One step's forward/backward: (mean pair loss, the other means users watch)."""
@@ -366,4 +402,4 @@ class Preference:
         return evaluate_pairs(model, self.data.eval, objective=c.objective, beta=c.beta, gamma=c.simpo_gamma,
                               batch_tokens=c.batch_tokens, device=self.device, precision=self.precision,
                               reference=self.reference, ref_table=self.ref_eval, segment_len=c.segment_len,
-                              chunk_size=c.loss_chunk_size)
+                              chunk_size=c.loss_chunk_size, packing=c.packing)

@@ -172,7 +172,7 @@ def describe(run: Run) -> str:
     return (f"rwkv-sft train: {model.config.n_layer} layers x {model.config.n_embd}, {n_params / 1e6:.1f}M parameters"
             f"{f' ({frozen / 1e6:.1f}M frozen in {frozen_in}, {(n_params - frozen) / 1e6:.2f}M trained)' if frozen else ''}"
             f"{f'; {peft.describe()}' if peft else ''}; "
-            f"{len(run.data.train)} examples; {d.world_size} "
+            f"{len(run.data.train)} {'pairs' if config.preference else 'examples'}; {d.world_size} "
             f"process(es){f' ({run.par.mode})' if d.enabled else ''} on {d.device.type}, {run.precision}"
             f"{', activation checkpointing' if config.activation_checkpointing else ''}"
             + (f", rows in segments of {'/'.join(map(str, sorted(segments)))} tokens ({sum(segments.values())} of "
