@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--step-tokens", dest="c:step_tokens", type=int, default=S,
                    help="completion tokens per optimizer step, all processes (gradient accumulation)")
     g.add_argument("--packing", dest="c:packing", action=argparse.BooleanOptionalAction, default=S,
-                   help="pack several examples per row (default on)")
+                   help="pack several examples per row; preference pairs: a pair's two completions in one row (default on)")
     g.add_argument("--segment-len", dest="c:segment_len", type=segment_len, default=S, metavar="S|auto",
                    help="run each row S tokens at a time with exact gradients through the state: memory flat in "
                         "length, so --max-len can be 64k+ (default auto: rows longer than --batch-tokens are split; "
