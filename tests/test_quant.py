@@ -81,6 +81,34 @@ def test_quantized_layer_matches_its_dequantized_weight_forward_and_input_gradie
     assert not list(layer.parameters()) and not layer.state_dict()  # frozen; nothing to save as a base
 
 
+@pytest.mark.parametrize("shape", [(200, 128), (192, 40)])
+def test_nf4_quantized_by_row_blocks_is_bit_identical_to_bitsandbytes_in_one_call(monkeypatch, shape):
+    """Blocks of 12 rows (rounded up to 16 rows of 40 values, whole 64-value blocks): 17 or 12 row
+    blocks, 400 or 120 absmax (two or one blocks of 256 in the double quantization). Every stored
+    tensor equals bitsandbytes' one call on the whole fp32 weight, and nothing larger than the
+    packed weight (half a byte a value) exists meanwhile: no fp32 copy of the whole."""
+    import bitsandbytes.functional as bnbf
+    from test_cross_entropy import LargestTensor
+    from rwkv_sft.adapters import quant
+    monkeypatch.setattr(quant, "ROW_BLOCK", 12)
+    w = (torch.randn(shape, generator=torch.Generator().manual_seed(5)) * 0.05).bfloat16()
+    w.view(-1)[128:192] = 0  # a block of zeros
+    with LargestTensor() as mode:
+        stored = quant.quantize(w, "nf4")
+    assert mode.numel == w.numel() // 2
+    q, state = bnbf.quantize_4bit(w.float(), blocksize=64, compress_statistics=True, quant_type="nf4")
+    ref = {"q": q, "absmax": state.absmax, "offset": state.offset.reshape(1), "code": state.code,
+           "absmax2": state.state2.absmax, "code2": state.state2.code}
+    assert stored.keys() == ref.keys()
+    for name, t in ref.items():
+        got = stored[name]
+        assert got.dtype == t.dtype and got.shape == t.shape, name
+        assert torch.equal(got.view(torch.uint8) if got.is_floating_point() else got,
+                           t.view(torch.uint8) if t.is_floating_point() else t), name  # bit for bit
+    layer = QuantLinear(shape[1], shape[0], "nf4", stored)
+    torch.testing.assert_close(layer.dequantize(), bnbf.dequantize_4bit(q, state).reshape(shape), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
 def test_a_quantized_head_scores_block_by_block_as_its_dequantized_weight_in_float64(monkeypatch, kind):
     """The loss reads a quantized head a block of rows at a time (blocks of 24 rows of 96 values:

@@ -18,6 +18,8 @@ base (`model.base_fingerprint`, taken from the unquantized tensors) and merge in
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,6 +30,7 @@ from ..settings import Quantized, choices
 KINDS = choices(Quantized)
 EXTRA = "pip install 'rwkv-sft[quant]'"
 NF4_BLOCK, NF4_BLOCK2 = 64, 256  # QLoRA's block sizes (weights; the first level's absmax)
+ROW_BLOCK = 1024  # rows quantized at a time
 
 
 def bitsandbytes():
@@ -39,24 +42,42 @@ def bitsandbytes():
     return bnbf
 
 
+def _row_blocks(weight: torch.Tensor, rows: int):
+    """(start, end, the weight's rows [start, end) in fp32) for blocks of `rows` rows: a loader's
+    transient copies stay one block's size, whatever the weight's."""
+    for s in range(0, weight.shape[0], rows):
+        yield s, min(s + rows, weight.shape[0]), weight[s:s + rows].float()
+
+
 def quantize(weight: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
-    """The stored form of a [out, in] weight, computed on the weight's device."""
-    if kind == "int8":  # (by blocks of rows: a loader's peak stays near the quantized size)
+    """The stored form of a [out, in] weight, computed on the weight's device, ROW_BLOCK rows at a time."""
+    out, cols = weight.shape
+    if kind == "int8":
         q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-        scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-        for s in range(0, weight.shape[0], 1024):
-            w = weight[s:s + 1024].float()
-            scale[s:s + 1024] = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
-            q[s:s + 1024] = torch.round(w / scale[s:s + 1024, None])
+        scale = torch.empty(out, dtype=torch.float32, device=weight.device)
+        for s, e, w in _row_blocks(weight, ROW_BLOCK):
+            scale[s:e] = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+            q[s:e] = torch.round(w / scale[s:e, None])
         return {"q": q, "row_scale": scale}
     if kind == "nf4":
         if weight.numel() % (2 * NF4_BLOCK):
             raise UserError(f"nf4: a weight of shape {list(weight.shape)} is not a whole number of "
                             f"{NF4_BLOCK}-value blocks")
-        q, state = bitsandbytes().quantize_4bit(weight.float().contiguous(), blocksize=NF4_BLOCK,
-                                                compress_statistics=True, quant_type="nf4")
-        return {"q": q, "absmax": state.absmax, "offset": state.offset.reshape(1), "code": state.code,
-                "absmax2": state.state2.absmax, "code2": state.state2.code}
+        bnbf = bitsandbytes()
+        # bitsandbytes' 64-value blocks run over the flattened weight: a row block holds whole ones
+        step = NF4_BLOCK // math.gcd(cols, NF4_BLOCK)
+        q = torch.empty(weight.numel() // 2, 1, dtype=torch.uint8, device=weight.device)
+        absmax = torch.empty(weight.numel() // NF4_BLOCK, dtype=torch.float32, device=weight.device)
+        for s, e, w in _row_blocks(weight, -(-ROW_BLOCK // step) * step):
+            packed, state = bnbf.quantize_4bit(w.contiguous(), blocksize=NF4_BLOCK, quant_type="nf4")
+            q[s * cols // 2:e * cols // 2] = packed
+            absmax[s * cols // NF4_BLOCK:e * cols // NF4_BLOCK] = state.absmax
+        # the double quantization over all the blocks' absmax, as quantize_4bit(compress_statistics=True)
+        # does it in one call on the whole weight (bit for bit: tests/test_quant.py)
+        offset = absmax.mean()
+        absmax8, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=NF4_BLOCK2)
+        return {"q": q, "absmax": absmax8, "offset": offset.reshape(1), "code": state.code,
+                "absmax2": state2.absmax, "code2": state2.code}
     raise ValueError(f"unknown quantization {kind!r}; choose from {', '.join(KINDS)}")
 
 
