@@ -330,6 +330,10 @@ def test_full_dpo_precomputes_the_reference_once_and_held_out_accuracy_rises(tmp
     cached = list((tmp_path / "cache").glob("reference-logps-*.npy"))
     assert len(cached) == 2  # train and eval pairs, beside the tokenized data
     assert before < 0.75 and result.eval["preference_accuracy"] >= 0.9, (before, result.eval)
+    # batches of another shape get a reference of their own: it runs what step 1 runs
+    train(_config(tmp_path / "two-rows", date_files, packing=False, max_steps=1), model=_fresh())
+    assert abs(_lines(tmp_path / "two-rows")[0]["loss"] - math.log(2)) < 1e-6
+    assert len(list((tmp_path / "cache").glob("reference-logps-*.npy"))) == 4
 
 
 @pytest.mark.parametrize("objective", ["orpo", "simpo"])

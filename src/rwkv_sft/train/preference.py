@@ -307,10 +307,13 @@ def reference_table(model, examples, *, batch_tokens, device, precision="fp32", 
 
 def cached_reference(model, examples, data_fingerprint: str, *, cache_dir, is_main=True, barrier=lambda: None, **kw):
     """reference_table, computed once and cached in `cache_dir` under the data's and the model's
-    fingerprints (the main process computes it; the others wait, then read it)."""
+    fingerprints and the settings that shape its batches (the main process computes it; the others
+    wait, then read it). The batches the policy runs at step 1 are then those the reference ran,
+    so DPO starts at exactly log 2."""
     from ..adapters.files import fingerprint
     from ..utils import atomic_write
-    key = hashlib.blake2b(f"{data_fingerprint}:{fingerprint(model.state_dict())}:{kw.get('precision')}".encode(),
+    shaping = ":".join(str(kw.get(k)) for k in ("precision", "packing", "batch_tokens", "segment_len", "chunk_size"))
+    key = hashlib.blake2b(f"{data_fingerprint}:{fingerprint(model.state_dict())}:{shaping}".encode(),
                           digest_size=12).hexdigest()
     path = os.path.join(cache_dir, f"reference-logps-{key}.npy")
     if is_main and not os.path.exists(path):
