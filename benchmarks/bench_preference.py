@@ -6,12 +6,14 @@ against running the two full sequences (what a transformer trainer does), side b
     python benchmarks/bench_preference.py --plan       # the batches' padding on spread lengths
 
 One DPO step's forward and backward (fp32, the chunked WKV backend on CPU, the CUDA one on a
-GPU). tokens/s counts each pair's tokens as the unforked step sees them (context + completion,
-twice), so both rows measure the same work. Peak memory: on a GPU torch.cuda.max_memory_allocated
-during the step; on CPU each variant runs in a fresh subprocess on the same checkpoint and reports
-its peak resident set during the step (VmHWM, reset before the step) above the resident set before it (the model, its gradients
-and the batch already allocated). The losses and gradients of the two are compared (relative to
-each gradient's largest entry).
+GPU), three ways: the two full sequences, the forked forward with a pair's completions in one row
+(the default) and in two rows. tokens/s counts each pair's tokens as the full sequences see them
+(context + completion, twice), so every row measures the same work. Peak memory: on a GPU
+torch.cuda.max_memory_allocated during the step; on CPU each variant runs in a fresh subprocess on
+the same checkpoint, under the trainer's heap policy, and reports its peak resident set during the
+step (VmHWM, reset before the step) above the resident set before it (the model, its gradients
+and the batch already allocated). Losses and gradients are compared with the fp32 full sequences
+and with the full sequences in float64 (each gradient relative to its largest entry).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from rwkv_sft import RWKV7, RWKV7Config
 from rwkv_sft.weights import load_model, save_model
 from rwkv_sft.data.pairs import PairBatch, PairExamples, PairLoader
 from rwkv_sft.train import preference as pref
+from rwkv_sft.utils import set_heap_policy
 
 
 def make_batch(pairs, context, completion, vocab, seed=0):
@@ -70,6 +73,7 @@ def _hwm() -> int:
 
 def child(args) -> None:
     """One variant's step in this fresh process: the peak memory of the step."""
+    set_heap_policy(low_memory=False)  # as `rwkv-sft train` does on CPU (fixed thresholds: stable peaks)
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.child_model).float().to(device)
@@ -148,6 +152,7 @@ def main() -> None:
         return child(args)
     if args.plan:
         return plan_padding()
+    set_heap_policy(low_memory=False)
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
