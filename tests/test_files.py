@@ -180,6 +180,11 @@ def test_each_peft_checkpoint_holds_and_serves_its_own_steps_adapter(tmp_path, c
     err = _cli_error(capsys, "generate", "--model", step2, "--prompt", "x", "--max-new-tokens", "1")
     assert f"--model {base} --adapter {step2}" in err and "OUT/adapter" not in err
     capsys.readouterr()
+    # train has no --adapter: the advice also names what train can do with the step
+    (tmp_path / "d.jsonl").write_text('{"context": "a", "completion": " b"}\n')
+    assert main(["train", "--model", str(step2), "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (after the data report)
+    assert f"rwkv-sft merge --model {base} --adapter {step2}" in err and "train --resume" in err, err
     assert main(["generate", "--model", str(base), "--adapter", str(step2), "--prompt", "x", "--max-new-tokens", "1"]) == 0
     assert main(["merge", "--model", str(base), "--adapter", str(step4), "--out", str(tmp_path / "m.pth")]) == 0
     assert (_logits(load_model(tmp_path / "m.pth")) - _logits(load_model(base))).abs().max() > 1e-3

@@ -30,7 +30,9 @@ def model_weights(path) -> dict:
     if state.get("adapter") is not None:  # a parameter-efficient run saves only what it trains
         base = state.get("config", {}).get("model") or "BASE"
         raise UserError(f"{path}: a checkpoint of a parameter-efficient run holds only this step's adapter: "
-                        f"use --model {base} --adapter {path}")
+                        f"use --model {base} --adapter {path} (generate, eval); to train on from it, resume its "
+                        f"run (train --resume) or merge it first (rwkv-sft merge --model {base} --adapter {path} "
+                        f"--out merged.pth)")
     return _sharded_model(path) if state.get("sharded") else state["model"]
 
 
