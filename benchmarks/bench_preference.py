@@ -111,15 +111,9 @@ def plan_padding(n_pairs=20000, seed=0) -> None:
                             np.arange(n_pairs))
     used = examples.positions.sum()
 
-    class ByTotal(PairLoader):  # the window comes sorted by total positions, longest first
-        def _pad(self, window):
-            batches, rows = [], []
-            for i in window.tolist():
-                if rows and self.positions_of(rows + [[i]]) > self.batch_tokens:
-                    batches.append(rows)
-                    rows = []
-                rows.append([i])
-            return batches + [rows] if rows else batches
+    class ByTotal(PairLoader):
+        def _order(self, window):  # as BatchLoader.plan hands it over: by total positions, longest first
+            return window
 
     print(f"pair batches' padding (share of padded positions), {n_pairs} pairs, lognormal lengths (context ~200, "
           f"completions ~150 each, drawn independently)")

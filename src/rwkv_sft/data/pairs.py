@@ -229,11 +229,15 @@ class PairLoader(BatchLoader):
         k = np.maximum(self.examples.kept[ids, 1:] - 1, 0)
         return k.sum(1) if self.packing else k.max(1)
 
-    def _pad(self, window):
+    def _order(self, window):
+        """The window's pairs in the order batches take them: longest context bucket first, then
+        longest completions."""
         context_bucket = np.floor(2 * np.log2(np.maximum(self.examples.kept[window, 0], 1)))
-        window = window[np.lexsort((-self._completion_len(window), -context_bucket))]
+        return window[np.lexsort((-self._completion_len(window), -context_bucket))]
+
+    def _pad(self, window):
         batches, rows = [], []
-        for i in window.tolist():
+        for i in self._order(window).tolist():
             if rows and (len(rows) == self.max_batch_size or self.positions_of(rows + [[i]]) > self.batch_tokens):
                 batches.append(rows)
                 rows = []

@@ -61,8 +61,7 @@ def packed_completions(completions, scored):
     are nobody's target). T is 0 when no completion has a second token."""
     n, Tp = completions.shape
     B, device = n // 2, completions.device
-    pos = torch.arange(Tp, device=device)
-    length = torch.where(scored.any(1), (scored * (pos + 1)).amax(1), 0)
+    length = torch.where(scored.any(1), (scored * torch.arange(1, Tp + 1, device=device)).amax(1), 0)
     inputs = (length - 1).clamp(min=0).view(B, 2)
     T = int(inputs.sum(1).max()) if B else 0
     pos = torch.arange(T, device=device)[None]
@@ -72,9 +71,8 @@ def packed_completions(completions, scored):
     col = torch.where(in_rejected, pos - first, pos).clamp(max=max(Tp - 2, 0))  # (padding reads any column)
     valid = pos < inputs.sum(1, keepdim=True)
     tokens = torch.where(valid, completions[src, col], 0)
-    targets = completions[src, (col + 1).clamp(max=Tp - 1)]
-    rows = valid & scored[src, (col + 1).clamp(max=Tp - 1)]
-    return tokens, valid & (pos == first), targets, rows, src
+    target_col = (col + 1).clamp(max=Tp - 1)
+    return tokens, valid & (pos == first), completions[src, target_col], valid & scored[src, target_col], src
 
 
 def head_logps(head, hidden, targets, seq, n_seq, chunk_size=None):
