@@ -31,21 +31,22 @@ def segment_count(T: int, segment_len: int | None) -> int:
     return 1 if segment_len is None else -(-T // segment_len)
 
 
-def pad_to_segments(tokens, rows, resets, n: int):
+def pad_to_segments(tokens, rows, resets, n: int, before: bool = False):
     """(tokens, rows, resets, segment_len) for exactly `n` segments (at least the rows' own count),
     padded at the end of the rows: a sharded model whose processes must all run as many segments
     (their weight gathers pair up) pads every process to the largest count among them, which the
     caller agrees on. The padding is token 0 after each row's end, outside `rows`, so nothing
-    before it changes."""
+    before it changes. `before`: padded at the start instead (rows that begin with a reset, such
+    as left-padded contexts, so nothing after it changes)."""
     if n == 1:
         return tokens, rows, resets, None
     T = tokens.shape[1]
     S = -(-T // n)
-    pad = n * S - T
-    if pad:
-        tokens = torch.nn.functional.pad(tokens, (0, pad))
-        rows = torch.nn.functional.pad(rows, (0, pad))
-        resets = None if resets is None else torch.nn.functional.pad(resets, (0, pad))
+    pad = (n * S - T, 0) if before else (0, n * S - T)
+    if any(pad):
+        tokens = torch.nn.functional.pad(tokens, pad)
+        rows = torch.nn.functional.pad(rows, pad)
+        resets = None if resets is None else torch.nn.functional.pad(resets, pad)
     return tokens, rows, resets, S
 
 

@@ -48,13 +48,14 @@ class CompletionLoss(nn.Module):
         return self.head_loss(rows, targets, l2wrap)
 
 
-def same_segment_count(tokens, rows, resets, segment_len, group=None):
-    """(tokens, rows, resets, segment_len) padded so that every process of `group` runs as many
-    segments as the one with the most (sharded blocks gather their weights at every call)."""
+def same_segment_count(tokens, rows, resets, segment_len, group=None, before: bool = False):
+    """(tokens, rows, resets, segment_len) padded (at the end, or `before`) so that every process of
+    `group` runs as many segments as the one with the most (sharded blocks gather their weights at
+    every call)."""
     import torch.distributed as dist
     count = torch.tensor([segment_count(tokens.shape[1], segment_len)], device=tokens.device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
-    return pad_to_segments(tokens, rows, resets, int(count))
+    return pad_to_segments(tokens, rows, resets, int(count), before)
 
 
 def head_loss(head, rows, targets, chunk_size=None, l2wrap: float = 0.0):

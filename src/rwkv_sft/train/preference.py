@@ -99,21 +99,6 @@ def _sum_per_sequence(model, hidden, targets, seq, n_seq, chunk_size, score=None
     return head_logps(model.head, hidden, targets, seq, n_seq, chunk_size)
 
 
-def _same_context_segments(context, resets, last, S):
-    """The context left-padded (token 0 before each row's reset) so that every process runs as many
-    segments as the one with the most: under fsdp the blocks gather their weights at every call."""
-    import torch.distributed as dist
-    T = context.shape[1]
-    count = torch.tensor([1 if S is None else -(-T // S)], device=context.device)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    n = int(count)
-    if n == 1:
-        return context, resets, last, None
-    S = -(-T // n)
-    pad = (n * S - T, 0)
-    return F.pad(context, pad), F.pad(resets, pad), F.pad(last, pad), S
-
-
 def sequence_logps(model, batch, chunk_size=None, segment_len=None, batch_tokens=None, lockstep=False, score=None,
                    packed=True):
     """The forked forward: (log pi [2B] summed over each completion's scored tokens, their count [2B]).
@@ -127,8 +112,8 @@ def sequence_logps(model, batch, chunk_size=None, segment_len=None, batch_tokens
     last = torch.zeros_like(resets)
     last[:, -1] = True
     S = segment_len_for((B, Tc), segment_len, batch_tokens)
-    if lockstep:
-        context, resets, last, S = _same_context_segments(context, resets, last, S)
+    if lockstep:  # padded before each row's reset, so the contexts' ends stay where they are
+        context, last, resets, S = same_segment_count(context, last, resets, S, before=True)
     resets = None if bool(resets[:, 0].all()) else resets  # no padding: no reset
     h_last, state = _hidden(model, context, None, resets, last, S)
     seq = torch.arange(n, device=comps.device)
