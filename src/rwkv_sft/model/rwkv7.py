@@ -6,7 +6,6 @@ shapes are BlinkDL's `.pth` layout, so `state_dict()` is a loadable checkpoint.
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 
 import torch
