@@ -183,6 +183,22 @@ def test_fresh_model_gradients_reach_every_parameter_and_the_state(n_layer):
         assert t.grad.abs().sum() > 0
 
 
+def test_token_shift_states_do_not_hold_the_blocks_activations():
+    """Each block hands on the last position of its inputs as a token-shift state. As a view it
+    would keep the whole [B,T,C] input alive until the forward ends, which under activation
+    checkpointing is most of what a block's forward saves."""
+    model = random_model(seed=3, n_layer=2, n_embd=64, vocab_size=100)
+    model.activation_checkpointing = True
+    held = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, args, out: held.extend((out[3], out[5])))
+    model.forward_hidden(torch.randint(0, 100, (2, 16)))
+    assert len(held) == 4
+    for shift in held:
+        assert shift.shape == (2, 64)
+        assert shift.untyped_storage().nbytes() == shift.numel() * shift.element_size()
+
+
 def test_upstream_init_values():
     """Spot checks of docs/rwkv7.md, "Initialisation", computed independently per element."""
     L, C, N = 3, 128, 64

@@ -81,6 +81,32 @@ def test_quantized_layer_matches_its_dequantized_weight_forward_and_input_gradie
     assert not list(layer.parameters()) and not layer.state_dict()  # frozen; nothing to save as a base
 
 
+def test_layers_in_turn_upcast_into_one_buffer_each_getting_its_own_weight():
+    """Frozen int8 and bf16 weights of different shapes, one after another, forward and backward:
+    each product uses its own weight although all are converted into the same reused buffer."""
+    from rwkv_sft.adapters.lora import FrozenLinear
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(out, 64, generator=g) / 8 for out in (256, 96, 128)]
+    layers = [QuantLinear.from_weight(weights[0], "int8"), FrozenLinear.around(torch.nn.Linear(64, 96, bias=False)),
+              QuantLinear.from_weight(weights[2], "int8")]
+    layers[1].weight = torch.nn.Parameter(weights[1].bfloat16(), requires_grad=False)
+    dense = [layers[0].dequantize(), layers[1].weight.float(), layers[2].dequantize()]
+    x = torch.randn(3, 64, generator=g, requires_grad=True)
+    expected = x.detach().clone().requires_grad_(True)
+    h, e = x, expected
+    for layer, w in zip(layers, dense):  # 256 -> 96 -> 128 wide: each reads the first 64 columns
+        h, e = layer(h[..., :64]), F.linear(e[..., :64], w)
+    h.sum().backward()
+    e.sum().backward()
+    torch.testing.assert_close(h, e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, expected.grad, rtol=1e-5, atol=1e-5)
+    from rwkv_sft.adapters import quant
+    first = quant.upcast(layers[0].q, torch.float32)
+    second = quant.upcast(layers[2].q, torch.float32)
+    assert second.data_ptr() == first.data_ptr()  # reused, not allocated again
+    assert torch.equal(second, layers[2].q.float())
+
+
 @pytest.mark.parametrize("shape", [(200, 128), (192, 40)])
 def test_nf4_quantized_by_row_blocks_is_bit_identical_to_bitsandbytes_in_one_call(monkeypatch, shape):
     """Blocks of 12 rows (rounded up to 16 rows of 40 values, whole 64-value blocks): 17 or 12 row

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..settings import LoraInit, check_lora, choices
-from .quant import QuantLinear, replace_module
+from .quant import QuantLinear, replace_module, upcast
 
 DEFAULT_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
 INITS = choices(LoraInit)
@@ -35,12 +35,12 @@ class _UpcastLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
         ctx.save_for_backward(weight)
-        return F.linear(x, weight.to(x.dtype))
+        return F.linear(x, upcast(weight, x.dtype))
 
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        return grad @ weight.to(grad.dtype), None
+        return grad @ upcast(weight, grad.dtype), None
 
 
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,23 @@ def quantize(weight: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
     raise ValueError(f"unknown quantization {kind!r}; choose from {', '.join(KINDS)}")
 
 
+_UPCAST_BUFFERS: dict = {}  # (device, dtype) -> the largest weight's worth of that dtype
+
+
+def upcast(weight: torch.Tensor, dtype) -> torch.Tensor:
+    """A frozen weight converted to `dtype` for one product, written into one buffer that every
+    such call reuses. A fresh copy per call would allocate and free each layer's weight three
+    times a step (forward, recompute, backward); on a CPU those copies fragment the C heap (and
+    cost page faults when returned to the system). The result is valid until the next call:
+    use it at once, never save it."""
+    key, n = (weight.device, dtype), weight.numel()
+    buffer = _UPCAST_BUFFERS.get(key)
+    if buffer is None or buffer.numel() < n:
+        _UPCAST_BUFFERS[key] = None  # (the old one freed before the larger one is made)
+        _UPCAST_BUFFERS[key] = buffer = torch.empty(n, dtype=dtype, device=weight.device)
+    return buffer[:n].view(weight.shape).copy_(weight)
+
+
 class _Matmul(torch.autograd.Function):
     """x W^T for a quantized layer; the backward dequantizes again for the input's gradient and
     saves nothing of W (the layer holds it)."""
@@ -129,12 +146,12 @@ class QuantLinear(nn.Module):
 
     def project(self, x):
         if self.kind == "int8":  # the row scales applied to the output: the weight is only converted
-            return F.linear(x, self.q.to(x.dtype)) * self.row_scale.to(x.dtype)
+            return F.linear(x, upcast(self.q, x.dtype)) * self.row_scale.to(x.dtype)
         return F.linear(x, self.dequantize(x.dtype))
 
     def project_back(self, grad):
         if self.kind == "int8":
-            return (grad * self.row_scale.to(grad.dtype)) @ self.q.to(grad.dtype)
+            return (grad * self.row_scale.to(grad.dtype)) @ upcast(self.q, grad.dtype)
         return grad @ self.dequantize(grad.dtype)
 
     def frozen_weight(self) -> torch.Tensor:

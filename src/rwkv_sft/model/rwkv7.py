@@ -119,7 +119,8 @@ class TimeMix(nn.Module):
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)
         y = y + bonus.reshape(B, T, C)
-        return self.output(y * g), x[:, -1], wkv_state, v_first
+        # the next token shift owns its [B,C]: a view would keep all of x alive to the forward's end
+        return self.output(y * g), x[:, -1].clone(), wkv_state, v_first
 
 
 class ChannelMix(nn.Module):
@@ -147,7 +148,7 @@ class ChannelMix(nn.Module):
             s = (self.s_emb(tokens) + self.s_emb_x(x_emb)).view(B, T, D, D)
             ss = ((x @ self.s1).unsqueeze(-2) @ s).squeeze(-2)
             k = k * (ss @ self.s2 + self.s0)
-        return self.value(k), x[:, -1]
+        return self.value(k), x[:, -1].clone()  # (owns its [B,C], as in TimeMix)
 
 
 class Block(nn.Module):
