@@ -37,6 +37,16 @@ from rwkv_sft.train import preference as pref
 from rwkv_sft.utils import set_heap_policy
 
 
+def flop_bound(model, context, completion) -> float:
+    """The most a forked step can gain at this shape: the matrix FLOPs (forward and backward, 6 per
+    weight per position) of the full sequences over the forked step's. The blocks run 2(c + y)
+    positions against c + 2y; the head runs over the 2y scored tokens in both."""
+    blocks = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("blocks."))
+    head = model.head.weight.numel()
+    scored = 2 * completion
+    return (blocks * 2 * (context + completion) + head * scored) / (blocks * (context + 2 * completion) + head * scored)
+
+
 def make_batch(pairs, context, completion, vocab, seed=0):
     g = torch.Generator().manual_seed(seed)
     return PairBatch(torch.randint(1, vocab, (pairs, context), generator=g),
@@ -215,6 +225,8 @@ def main() -> None:
               f"{loss_rel:>11.1e}, {rel(gv, g64):.1e}")
     print("x: against both full sequences (fp32); grad: the largest of each gradient's max |difference| / max |entry|; "
           "fp64: the full sequences in float64")
+    print(f"matrix FLOPs, full sequences / forked: {flop_bound(model, args.context, args.completion):.2f}x "
+          f"(the most the fork can gain here: both run the head over the same scored tokens)")
 
 
 if __name__ == "__main__":
