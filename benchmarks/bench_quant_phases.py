@@ -1,10 +1,11 @@
 """Where a LoRA step's memory goes on a quantized (or bf16) base: resident memory phase by phase.
 
-    python benchmarks/bench_quant_phases.py CKPT int8|nf4|bf16 [T] [default|low]
+    python benchmarks/bench_quant_phases.py CKPT int8|nf4|bf16 [T] [default|low|MIB]
 
 CKPT: a bf16 checkpoint (e.g. `python benchmarks/bench_peft.py --write CKPT --shape '{...}'`).
 Does what bench_quant.py's steps child does (LoRA r16, activation checkpointing, 2 steps) under
-the named heap policy (glibc's default, or --low-memory's), and after each phase (load, adapters
+the named heap policy (glibc's default, --low-memory's, or blocks from MIB MiB up in their own
+mmaps), and after each phase (load, adapters
 and optimizer, each forward, backward, optimizer step) prints the resident memory (anonymous and
 file-backed), the phase's own high-water mark (Linux: VmHWM, reset through /proc/self/clear_refs
 after each phase) and glibc's heap: bytes in use, bytes freed but kept, bytes in separate mmaps.
@@ -46,9 +47,12 @@ def phase(name):
 
 ckpt, base = sys.argv[1], sys.argv[2]
 T = int(sys.argv[3]) if len(sys.argv) > 3 else 512
-low = len(sys.argv) > 4 and sys.argv[4] == "low"
+policy = sys.argv[4] if len(sys.argv) > 4 else "default"
 torch.set_num_threads(2)
-set_heap_policy(low)
+if policy in ("default", "low"):
+    set_heap_policy(policy == "low")
+else:
+    libc.mallopt(-3, int(policy) << 20)  # M_MMAP_THRESHOLD
 phase("start")
 loss_module, optimizer, params, tokens, targets, mask = lora_setup(ckpt, base, T, after_load=lambda: phase("load"))
 print("trainable", sum(p.numel() for p in params) / 1e6, "M")
