@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench_gpu import matrix_params  # (the weights a token passes through: bench_gpu's MFU counts them)
 from rwkv_sft import RWKV7, RWKV7Config
 from rwkv_sft.weights import load_model, save_model
 from rwkv_sft.data.pairs import PairBatch, PairExamples, PairLoader
@@ -41,8 +42,8 @@ def flop_bound(model, context, completion) -> float:
     """The most a forked step can gain at this shape: the matrix FLOPs (forward and backward, 6 per
     weight per position) of the full sequences over the forked step's. The blocks run 2(c + y)
     positions against c + 2y; the head runs over the 2y scored tokens in both."""
-    blocks = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and n.startswith("blocks."))
     head = model.head.weight.numel()
+    blocks = matrix_params(model) - head
     scored = 2 * completion
     return (blocks * 2 * (context + completion) + head * scored) / (blocks * (context + 2 * completion) + head * scored)
 
