@@ -16,7 +16,8 @@ from test_train_helpers import VOCAB, tiny_config, tiny_data
 from rwkv_sft import RWKV7
 from rwkv_sft.weights import load_model, save_model
 from rwkv_sft import adapters
-from rwkv_sft.adapters.quant import QuantLinear
+from rwkv_sft.adapters.lora import FrozenLinear
+from rwkv_sft.adapters.quant import QuantLinear, upcast
 from rwkv_sft.adapters.training import quantize_model
 from rwkv_sft.adapters.training import compact
 from rwkv_sft.cli import main
@@ -84,7 +85,6 @@ def test_quantized_layer_matches_its_dequantized_weight_forward_and_input_gradie
 def test_layers_in_turn_upcast_into_one_buffer_each_getting_its_own_weight():
     """Frozen int8 and bf16 weights of different shapes, one after another, forward and backward:
     each product uses its own weight although all are converted into the same reused buffer."""
-    from rwkv_sft.adapters.lora import FrozenLinear
     g = torch.Generator().manual_seed(1)
     weights = [torch.randn(out, 64, generator=g) / 8 for out in (256, 96, 128)]
     layers = [QuantLinear.from_weight(weights[0], "int8"), FrozenLinear.around(torch.nn.Linear(64, 96, bias=False)),
@@ -100,9 +100,8 @@ def test_layers_in_turn_upcast_into_one_buffer_each_getting_its_own_weight():
     e.sum().backward()
     torch.testing.assert_close(h, e, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, expected.grad, rtol=1e-5, atol=1e-5)
-    from rwkv_sft.adapters import quant
-    first = quant.upcast(layers[0].q, torch.float32)
-    second = quant.upcast(layers[2].q, torch.float32)
+    first = upcast(layers[0].q, torch.float32)
+    second = upcast(layers[2].q, torch.float32)
     assert second.data_ptr() == first.data_ptr()  # reused, not allocated again
     assert torch.equal(second, layers[2].q.float())
 
