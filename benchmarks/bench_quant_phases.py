@@ -8,7 +8,7 @@ the named heap policy (glibc's default, --low-memory's, or blocks from MIB MiB u
 mmaps), and after each phase (load, adapters
 and optimizer, each forward, backward, optimizer step) prints the resident memory (anonymous and
 file-backed), the phase's own high-water mark (Linux: VmHWM, reset through /proc/self/clear_refs
-after each phase) and glibc's heap: bytes in use, bytes freed but kept, bytes in separate mmaps.
+after each phase) and glibc's heap: bytes in use, bytes freed but kept (and of those, at the top), bytes in separate mmaps.
 """
 import ctypes
 import resource
@@ -41,7 +41,7 @@ def phase(name):
     overall = max(overall, hwm)
     m = libc.mallinfo2()
     print(f"{name:<22} rss {st('VmRSS')/G:6.2f} (anon {st('RssAnon')/G:5.2f} file {st('RssFile')/G:5.2f})  phase-peak {hwm/G:6.2f}  "
-          f"heap: arena {m.arena/G:5.2f} inuse {m.uordblks/G:5.2f} free {m.fordblks/G:5.2f} mmapped {m.hblkhd/G:5.2f}", flush=True)
+          f"heap: arena {m.arena/G:5.2f} inuse {m.uordblks/G:5.2f} free {m.fordblks/G:5.2f} (top {m.keepcost/G:5.2f}) mmapped {m.hblkhd/G:5.2f}", flush=True)
     open("/proc/self/clear_refs", "w").write("5")
 
 

@@ -1,23 +1,27 @@
 """The model against the `rwkv` package, checkpoints, state passing, gradients, bad files."""
 from __future__ import annotations
 
+import copy
 import math
 import os
 import pickle
 import subprocess
 import sys
+import types
 import zipfile
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import random_model, rwkv_package_model
 from rwkv_sft import RWKV7, RWKV7Config
 from rwkv_sft.weights import load_model, save_model
 from rwkv_sft.errors import UserError
 from rwkv_sft.infer.decoder import Decoder
+from rwkv_sft.model import rwkv7 as rwkv7_module
 from rwkv_sft.model.config import low_rank_dim
-from rwkv_sft.ops import wkv7_reference
+from rwkv_sft.ops import wkv7, wkv7_reference
 
 # fp32 throughout; two independent implementations differ by summation order only.
 LOGIT_ATOL = 2e-4
@@ -197,6 +201,81 @@ def test_token_shift_states_do_not_hold_the_blocks_activations():
     for shift in held:
         assert shift.shape == (2, 64)
         assert shift.untyped_storage().nbytes() == shift.numel() * shift.element_size()
+
+
+def _written_out_time_mix(self, x, last_x, wkv_state, v_first, resets, backend, restart=None):
+    """TimeMix.forward with every formula written out, one op at a time (the upstream form)."""
+    B, T, C = x.shape
+    H, N = self.n_head, self.head_size
+    prev = torch.cat([last_x.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1)
+    xx = prev - x
+    xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+    r = self.receptance(xr)
+    w = -F.softplus(-(self.w0 + torch.tanh(xw @ self.w1) @ self.w2)) - 0.5
+    k = self.key(xk)
+    v = self.value(xv)
+    a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
+    g = torch.sigmoid(xg @ self.g1) @ self.g2
+    kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
+    k = k * (1 + (a - 1) * self.k_a)
+    if self.layer_id == 0:
+        v_first = v
+    else:
+        v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+    heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
+    y, wkv_state = rwkv7_module.wkv7(heads(r), heads(w), heads(k), heads(v), -kk, kk * heads(a), state=wkv_state,
+                                     backend=backend)
+    y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
+    y = y + ((heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)).reshape(B, T, C)
+    return self.output(y * g), x[:, -1], wkv_state, v_first
+
+
+def _written_out_channel_mix(self, x, last_x, resets, tokens, x_emb, restart_x=None):
+    prev = torch.cat([last_x.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1)
+    return self.value(torch.relu(self.key(x + (prev - x) * self.x_k)) ** 2), x[:, -1]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_blocks_equal_their_formulas_written_out(lora, monkeypatch):
+    """The time and channel mixes fold their formulas into fewer tensors (the six lerps in one
+    product, in-place steps, LoRA's update added in place). Against the formulas one op at a time:
+    fp32 outputs and every gradient; under bf16 autocast the outputs, which differ at bf16's
+    precision (1e-2) if an in-place step kept a bf16 product where the formula widens to fp32."""
+    from rwkv_sft.adapters.lora import add_lora
+    model = random_model(seed=5, scale=0.3, n_layer=3, n_embd=128, vocab_size=200, head_size=32)
+    model.wkv_backend = "reference"
+    if lora:
+        add_lora(model, rank=4)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.05)  # (B starts at zero: the update would add nothing)
+    twin = copy.deepcopy(model)
+    for block in twin.blocks:
+        block.att.forward = types.MethodType(_written_out_time_mix, block.att)
+        block.ffn.forward = types.MethodType(_written_out_channel_mix, block.ffn)
+    tokens = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for m in (copy.deepcopy(model).double(), copy.deepcopy(twin).double()):  # float64: the math alone
+        hidden, state = m.forward_hidden(tokens)
+        loss = m.head(hidden).logsumexp(-1).mean() + state.wkv.square().mean()
+        loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name, g in grads[1].items():
+        assert (grads[0][name] - g).abs().max() <= 1e-10 * g.abs().max(), name
+    # bf16 autocast: each operand reaches the WKV operator in the same dtype (a bf16 product kept
+    # where the formula widens to fp32 would show here), and the hidden states agree
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append([t.dtype for t in args[:6]])
+        return wkv7(*args, **kwargs)
+    monkeypatch.setattr(rwkv7_module, "wkv7", recording)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, written = model.forward_hidden(tokens)[0], twin.forward_hidden(tokens)[0]
+    assert len(seen) == 6 and seen[:3] == seen[3:] and torch.float32 in seen[1] and torch.bfloat16 in seen[1]
+    assert ours.dtype == written.dtype == torch.float32
+    assert (ours - written).abs().max() <= 1e-2 * written.abs().max()
 
 
 def test_upstream_init_values():

@@ -80,6 +80,10 @@ def test_quantized_layer_matches_its_dequantized_weight_forward_and_input_gradie
     torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
     assert not list(layer.parameters()) and not layer.state_dict()  # frozen; nothing to save as a base
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the product in bf16, the scale
+        y, y2 = layer(x), F.linear(x, layer.q.float()) * layer.row_scale if kind == "int8" else F.linear(x, dense)
+    assert y.dtype == y2.dtype  # (int8: fp32, the bf16 product widened by the fp32 scale, as written)
+    torch.testing.assert_close(y, y2, rtol=0, atol=0)
 
 
 def test_layers_in_turn_upcast_into_one_buffer_each_getting_its_own_weight():

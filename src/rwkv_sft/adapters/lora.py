@@ -112,19 +112,21 @@ class LoRALayer(nn.Module):
         self.lora_A.copy_(self.lora_A0)
         self.lora_B.copy_(self.lora_B0)
 
-    def delta(self, x):
-        """The adapter's contribution to the output."""
-        h = F.dropout(x, self.dropout, self.training) if self.dropout else x
-        d = F.linear(F.linear(h, self.lora_A), self.lora_B)
-        if self.init == "pissa":
-            d = d - F.linear(F.linear(x, self.lora_A0), self.lora_B0)
-        return d * self.scale
+    def forward(self, x):
+        lead, x = x.shape[:-1], x.reshape(-1, self.in_features)  # 2-D: the update below is in place
+        y = super().forward(x)
+        if self.adapter_on:
+            # y += scale * (drop(x) A^T) B^T in place: the base's product saves its input, not y, so
+            # autograd allows it, and no [tokens, out] temporary is made (forward or backward)
+            h = F.dropout(x, self.dropout, self.training) if self.dropout else x
+            if self.init == "pissa":  # both products whole first: their difference is exactly 0 at step 0
+                d = F.linear(F.linear(h, self.lora_A), self.lora_B) - F.linear(F.linear(x, self.lora_A0), self.lora_B0)
+                y.add_(d.to(y.dtype), alpha=self.scale)
+            else:
+                y.addmm_(F.linear(h, self.lora_A).to(y.dtype), self.lora_B.to(y.dtype).t(), alpha=self.scale)
+        return y.view(*lead, self.out_features)
 
     adapter_on = True  # False: the frozen layer alone (preference.adapters_off, for the reference model)
-
-    def forward(self, x):
-        y = super().forward(x)
-        return y + self.delta(x) if self.adapter_on else y
 
     def delta_weight(self) -> torch.Tensor:
         """scale * (B A - B0 A0) in fp32: what a merge adds to the weight."""

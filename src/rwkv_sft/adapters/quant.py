@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..ops.amp import widened
 from ..settings import Quantized, choices
 
 KINDS = choices(Quantized)
@@ -146,7 +147,8 @@ class QuantLinear(nn.Module):
 
     def project(self, x):
         if self.kind == "int8":  # the row scales applied to the output: the weight is only converted
-            return F.linear(x, upcast(self.q, x.dtype)) * self.row_scale.to(x.dtype)
+            scale = self.row_scale.to(x.dtype)
+            return widened(F.linear(x, upcast(self.q, x.dtype)), scale).mul_(scale)
         return F.linear(x, self.dequantize(x.dtype))
 
     def project_back(self, grad):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..ops import wkv7
+from ..ops.amp import widened
 from .config import RWKV7Config
 from .segments import forward_segments
 
@@ -96,29 +97,35 @@ class TimeMix(nn.Module):
         if wkv_state is None:  # a sequence's start, made here, where a sharded model's weights are whole
             wkv_state = self.initial_wkv(B, x.device)
         xx = _token_shift(x, last_x, resets, None if restart is None else restart[0]) - x
-        xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+        # Fewer [B,T,C] temporaries than the formulas written out: the six lerps in one product, and
+        # in-place steps on fresh tensors whose producer's backward does not keep them. On a CPU each
+        # fresh block of a few MiB costs page faults; on a GPU each is a kernel and a memory pass.
+        mix = torch.stack((self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))  # [6,1,1,C]
+        xr, xw, xk, xv, xa, xg = torch.addcmul(x, xx, mix).unbind(0)
 
         r = self.receptance(xr)
-        w = -F.softplus(-(self.w0 + torch.tanh(xw @ self.w1) @ self.w2)) - 0.5  # log(-log(decay))
+        # w = -softplus(-(w0 + tanh(xw w1) w2)) - 0.5: log(-log(decay)). In place: a product's and
+        # a sum's backward keep no output; softplus's keeps its input, which the neg_ precedes.
+        w = F.softplus(widened(torch.tanh(xw @ self.w1) @ self.w2, self.w0).add_(self.w0).neg_()).neg_().sub_(0.5)
         k = self.key(xk)
         v = self.value(xv)
-        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
+        a = widened((xa @ self.a1) @ self.a2, self.a0).add_(self.a0).sigmoid_()  # (sigmoid keeps its output)
         g = torch.sigmoid(xg @ self.g1) @ self.g2
 
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
-        k = k * (1 + (a - 1) * self.k_a)
+        k = k * widened(a - 1, self.k_a).mul_(self.k_a).add_(1)  # k * (1 + (a - 1) k_a)
         if self.layer_id == 0:
             v_first = v
-        else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        else:  # v + (v_first - v) * sigmoid(v0 + xv v1 v2)
+            v = torch.addcmul(v, v_first - v, widened((xv @ self.v1) @ self.v2, self.v0).add_(self.v0).sigmoid_())
 
         heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
         y, wkv_state = wkv7(heads(r), heads(w), heads(k), heads(v), -kk, kk * heads(a),
                             state=wkv_state, backend=backend, resets=resets,
                             reset_state=self.time_state if restart is None else restart[1])
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
-        bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)
-        y = y + bonus.reshape(B, T, C)
+        bonus = widened(heads(r) * heads(k), self.r_k).mul_(self.r_k).sum(dim=-1, keepdim=True)  # per head
+        y = torch.addcmul(heads(y), bonus, heads(v)).view(B, T, C)  # y + bonus v
         # the next token shift owns its [B,C]: a view would keep all of x alive to the forward's end
         return self.output(y * g), x[:, -1].clone(), wkv_state, v_first
 
@@ -141,7 +148,7 @@ class ChannelMix(nn.Module):
 
     def forward(self, x, last_x, resets, tokens, x_emb, restart_x=None):
         xx = _token_shift(x, last_x, resets, restart_x) - x
-        k = torch.relu(self.key(x + xx * self.x_k)) ** 2
+        k = torch.relu(self.key(torch.addcmul(x, xx, self.x_k))) ** 2
         if self.deep_embed:
             B, T, _ = x.shape
             D = self.s1.shape[1]

@@ -12,3 +12,10 @@ def no_autocast(device_type: str):
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def widened(t: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """t in the dtype of `t op other`: a copy only where that differs (a bf16 product under autocast
+    meeting an fp32 parameter). An in-place op on a fresh t then gives what the out-of-place
+    formula gives, dtype included."""
+    return t.to(torch.promote_types(t.dtype, other.dtype))
