@@ -20,6 +20,11 @@ the quick ones first:
   segmented      one LoRA step at T=4096 in segments of 1024, likewise
   fsdp           one FSDP step over all GPUs (needs 2 or more)
   offload        one full fine-tuning step with --parallel fsdp --offload cpu, one process, peak GPU memory
+  quant          two LoRA steps at T=1024 on the 1.5B checkpoint quantized to nf4 at load (target: 3.9 GB)
+  quant-big      likewise on 7.2B (32 x 4096) and 13.3B (61 x 4096) checkpoints made for it, with activation
+                 checkpointing (targets: 8 and 14 GiB); each checkpoint is deleted after its row
+  offload-2.9b   3 full fine-tuning steps of a 2.9B (32 x 2560) checkpoint at T=1024: --offload cpu with
+                 the GPU capped at 16 GiB, beside the same steps uncapped without offload (tokens/s)
   wkv-bench      benchmarks/bench_wkv.py: cuda vs fla vs chunked, fwd+bwd, T=4096, bf16, H=32 (C=2048)
   fla-tests      tests/test_wkv7_gpu.py's fla tests: fla against the reference and chunked
   gpu-bench      benchmarks/bench_gpu.py: our training step beside fla's RWKV7ForCausalLM (0.1B, 1.5B,
@@ -60,6 +65,9 @@ GiB = 2**30
 # steps at T=1024 as RWKV-PEFT reports for 1.5B on one GPU.
 DEMO_MIN_EXACT, DEMO_MAX_S = 0.90, 60.0
 PEAK_TARGET_GIB = {"lora": 5.6e9 / GiB, "state-tuning": 5.3e9 / GiB}
+# nf4 LoRA at T=1024: RWKV-PEFT's 1.5B figure, and a 7.2B / 13.3B on a 12 / 16 GB card
+QUANT_TARGET_GIB = {"1.5b": 3.9e9 / GiB, "7.2b": 8.0, "13.3b": 14.0}
+OFFLOAD_CAP_GIB = 16
 
 
 # ---- wheels (run where pip reaches PyPI) -------------------------------------------------------
@@ -178,9 +186,13 @@ def _sizes(tiny: bool) -> dict:
     """The shapes of every step: the real ones, or tiny ones that exercise the same code on CPU."""
     if tiny:
         return dict(bench=dict(B=1, T=64, H=2, N=16), demo_steps=2, demo_exact=4, demo_examples=32,
-                    model=dict(n_layer=2, n_embd=64), T=64, T_long=128, segment=32, lora_rank=4)
+                    model=dict(n_layer=2, n_embd=64), T=64, T_long=128, segment=32, lora_rank=4,
+                    big={"7.2b": dict(n_layer=2, n_embd=128), "13.3b": dict(n_layer=3, n_embd=128)},
+                    offload_model=dict(n_layer=2, n_embd=128))
     return dict(bench=dict(B=4, T=4096, H=32, N=64), demo_steps=200, demo_exact=200, demo_examples=None,
-                model=dict(n_layer=24, n_embd=2048), T=1024, T_long=4096, segment=1024, lora_rank=16)
+                model=dict(n_layer=24, n_embd=2048), T=1024, T_long=4096, segment=1024, lora_rank=16,
+                big={"7.2b": dict(n_layer=32, n_embd=4096), "13.3b": dict(n_layer=61, n_embd=4096)},
+                offload_model=dict(n_layer=32, n_embd=2560))
 
 
 # ---- the steps --------------------------------------------------------------------------------------
@@ -331,17 +343,24 @@ def step_demo(ctx: Context):
     ctx.report.add("demo", status, detail, seconds, _gib(result.get("peak")), result=result)
 
 
+def _write_checkpoint(ctx: Context, step: str, shape: dict, limit: float = 120):
+    """A random checkpoint of `shape` written by a child process: (path or None, detail, seconds)."""
+    path = ctx.work / f"model_{shape['n_layer']}x{shape['n_embd']}.pth"
+    rc, result, out, seconds = ctx.child(step, "checkpoint", limit, device=ctx.device, path=str(path), **shape)
+    if rc != 0 or result is None:
+        return None, "timed out" if rc is None else _last_line(out), seconds
+    return path, (f"{shape['n_layer']} x {shape['n_embd']}, {result['params'] / 1e9:.2f} B parameters, "
+                  f"{path.stat().st_size / GiB:.2f} GiB bf16"), seconds
+
+
 def step_checkpoint(ctx: Context):
     s = _sizes(ctx.args.tiny)
-    path = ctx.work / "model_1p5b.pth"
-    rc, result, out, seconds = ctx.child("checkpoint", "checkpoint", 120, device=ctx.device, path=str(path),
-                                         **s["model"])
-    if rc != 0 or result is None:
-        return ctx.report.add("checkpoint", "fail", "timed out" if rc is None else _last_line(out), seconds)
+    path, detail, seconds = _write_checkpoint(ctx, "checkpoint", s["model"])
+    if path is None:
+        return ctx.report.add("checkpoint", "fail", detail, seconds)
     ctx.checkpoint = path
     _write_long_text(ctx.work / "long.jsonl", s["T_long"])
-    ctx.report.add("checkpoint", "pass", f"{s['model']['n_layer']} x {s['model']['n_embd']}, "
-                   f"{result['params'] / 1e9:.2f} B parameters, {path.stat().st_size / GiB:.2f} GiB bf16", seconds)
+    ctx.report.add("checkpoint", "pass", detail, seconds)
 
 
 def _train_flags(ctx: Context) -> set[str]:
@@ -358,14 +377,19 @@ def _train_flags(ctx: Context) -> set[str]:
     return ctx.train_flags
 
 
-def _train_step(ctx: Context, step: str, flags: list[str], T: int, nproc: int = 1, target: float | None = None):
+def _train_step(ctx: Context, step: str, flags: list[str], T: int, nproc: int = 1, target: float | None = None,
+                checkpoint: Path | None = None, steps: int = 1, cap_gib: float | None = None, limit: float = 150):
+    """`steps` optimizer steps of `rwkv-sft train` on `checkpoint` (default: the checkpoint step's), a row
+    with the loss and peak GPU memory (a pass/fail against `target` GiB); from 2 steps on, the last
+    step's tokens/s. cap_gib: the GPU memory this process may use (set_per_process_memory_fraction)."""
     missing = [f for f in flags if f.startswith("--") and f not in _train_flags(ctx)]
     if missing:
         return ctx.report.add(step, "unavailable", f"this build of `rwkv-sft train` has no {', '.join(missing)}")
-    if ctx.checkpoint is None:
+    checkpoint = checkpoint or ctx.checkpoint
+    if checkpoint is None:
         return ctx.report.add(step, "skipped", "no checkpoint (the checkpoint step did not pass)")
-    args = ["train", "--model", str(ctx.checkpoint), "--data", str(ctx.work / "long.jsonl"), "--format", "text",
-            "--max-len", str(T), "--batch-tokens", str(T), "--max-steps", "1", "--warmup-steps", "0",
+    args = ["train", "--model", str(checkpoint), "--data", str(ctx.work / "long.jsonl"), "--format", "text",
+            "--max-len", str(T), "--batch-tokens", str(T), "--max-steps", str(steps), "--warmup-steps", "0",
             "--device", ctx.device, "--precision", "bf16", "--out", str(ctx.work / step), "--no-progress",
             "--set", "tensorboard=false", "--set", "export=[]", *flags]
     if nproc > 1:
@@ -375,11 +399,17 @@ def _train_step(ctx: Context, step: str, flags: list[str], T: int, nproc: int = 
         results = [json.loads(ln.split("GPU_CHECK_RESULT ", 1)[1]) for ln in out.splitlines() if "GPU_CHECK_RESULT " in ln]
         result = max(results, key=lambda r: r.get("peak") or 0) if results else None
     else:
-        rc, result, out, seconds = ctx.child(step, "train", 150, argv=args)
+        rc, result, out, seconds = ctx.child(step, "train", limit, argv=args, cap_gib=cap_gib)
     if rc != 0 or result is None or result.get("rc"):
         return ctx.report.add(step, "fail", "timed out" if rc is None else _last_line(out), seconds)
     peak = _gib(result.get("peak"))
-    detail = f"1 step, T={T}, {' '.join(flags)}; loss {result.get('loss')}"
+    detail = f"{steps} step{'s' * (steps > 1)}, T={T}, {' '.join(flags)}; loss {result.get('loss')}"
+    if checkpoint != ctx.checkpoint:
+        detail = f"{checkpoint.name}: {detail}"
+    if cap_gib is not None:
+        detail += f"; GPU capped at {cap_gib} GiB"
+    if result.get("step_tokens_per_s"):
+        detail += f"; last step {result['step_tokens_per_s']:,.0f} tokens/s"
     if peak is not None:
         detail += f"; peak reserved {_gib(result.get('reserved')):.2f} GiB"
     status = "pass"
@@ -426,12 +456,61 @@ def step_offload(ctx: Context):
     _train_step(ctx, "offload", ["--parallel", "fsdp", "--offload", "cpu"], _sizes(ctx.args.tiny)["T"])
 
 
+def step_quant(ctx: Context):
+    s = _sizes(ctx.args.tiny)
+    _train_step(ctx, "quant", ["--lora-rank", str(s["lora_rank"]), "--base-dtype", "nf4"], s["T"], steps=2,
+                target=None if ctx.args.tiny else QUANT_TARGET_GIB["1.5b"])
+
+
+def step_quant_big(ctx: Context):
+    """nf4 LoRA steps on bases a consumer GPU cannot hold in bf16, each checkpoint made for its row
+    (on the GPU, several minutes and tens of GB of disk at 13.3B) and deleted after it."""
+    s = _sizes(ctx.args.tiny)
+    if ctx.checkpoint is None:
+        return ctx.report.add("quant-big", "skipped", "no training text (the checkpoint step did not pass)")
+    for name, shape in s["big"].items():
+        step = f"quant-{name}"
+        if ctx.left() < MIN_START_S:
+            ctx.report.add(step, "skipped", "time budget spent")
+            continue
+        path, detail, seconds = _write_checkpoint(ctx, step, shape, limit=300)
+        if path is None:
+            ctx.report.add(step, "fail", f"writing the checkpoint: {detail}", seconds)
+            continue
+        try:
+            _train_step(ctx, step, ["--lora-rank", str(s["lora_rank"]), "--base-dtype", "nf4",
+                                    "--activation-checkpointing"], s["T"], checkpoint=path, limit=300,
+                        target=None if ctx.args.tiny else QUANT_TARGET_GIB[name])
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def step_offload_big(ctx: Context):
+    """Full fine-tuning of a model whose weights, gradients and AdamW state (16 bytes a parameter, 46 GB
+    at 2.9B) exceed the GPU's allowed 16 GiB, beside the same steps on the whole GPU without offload."""
+    if ctx.device != "cuda":
+        return ctx.report.add("offload-2.9b", "skipped", "needs a GPU (a CPU run has nothing to offload)")
+    s = _sizes(ctx.args.tiny)
+    if ctx.checkpoint is None:
+        return ctx.report.add("offload-2.9b", "skipped", "no training text (the checkpoint step did not pass)")
+    path, detail, seconds = _write_checkpoint(ctx, "offload-2.9b", s["offload_model"], limit=300)
+    if path is None:
+        return ctx.report.add("offload-2.9b", "fail", f"writing the checkpoint: {detail}", seconds)
+    try:
+        _train_step(ctx, "offload-2.9b", ["--parallel", "fsdp", "--offload", "cpu"], s["T"], checkpoint=path,
+                    steps=3, cap_gib=OFFLOAD_CAP_GIB, limit=400)
+        _train_step(ctx, "offload-2.9b-baseline", [], s["T"], checkpoint=path, steps=3, limit=300)
+    finally:
+        path.unlink(missing_ok=True)
+
+
 # The install first (the environment row then sees the installed fla), our kernel's tests and the
 # quick steps next, so that a slow Triton compile (fla's kernels, minutes on first use) cannot
 # starve them; fla's tests last, with whatever budget is left.
 STEPS = {"install": step_install, "environment": step_environment, "cuda-tests": step_cuda_tests,
          "demo": step_demo, "checkpoint": step_checkpoint, "lora": step_lora, "state-tuning": step_state_tuning,
-         "segmented": step_segmented, "fsdp": step_fsdp, "offload": step_offload, "wkv-bench": step_wkv_bench,
+         "segmented": step_segmented, "fsdp": step_fsdp, "offload": step_offload, "quant": step_quant,
+         "quant-big": step_quant_big, "offload-2.9b": step_offload_big, "wkv-bench": step_wkv_bench,
          "fla-tests": step_fla_tests, "gpu-bench": step_gpu_bench}
 MIN_START_S = 20  # a step is not started with less of the budget left
 
@@ -501,15 +580,22 @@ def child_checkpoint(kw):
 def child_train(kw):
     import torch
     from rwkv_sft.cli import main
+    device = kw["argv"][kw["argv"].index("--device") + 1]
+    if kw.get("cap_gib") and device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, kw["cap_gib"] * GiB / total))
     rc = main(kw["argv"])
     out = Path(kw["argv"][kw["argv"].index("--out") + 1])
-    loss = None
+    loss = step_rate = None
     metrics = out / "metrics.jsonl"
     if metrics.is_file():
         rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
-        loss = next((r["loss"] for r in rows if r.get("kind") == "train"), None)
-    device = kw["argv"][kw["argv"].index("--device") + 1]
-    return dict(rc=rc, loss=loss, rank=int(os.environ.get("RANK", 0)), **_peak(torch, device))
+        train = [r for r in rows if r.get("kind") == "train"]
+        loss = train[0]["loss"] if train else None
+        if len(train) >= 2 and train[-1]["time"] > train[-2]["time"]:  # the last step alone: warm
+            step_rate = (train[-1]["tokens"] - train[-2]["tokens"]) / (train[-1]["time"] - train[-2]["time"])
+    return dict(rc=rc, loss=loss, step_tokens_per_s=step_rate, rank=int(os.environ.get("RANK", 0)),
+                **_peak(torch, device))
 
 
 CHILDREN = {"demo": child_demo, "checkpoint": child_checkpoint, "train": child_train}

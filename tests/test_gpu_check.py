@@ -58,6 +58,32 @@ def test_tiny_run_on_cpu(gpu_check, tmp_path, capsys):
     assert all(gpu_check._format_row(r) in printed for r in rows.values())  # the printed table is the JSON's
 
 
+def test_tiny_quantized_base_rows_on_cpu(gpu_check, tmp_path, capsys, monkeypatch):
+    """The nf4 rows through the real CLI: two steps on the shared checkpoint (the last one's
+    tokens/s reported), one step on each checkpoint made for a row of its own (deleted after it);
+    the 2.9B offload row skipped for want of a GPU."""
+    pytest.importorskip("bitsandbytes")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setattr(gpu_check.tempfile, "mkdtemp", lambda **kw: str(work))
+    monkeypatch.setattr(gpu_check.shutil, "rmtree", lambda *a, **kw: None)  # (to look at what is left)
+    steps = ["checkpoint", "quant", "quant-big", "offload-2.9b"]
+    rc = gpu_check.main(["--allow-cpu", "--tiny", "--no-install", "--out", str(tmp_path), "--only", *steps])
+    printed = capsys.readouterr().out
+    rows = {r["step"]: r for r in _rows(tmp_path)}
+    assert list(rows) == ["checkpoint", "quant", "quant-7.2b", "quant-13.3b", "offload-2.9b"], printed
+    assert rc == 0, printed
+    for step in ("quant", "quant-7.2b", "quant-13.3b"):
+        assert rows[step]["status"] == "pass" and "--base-dtype nf4" in rows[step]["detail"], rows[step]
+        assert math.isfinite(float(rows[step]["detail"].split("loss ")[1].split(";")[0]))
+    assert float(rows["quant"]["detail"].split("last step ")[1].split(" tokens/s")[0].replace(",", "")) > 0
+    assert rows["quant"]["detail"].startswith("2 steps")
+    assert rows["quant-7.2b"]["detail"].startswith("model_2x128.pth: 1 step")  # a checkpoint of its own ...
+    assert rows["quant-13.3b"]["detail"].startswith("model_3x128.pth: 1 step")
+    assert sorted(p.name for p in work.glob("*.pth")) == ["model_2x64.pth"]  # ... deleted after its row
+    assert rows["offload-2.9b"]["status"] == "skipped" and "needs a GPU" in rows["offload-2.9b"]["detail"]
+
+
 def test_a_failing_step_or_an_unknown_flag_does_not_stop_the_check(gpu_check, tmp_path, monkeypatch):
     def broken(ctx):
         raise RuntimeError("boom")
