@@ -21,9 +21,9 @@ the quick ones first:
   fsdp           one FSDP step over all GPUs (needs 2 or more)
   offload        one full fine-tuning step with --parallel fsdp --offload cpu, one process, peak GPU memory
   quant          two LoRA steps at T=1024 on the 1.5B checkpoint quantized to nf4 at load (target: 3.9 GB)
-  quant-big      likewise on 7.2B (32 x 4096) and 13.3B (61 x 4096) checkpoints made for it, with activation
+  quant-big      (only when named in --only) likewise on 7.2B (32 x 4096) and 13.3B (61 x 4096) checkpoints made for it, with activation
                  checkpointing (targets: 8 and 14 GiB); each checkpoint is deleted after its row
-  offload-2.9b   3 full fine-tuning steps of a 2.9B (32 x 2560) checkpoint at T=1024: --offload cpu with
+  offload-2.9b   (only when named in --only) 3 full fine-tuning steps of a 2.9B (32 x 2560) checkpoint at T=1024: --offload cpu with
                  the GPU capped at 16 GiB, beside the same steps uncapped without offload (tokens/s)
   wkv-bench      benchmarks/bench_wkv.py: cuda vs fla vs chunked, fwd+bwd, T=4096, bf16, H=32 (C=2048)
   fla-tests      tests/test_wkv7_gpu.py's fla tests: fla against the reference and chunked
@@ -513,6 +513,7 @@ STEPS = {"install": step_install, "environment": step_environment, "cuda-tests":
          "quant-big": step_quant_big, "offload-2.9b": step_offload_big, "wkv-bench": step_wkv_bench,
          "fla-tests": step_fla_tests, "gpu-bench": step_gpu_bench}
 MIN_START_S = 20  # a step is not started with less of the budget left
+OPT_IN = {"quant-big", "offload-2.9b"}  # minutes and tens of GB each: run only when named in --only
 
 
 def _write_long_text(path: Path, T: int) -> None:
@@ -644,6 +645,9 @@ def main(argv=None) -> int:
                 continue
             if ctx.left() < MIN_START_S:
                 report.add(name, "skipped", f"time budget of {args.budget:.0f} s spent")
+                continue
+            if name in OPT_IN and not args.only:
+                report.add(name, "skipped", "run only when named: --only " + name)
                 continue
             start = time.monotonic()
             try:

@@ -109,6 +109,17 @@ def test_spent_budget_skips_the_remaining_steps(gpu_check, tmp_path):
     assert all(r["status"] == "skipped" and "budget" in r["detail"] for r in rows)
 
 
+def test_the_long_rows_run_only_when_named(gpu_check, tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(gpu_check, "STEPS", {name: lambda ctx, name=name: ran.append(name) or
+                                             ctx.report.add(name, "pass") for name in ("install", "quant-big")})
+    assert gpu_check.main(["--allow-cpu", "--tiny", "--no-install", "--out", str(tmp_path)]) == 0
+    rows = {r["step"]: r for r in _rows(tmp_path)}
+    assert ran == ["install"] and rows["quant-big"]["status"] == "skipped" and "--only quant-big" in rows["quant-big"]["detail"]
+    assert gpu_check.main(["--allow-cpu", "--tiny", "--no-install", "--out", str(tmp_path), "--only", "quant-big"]) == 0
+    assert ran == ["install", "quant-big"]
+
+
 def test_steps_cut_short_by_their_time_limit_keep_what_they_measured(gpu_check, tmp_path, monkeypatch):
     """A GPU run once lost the kernel timings and the test count to a timeout (fla compiling for
     minutes): the rows must say what was measured and how far the tests got."""
