@@ -21,10 +21,12 @@ the quick ones first:
   fsdp           one FSDP step over all GPUs (needs 2 or more)
   offload        one full fine-tuning step with --parallel fsdp --offload cpu, one process, peak GPU memory
   quant          two LoRA steps at T=1024 on the 1.5B checkpoint quantized to nf4 at load (target: 3.9 GB)
-  quant-big      (only when named in --only) likewise on 7.2B (32 x 4096) and 13.3B (61 x 4096) checkpoints made for it, with activation
-                 checkpointing (targets: 8 and 14 GiB); each checkpoint is deleted after its row
-  offload-2.9b   (only when named in --only) 3 full fine-tuning steps of a 2.9B (32 x 2560) checkpoint at T=1024: --offload cpu with
-                 the GPU capped at 16 GiB, beside the same steps uncapped without offload (tokens/s)
+  quant-big      (only when named in --only) likewise on 7.2B (32 x 4096) and 13.3B (61 x 4096)
+                 checkpoints made for it, with activation checkpointing (targets: 8 and 14 GiB);
+                 each checkpoint is deleted after its row
+  offload-2.9b   (only when named in --only) 3 full fine-tuning steps of a 2.9B (32 x 2560) checkpoint
+                 at T=1024: --offload cpu with the GPU capped at 16 GiB, beside the same steps
+                 uncapped without offload (tokens/s of the last step)
   wkv-bench      benchmarks/bench_wkv.py: cuda vs fla vs chunked, fwd+bwd, T=4096, bf16, H=32 (C=2048)
   fla-tests      tests/test_wkv7_gpu.py's fla tests: fla against the reference and chunked
   gpu-bench      benchmarks/bench_gpu.py: our training step beside fla's RWKV7ForCausalLM (0.1B, 1.5B,
