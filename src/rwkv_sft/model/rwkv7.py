@@ -58,6 +58,12 @@ def _token_shift(x, last, resets, restart=None):
     return prev
 
 
+def _plus(product, bias):
+    """product + bias, added in place to the fresh product (a product's backward keeps its operands,
+    not its output), in the dtype the sum would have."""
+    return widened(product, bias).add_(bias)
+
+
 class TimeMix(nn.Module):
     def __init__(self, cfg: RWKV7Config, layer_id: int):
         super().__init__()
@@ -106,10 +112,10 @@ class TimeMix(nn.Module):
         r = self.receptance(xr)
         # w = -softplus(-(w0 + tanh(xw w1) w2)) - 0.5: log(-log(decay)). In place: a product's and
         # a sum's backward keep no output; softplus's keeps its input, which the neg_ precedes.
-        w = F.softplus(widened(torch.tanh(xw @ self.w1) @ self.w2, self.w0).add_(self.w0).neg_()).neg_().sub_(0.5)
+        w = F.softplus(_plus(torch.tanh(xw @ self.w1) @ self.w2, self.w0).neg_()).neg_().sub_(0.5)
         k = self.key(xk)
         v = self.value(xv)
-        a = widened((xa @ self.a1) @ self.a2, self.a0).add_(self.a0).sigmoid_()  # (sigmoid keeps its output)
+        a = _plus((xa @ self.a1) @ self.a2, self.a0).sigmoid_()  # (sigmoid keeps its output)
         g = torch.sigmoid(xg @ self.g1) @ self.g2
 
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
@@ -117,7 +123,7 @@ class TimeMix(nn.Module):
         if self.layer_id == 0:
             v_first = v
         else:  # v + (v_first - v) * sigmoid(v0 + xv v1 v2)
-            v = torch.addcmul(v, v_first - v, widened((xv @ self.v1) @ self.v2, self.v0).add_(self.v0).sigmoid_())
+            v = torch.addcmul(v, v_first - v, _plus((xv @ self.v1) @ self.v2, self.v0).sigmoid_())
 
         heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
         y, wkv_state = wkv7(heads(r), heads(w), heads(k), heads(v), -kk, kk * heads(a),
