@@ -13,7 +13,8 @@ from test_train_helpers import VOCAB, tiny_config, tiny_data
 
 from rwkv_sft.weights import load_model, save_model
 from rwkv_sft import adapters
-from rwkv_sft.adapters.lora import _UpcastLinear
+from rwkv_sft.model.rwkv7 import ChannelMix, TimeMix
+from rwkv_sft.ops.frozen import UpcastLinear
 from rwkv_sft.cli import main
 from rwkv_sft.errors import UserError
 from rwkv_sft.train import train
@@ -144,7 +145,7 @@ def test_upcast_linear_matches_fp32_linear_and_keeps_no_fp32_copy():
     w = torch.randn(48, 32).to(torch.bfloat16)
     x = torch.randn(5, 32, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
-    y = _UpcastLinear.apply(x, w)
+    y = UpcastLinear.apply(x, w)
     y2 = F.linear(x2, w.float())
     assert [t.dtype for t in y.grad_fn.saved_tensors] == [torch.bfloat16]  # the stored weight, not a copy
     g = torch.randn_like(y)
@@ -154,21 +155,25 @@ def test_upcast_linear_matches_fp32_linear_and_keeps_no_fp32_copy():
     torch.testing.assert_close(x.grad, x2.grad, atol=1e-6, rtol=1e-6)
 
 
-def test_compact_bf16_base_computes_the_bf16_rounded_model_in_fp32():
-    model = random_model(seed=1, **SHAPE)
+@pytest.mark.parametrize("deep_embed", [False, True])
+def test_compact_bf16_base_computes_the_bf16_rounded_model_in_fp32(deep_embed):
+    model = random_model(seed=1, deep_embed=deep_embed, **SHAPE)
     adapters.add_lora(model, rank=4)
     _perturb_adapters(model)
     adapters.freeze_base(model)
-    twin = random_model(seed=1, **SHAPE)  # the same model with its frozen matrices rounded to bf16, all fp32
+    twin = random_model(seed=1, deep_embed=deep_embed, **SHAPE)  # the same model with its frozen matrices rounded to bf16, all fp32
     adapters.add_lora(twin, rank=4)
     twin.load_state_dict(model.state_dict())
     adapters.compact_frozen(model, torch.bfloat16)
     with torch.no_grad():
         for (name, p), q in zip(model.named_parameters(), twin.parameters()):
             q.copy_(p.float())
-            assert p.dtype == (torch.bfloat16 if not p.requires_grad and p.dim() == 2 and name.endswith(".weight")
-                               and "lora" not in name else torch.float32), name
+            matrix = (p.dim() == 2 and name.endswith(".weight") and "lora" not in name
+                      or name.rsplit(".", 1)[-1] in TimeMix.LOW_RANK + ChannelMix.LOW_RANK)
+            assert p.dtype == (torch.bfloat16 if matrix and not p.requires_grad else torch.float32), name
     assert model.emb.weight.dtype == model.blocks[0].att.key.weight.dtype == model.head.weight.dtype == torch.bfloat16
+    assert model.blocks[1].att.w1.dtype == model.blocks[1].att.v2.dtype == torch.bfloat16
+    assert not deep_embed or model.blocks[0].ffn.s1.dtype == torch.bfloat16
     torch.testing.assert_close(_logits(model), _logits(twin), atol=1e-5, rtol=1e-5)
     loss = model(TOKENS)[0].logsumexp(-1).mean()
     loss.backward()

@@ -17,7 +17,8 @@ from rwkv_sft import RWKV7
 from rwkv_sft.weights import load_model, save_model
 from rwkv_sft import adapters
 from rwkv_sft.adapters.lora import FrozenLinear
-from rwkv_sft.adapters.quant import QuantLinear, upcast
+from rwkv_sft.adapters.quant import QuantLinear
+from rwkv_sft.ops.frozen import upcast
 from rwkv_sft.adapters.training import quantize_model
 from rwkv_sft.adapters.training import compact
 from rwkv_sft.cli import main

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..ops.amp import widened
+from ..ops.frozen import upcast
 from ..settings import Quantized, choices
 
 KINDS = choices(Quantized)
@@ -80,23 +81,6 @@ def quantize(weight: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
         return {"q": q, "absmax": absmax8, "offset": offset.reshape(1), "code": state.code,
                 "absmax2": state2.absmax, "code2": state2.code}
     raise ValueError(f"unknown quantization {kind!r}; choose from {', '.join(KINDS)}")
-
-
-_UPCAST_BUFFERS: dict = {}  # (device, dtype) -> the largest weight's worth of that dtype
-
-
-def upcast(weight: torch.Tensor, dtype) -> torch.Tensor:
-    """A frozen weight converted to `dtype` for one product, written into one buffer that every
-    such call reuses. A fresh copy per call would allocate and free each layer's weight three
-    times a step (forward, recompute, backward); on a CPU those copies fragment the C heap (and
-    cost page faults when returned to the system). The result is valid until the next call:
-    use it at once, never save it."""
-    key, n = (weight.device, dtype), weight.numel()
-    buffer = _UPCAST_BUFFERS.get(key)
-    if buffer is None or buffer.numel() < n:
-        _UPCAST_BUFFERS[key] = None  # (the old one freed before the larger one is made)
-        _UPCAST_BUFFERS[key] = buffer = torch.empty(n, dtype=dtype, device=weight.device)
-    return buffer[:n].view(weight.shape).copy_(weight)
 
 
 class _Matmul(torch.autograd.Function):

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..ops import wkv7
 from ..ops.amp import widened
+from ..ops.frozen import frozen_linear
 from .config import RWKV7Config
 from .segments import forward_segments
 
@@ -58,6 +59,12 @@ def _token_shift(x, last, resets, restart=None):
     return prev
 
 
+def _mm(x, matrix):
+    """x @ matrix, for a low-rank matrix that a compact base may store in bf16 while x is fp32
+    (converted for this product only, as the base's linear layers are)."""
+    return frozen_linear(x, matrix.mT)
+
+
 def _plus(product, bias):
     """product + bias, added in place to the fresh product (a product's backward keeps its operands,
     not its output), in the dtype the sum would have."""
@@ -65,6 +72,7 @@ def _plus(product, bias):
 
 
 class TimeMix(nn.Module):
+    LOW_RANK = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")  # matrices used only through _mm
     def __init__(self, cfg: RWKV7Config, layer_id: int):
         super().__init__()
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
@@ -112,18 +120,18 @@ class TimeMix(nn.Module):
         r = self.receptance(xr)
         # w = -softplus(-(w0 + tanh(xw w1) w2)) - 0.5: log(-log(decay)). In place: a product's and
         # a sum's backward keep no output; softplus's keeps its input, which the neg_ precedes.
-        w = F.softplus(_plus(torch.tanh(xw @ self.w1) @ self.w2, self.w0).neg_()).neg_().sub_(0.5)
+        w = F.softplus(_plus(_mm(torch.tanh(_mm(xw, self.w1)), self.w2), self.w0).neg_()).neg_().sub_(0.5)
         k = self.key(xk)
         v = self.value(xv)
-        a = _plus((xa @ self.a1) @ self.a2, self.a0).sigmoid_()  # (sigmoid keeps its output)
-        g = torch.sigmoid(xg @ self.g1) @ self.g2
+        a = _plus(_mm(_mm(xa, self.a1), self.a2), self.a0).sigmoid_()  # (sigmoid keeps its output)
+        g = _mm(torch.sigmoid(_mm(xg, self.g1)), self.g2)
 
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
         k = k * widened(a - 1, self.k_a).mul_(self.k_a).add_(1)  # k * (1 + (a - 1) k_a)
         if self.layer_id == 0:
             v_first = v
         else:  # v + (v_first - v) * sigmoid(v0 + xv v1 v2)
-            v = torch.addcmul(v, v_first - v, _plus((xv @ self.v1) @ self.v2, self.v0).sigmoid_())
+            v = torch.addcmul(v, v_first - v, _plus(_mm(_mm(xv, self.v1), self.v2), self.v0).sigmoid_())
 
         heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
         y, wkv_state = wkv7(heads(r), heads(w), heads(k), heads(v), -kk, kk * heads(a),
@@ -137,6 +145,7 @@ class TimeMix(nn.Module):
 
 
 class ChannelMix(nn.Module):
+    LOW_RANK = ("s1", "s2")  # DeepEmbed's, used only through _mm
     def __init__(self, cfg: RWKV7Config):
         super().__init__()
         C, F_ = cfg.n_embd, cfg.dim_ffn
@@ -159,8 +168,8 @@ class ChannelMix(nn.Module):
             B, T, _ = x.shape
             D = self.s1.shape[1]
             s = (self.s_emb(tokens) + self.s_emb_x(x_emb)).view(B, T, D, D)
-            ss = ((x @ self.s1).unsqueeze(-2) @ s).squeeze(-2)
-            k = k * (ss @ self.s2 + self.s0)
+            ss = (_mm(x, self.s1).unsqueeze(-2) @ s).squeeze(-2)
+            k = k * (_mm(ss, self.s2) + self.s0)
         return self.value(k), x[:, -1].clone()  # (owns its [B,C], as in TimeMix)
 
 

@@ -77,19 +77,6 @@ def weight_blocks(weight, dtype: torch.dtype):
         yield s, e, weight[s:e].to(dtype) if isinstance(weight, torch.Tensor) else weight.rows(s, e, dtype)
 
 
-def chunk_logits(h: torch.Tensor, weight, dtype: torch.dtype, acc: torch.dtype) -> torch.Tensor:
-    """(h @ weight.T) in `acc`, [rows, V], the matmuls in `dtype` (h already is)."""
-    out = None
-    for a, b, w in weight_blocks(weight, dtype):
-        part = h @ w.T
-        if a == 0 and b == weight.shape[0]:
-            return part.to(acc)
-        if out is None:
-            out = torch.empty(h.shape[0], weight.shape[0], dtype=acc, device=h.device)
-        out[:, a:b] = part
-    return out
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for fp32/bf16/fp16, fp64 for fp64: where the softmax and sums are computed."""
     return torch.promote_types(dtype, torch.float32)
@@ -97,7 +84,11 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _rows_forward(hidden, weight, targets, chunk_size, dtype, want_max):
     """Per-row loss and log-sum-exp [N] (acc dtype), `chunk_size` rows of logits at a time; with
-    `want_max` also each row's largest logit and its index (else both empty)."""
+    `want_max` also each row's largest logit and its index (else both empty).
+
+    Each chunk's log-sum-exp is combined over the weight's blocks of vocabulary rows as they come
+    (a running max and a sum of exponentials rescaled to it), so a weight converted by blocks never
+    has a [chunk, V] tensor of logits: only [chunk, block] ones."""
     n, acc, dev = hidden.shape[0], _acc_dtype(dtype), hidden.device
     h = hidden.to(dtype)
     loss, lse = torch.empty(n, dtype=acc, device=dev), torch.empty(n, dtype=acc, device=dev)
@@ -105,12 +96,26 @@ def _rows_forward(hidden, weight, targets, chunk_size, dtype, want_max):
     argmax = torch.empty(n if want_max else 0, dtype=torch.long, device=dev)
     for s in range(0, n, chunk_size):
         e = min(s + chunk_size, n)
-        logits = chunk_logits(h[s:e], weight, dtype, acc)          # [c, V], the only big tensor
-        lse[s:e] = torch.logsumexp(logits, dim=-1)
-        loss[s:e] = lse[s:e] - logits.gather(1, targets[s:e, None]).squeeze(1)
+        t = targets[s:e]
+        top = torch.full((e - s,), -torch.inf, dtype=acc, device=dev)  # the largest logit so far
+        total = torch.zeros(e - s, dtype=acc, device=dev)               # sum of exp(logit - top)
+        picked = torch.zeros(e - s, dtype=acc, device=dev)              # the target's logit
+        index = torch.zeros(e - s if want_max else 0, dtype=torch.long, device=dev)
+        for a, b, w in weight_blocks(weight, dtype):
+            logits = (h[s:e] @ w.T).to(acc)                             # [c, block], the only big tensor
+            block_top, block_index = logits.max(dim=-1)
+            new_top = torch.maximum(top, block_top)
+            total.mul_((top - new_top).exp_()).add_((logits - new_top[:, None]).exp_().sum(dim=-1))
+            if want_max:  # the first index of the largest, as torch.max over the whole row
+                index = torch.where(block_top > top, block_index + a, index)
+            top = new_top
+            inside = (t >= a) & (t < b)
+            picked += torch.where(inside, logits.gather(1, (t - a).clamp(0, b - a - 1)[:, None]).squeeze(1), 0.0)
+            del logits  # free it before the next block's matmul allocates its own
+        lse[s:e] = top + total.log()
+        loss[s:e] = lse[s:e] - picked
         if want_max:
-            torch.max(logits, dim=-1, out=(maxv[s:e], argmax[s:e]))
-        del logits  # free it before the next chunk's matmul allocates its own
+            maxv[s:e], argmax[s:e] = top, index
     return loss, lse, maxv, argmax
 
 
