@@ -249,14 +249,14 @@ def test_preference_log_probabilities_read_a_quantized_head_as_its_dequantized_w
     torch.testing.assert_close(logp, ref, rtol=1e-5, atol=1e-4)
 
 
-def test_a_quantized_base_trains_under_the_low_memory_heap_policy_by_default(base_path, tmp_path, monkeypatch):
+def test_a_quantized_base_trains_under_the_heap_policy_a_bf16_base_does(base_path, tmp_path, monkeypatch):
     from rwkv_sft import utils
     from rwkv_sft.train.parallel import use_heap_policy  # what `rwkv-sft train` sets before train()
     policies = []
     monkeypatch.setattr(utils, "set_heap_policy", policies.append)
-    for base in ("bf16", "int8", "nf4"):
-        use_heap_policy(tiny_config(tmp_path / base, model=str(base_path), base_dtype=base, **RUN))
-    assert policies == [False, True, True]
+    for base, low in (("bf16", False), ("int8", False), ("nf4", False), ("int8", True), ("bf16", True)):
+        use_heap_policy(tiny_config(tmp_path / base, model=str(base_path), base_dtype=base, low_memory=low, **RUN))
+    assert policies == [False, False, False, True, True]
 
 
 def test_wrong_base_missing_library_and_full_fine_tuning_are_one_line_errors(base_path, tmp_path, capsys,

@@ -99,15 +99,14 @@ def use_heap_policy(config) -> None:
     process as it is. fsdp takes `--low-memory`'s: the [V, C] tables it gathers and reduce-scatters
     (several 256 MiB buffers at 1024 x 65536) would stay in the heap; at 8 x 1024 on 2 gloo
     processes the largest process peaks at 3.55 instead of 4.82 GiB (benchmarks/bench_parallel.py).
-    So does a quantized base: each layer's per-call dequantized copy fragments the default heap, which
-    kept 2.3 GiB of freed blocks at 2.9B int8 (docs/quantized-base.md)."""
+    A quantized base keeps the default: it fits its memory targets there, and the low-memory policy
+    costs it a quarter of its speed (docs/quantized-base.md)."""
     try:
         device = utils.resolve_device(config.device, env.local_rank())
     except UserError:
         return  # train() says what is wrong with it
     if device.type == "cpu":
-        quantized = config.base_dtype in settings.choices(settings.Quantized)
-        utils.set_heap_policy(config.low_memory or (config.parallel == "fsdp" and env.world_size() > 1) or quantized)
+        utils.set_heap_policy(config.low_memory or (config.parallel == "fsdp" and env.world_size() > 1))
 
 
 def check_device(config, d: Dist) -> None:
