@@ -12,8 +12,7 @@ run it (bitsandbytes' dequantize_4bit, then the product), bitsandbytes' matmul_4
 
 steps: each case a fresh subprocess doing what `train` does (the checkpoint loaded as the trainer
 loads it: a quantized base quantized at load, tensor by tensor; LoRA r16 on the default targets;
-activation checkpointing; the trainer's default heap policy: glibc's default for bf16, --low-memory's
-for a quantized base), 2 optimizer steps at T=512, batch 1,
+activation checkpointing; the trainer's default heap policy, the same for every base), 2 optimizer steps at T=512, batch 1,
 every position carrying loss. peak = the process's ru_maxrss (load included); tokens/s of the
 last step. Random bf16 checkpoints written as bench_peft.py writes them (deleted afterwards).
 
