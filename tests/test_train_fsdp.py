@@ -142,8 +142,9 @@ def test_fsdp_matches_ddp_and_resumes_on_another_number_of_processes(tmp_path):
     for name in ("adapter.safetensors", "state.pth"):
         ours, theirs = (read_state_dict(tmp_path / run / name) for run in ("fsdp_peft", "one_peft"))
         assert ours.keys() == theirs.keys() and len(ours) > 0
-        for k, v in theirs.items():
-            torch.testing.assert_close(ours[k], v, rtol=1e-4, atol=1e-6, msg=k)
+        for k, v in theirs.items():  # atol: the order of two processes' sums, which Adam amplifies where a
+            # gradient is near zero (measured: 2e-6 on values up to 3e-3, and the same for DDP's adapter)
+            torch.testing.assert_close(ours[k], v, rtol=1e-4, atol=5e-6, msg=k)
     shutil.rmtree(tmp_path / "fsdp_peft" / "checkpoints" / f"step_{STEPS:06d}")
     train(_config(tmp_path / "fsdp_peft", resume="auto", **PEFT), data=tiny_data())
     assert _losses(tmp_path / "fsdp_peft") == pytest.approx(peft_reference, rel=RTOL)
