@@ -38,19 +38,24 @@ def step_path(request, monkeypatch):
 
 
 @pytest.mark.parametrize("batch", [3, 1, 9])  # (9: more rows than C's matrix-vector products take)
-@pytest.mark.parametrize("variant", ["plain", "deep_embed", "lora", "training_layout"])
+@pytest.mark.parametrize("variant", ["plain", "deep_embed", "lora", "training_layout", "compact"])
 def test_decode_step_equals_the_normal_forward(one_thread, step_path, variant, batch, monkeypatch):
+    """compact: a LoRA run's model on a bf16 compact base (what evaluation decodes during training)."""
     model = random_model(seed=3, n_layer=3, n_embd=128, vocab_size=V, deep_embed=variant == "deep_embed").eval()
     import rwkv_sft.infer.step as step
     taken = []
     monkeypatch.setattr(step, "_step_with_kernels", lambda *a: taken.append(1) or _with_kernels(*a))
-    if variant == "lora":  # adapted projections are called through their modules
-        from rwkv_sft.adapters import add_lora
+    if variant in ("lora", "compact"):  # adapted projections are called through their modules
+        from rwkv_sft.adapters import add_lora, compact_frozen, freeze_base
         add_lora(model, rank=4)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("lora_B"):
                     p.normal_(0, 0.1)
+        if variant == "compact":
+            freeze_base(model)
+            compact_frozen(model, torch.bfloat16)
+            assert model.blocks[1].att.w1.dtype == torch.bfloat16
     decoder = Decoder(model, layout=variant != "training_layout")  # (the C products read either layout)
     tokens = torch.randint(0, V, (batch, 8))
     # (at 9 rows MKL multiplies the two paths' matrices in other summation orders: rounding of ~1e-5)
@@ -66,7 +71,7 @@ def test_decode_step_equals_the_normal_forward(one_thread, step_path, variant, b
                     torch.testing.assert_close(getattr(fast, name), getattr(slow, name), **tol)
         assert bool(taken) == (step_path == "kernels")
         # plain projections are multiplied as one [3, C, C] stack; adapted ones through their modules
-        assert (decoder.model.blocks[1].att in decoder.stacks) == (variant not in ("lora", "training_layout"))
+        assert (decoder.model.blocks[1].att in decoder.stacks) == (variant not in ("lora", "training_layout", "compact"))
         # The decoder takes this path for one token without gradients; full_output keeps the T axis.
         logits, _ = decoder(tokens[:, :1], None)
         assert logits.shape == (batch, 1, V)

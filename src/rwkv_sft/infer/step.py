@@ -205,16 +205,17 @@ def _time_mix(att, x, last_x, S, v_first, S_out, rkv=None):
         r, k, v = torch.bmm(torch.stack((xr, xk, xv)), rkv)
     else:
         r, k, v = att.receptance(xr), att.key(xk), att.value(xv)
-    z = torch.addmm(att.w0[0], torch.tanh(xw @ att.w1), att.w2)
-    a = torch.sigmoid(torch.addmm(att.a0[0], xa @ att.a1, att.a2))
-    g = torch.sigmoid(xg @ att.g1) @ att.g2
+    low = lambda m: m.to(x.dtype)  # noqa: E731  (a compact base stores the low-rank matrices in bf16)
+    z = torch.addmm(att.w0[0], torch.tanh(xw @ low(att.w1)), low(att.w2))
+    a = torch.sigmoid(torch.addmm(att.a0[0], xa @ low(att.a1), low(att.a2)))
+    g = torch.sigmoid(xg @ low(att.g1)) @ low(att.g2)
 
     kk = F.normalize((k * att.k_k[0]).view(B, H, N), dim=-1, p=2.0, eps=1e-12)
     k = k * (1 + (a - 1) * att.k_a[0])
     if att.layer_id == 0:
         v_first = v
     else:
-        v = torch.lerp(v, v_first, torch.sigmoid(torch.addmm(att.v0[0], xv @ att.v1, att.v2)))
+        v = torch.lerp(v, v_first, torch.sigmoid(torch.addmm(att.v0[0], xv @ low(att.v1), low(att.v2))))
 
     # WKV-7 for one token, fp32: S' = S diag(d) + (S a') b'^T + v k^T, y = S' r (a' = -kk, b' = kk a)
     f = lambda t: t.view(B, H, N).float()  # noqa: E731
