@@ -73,6 +73,7 @@ def _plus(product, bias):
 
 class TimeMix(nn.Module):
     LOW_RANK = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")  # matrices used only through _mm
+
     def __init__(self, cfg: RWKV7Config, layer_id: int):
         super().__init__()
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
@@ -146,6 +147,7 @@ class TimeMix(nn.Module):
 
 class ChannelMix(nn.Module):
     LOW_RANK = ("s1", "s2")  # DeepEmbed's, used only through _mm
+
     def __init__(self, cfg: RWKV7Config):
         super().__init__()
         C, F_ = cfg.n_embd, cfg.dim_ffn
